@@ -1,0 +1,75 @@
+//! The core's error type.
+
+use crate::broker::BrokerError;
+use crate::log::LogError;
+
+/// Everything that can go wrong when registering, starting or invoking a flow.
+///
+/// A saga that ends compensated or stuck is not an error: it is an
+/// [`Outcome`](crate::Outcome). These are failures of the orchestrator itself
+/// or of the caller's request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No flow is registered under this facade name.
+    #[error("unknown facade `{0}`")]
+    UnknownFacade(String),
+    /// The flow under this facade carries another flow-data type.
+    #[error("facade `{facade}` carries `{expected}`, not `{given}`")]
+    DataType {
+        /// The facade invoked.
+        facade: String,
+        /// The data type the flow was registered with.
+        expected: &'static str,
+        /// The data type the caller passed.
+        given: &'static str,
+    },
+    /// The facade is registered for another mode than the one invoked.
+    #[error("facade `{facade}` is a {registered} flow and cannot be invoked with `{called}`")]
+    WrongMode {
+        /// The facade invoked.
+        facade: String,
+        /// How the flow was registered.
+        registered: crate::Mode,
+        /// The method the caller used.
+        called: &'static str,
+    },
+    /// The request id already belongs to a saga of another facade.
+    #[error("request id `{request_id}` already belongs to a saga of facade `{facade}`")]
+    RequestIdInUse {
+        /// The request id given.
+        request_id: String,
+        /// The facade of the existing saga.
+        facade: String,
+    },
+    /// The request id is empty or too long to be a saga's identity.
+    #[error("invalid request id: {0}")]
+    InvalidRequestId(String),
+    /// A flow or the orchestrator was configured wrongly.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The caller stopped waiting before the saga ended; the saga goes on.
+    #[error("saga `{0}` did not end within the wait timeout; it goes on in the background")]
+    WaitTimeout(String),
+    /// Flow data could not be turned into JSON or back.
+    #[error("flow data of saga `{request_id}` is not valid: {source}")]
+    Data {
+        /// The saga's request id.
+        request_id: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The message broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The saga log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The orchestrator is shutting down and takes no new sagas.
+    #[error("the orchestrator is shutting down")]
+    ShuttingDown,
+}
+
+/// `Result` with the core's [`Error`] as its default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

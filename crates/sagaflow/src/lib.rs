@@ -1,0 +1,73 @@
+//! sagaflow: a Saga orchestrator for services that speak gRPC.
+//!
+//! A [`Flow`] is an ordered list of reusable [`Node`]s (an action and its
+//! compensation) registered under a facade name on an [`Orchestrator`]. A
+//! flow runs in one of three [`Mode`]s: *sync* (the caller waits, nodes run
+//! in order in-process), *async* (the caller is answered at once, each hop
+//! travels over the [`Broker`], the outcome goes to a callback) and
+//! *throttling* (the caller waits, hops are queued on this pod's topics and
+//! consumed with bounded concurrency). When a node fails for good, the nodes
+//! that completed are compensated in reverse, keyed by the request id. Every
+//! state change goes through the [`SagaLog`] before it is acted on.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Node, NodeError, Orchestrator, Outcome, Step};
+//!
+//! #[derive(Debug, serde::Serialize, serde::Deserialize)]
+//! struct Booking { order_id: Option<u64> }
+//!
+//! struct CreateOrder;
+//!
+//! #[sagaflow::async_trait]
+//! impl Node<Booking> for CreateOrder {
+//!     fn name(&self) -> &str { "CreateOrder" }
+//!     async fn action(&self, _step: &Step, booking: &mut Booking) -> Result<(), NodeError> {
+//!         booking.order_id = Some(7);
+//!         Ok(())
+//!     }
+//!     async fn compensate(&self, _step: &Step, _booking: &Booking) -> Result<(), NodeError> {
+//!         Ok(()) // cancel the order, keyed by step.request_id()
+//!     }
+//! }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let orchestrator = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+//!     .sync("SyncBooking", Flow::new().node(CreateOrder))
+//!     .start()
+//!     .await?;
+//! match orchestrator.run("SyncBooking", "req-1", Booking { order_id: None }).await? {
+//!     Outcome::Completed(booking) => assert_eq!(booking.order_id, Some(7)),
+//!     other => panic!("{other:?}"),
+//! }
+//! # Ok::<_, sagaflow::Error>(())
+//! # }).unwrap();
+//! ```
+
+pub mod broker;
+mod callback;
+mod engine;
+mod error;
+mod flow;
+pub mod log;
+mod node;
+mod orchestrator;
+mod policy;
+mod saga;
+mod waiters;
+
+pub use async_trait::async_trait;
+pub use broker::{Broker, MemoryBroker};
+pub use callback::{CallbackSink, CallbackStatus, SagaCallback};
+pub use error::{Error, Result};
+pub use flow::Flow;
+pub use log::{MemorySagaLog, SagaLog};
+pub use node::{ErrorKind, Node, NodeError, Phase, Step};
+pub use orchestrator::{
+    FlowData, FlowInfo, MAX_REQUEST_ID_LEN, Options, Orchestrator, OrchestratorBuilder, OrchestratorStats,
+};
+pub use policy::RetryPolicy;
+pub use saga::{
+    Failure, HistoryEntry, Mode, NewSaga, Outcome, SagaEvent, SagaRecord, SagaState, SagaStatus, TransitionError,
+    now_ms,
+};

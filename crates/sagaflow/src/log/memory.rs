@@ -1,0 +1,201 @@
+//! The in-memory saga log: fast, bounded, and gone with the process.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::{Begin, ListFilter, LogError, Retention, SagaLog};
+use crate::saga::{NewSaga, SagaEvent, SagaRecord, now_ms};
+
+/// Keeps sagas in a map; ended ones only within the [`Retention`].
+#[derive(Debug, Default)]
+pub struct MemorySagaLog {
+    state: Mutex<State>,
+    retention: Retention,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sagas: HashMap<String, SagaRecord>,
+    /// Ended sagas by the time they ended, oldest first.
+    ended: VecDeque<(u64, String)>,
+}
+
+impl MemorySagaLog {
+    /// An empty log with the default retention.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty log keeping ended sagas within `retention`.
+    pub fn with_retention(retention: Retention) -> Self {
+        Self { state: Mutex::default(), retention }
+    }
+
+    /// Number of sagas held, running and ended.
+    pub fn len(&self) -> usize {
+        self.lock().sagas.len()
+    }
+
+    /// Whether the log holds no saga.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    fn prune(&mut self, retention: &Retention, now: u64) {
+        let max_age = retention.max_age.as_millis() as u64;
+        while let Some((ended_at, _)) = self.ended.front() {
+            let too_many = self.ended.len() > retention.max_ended;
+            let too_old = now.saturating_sub(*ended_at) > max_age;
+            if !(too_many || too_old) {
+                break;
+            }
+            if let Some((_, id)) = self.ended.pop_front() {
+                // Only drop it if it is still ended (a retried stuck saga may run again).
+                if self.sagas.get(&id).is_some_and(|r| r.state.is_ended()) {
+                    self.sagas.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl SagaLog for MemorySagaLog {
+    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
+        let mut state = self.lock();
+        if let Some(existing) = state.sagas.get(&saga.request_id) {
+            return Ok(Begin::Exists(existing.clone()));
+        }
+        let record = SagaRecord::new(saga);
+        state.sagas.insert(record.request_id.clone(), record.clone());
+        Ok(Begin::Started(record))
+    }
+
+    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
+        let mut state = self.lock();
+        let record = state.sagas.get_mut(request_id).ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
+        record.apply(&event)?;
+        let record = record.clone();
+        if record.state.is_ended() {
+            let now = now_ms();
+            state.ended.push_back((now, record.request_id.clone()));
+            state.prune(&self.retention, now);
+        }
+        Ok(record)
+    }
+
+    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
+        Ok(self.lock().sagas.get(request_id).cloned())
+    }
+
+    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
+        Ok(self.lock().sagas.values().filter(|r| !r.state.is_ended()).cloned().collect())
+    }
+
+    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
+        let state = self.lock();
+        let mut out: Vec<SagaRecord> = state
+            .sagas
+            .values()
+            .filter(|r| filter.facade.as_deref().is_none_or(|f| r.facade == f))
+            .filter(|r| filter.status.is_none_or(|s| r.status() == s))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.request_id.cmp(&b.request_id)));
+        if filter.limit > 0 {
+            out.truncate(filter.limit);
+        }
+        Ok(out)
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::saga::{Mode, SagaStatus};
+
+    fn new_saga(id: &str) -> NewSaga {
+        NewSaga {
+            request_id: id.into(),
+            facade: "F".into(),
+            mode: Mode::Sync,
+            steps: 1,
+            data: json!(null),
+            deadline_ms: u64::MAX,
+            callback_url: None,
+        }
+    }
+
+    async fn run_to_end(log: &MemorySagaLog, id: &str) {
+        log.begin(new_saga(id)).await.unwrap();
+        log.append(id, SagaEvent::StepStarted { index: 0 }).await.unwrap();
+        let r = log.append(id, SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();
+        assert_eq!(r.status(), SagaStatus::Completed);
+    }
+
+    #[tokio::test]
+    async fn begin_is_idempotent_per_request_id() {
+        let log = MemorySagaLog::new();
+        assert!(matches!(log.begin(new_saga("a")).await.unwrap(), Begin::Started(_)));
+        assert!(matches!(log.begin(new_saga("a")).await.unwrap(), Begin::Exists(_)));
+        assert_eq!(log.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn ended_sagas_beyond_the_count_are_dropped_but_running_ones_stay() {
+        let log = MemorySagaLog::with_retention(Retention { max_age: Duration::from_secs(3600), max_ended: 3 });
+        log.begin(new_saga("running")).await.unwrap();
+        for i in 0..10 {
+            run_to_end(&log, &format!("s{i}")).await;
+        }
+        assert_eq!(log.len(), 4);
+        assert!(log.get("running").await.unwrap().is_some());
+        assert!(log.get("s9").await.unwrap().is_some());
+        assert!(log.get("s0").await.unwrap().is_none());
+        assert_eq!(log.unfinished().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn ended_sagas_past_their_age_are_dropped() {
+        let log = MemorySagaLog::with_retention(Retention { max_age: Duration::ZERO, max_ended: 1000 });
+        run_to_end(&log, "old").await;
+        std::thread::sleep(Duration::from_millis(5));
+        run_to_end(&log, "new").await;
+        assert!(log.get("old").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn list_filters_by_status() {
+        let log = MemorySagaLog::new();
+        log.begin(new_saga("running")).await.unwrap();
+        run_to_end(&log, "done").await;
+        let filter = ListFilter { status: Some(SagaStatus::Completed), ..ListFilter::default() };
+        let done = log.list(filter).await.unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].request_id, "done");
+    }
+
+    #[tokio::test]
+    async fn unknown_sagas_and_bad_transitions_are_errors() {
+        let log = MemorySagaLog::new();
+        assert!(matches!(log.append("nope", SagaEvent::StepStarted { index: 0 }).await, Err(LogError::NotFound(_))));
+        log.begin(new_saga("a")).await.unwrap();
+        assert!(matches!(log.append("a", SagaEvent::StepStarted { index: 3 }).await, Err(LogError::Transition(_))));
+    }
+}

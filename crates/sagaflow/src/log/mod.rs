@@ -1,0 +1,90 @@
+//! The saga log abstraction: every state change of a saga goes through it.
+
+mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use memory::MemorySagaLog;
+
+use crate::saga::{NewSaga, SagaEvent, SagaRecord, SagaStatus, TransitionError};
+
+/// A saga log backend's failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    /// No saga with this request id.
+    #[error("no saga with request id `{0}`")]
+    NotFound(String),
+    /// The event does not fit the saga's state.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// The store could not be reached or failed to write.
+    #[error("saga log unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be read back.
+    #[error("saga log record corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// What [`SagaLog::begin`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begin {
+    /// The saga is new and now recorded.
+    Started(SagaRecord),
+    /// A saga with this request id already exists; here it is.
+    Exists(SagaRecord),
+}
+
+/// Which sagas [`SagaLog::list`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this facade.
+    pub facade: Option<String>,
+    /// Only this status.
+    pub status: Option<SagaStatus>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+/// How long ended sagas are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Ended sagas older than this are dropped.
+    pub max_age: Duration,
+    /// At most this many ended sagas are kept (oldest dropped first).
+    pub max_ended: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { max_age: Duration::from_secs(7 * 24 * 3600), max_ended: 100_000 }
+    }
+}
+
+/// Durable record of each saga's state.
+///
+/// `begin` and `append` return only once the change is stored as durably as
+/// the backend can; the orchestrator acks, publishes and answers after them.
+#[async_trait]
+pub trait SagaLog: Send + Sync + 'static {
+    /// Records a new saga, unless one with the same request id exists.
+    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError>;
+
+    /// Applies one event to a saga (refusing transitions its state forbids)
+    /// and returns the record after it.
+    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError>;
+
+    /// The saga with this request id.
+    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError>;
+
+    /// Every saga that has not ended (running or compensating), for recovery.
+    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError>;
+
+    /// Sagas matching the filter, newest first.
+    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError>;
+
+    /// The backend's name, for logs.
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,259 @@
+//! Nodes: the reusable steps a flow is made of.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// One reusable saga step: an action and an optional compensation.
+///
+/// Returning `Ok` moves the saga on; a [retryable](ErrorKind::Retryable) error
+/// is retried per the flow's policy; a [permanent](ErrorKind::Permanent) error,
+/// or retries used up, turns the saga to compensating. A node never calls
+/// "next" or "rollback" itself.
+///
+/// ```
+/// use sagaflow::{Node, NodeError, Step};
+///
+/// struct Reserve;
+///
+/// #[sagaflow::async_trait]
+/// impl Node<Vec<String>> for Reserve {
+///     fn name(&self) -> &str { "Reserve" }
+///     async fn action(&self, step: &Step, data: &mut Vec<String>) -> Result<(), NodeError> {
+///         data.push(format!("reserved for {}", step.request_id()));
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Node<D: Send + Sync + 'static>: Send + Sync + 'static {
+    /// The node's name: shown in logs and errors, and part of its topic name.
+    fn name(&self) -> &str;
+
+    /// The forward call. Changes to `data` are seen by the next node.
+    async fn action(&self, step: &Step, data: &mut D) -> Result<(), NodeError>;
+
+    /// Undoes the action, keyed by the step's request id. Must be idempotent
+    /// and must succeed when the action never took effect (null compensation).
+    async fn compensate(&self, step: &Step, data: &D) -> Result<(), NodeError> {
+        let _ = (step, data);
+        Ok(())
+    }
+
+    /// Whether the node has a compensation worth running.
+    fn has_compensation(&self) -> bool {
+        true
+    }
+
+    /// Re-decides whether an error of this node is retryable; the default keeps
+    /// the kind given by the gRPC code mapping in [`ErrorKind::from_grpc_code`].
+    fn classify(&self, error: NodeError) -> NodeError {
+        error
+    }
+}
+
+#[async_trait]
+impl<D: Send + Sync + 'static, N: Node<D> + ?Sized> Node<D> for Arc<N> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    async fn action(&self, step: &Step, data: &mut D) -> Result<(), NodeError> {
+        (**self).action(step, data).await
+    }
+    async fn compensate(&self, step: &Step, data: &D) -> Result<(), NodeError> {
+        (**self).compensate(step, data).await
+    }
+    fn has_compensation(&self) -> bool {
+        (**self).has_compensation()
+    }
+    fn classify(&self, error: NodeError) -> NodeError {
+        (**self).classify(error)
+    }
+}
+
+/// Whether a node error is worth another attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Transient (unavailable, timed out, overloaded): retried per the policy.
+    Retryable,
+    /// A refusal (business rule, bad argument): the saga compensates at once.
+    Permanent,
+}
+
+impl ErrorKind {
+    /// The one place where gRPC status codes map to retryable or permanent.
+    ///
+    /// `UNAVAILABLE` (14), `DEADLINE_EXCEEDED` (4), `RESOURCE_EXHAUSTED` (8),
+    /// `ABORTED` from a transport (never from our upstreams) is *not* retried:
+    /// DTM and our mocks use `ABORTED` for a business refusal. `UNKNOWN` (2)
+    /// and `INTERNAL` (13) are retried, since they are what a crashed
+    /// connection looks like; everything else is permanent.
+    pub fn from_grpc_code(code: i32) -> Self {
+        match code {
+            2 | 4 | 8 | 13 | 14 => ErrorKind::Retryable,
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// An error returned by a node's action or compensation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeError {
+    kind: ErrorKind,
+    code: Option<i32>,
+    message: String,
+}
+
+impl NodeError {
+    /// A transient failure worth retrying.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Retryable, code: None, message: message.into() }
+    }
+
+    /// A refusal: the saga compensates without retrying this step.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Permanent, code: None, message: message.into() }
+    }
+
+    /// An error from a gRPC status code, classified by [`ErrorKind::from_grpc_code`].
+    pub fn from_grpc(code: i32, message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::from_grpc_code(code), code: Some(code), message: message.into() }
+    }
+
+    /// The same error with another kind (for [`Node::classify`]).
+    pub fn with_kind(mut self, kind: ErrorKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Whether the error is retryable or permanent.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind == ErrorKind::Retryable
+    }
+
+    /// The gRPC status code it came from, if any.
+    pub fn code(&self) -> Option<i32> {
+        self.code
+    }
+
+    /// The error's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn timeout(after: Duration) -> Self {
+        Self { kind: ErrorKind::Retryable, code: Some(4), message: format!("timed out after {after:?}") }
+    }
+}
+
+impl fmt::Display for NodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "{} (grpc code {code})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for NodeError {}
+
+#[cfg(feature = "tonic")]
+impl From<tonic::Status> for NodeError {
+    fn from(status: tonic::Status) -> Self {
+        NodeError::from_grpc(status.code() as i32, status.message())
+    }
+}
+
+/// Which half of a node a [`Step`] is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The forward action.
+    Action,
+    /// The compensation.
+    Compensation,
+}
+
+/// What a node call knows about the saga it serves.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub(crate) request_id: Arc<str>,
+    pub(crate) facade: Arc<str>,
+    pub(crate) node: Arc<str>,
+    pub(crate) index: usize,
+    pub(crate) attempt: u32,
+    pub(crate) phase: Phase,
+    pub(crate) deadline: Instant,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl Step {
+    /// A step context for calling a node outside a flow (tests, tools).
+    pub fn detached(request_id: &str, node: &str, timeout: Duration) -> Self {
+        Self {
+            request_id: request_id.into(),
+            facade: "".into(),
+            node: node.into(),
+            index: 0,
+            attempt: 1,
+            phase: Phase::Action,
+            deadline: Instant::now() + timeout,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// The saga's request id: the idempotency key for every upstream call.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The facade the saga runs under.
+    pub fn facade(&self) -> &str {
+        &self.facade
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The step's position in the flow, from 0.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Which attempt this is, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether this is the action or the compensation.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// When this call must have finished (the earlier of the call timeout and
+    /// the saga's deadline).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Time left until the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Cancelled when the orchestrator shuts down; long calls should stop.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+}

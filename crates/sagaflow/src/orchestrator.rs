@@ -1,0 +1,401 @@
+//! The orchestrator: flows registered under facades, and the calls that run them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::callback::CallbackSink;
+use crate::engine::{Engine, FlowRuntime, Registered, Stats};
+use crate::error::{Error, Result};
+use crate::flow::Flow;
+use crate::log::{ListFilter, LogError, SagaLog};
+use crate::saga::{Mode, Outcome, SagaEvent, SagaRecord, SagaState};
+
+/// What flow data must be: a serde type that can cross threads.
+pub trait FlowData: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> FlowData for T {}
+
+/// Longest request id accepted.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Orchestrator-wide settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Prefix of every topic name (`<prefix>.<topic id>`).
+    pub topic_prefix: String,
+    /// This pod's id: suffix of the topics whose callers wait in this pod.
+    pub pod_id: String,
+    /// Consumer group of every subscription.
+    pub consumer_group: String,
+    /// Consumers per topic when the topic is not configured.
+    pub default_concurrency: usize,
+    /// Consumers per topic id (`<facade>.<node>` or `<facade>.rollback`).
+    pub topic_concurrency: HashMap<String, usize>,
+    /// Deliveries after which a message is dead-lettered.
+    pub max_deliveries: u32,
+    /// Delay before a message whose handling failed transiently comes back.
+    pub redelivery_delay: Duration,
+    /// How long sync and throttling callers wait for a saga's end.
+    pub wait_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            topic_prefix: "sagaflow".into(),
+            pod_id: "local".into(),
+            consumer_group: "sagaflow".into(),
+            default_concurrency: 16,
+            topic_concurrency: HashMap::new(),
+            max_deliveries: 5,
+            redelivery_delay: Duration::from_millis(200),
+            wait_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Options {
+    pub(crate) fn concurrency_of(&self, topic_id: &str) -> usize {
+        self.topic_concurrency.get(topic_id).copied().unwrap_or(self.default_concurrency)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let name_ok =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok(&self.topic_prefix) {
+            return Err(Error::Config(format!(
+                "topic prefix `{}` must be ASCII letters, digits, `-`, `_`, `.`",
+                self.topic_prefix
+            )));
+        }
+        if !name_ok(&self.pod_id) || self.pod_id.contains('.') {
+            return Err(Error::Config(format!("pod id `{}` must be ASCII letters, digits, `-` or `_`", self.pod_id)));
+        }
+        if self.default_concurrency == 0 || self.topic_concurrency.values().any(|&c| c == 0) {
+            return Err(Error::Config("topic concurrency must be at least 1".into()));
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::Config("max_deliveries must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A registered flow, as shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowInfo {
+    /// Its facade.
+    pub facade: String,
+    /// How it runs.
+    pub mode: Mode,
+    /// Its nodes, in order.
+    pub nodes: Vec<String>,
+    /// Whether each node has a compensation.
+    pub compensations: Vec<bool>,
+    /// Its hop topics, one per node (async and throttling flows).
+    pub topics: Vec<String>,
+    /// Its rollback topic.
+    pub rollback_topic: String,
+}
+
+/// Engine counters, for tests and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrchestratorStats {
+    /// Poison messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Unfinished sagas picked up at start.
+    pub recovered: u64,
+    /// Request ids callers wait for right now.
+    pub waiting: usize,
+}
+
+type Registration = Box<dyn FnOnce(Arc<Engine>) -> Arc<dyn Registered> + Send>;
+
+/// Registers flows, then starts the orchestrator.
+pub struct OrchestratorBuilder {
+    broker: Arc<dyn Broker>,
+    log: Arc<dyn SagaLog>,
+    options: Options,
+    callbacks: Option<Arc<dyn CallbackSink>>,
+    flows: Vec<(String, Registration)>,
+    errors: Vec<String>,
+}
+
+impl fmt::Debug for OrchestratorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrchestratorBuilder")
+            .field("broker", &self.broker.name())
+            .field("log", &self.log.name())
+            .field("options", &self.options)
+            .field("flows", &self.flows.iter().map(|(f, _)| f).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl OrchestratorBuilder {
+    /// Sets the orchestrator-wide options.
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets where async sagas' outcomes are delivered.
+    pub fn callbacks(mut self, sink: Arc<dyn CallbackSink>) -> Self {
+        self.callbacks = Some(sink);
+        self
+    }
+
+    fn register<D: FlowData>(mut self, facade: &str, mode: Mode, flow: Flow<D>) -> Self {
+        if let Err(e) = flow.validate(facade) {
+            self.errors.push(e);
+        }
+        if facade.is_empty() || !facade.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            self.errors.push(format!("facade `{facade}` must be ASCII letters, digits, `_` or `-`"));
+        }
+        if self.flows.iter().any(|(f, _)| f == facade) {
+            self.errors.push(format!("facade `{facade}` registered twice"));
+        }
+        let owned = facade.to_owned();
+        self.flows.push((
+            facade.to_owned(),
+            Box::new(move |engine| Arc::new(FlowRuntime::new(&owned, mode, flow, engine)) as Arc<dyn Registered>),
+        ));
+        self
+    }
+
+    /// Registers a flow run while the caller waits.
+    pub fn sync<D: FlowData>(self, facade: &str, flow: Flow<D>) -> Self {
+        self.register(facade, Mode::Sync, flow)
+    }
+
+    /// Registers a flow whose hops travel over the broker; the caller is answered at once.
+    pub fn asynchronous<D: FlowData>(self, facade: &str, flow: Flow<D>) -> Self {
+        self.register(facade, Mode::Async, flow)
+    }
+
+    /// Registers a flow queued on this pod's topics with bounded consumers; the caller waits.
+    pub fn throttling<D: FlowData>(self, facade: &str, flow: Flow<D>) -> Self {
+        self.register(facade, Mode::Throttling, flow)
+    }
+
+    /// Checks the registrations, starts every consumer, and picks up the
+    /// sagas the log holds unfinished.
+    pub async fn start(self) -> Result<Orchestrator> {
+        if !self.errors.is_empty() {
+            return Err(Error::Config(self.errors.join("; ")));
+        }
+        self.options.validate()?;
+        let engine = Arc::new(Engine {
+            broker: self.broker,
+            log: self.log,
+            options: self.options,
+            completions: Arc::default(),
+            callbacks: self.callbacks,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            stats: Stats::default(),
+        });
+        let mut flows = HashMap::new();
+        for (facade, make) in self.flows {
+            flows.insert(facade, make(engine.clone()));
+        }
+        let orchestrator = Orchestrator { engine, flows: Arc::new(flows) };
+        for flow in orchestrator.flows.values() {
+            flow.clone().start_consumers().await?;
+        }
+        orchestrator.recover().await?;
+        Ok(orchestrator)
+    }
+}
+
+/// Runs registered flows. Build it once at start-up and share it (it is a
+/// cheap clone).
+///
+/// ```
+/// use std::sync::Arc;
+/// use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Node, NodeError, Orchestrator, Outcome, Step};
+///
+/// struct Double;
+/// #[sagaflow::async_trait]
+/// impl Node<u64> for Double {
+///     fn name(&self) -> &str { "Double" }
+///     async fn action(&self, _: &Step, n: &mut u64) -> Result<(), NodeError> { *n *= 2; Ok(()) }
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let orchestrator = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+///     .sync("Double", Flow::new().node(Double))
+///     .start()
+///     .await?;
+/// assert_eq!(orchestrator.run("Double", "request-1", 3u64).await?, Outcome::Completed(6));
+/// # Ok::<_, sagaflow::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Orchestrator {
+    engine: Arc<Engine>,
+    flows: Arc<HashMap<String, Arc<dyn Registered>>>,
+}
+
+impl fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("broker", &self.engine.broker.name())
+            .field("log", &self.engine.log.name())
+            .field("flows", &self.flows.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Orchestrator {
+    /// Starts registering flows over a broker and a saga log.
+    pub fn builder(broker: Arc<dyn Broker>, log: Arc<dyn SagaLog>) -> OrchestratorBuilder {
+        OrchestratorBuilder {
+            broker,
+            log,
+            options: Options::default(),
+            callbacks: None,
+            flows: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn flow<D: FlowData>(&self, facade: &str) -> Result<(Arc<FlowRuntime<D>>, Mode)> {
+        let registered = self.flows.get(facade).ok_or_else(|| Error::UnknownFacade(facade.to_owned()))?;
+        let mode = registered.mode();
+        let expected = registered.data_type();
+        let typed = registered.clone().into_any().downcast::<FlowRuntime<D>>().map_err(|_| Error::DataType {
+            facade: facade.to_owned(),
+            expected,
+            given: std::any::type_name::<D>(),
+        })?;
+        Ok((typed, mode))
+    }
+
+    fn check_request_id(request_id: &str) -> Result<()> {
+        if request_id.is_empty() {
+            return Err(Error::InvalidRequestId("empty".into()));
+        }
+        if request_id.len() > MAX_REQUEST_ID_LEN {
+            return Err(Error::InvalidRequestId(format!("longer than {MAX_REQUEST_ID_LEN} bytes")));
+        }
+        if !request_id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Error::InvalidRequestId("only visible ASCII characters are allowed".into()));
+        }
+        Ok(())
+    }
+
+    /// Runs a sync or throttling flow and waits for its outcome. A request id
+    /// that already has a saga gets that saga's outcome; no second saga starts.
+    pub async fn run<D: FlowData>(&self, facade: &str, request_id: &str, data: D) -> Result<Outcome<D>> {
+        Self::check_request_id(request_id)?;
+        if self.engine.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let (flow, mode) = self.flow::<D>(facade)?;
+        match mode {
+            Mode::Sync => flow.run_sync(request_id, data).await,
+            Mode::Throttling => flow.run_throttled(request_id, data).await,
+            Mode::Async => Err(Error::WrongMode { facade: facade.to_owned(), registered: mode, called: "run" }),
+        }
+    }
+
+    /// Starts an async flow; returns once its first hop is on the broker.
+    /// The outcome goes to `callback_url` (through the [`CallbackSink`]).
+    pub async fn submit<D: FlowData>(
+        &self,
+        facade: &str,
+        request_id: &str,
+        data: D,
+        callback_url: Option<String>,
+    ) -> Result<()> {
+        Self::check_request_id(request_id)?;
+        if self.engine.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let (flow, mode) = self.flow::<D>(facade)?;
+        match mode {
+            Mode::Async => flow.submit(request_id, data, callback_url).await,
+            _ => Err(Error::WrongMode { facade: facade.to_owned(), registered: mode, called: "submit" }),
+        }
+    }
+
+    /// The saga with this request id, as recorded.
+    pub async fn saga(&self, request_id: &str) -> Result<Option<SagaRecord>> {
+        Ok(self.engine.log.get(request_id).await?)
+    }
+
+    /// Sagas matching the filter, newest first.
+    pub async fn sagas(&self, filter: ListFilter) -> Result<Vec<SagaRecord>> {
+        Ok(self.engine.log.list(filter).await?)
+    }
+
+    /// Retries the compensation of a Stuck saga.
+    pub async fn retry_stuck(&self, request_id: &str) -> Result<SagaRecord> {
+        let record = self.engine.log.get(request_id).await?.ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
+        let flow = self.flows.get(&record.facade).ok_or_else(|| Error::UnknownFacade(record.facade.clone()))?;
+        if !matches!(record.state, SagaState::Stuck { .. }) {
+            return Err(Error::Config(format!("saga `{request_id}` is {}, not stuck", record.status())));
+        }
+        let record = self.engine.log.append(request_id, SagaEvent::RetryCompensation).await?;
+        flow.resume_compensation(&record).await?;
+        Ok(record)
+    }
+
+    /// Every registered flow.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        let mut flows: Vec<FlowInfo> = self.flows.values().map(|f| f.info()).collect();
+        flows.sort_by(|a, b| a.facade.cmp(&b.facade));
+        flows
+    }
+
+    /// Engine counters.
+    pub fn stats(&self) -> OrchestratorStats {
+        OrchestratorStats {
+            dead_lettered: self.engine.stats.dead_lettered.load(Ordering::Relaxed),
+            recovered: self.engine.stats.recovered.load(Ordering::Relaxed),
+            waiting: self.engine.completions.len(),
+        }
+    }
+
+    async fn recover(&self) -> Result<()> {
+        let unfinished = self.engine.log.unfinished().await?;
+        if unfinished.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(count = unfinished.len(), "recovering unfinished sagas");
+        for record in unfinished {
+            match self.flows.get(&record.facade) {
+                Some(flow) => {
+                    let id = record.request_id.clone();
+                    if let Err(e) = flow.clone().recover(record).await {
+                        tracing::error!(request_id = %id, error = %e, "could not recover saga; it stays unfinished");
+                    }
+                }
+                None => tracing::error!(
+                    request_id = %record.request_id,
+                    facade = %record.facade,
+                    "unfinished saga of a facade no longer registered; left as it is"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops taking work, lets the handlers in flight finish, and closes the broker.
+    /// Sagas cut short stay unfinished in the log and are recovered at the next start.
+    pub async fn shutdown(&self) {
+        self.engine.shutdown.cancel();
+        self.engine.tasks.close();
+        self.engine.tasks.wait().await;
+        self.engine.broker.close().await;
+    }
+}

@@ -1,0 +1,512 @@
+//! A saga's recorded state and the transitions that are the only way to change it.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How a flow is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The caller waits; nodes run in-process.
+    Sync,
+    /// The caller is answered at once; each hop is a broker message.
+    Async,
+    /// The caller waits; hops are queued on this pod's topics with bounded consumers.
+    Throttling,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+            Mode::Throttling => "throttling",
+        })
+    }
+}
+
+/// Why a saga turned to compensation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Index of the step that failed.
+    pub step: usize,
+    /// Name of the node that failed.
+    pub node: String,
+    /// The error, as text.
+    pub error: String,
+    /// The gRPC code of the error, if it came from one.
+    pub code: Option<i32>,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "step {} ({}) failed: {}", self.step, self.node, self.error)
+    }
+}
+
+/// Where a saga stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SagaState {
+    /// Running forward; the next step is [`SagaRecord::completed`].
+    Running,
+    /// Undoing; `pending` are the steps still to compensate, in the order to run them.
+    Compensating {
+        /// What failed.
+        failure: Failure,
+        /// Steps left to compensate, next first.
+        pending: Vec<usize>,
+    },
+    /// Every step succeeded.
+    Completed,
+    /// A step failed and every completed step was undone.
+    Compensated {
+        /// What failed.
+        failure: Failure,
+    },
+    /// A compensation kept failing past its limit; an operator must look.
+    Stuck {
+        /// What failed first.
+        failure: Failure,
+        /// Why the compensation gave up.
+        reason: String,
+        /// Steps left to compensate, next first.
+        pending: Vec<usize>,
+    },
+}
+
+/// The state's name, for filters and display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// See [`SagaState::Running`].
+    Running,
+    /// See [`SagaState::Compensating`].
+    Compensating,
+    /// See [`SagaState::Completed`].
+    Completed,
+    /// See [`SagaState::Compensated`].
+    Compensated,
+    /// See [`SagaState::Stuck`].
+    Stuck,
+}
+
+impl fmt::Display for SagaStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SagaStatus::Running => "running",
+            SagaStatus::Compensating => "compensating",
+            SagaStatus::Completed => "completed",
+            SagaStatus::Compensated => "compensated",
+            SagaStatus::Stuck => "stuck",
+        })
+    }
+}
+
+impl SagaState {
+    /// The state's name.
+    pub fn status(&self) -> SagaStatus {
+        match self {
+            SagaState::Running => SagaStatus::Running,
+            SagaState::Compensating { .. } => SagaStatus::Compensating,
+            SagaState::Completed => SagaStatus::Completed,
+            SagaState::Compensated { .. } => SagaStatus::Compensated,
+            SagaState::Stuck { .. } => SagaStatus::Stuck,
+        }
+    }
+
+    /// Whether nothing more will happen without an operator.
+    pub fn is_ended(&self) -> bool {
+        matches!(self, SagaState::Completed | SagaState::Compensated { .. } | SagaState::Stuck { .. })
+    }
+}
+
+/// One state change of a saga, as written to the [`SagaLog`](crate::SagaLog).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SagaEvent {
+    /// The action of step `index` is about to be called (attempt 1).
+    StepStarted {
+        /// The step.
+        index: usize,
+    },
+    /// The action of step `index` succeeded; `data` is the flow data after it.
+    StepCompleted {
+        /// The step.
+        index: usize,
+        /// Attempts it took.
+        attempts: u32,
+        /// The flow data after the step.
+        data: Value,
+    },
+    /// Step `failure.step` failed for good; compensation starts.
+    StepFailed {
+        /// What failed.
+        failure: Failure,
+        /// Attempts made.
+        attempts: u32,
+        /// Whether the failed step itself is compensated too, because an
+        /// attempt may have taken effect (a timeout, a lost connection).
+        compensate_failed: bool,
+    },
+    /// The compensation of step `index` succeeded.
+    StepCompensated {
+        /// The step.
+        index: usize,
+        /// Attempts it took.
+        attempts: u32,
+    },
+    /// The compensation of step `index` gave up; the saga is stuck.
+    CompensationGaveUp {
+        /// The step.
+        index: usize,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        reason: String,
+    },
+    /// An operator asked to retry a stuck saga's compensation.
+    RetryCompensation,
+}
+
+/// A transition the state machine refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("saga `{request_id}` in state {state}: cannot apply {event}")]
+pub struct TransitionError {
+    /// The saga.
+    pub request_id: String,
+    /// Its state.
+    pub state: SagaStatus,
+    /// The refused event, described.
+    pub event: String,
+}
+
+/// What a new saga starts with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewSaga {
+    /// Its identity.
+    pub request_id: String,
+    /// The facade it runs under.
+    pub facade: String,
+    /// How it runs.
+    pub mode: Mode,
+    /// Number of steps of its flow.
+    pub steps: usize,
+    /// The initial flow data.
+    pub data: Value,
+    /// Unix ms after which the forward part compensates.
+    pub deadline_ms: u64,
+    /// Where to POST the outcome (async flows).
+    pub callback_url: Option<String>,
+}
+
+/// One line of a saga's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Unix ms.
+    pub at_ms: u64,
+    /// The event, without its data.
+    pub event: String,
+    /// The step it concerns.
+    pub step: Option<usize>,
+    /// Attempts made, when known.
+    pub attempts: Option<u32>,
+    /// Error text, when any.
+    pub error: Option<String>,
+}
+
+/// Everything recorded about one saga.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaRecord {
+    /// Its identity.
+    pub request_id: String,
+    /// The facade it runs under.
+    pub facade: String,
+    /// How it runs.
+    pub mode: Mode,
+    /// Number of steps of its flow.
+    pub steps: usize,
+    /// Steps completed so far (the next step's index while running).
+    pub completed: usize,
+    /// Flow data after the last completed step.
+    pub data: Value,
+    /// Where it stands.
+    pub state: SagaState,
+    /// Unix ms after which the forward part compensates.
+    pub deadline_ms: u64,
+    /// Where to POST the outcome (async flows).
+    pub callback_url: Option<String>,
+    /// Unix ms of its start.
+    pub created_ms: u64,
+    /// Unix ms of its last change.
+    pub updated_ms: u64,
+    /// Every event applied, without data.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl SagaRecord {
+    /// The record of a saga that has just started.
+    pub fn new(start: NewSaga) -> Self {
+        let now = now_ms();
+        Self {
+            request_id: start.request_id,
+            facade: start.facade,
+            mode: start.mode,
+            steps: start.steps,
+            completed: 0,
+            data: start.data,
+            state: SagaState::Running,
+            deadline_ms: start.deadline_ms,
+            callback_url: start.callback_url,
+            created_ms: now,
+            updated_ms: now,
+            history: vec![HistoryEntry {
+                at_ms: now,
+                event: "started".into(),
+                step: None,
+                attempts: None,
+                error: None,
+            }],
+        }
+    }
+
+    /// The state's name.
+    pub fn status(&self) -> SagaStatus {
+        self.state.status()
+    }
+
+    /// Applies one event; the only way a record changes.
+    pub fn apply(&mut self, event: &SagaEvent) -> Result<(), TransitionError> {
+        let refuse = |record: &Self| TransitionError {
+            request_id: record.request_id.clone(),
+            state: record.status(),
+            event: describe(event),
+        };
+        let mut entry =
+            HistoryEntry { at_ms: now_ms(), event: event_name(event).into(), step: None, attempts: None, error: None };
+        match (&mut self.state, event) {
+            (SagaState::Running, SagaEvent::StepStarted { index }) if *index == self.completed => {
+                entry.step = Some(*index);
+            }
+            (SagaState::Running, SagaEvent::StepCompleted { index, attempts, data }) if *index == self.completed => {
+                self.completed += 1;
+                self.data = data.clone();
+                if self.completed == self.steps {
+                    self.state = SagaState::Completed;
+                }
+                entry.step = Some(*index);
+                entry.attempts = Some(*attempts);
+            }
+            (SagaState::Running, SagaEvent::StepFailed { failure, attempts, compensate_failed })
+                if failure.step == self.completed =>
+            {
+                let last = if *compensate_failed { failure.step + 1 } else { failure.step };
+                let pending: Vec<usize> = (0..last).rev().collect();
+                entry.step = Some(failure.step);
+                entry.attempts = Some(*attempts);
+                entry.error = Some(failure.error.clone());
+                self.state = if pending.is_empty() {
+                    SagaState::Compensated { failure: failure.clone() }
+                } else {
+                    SagaState::Compensating { failure: failure.clone(), pending }
+                };
+            }
+            (SagaState::Compensating { failure, pending }, SagaEvent::StepCompensated { index, attempts })
+                if pending.first() == Some(index) =>
+            {
+                pending.remove(0);
+                entry.step = Some(*index);
+                entry.attempts = Some(*attempts);
+                if pending.is_empty() {
+                    self.state = SagaState::Compensated { failure: failure.clone() };
+                }
+            }
+            (
+                SagaState::Compensating { failure, pending },
+                SagaEvent::CompensationGaveUp { index, attempts, reason },
+            ) if pending.first() == Some(index) => {
+                entry.step = Some(*index);
+                entry.attempts = Some(*attempts);
+                entry.error = Some(reason.clone());
+                self.state = SagaState::Stuck {
+                    failure: failure.clone(),
+                    reason: format!("compensation of step {index} gave up after {attempts} attempts: {reason}"),
+                    pending: std::mem::take(pending),
+                };
+            }
+            (SagaState::Stuck { failure, pending, .. }, SagaEvent::RetryCompensation) => {
+                self.state = SagaState::Compensating { failure: failure.clone(), pending: std::mem::take(pending) };
+            }
+            _ => return Err(refuse(self)),
+        }
+        self.updated_ms = entry.at_ms;
+        self.history.push(entry);
+        Ok(())
+    }
+
+    /// The next compensation to run, if compensating.
+    pub fn next_compensation(&self) -> Option<usize> {
+        match &self.state {
+            SagaState::Compensating { pending, .. } => pending.first().copied(),
+            _ => None,
+        }
+    }
+}
+
+fn event_name(event: &SagaEvent) -> &'static str {
+    match event {
+        SagaEvent::StepStarted { .. } => "step_started",
+        SagaEvent::StepCompleted { .. } => "step_completed",
+        SagaEvent::StepFailed { .. } => "step_failed",
+        SagaEvent::StepCompensated { .. } => "step_compensated",
+        SagaEvent::CompensationGaveUp { .. } => "compensation_gave_up",
+        SagaEvent::RetryCompensation => "retry_compensation",
+    }
+}
+
+fn describe(event: &SagaEvent) -> String {
+    match event {
+        SagaEvent::StepStarted { index } | SagaEvent::StepCompleted { index, .. } => {
+            format!("{} of step {index}", event_name(event))
+        }
+        SagaEvent::StepCompensated { index, .. } | SagaEvent::CompensationGaveUp { index, .. } => {
+            format!("{} of step {index}", event_name(event))
+        }
+        SagaEvent::StepFailed { failure, .. } => format!("step_failed of step {}", failure.step),
+        SagaEvent::RetryCompensation => "retry_compensation".into(),
+    }
+}
+
+/// How a saga ended, with its flow data typed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<D> {
+    /// Every step succeeded; the final flow data.
+    Completed(D),
+    /// A step failed and every completed step was undone.
+    Compensated(Failure),
+    /// A compensation gave up; the saga waits for an operator.
+    Stuck {
+        /// What failed first.
+        failure: Failure,
+        /// Why the compensation gave up.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn record(steps: usize) -> SagaRecord {
+        SagaRecord::new(NewSaga {
+            request_id: "r1".into(),
+            facade: "F".into(),
+            mode: Mode::Sync,
+            steps,
+            data: json!({}),
+            deadline_ms: u64::MAX,
+            callback_url: None,
+        })
+    }
+
+    fn failure(step: usize) -> Failure {
+        Failure { step, node: format!("N{step}"), error: "no".into(), code: Some(9) }
+    }
+
+    fn complete(r: &mut SagaRecord, index: usize) {
+        r.apply(&SagaEvent::StepStarted { index }).unwrap();
+        r.apply(&SagaEvent::StepCompleted { index, attempts: 1, data: json!({ "step": index }) }).unwrap();
+    }
+
+    #[test]
+    fn running_to_completed_in_order() {
+        let mut r = record(2);
+        complete(&mut r, 0);
+        assert_eq!(r.status(), SagaStatus::Running);
+        assert_eq!(r.completed, 1);
+        complete(&mut r, 1);
+        assert_eq!(r.state, SagaState::Completed);
+        assert_eq!(r.data, json!({ "step": 1 }));
+        assert_eq!(r.history.len(), 5);
+    }
+
+    #[test]
+    fn steps_cannot_be_skipped_or_repeated() {
+        let mut r = record(3);
+        assert!(r.apply(&SagaEvent::StepStarted { index: 1 }).is_err());
+        complete(&mut r, 0);
+        let err = r.apply(&SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(null) }).unwrap_err();
+        assert_eq!(err.state, SagaStatus::Running);
+    }
+
+    #[test]
+    fn failure_compensates_completed_steps_in_reverse() {
+        let mut r = record(3);
+        complete(&mut r, 0);
+        complete(&mut r, 1);
+        r.apply(&SagaEvent::StepFailed { failure: failure(2), attempts: 1, compensate_failed: false }).unwrap();
+        assert_eq!(r.state, SagaState::Compensating { failure: failure(2), pending: vec![1, 0] });
+        // Out of order is refused: step 0 cannot be undone before step 1.
+        assert!(r.apply(&SagaEvent::StepCompensated { index: 0, attempts: 1 }).is_err());
+        r.apply(&SagaEvent::StepCompensated { index: 1, attempts: 1 }).unwrap();
+        assert_eq!(r.next_compensation(), Some(0));
+        r.apply(&SagaEvent::StepCompensated { index: 0, attempts: 2 }).unwrap();
+        assert_eq!(r.state, SagaState::Compensated { failure: failure(2) });
+    }
+
+    #[test]
+    fn an_uncertain_failed_step_is_compensated_too() {
+        let mut r = record(2);
+        complete(&mut r, 0);
+        r.apply(&SagaEvent::StepFailed { failure: failure(1), attempts: 5, compensate_failed: true }).unwrap();
+        assert_eq!(r.next_compensation(), Some(1));
+    }
+
+    #[test]
+    fn a_first_step_refusal_ends_compensated_at_once() {
+        let mut r = record(2);
+        r.apply(&SagaEvent::StepFailed { failure: failure(0), attempts: 1, compensate_failed: false }).unwrap();
+        assert_eq!(r.state, SagaState::Compensated { failure: failure(0) });
+    }
+
+    #[test]
+    fn compensation_giving_up_is_stuck_and_retriable() {
+        let mut r = record(2);
+        complete(&mut r, 0);
+        r.apply(&SagaEvent::StepFailed { failure: failure(1), attempts: 1, compensate_failed: false }).unwrap();
+        r.apply(&SagaEvent::CompensationGaveUp { index: 0, attempts: 10, reason: "down".into() }).unwrap();
+        match &r.state {
+            SagaState::Stuck { reason, pending, .. } => {
+                assert!(reason.contains("down"), "{reason}");
+                assert_eq!(pending, &vec![0]);
+            }
+            other => panic!("not stuck: {other:?}"),
+        }
+        assert!(r.state.is_ended());
+        r.apply(&SagaEvent::RetryCompensation).unwrap();
+        assert_eq!(r.next_compensation(), Some(0));
+        r.apply(&SagaEvent::StepCompensated { index: 0, attempts: 1 }).unwrap();
+        assert_eq!(r.status(), SagaStatus::Compensated);
+    }
+
+    #[test]
+    fn ended_sagas_refuse_every_event() {
+        let mut r = record(1);
+        complete(&mut r, 0);
+        assert!(r.apply(&SagaEvent::StepStarted { index: 1 }).is_err());
+        assert!(r.apply(&SagaEvent::RetryCompensation).is_err());
+        assert!(
+            r.apply(&SagaEvent::StepFailed { failure: failure(0), attempts: 1, compensate_failed: false }).is_err()
+        );
+    }
+}

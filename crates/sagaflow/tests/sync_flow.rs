@@ -1,0 +1,216 @@
+//! The sync flow end to end on the in-memory broker and log, with controlled time.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagaflow::{Error, Flow, MemoryBroker, MemorySagaLog, Orchestrator, Outcome, RetryPolicy, SagaState, SagaStatus};
+use support::{Act, Scripted, calls, refused, taken, unavailable};
+use tokio::time::Instant;
+
+const F: &str = "Booking";
+
+fn policy(attempts: u32) -> RetryPolicy {
+    RetryPolicy::default().attempts(attempts).backoff(Duration::from_millis(100), Duration::from_secs(10)).jitter(0.0)
+}
+
+async fn start(flow: Flow<Vec<String>>) -> Orchestrator {
+    Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .sync(F, flow.retry(policy(3)).compensation_retry(policy(3)))
+        .start()
+        .await
+        .expect("orchestrator starts")
+}
+
+#[tokio::test(start_paused = true)]
+async fn nodes_run_in_order_and_see_each_others_changes() {
+    let c = calls();
+    let o =
+        start(Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c)).node(Scripted::new("c", &c))).await;
+    let outcome = o.run(F, "r1", Vec::<String>::new()).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed(vec!["a".into(), "b".into(), "c".into()]));
+    assert_eq!(taken(&c), ["a#1", "b#1", "c#1"]);
+    let record = o.saga("r1").await.unwrap().unwrap();
+    assert_eq!(record.state, SagaState::Completed);
+    assert_eq!(record.completed, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_compensates_completed_steps_in_reverse() {
+    let c = calls();
+    let o = start(
+        Flow::new()
+            .node(Scripted::new("a", &c))
+            .node(Scripted::new("b", &c))
+            .node(Scripted::new("c", &c).always(Act::Fail(refused()))),
+    )
+    .await;
+    let Outcome::Compensated(failure) = o.run(F, "r1", Vec::<String>::new()).await.unwrap() else {
+        panic!("not compensated")
+    };
+    assert_eq!((failure.step, failure.node.as_str(), failure.code), (2, "c", Some(9)));
+    // A refusal is not retried, and the refused step itself had no effect to undo.
+    assert_eq!(taken(&c), ["a#1", "b#1", "c#1", "undo b#1", "undo a#1"]);
+    assert_eq!(o.saga("r1").await.unwrap().unwrap().status(), SagaStatus::Compensated);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retryable_errors_are_retried_with_exponential_backoff() {
+    let c = calls();
+    let o = start(
+        Flow::new()
+            .node(Scripted::new("a", &c).actions([Act::Fail(unavailable()), Act::Fail(unavailable())]))
+            .node(Scripted::new("b", &c)),
+    )
+    .await;
+    let started = Instant::now();
+    let outcome = o.run(F, "r1", Vec::<String>::new()).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed(vec!["a".into(), "b".into()]));
+    // Two retries: 100 ms, then 200 ms (jitter off).
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    assert_eq!(taken(&c), ["a#1", "a#2", "a#3", "b#1"]);
+    let record = o.saga("r1").await.unwrap().unwrap();
+    let completed = record.history.iter().find(|h| h.event == "step_completed").unwrap();
+    assert_eq!(completed.attempts, Some(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_used_up_compensate_the_uncertain_step_too() {
+    let c = calls();
+    let o =
+        start(Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c).always(Act::Fail(unavailable()))))
+            .await;
+    let Outcome::Compensated(failure) = o.run(F, "r1", Vec::<String>::new()).await.unwrap() else {
+        panic!("not compensated")
+    };
+    assert_eq!(failure.step, 1);
+    assert!(failure.error.contains("unavailable"), "{failure:?}");
+    // Three attempts, then b (which may have taken effect) and a are undone.
+    assert_eq!(taken(&c), ["a#1", "b#1", "b#2", "b#3", "undo b#1", "undo a#1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_call_times_out_and_is_retried() {
+    let c = calls();
+    let flow = Flow::new()
+        .node(Scripted::new("a", &c).actions([Act::Sleep(Duration::from_secs(60))]))
+        .step_timeout(Duration::from_secs(1));
+    let o = start(flow).await;
+    let started = Instant::now();
+    assert_eq!(o.run(F, "r1", Vec::<String>::new()).await.unwrap(), Outcome::Completed(vec!["a".into()]));
+    assert_eq!(started.elapsed(), Duration::from_millis(1100));
+    assert_eq!(taken(&c), ["a#1", "a#2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_saga_deadline_stops_retries_and_compensates() {
+    let c = calls();
+    let flow = Flow::new()
+        .node(Scripted::new("a", &c))
+        .node(Scripted::new("b", &c).always(Act::Sleep(Duration::from_secs(60))))
+        .step_timeout(Duration::from_secs(1))
+        .deadline(Duration::from_millis(1500));
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .sync(F, flow.retry(policy(100)).compensation_retry(policy(3)))
+        .start()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let Outcome::Compensated(failure) = o.run(F, "r1", Vec::<String>::new()).await.unwrap() else {
+        panic!("not compensated")
+    };
+    // 1 s timeout, 100 ms backoff, then only 400 ms are left for attempt 2, which is cut at the deadline.
+    assert_eq!(started.elapsed(), Duration::from_millis(1500));
+    assert_eq!(failure.step, 1);
+    assert_eq!(taken(&c), ["a#1", "b#1", "b#2", "undo b#1", "undo a#1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_retriable() {
+    let c = calls();
+    let a = Scripted::new("a", &c).compensations([
+        Act::Fail(unavailable()),
+        Act::Fail(unavailable()),
+        Act::Fail(unavailable()),
+    ]);
+    let o = start(Flow::new().node(a).node(Scripted::new("b", &c).always(Act::Fail(refused())))).await;
+    let started = Instant::now();
+    let outcome = o.run(F, "r1", Vec::<String>::new()).await.unwrap();
+    let Outcome::Stuck { failure, reason } = outcome else { panic!("not stuck: {outcome:?}") };
+    assert_eq!(failure.step, 1);
+    assert!(reason.contains("step 0") && reason.contains("3 attempts"), "{reason}");
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    assert_eq!(taken(&c), ["a#1", "b#1", "undo a#1", "undo a#2", "undo a#3"]);
+
+    // The upstream heals; an operator retries the compensation.
+    o.retry_stuck("r1").await.unwrap();
+    for _ in 0..100 {
+        if o.saga("r1").await.unwrap().unwrap().status() == SagaStatus::Compensated {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(o.saga("r1").await.unwrap().unwrap().status(), SagaStatus::Compensated);
+    assert_eq!(taken(&c).last().unwrap(), "undo a#1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_node_compensates_and_the_orchestrator_goes_on() {
+    let c = calls();
+    let o = start(Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c).actions([Act::Panic]))).await;
+    let Outcome::Compensated(failure) = o.run(F, "r1", Vec::<String>::new()).await.unwrap() else {
+        panic!("not compensated")
+    };
+    assert!(failure.error.contains("panicked"), "{failure:?}");
+    assert_eq!(taken(&c), ["a#1", "b#1", "undo b#1", "undo a#1"]);
+    assert_eq!(o.run(F, "r2", Vec::<String>::new()).await.unwrap(), Outcome::Completed(vec!["a".into(), "b".into()]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_request_id_gets_the_first_outcome_without_a_second_saga() {
+    let c = calls();
+    let o = start(Flow::new().node(Scripted::new("a", &c))).await;
+    let first = o.run(F, "r1", Vec::<String>::new()).await.unwrap();
+    let second = o.run(F, "r1", vec!["other input".into()]).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(taken(&c), ["a#1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_duplicates_share_one_saga() {
+    let c = calls();
+    let o = start(Flow::new().node(Scripted::new("a", &c).actions([Act::Sleep(Duration::from_millis(500))]))).await;
+    let (x, y) = tokio::join!(o.run(F, "r1", Vec::<String>::new()), o.run(F, "r1", Vec::<String>::new()));
+    assert_eq!(x.unwrap(), y.unwrap());
+    assert_eq!(taken(&c), ["a#1"]);
+    assert_eq!(o.stats().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_calls_are_clear_errors() {
+    let c = calls();
+    let o = start(Flow::new().node(Scripted::new("a", &c))).await;
+    assert!(matches!(o.run(F, "", Vec::<String>::new()).await, Err(Error::InvalidRequestId(_))));
+    assert!(matches!(o.run(F, "a b", Vec::<String>::new()).await, Err(Error::InvalidRequestId(_))));
+    assert!(matches!(o.run("Nope", "r", Vec::<String>::new()).await, Err(Error::UnknownFacade(f)) if f == "Nope"));
+    assert!(matches!(o.run(F, "r", 5u32).await, Err(Error::DataType { .. })));
+    assert!(matches!(o.submit(F, "r", Vec::<String>::new(), None).await, Err(Error::WrongMode { .. })));
+    assert!(taken(&c).is_empty());
+}
+
+#[tokio::test]
+async fn invalid_flows_are_refused_at_start() {
+    let c = calls();
+    let empty = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .sync(F, Flow::<Vec<String>>::new())
+        .start()
+        .await;
+    assert!(matches!(empty, Err(Error::Config(m)) if m.contains("no nodes")));
+    let twice = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .sync(F, Flow::new().node(Scripted::new("a", &c)))
+        .sync(F, Flow::new().node(Scripted::new("a", &c)))
+        .start()
+        .await;
+    assert!(matches!(twice, Err(Error::Config(m)) if m.contains("twice")));
+}
