@@ -30,10 +30,20 @@ pub struct SagaCallback {
     pub error: Option<String>,
 }
 
-/// Delivers ended sagas' outcomes; the binary supplies one (HTTP).
+/// How a callback delivery went; recorded in the saga's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackReport {
+    /// Whether the receiver accepted it.
+    pub delivered: bool,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error, if not delivered.
+    pub error: Option<String>,
+}
+
+/// Delivers ended sagas' outcomes; the service supplies one (HTTP).
 #[async_trait]
 pub trait CallbackSink: Send + Sync + 'static {
-    /// Delivers one outcome to `url`, retrying as it sees fit; records or
-    /// logs the delivery's result itself.
-    async fn deliver(&self, url: &str, callback: SagaCallback);
+    /// Delivers one outcome to `url`, retrying a bounded number of times.
+    async fn deliver(&self, url: &str, callback: SagaCallback) -> CallbackReport;
 }

@@ -120,17 +120,17 @@ impl<D: FlowData> FlowRuntime<D> {
         }
     }
 
-    fn to_json(&self, request_id: &str, data: &D) -> Result<serde_json::Value> {
+    fn encode(&self, request_id: &str, data: &D) -> Result<serde_json::Value> {
         serde_json::to_value(data).map_err(|source| Error::Data { request_id: request_id.to_owned(), source })
     }
 
-    fn from_json(&self, request_id: &str, value: serde_json::Value) -> Result<D> {
+    fn decode(&self, request_id: &str, value: serde_json::Value) -> Result<D> {
         serde_json::from_value(value).map_err(|source| Error::Data { request_id: request_id.to_owned(), source })
     }
 
     pub(crate) fn outcome(&self, record: &SagaRecord) -> Result<Outcome<D>> {
         match &record.state {
-            SagaState::Completed => Ok(Outcome::Completed(self.from_json(&record.request_id, record.data.clone())?)),
+            SagaState::Completed => Ok(Outcome::Completed(self.decode(&record.request_id, record.data.clone())?)),
             SagaState::Compensated { failure } => Ok(Outcome::Compensated(failure.clone())),
             SagaState::Stuck { failure, reason, .. } => {
                 Ok(Outcome::Stuck { failure: failure.clone(), reason: reason.clone() })
@@ -159,7 +159,7 @@ impl<D: FlowData> FlowRuntime<D> {
 
     /// Sync flow: runs the saga here while the caller waits.
     pub(crate) async fn run_sync(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
-        let json = self.to_json(request_id, &data)?;
+        let json = self.encode(request_id, &data)?;
         let record = match self.engine.log.begin(self.new_saga(request_id, json, None)).await? {
             Begin::Exists(existing) => return self.await_existing(existing).await,
             Begin::Started(record) => record,
@@ -171,7 +171,7 @@ impl<D: FlowData> FlowRuntime<D> {
 
     /// Throttling flow: queues the first hop on this pod and waits for the end.
     pub(crate) async fn run_throttled(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
-        let json = self.to_json(request_id, &data)?;
+        let json = self.encode(request_id, &data)?;
         let mut waiter = self.engine.completions.register(request_id);
         match self.engine.log.begin(self.new_saga(request_id, json.clone(), None)).await? {
             Begin::Exists(existing) => {
@@ -196,7 +196,7 @@ impl<D: FlowData> FlowRuntime<D> {
         data: D,
         callback_url: Option<String>,
     ) -> Result<()> {
-        let json = self.to_json(request_id, &data)?;
+        let json = self.encode(request_id, &data)?;
         match self.engine.log.begin(self.new_saga(request_id, json.clone(), callback_url)).await? {
             Begin::Exists(existing) => return self.check_facade(&existing),
             Begin::Started(_) => {}
@@ -268,7 +268,7 @@ impl<D: FlowData> FlowRuntime<D> {
             self.engine.log.append(id, SagaEvent::StepStarted { index }).await?;
             match self.run_action(id, index, &mut data, deadline).await {
                 Ok(attempts) => {
-                    let json = self.to_json(id, &data)?;
+                    let json = self.encode(id, &data)?;
                     let record =
                         self.engine.log.append(id, SagaEvent::StepCompleted { index, attempts, data: json }).await?;
                     if record.state.is_ended() {
@@ -413,7 +413,7 @@ impl<D: FlowData> FlowRuntime<D> {
     /// the record once ended, or `None` if interrupted by shutdown.
     async fn compensate(&self, mut record: SagaRecord) -> Result<Option<SagaRecord>> {
         let id: Arc<str> = record.request_id.as_str().into();
-        let data = self.from_json(&id, record.data.clone())?;
+        let data = self.decode(&id, record.data.clone())?;
         while let Some(index) = record.next_compensation() {
             if !self.flow.nodes[index].has_compensation() {
                 record = self.append_or_reload(&id, SagaEvent::StepCompensated { index, attempts: 0 }).await?;
@@ -634,7 +634,7 @@ impl<D: FlowData> FlowRuntime<D> {
         self.append_or_reload(id, SagaEvent::StepStarted { index }).await?;
         match self.run_action(id, index, &mut data, deadline).await {
             Ok(attempts) => {
-                let json = self.to_json(id, &data)?;
+                let json = self.encode(id, &data)?;
                 let event = SagaEvent::StepCompleted { index, attempts, data: json.clone() };
                 let record = match self.engine.log.append(id, event).await {
                     Ok(record) => record,
@@ -719,7 +719,7 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         let id: Arc<str> = record.request_id.as_str().into();
         match (&record.state, self.mode) {
             (SagaState::Running, Mode::Sync) => {
-                let data = self.from_json(&id, record.data.clone())?;
+                let data = self.decode(&id, record.data.clone())?;
                 let deadline = Instant::now() + Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
                 let this = self.clone();
                 let span = self.span(&id);

@@ -58,7 +58,7 @@ mod waiters;
 
 pub use async_trait::async_trait;
 pub use broker::{Broker, MemoryBroker};
-pub use callback::{CallbackSink, CallbackStatus, SagaCallback};
+pub use callback::{CallbackReport, CallbackSink, CallbackStatus, SagaCallback};
 pub use error::{Error, Result};
 pub use flow::Flow;
 pub use log::{MemorySagaLog, SagaLog};

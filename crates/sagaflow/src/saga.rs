@@ -170,6 +170,15 @@ pub enum SagaEvent {
     },
     /// An operator asked to retry a stuck saga's compensation.
     RetryCompensation,
+    /// The ended saga's callback was delivered, or given up on.
+    CallbackDelivered {
+        /// Whether the receiver accepted it.
+        delivered: bool,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error, if not delivered.
+        error: Option<String>,
+    },
 }
 
 /// A transition the state machine refuses.
@@ -342,6 +351,10 @@ impl SagaRecord {
                     pending: std::mem::take(pending),
                 };
             }
+            (state, SagaEvent::CallbackDelivered { delivered, attempts, error }) if state.is_ended() => {
+                entry.attempts = Some(*attempts);
+                entry.error = if *delivered { None } else { error.clone() };
+            }
             (SagaState::Stuck { failure, pending, .. }, SagaEvent::RetryCompensation) => {
                 self.state = SagaState::Compensating { failure: failure.clone(), pending: std::mem::take(pending) };
             }
@@ -369,6 +382,8 @@ fn event_name(event: &SagaEvent) -> &'static str {
         SagaEvent::StepCompensated { .. } => "step_compensated",
         SagaEvent::CompensationGaveUp { .. } => "compensation_gave_up",
         SagaEvent::RetryCompensation => "retry_compensation",
+        SagaEvent::CallbackDelivered { delivered: true, .. } => "callback_delivered",
+        SagaEvent::CallbackDelivered { delivered: false, .. } => "callback_failed",
     }
 }
 
@@ -381,7 +396,7 @@ fn describe(event: &SagaEvent) -> String {
             format!("{} of step {index}", event_name(event))
         }
         SagaEvent::StepFailed { failure, .. } => format!("step_failed of step {}", failure.step),
-        SagaEvent::RetryCompensation => "retry_compensation".into(),
+        SagaEvent::RetryCompensation | SagaEvent::CallbackDelivered { .. } => event_name(event).into(),
     }
 }
 

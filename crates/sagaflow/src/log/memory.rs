@@ -82,9 +82,10 @@ impl SagaLog for MemorySagaLog {
     async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
         let mut state = self.lock();
         let record = state.sagas.get_mut(request_id).ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
+        let was_ended = record.state.is_ended();
         record.apply(&event)?;
         let record = record.clone();
-        if record.state.is_ended() {
+        if record.state.is_ended() && !was_ended {
             let now = now_ms();
             state.ended.push_back((now, record.request_id.clone()));
             state.prune(&self.retention, now);

@@ -1,0 +1,179 @@
+//! Wiring: builds the broker, the saga log, the flows and the servers from a [`Config`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sagaflow::log::Retention;
+use sagaflow::{Broker, MemoryBroker, MemorySagaLog, Orchestrator, SagaLog};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::ServingStatus;
+
+use crate::callback::{CallbackPolicy, HttpCallbacks};
+use crate::config::{BrokerKind, Config, LogKind};
+use crate::facade;
+use crate::handler::BookingHandler;
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::pb::booking_service_server::BookingServiceServer;
+use crate::upstream::{OrderMock, PaymentMock, serve_order, serve_payment};
+
+/// The booking service, running.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the orchestrator's gRPC API listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the OrderService is.
+    pub order_addr: SocketAddr,
+    /// Where the PaymentService is.
+    pub payment_addr: SocketAddr,
+    /// The orchestrator, for in-process inspection.
+    pub orchestrator: Orchestrator,
+    /// The in-process mocks, when they run here.
+    pub mocks: Option<(OrderMock, PaymentMock)>,
+    shutdown: CancellationToken,
+    servers: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} to {addr}"))
+}
+
+fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+    Ok(match config.broker {
+        BrokerKind::Memory => Arc::new(MemoryBroker::new()),
+    })
+}
+
+fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
+    Ok(match config.saga_log {
+        LogKind::Memory => Arc::new(MemorySagaLog::with_retention(Retention {
+            max_age: Duration::from_secs(config.retention.max_age_secs),
+            max_ended: config.retention.max_ended,
+        })),
+    })
+}
+
+/// Starts the mock OrderService on `addr` until `shutdown`.
+pub async fn start_order(
+    addr: SocketAddr,
+    mock: OrderMock,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
+    let listener = bind(addr, "order service").await?;
+    let local = listener.local_addr()?;
+    Ok((local, tokio::spawn(serve_order(listener, mock, async move { shutdown.cancelled().await }))))
+}
+
+/// Starts the mock PaymentService on `addr` until `shutdown`.
+pub async fn start_payment(
+    addr: SocketAddr,
+    mock: PaymentMock,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
+    let listener = bind(addr, "payment service").await?;
+    let local = listener.local_addr()?;
+    Ok((local, tokio::spawn(serve_payment(listener, mock, async move { shutdown.cancelled().await }))))
+}
+
+/// Starts the orchestrator (and, if configured, the mocks) and serves the booking API.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let mut servers = Vec::new();
+    let (order_addr, payment_addr, mocks) = if config.upstream.in_process {
+        let order = OrderMock::new(config.upstream.order.clone());
+        let payment = PaymentMock::new(config.upstream.payment.clone());
+        let (order_addr, o) = start_order(config.upstream.order_addr, order.clone(), shutdown.clone()).await?;
+        let (payment_addr, p) = start_payment(config.upstream.payment_addr, payment.clone(), shutdown.clone()).await?;
+        servers.extend([o, p]);
+        (order_addr, payment_addr, Some((order, payment)))
+    } else {
+        (config.upstream.order_addr, config.upstream.payment_addr, None)
+    };
+
+    let flow = facade::booking_flow(channel(order_addr)?, channel(payment_addr)?, &config.flow);
+    let builder = Orchestrator::builder(broker(&config)?, saga_log(&config)?)
+        .options(config.orchestrator_options())
+        .callbacks(Arc::new(HttpCallbacks::new(&config.callbacks)?));
+    let orchestrator = facade::register(builder, flow).start().await.context("starting the orchestrator")?;
+    check_topics(&config, &orchestrator)?;
+
+    let listener = bind(config.grpc_listen, "orchestrator gRPC API").await?;
+    let grpc_addr = listener.local_addr()?;
+    let handler = BookingHandler::new(orchestrator.clone(), CallbackPolicy::new(&config.callbacks));
+    let service = BookingServiceServer::new(handler);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(<BookingServiceServer<BookingHandler> as NamedService>::NAME, ServingStatus::Serving)
+        .await;
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection().build_v1()?;
+    let v1alpha = reflection().build_v1alpha()?;
+    let stop = shutdown.clone();
+    servers.push(tokio::spawn(async move {
+        Server::builder()
+            .add_service(service)
+            .add_service(health)
+            .add_service(v1)
+            .add_service(v1alpha)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
+            .await
+            .context("orchestrator gRPC server failed")
+    }));
+    tracing::info!(%grpc_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");
+    Ok(Running { grpc_addr, order_addr, payment_addr, orchestrator, mocks, shutdown, servers })
+}
+
+/// Every configured topic id must name a topic of a registered flow.
+fn check_topics(config: &Config, orchestrator: &Orchestrator) -> anyhow::Result<()> {
+    let prefix = &config.message_queue.topic_prefix;
+    let known: Vec<String> = orchestrator
+        .flows()
+        .iter()
+        .flat_map(|f| f.nodes.iter().map(|n| format!("{}.{n}", f.facade)).chain([format!("{}.rollback", f.facade)]))
+        .collect();
+    for (i, topic) in config.message_queue.topics.iter().enumerate() {
+        if !known.contains(&topic.id) {
+            anyhow::bail!(
+                "message_queue.topics[{i}]: unknown topic id `{}` (known: {}; on the broker they are prefixed with `{prefix}.`)",
+                topic.id,
+                known.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+impl Running {
+    /// Stops serving, lets sagas in flight reach a recorded state, and waits for the servers.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.orchestrator.shutdown().await;
+        for server in self.servers {
+            server.await??;
+        }
+        Ok(())
+    }
+
+    /// A token cancelled when the service stops.
+    pub fn stopping(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}

@@ -1,0 +1,380 @@
+//! `app.yaml` and its environment overrides.
+//!
+//! The file comes from `--config`, else `$OCH_PATH/app.yaml`, else the
+//! built-in defaults; then `POD_ID`, `SAGAFLOW_BROKER`, `SAGAFLOW_BROKER_URL`,
+//! `SAGAFLOW_LOG`, `SAGAFLOW_LOG_URL` and `SAGAFLOW_GRPC_LISTEN` override it.
+//! Unknown keys are an error that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sagaflow::RetryPolicy;
+use serde::Deserialize;
+
+use crate::upstream::MockConfig;
+
+/// The whole configuration of the booking service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This pod's id: throttled topics end in it.
+    pub pod_id: String,
+    /// Where the orchestrator's gRPC API listens.
+    pub grpc_listen: SocketAddr,
+    /// Which broker carries the hops: `memory` (more come with their drivers).
+    pub broker: BrokerKind,
+    /// The broker's URL, credentials included (never logged).
+    pub broker_url: Option<String>,
+    /// Which saga log records the sagas: `memory`.
+    pub saga_log: LogKind,
+    /// The saga log's URL (PostgreSQL) or directory (embedded).
+    pub saga_log_url: Option<String>,
+    /// Ended sagas kept by the in-memory log.
+    pub retention: RetentionConfig,
+    /// The upstream services.
+    pub upstream: UpstreamConfig,
+    /// Topics and consumers.
+    pub message_queue: MessageQueueConfig,
+    /// Retry and timeout policies of the booking flows.
+    pub flow: FlowConfig,
+    /// How long a sync or throttled caller waits for its saga, in ms.
+    pub wait_timeout_ms: u64,
+    /// The HTTP callbacks of async sagas.
+    pub callbacks: CallbackConfig,
+}
+
+/// The broker drivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// In the process; nothing survives a restart.
+    Memory,
+}
+
+/// The saga log backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogKind {
+    /// In the process, bounded by the retention; nothing survives a restart.
+    Memory,
+}
+
+/// Retention of ended sagas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Ended sagas older than this many seconds are dropped.
+    pub max_age_secs: u64,
+    /// At most this many ended sagas are kept.
+    pub max_ended: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { max_age_secs: 7 * 24 * 3600, max_ended: 100_000 }
+    }
+}
+
+/// Where the upstreams are, and how the in-process mocks behave.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Run the mock Order and Payment services inside this process.
+    pub in_process: bool,
+    /// Address of the OrderService (also where `booking order` listens).
+    pub order_addr: SocketAddr,
+    /// Address of the PaymentService (also where `booking payment` listens).
+    pub payment_addr: SocketAddr,
+    /// Behaviour of the mock OrderService.
+    pub order: MockConfig,
+    /// Behaviour of the mock PaymentService.
+    pub payment: MockConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            in_process: true,
+            order_addr: SocketAddr::from(([127, 0, 0, 1], 10001)),
+            payment_addr: SocketAddr::from(([127, 0, 0, 1], 10002)),
+            order: MockConfig::default(),
+            payment: MockConfig::default(),
+        }
+    }
+}
+
+/// Topics and their consumers, as in the original's `message_queue` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessageQueueConfig {
+    /// Prefix of every topic name.
+    pub topic_prefix: String,
+    /// Consumers of a topic not listed below.
+    pub default_concurrency: usize,
+    /// Deliveries after which a message is dead-lettered.
+    pub max_deliveries: u32,
+    /// Per-topic settings.
+    pub topics: Vec<TopicConfig>,
+}
+
+impl Default for MessageQueueConfig {
+    fn default() -> Self {
+        Self { topic_prefix: "booking".into(), default_concurrency: 16, max_deliveries: 5, topics: Vec::new() }
+    }
+}
+
+/// One topic's consumers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// The topic id, `<facade>.<node>` or `<facade>.rollback` (see `topic.rs`).
+    pub id: String,
+    /// Whether the topic is a throttled one (suffixed with the pod id).
+    #[serde(default)]
+    pub is_throttling: bool,
+    /// Consumers of this topic in this pod; required.
+    pub concurrency: Option<usize>,
+}
+
+/// Retry and timeout policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowConfig {
+    /// Timeout of each upstream call, in ms.
+    pub step_timeout_ms: u64,
+    /// Time within which a saga's forward part must finish, in ms.
+    pub deadline_ms: u64,
+    /// Retries of actions.
+    pub retry: RetryConfig,
+    /// Retries of compensations; past them a saga is Stuck.
+    pub compensation_retry: RetryConfig,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        Self {
+            step_timeout_ms: 5_000,
+            deadline_ms: 30_000,
+            retry: RetryConfig::default(),
+            compensation_retry: RetryConfig { max_attempts: 10, initial_backoff_ms: 100, ..RetryConfig::default() },
+        }
+    }
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all.
+    pub max_attempts: u32,
+    /// First delay, in ms.
+    pub initial_backoff_ms: u64,
+    /// Largest delay, in ms.
+    pub max_backoff_ms: u64,
+    /// Growth per attempt.
+    pub multiplier: f64,
+    /// Random share of each delay, 0..=1.
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max_attempts: 5, initial_backoff_ms: 50, max_backoff_ms: 2_000, multiplier: 2.0, jitter: 0.2 }
+    }
+}
+
+impl RetryConfig {
+    /// The policy these settings describe.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+            multiplier: self.multiplier,
+            jitter: self.jitter,
+        }
+    }
+}
+
+/// HTTP callbacks of async sagas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackConfig {
+    /// Hosts a callback URL may name (no server-side request forgery through us).
+    pub allow: Vec<String>,
+    /// Delivery attempts per callback.
+    pub attempts: u32,
+    /// Timeout of one delivery attempt, in ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        Self { allow: vec!["127.0.0.1".into(), "localhost".into(), "::1".into()], attempts: 5, timeout_ms: 5_000 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            pod_id: "local".into(),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 10000)),
+            broker: BrokerKind::Memory,
+            broker_url: None,
+            saga_log: LogKind::Memory,
+            saga_log_url: None,
+            retention: RetentionConfig::default(),
+            upstream: UpstreamConfig::default(),
+            message_queue: MessageQueueConfig::default(),
+            flow: FlowConfig::default(),
+            wait_timeout_ms: 30_000,
+            callbacks: CallbackConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration: `explicit`, else `$OCH_PATH/app.yaml`, else
+    /// the defaults; then the environment; then checks it.
+    pub fn load(explicit: Option<&Path>) -> anyhow::Result<Self> {
+        let path = match explicit {
+            Some(path) => Some(path.to_owned()),
+            None => std::env::var_os("OCH_PATH").map(|dir| PathBuf::from(dir).join("app.yaml")).filter(|p| p.exists()),
+        };
+        let mut config = match &path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                Self::from_yaml(&text).with_context(|| format!("in {}", path.display()))?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses yaml; unknown keys are errors naming the key.
+    pub fn from_yaml(text: &str) -> anyhow::Result<Self> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        Ok(serde_norway::from_str(text)?)
+    }
+
+    /// Applies the environment overrides, read through `var`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(pod) = var("POD_ID").filter(|v| !v.is_empty()) {
+            self.pod_id = pod;
+        }
+        if let Some(kind) = var("SAGAFLOW_BROKER").filter(|v| !v.is_empty()) {
+            self.broker = serde_norway::from_str(&kind)
+                .map_err(|_| anyhow::anyhow!("SAGAFLOW_BROKER=`{kind}`: expected one of memory"))?;
+        }
+        if let Some(url) = var("SAGAFLOW_BROKER_URL").filter(|v| !v.is_empty()) {
+            self.broker_url = Some(url);
+        }
+        if let Some(kind) = var("SAGAFLOW_LOG").filter(|v| !v.is_empty()) {
+            self.saga_log = serde_norway::from_str(&kind)
+                .map_err(|_| anyhow::anyhow!("SAGAFLOW_LOG=`{kind}`: expected one of memory"))?;
+        }
+        if let Some(url) = var("SAGAFLOW_LOG_URL").filter(|v| !v.is_empty()) {
+            self.saga_log_url = Some(url);
+        }
+        if let Some(addr) = var("SAGAFLOW_GRPC_LISTEN").filter(|v| !v.is_empty()) {
+            self.grpc_listen = addr.parse().with_context(|| format!("SAGAFLOW_GRPC_LISTEN=`{addr}`"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.pod_id.is_empty() || !self.pod_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            bail!("pod_id `{}` must be ASCII letters, digits, `-` or `_`", self.pod_id);
+        }
+        for (i, topic) in self.message_queue.topics.iter().enumerate() {
+            match topic.concurrency {
+                None => bail!("message_queue.topics[{i}] (`{}`): `concurrency` is required", topic.id),
+                Some(0) => bail!("message_queue.topics[{i}] (`{}`): `concurrency` must be at least 1", topic.id),
+                Some(_) => {}
+            }
+        }
+        if self.message_queue.default_concurrency == 0 {
+            bail!("message_queue.default_concurrency must be at least 1");
+        }
+        self.upstream.order.validate().map_err(|e| anyhow::anyhow!("upstream.order: {e}"))?;
+        self.upstream.payment.validate().map_err(|e| anyhow::anyhow!("upstream.payment: {e}"))?;
+        if self.flow.step_timeout_ms == 0 || self.flow.deadline_ms == 0 || self.wait_timeout_ms == 0 {
+            bail!("flow.step_timeout_ms, flow.deadline_ms and wait_timeout_ms must be above zero");
+        }
+        if self.callbacks.attempts == 0 {
+            bail!("callbacks.attempts must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The orchestrator options these settings describe.
+    pub fn orchestrator_options(&self) -> sagaflow::Options {
+        sagaflow::Options {
+            topic_prefix: self.message_queue.topic_prefix.clone(),
+            pod_id: self.pod_id.clone(),
+            default_concurrency: self.message_queue.default_concurrency,
+            topic_concurrency: self
+                .message_queue
+                .topics
+                .iter()
+                .filter_map(|t| t.concurrency.map(|c| (t.id.clone(), c)))
+                .collect(),
+            max_deliveries: self.message_queue.max_deliveries,
+            wait_timeout: Duration::from_millis(self.wait_timeout_ms),
+            ..sagaflow::Options::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_config_parses_and_validates() {
+        let text = include_str!("../../../deployment/local/app.yaml");
+        let config = Config::from_yaml(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.grpc_listen.port(), 10000);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_yaml("pod_id: a\nbrokr: memory\n").unwrap_err().to_string();
+        assert!(err.contains("brokr"), "{err}");
+        let err = Config::from_yaml("upstream:\n  order:\n    latncy_ms: 3\n").unwrap_err().to_string();
+        assert!(err.contains("latncy_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_topic_without_concurrency_is_an_error() {
+        let config = Config::from_yaml(
+            "message_queue:\n  topics:\n    - id: ThrottlingBooking.CreateOrder\n      is_throttling: true\n",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("concurrency") && err.contains("ThrottlingBooking.CreateOrder"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut config = Config::default();
+        config
+            .apply_env(|name| match name {
+                "POD_ID" => Some("pod-7".into()),
+                "SAGAFLOW_BROKER" => Some("memory".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.pod_id, "pod-7");
+        let err = config.apply_env(|name| (name == "SAGAFLOW_BROKER").then(|| "kafka".into())).unwrap_err();
+        assert!(err.to_string().contains("kafka"));
+    }
+}

@@ -1,0 +1,177 @@
+//! The gRPC `pb.BookingService`: validates requests and invokes the flows by facade.
+
+use sagaflow::{Error, Orchestrator, Outcome};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::callback::CallbackPolicy;
+use crate::facade::{ASYNC_BOOKING, SYNC_BOOKING, THROTTLING_BOOKING};
+use crate::node::Booking;
+use crate::proto::pb::{
+    BookingASyncResponse, BookingRequest, BookingSyncResponse, booking_service_server::BookingService,
+};
+
+/// The metadata key carrying the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Serves `pb.BookingService` over an [`Orchestrator`].
+#[derive(Debug, Clone)]
+pub struct BookingHandler {
+    orchestrator: Orchestrator,
+    callbacks: CallbackPolicy,
+}
+
+impl BookingHandler {
+    /// A handler invoking `orchestrator`'s booking facades.
+    pub fn new(orchestrator: Orchestrator, callbacks: CallbackPolicy) -> Self {
+        Self { orchestrator, callbacks }
+    }
+}
+
+/// The caller's `x-request-id`, or a fresh UUID when it sent none.
+fn request_id<T>(request: &Request<T>) -> Result<String, Status> {
+    match request.metadata().get(REQUEST_ID_HEADER) {
+        None => Ok(uuid::Uuid::new_v4().to_string()),
+        Some(value) => {
+            let id = value
+                .to_str()
+                .map_err(|_| Status::invalid_argument("x-request-id must be visible ASCII"))?
+                .trim()
+                .to_owned();
+            if id.is_empty() {
+                return Ok(uuid::Uuid::new_v4().to_string());
+            }
+            if id.len() > sagaflow::MAX_REQUEST_ID_LEN || !id.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(Status::invalid_argument(format!(
+                    "x-request-id must be 1 to {} visible ASCII characters without spaces",
+                    sagaflow::MAX_REQUEST_ID_LEN
+                )));
+            }
+            Ok(id)
+        }
+    }
+}
+
+/// Checks the request and turns it into flow data. A `Count` of 0 means 1.
+fn booking(request: &BookingRequest) -> Result<Booking, Status> {
+    if request.product_id <= 0 {
+        return Err(Status::invalid_argument(format!("ProductID must be positive, got {}", request.product_id)));
+    }
+    if request.count < 0 {
+        return Err(Status::invalid_argument(format!("Count must not be negative, got {}", request.count)));
+    }
+    Ok(Booking {
+        product_id: request.product_id,
+        count: request.count.max(1),
+        fault_inject: request.fault_inject,
+        ..Booking::default()
+    })
+}
+
+/// The gRPC status for an orchestrator error.
+fn status(request_id: &str, error: Error) -> Status {
+    match error {
+        Error::InvalidRequestId(why) => Status::invalid_argument(format!("x-request-id is invalid: {why}")),
+        Error::RequestIdInUse { .. } => Status::already_exists(error.to_string()),
+        Error::WaitTimeout(_) => Status::deadline_exceeded(format!(
+            "booking {request_id} did not finish in time; it goes on, and its outcome will be recorded"
+        )),
+        Error::ShuttingDown => Status::unavailable("the orchestrator is shutting down; retry on another replica"),
+        Error::Broker(e) => Status::unavailable(format!("booking {request_id}: message broker: {e}")),
+        Error::Log(e) => Status::unavailable(format!("booking {request_id}: saga log: {e}")),
+        other => Status::internal(format!("booking {request_id}: {other}")),
+    }
+}
+
+/// The answer of a sync or throttled booking.
+fn respond(
+    request_id: String,
+    outcome: Result<Outcome<Booking>, Error>,
+) -> Result<Response<BookingSyncResponse>, Status> {
+    match outcome {
+        Ok(Outcome::Completed(b)) => Ok(Response::new(BookingSyncResponse {
+            request_id,
+            order_id: b.order_id,
+            payment_id: b.payment_id,
+            fault_inject: b.fault_inject,
+        })),
+        Ok(Outcome::Compensated(failure)) => {
+            Err(Status::aborted(format!("booking {request_id} was rolled back: {failure}")))
+        }
+        Ok(Outcome::Stuck { failure, reason }) => Err(Status::internal(format!(
+            "booking {request_id} failed ({failure}) and its rollback is stuck: {reason}"
+        ))),
+        Err(error) => Err(status(&request_id, error)),
+    }
+}
+
+#[tonic::async_trait]
+impl BookingService for BookingHandler {
+    async fn handle_sync_booking(
+        &self,
+        request: Request<BookingRequest>,
+    ) -> Result<Response<BookingSyncResponse>, Status> {
+        let id = request_id(&request)?;
+        let data = booking(request.get_ref())?;
+        let span = tracing::info_span!("booking", call = "sync");
+        let outcome = self.orchestrator.run(SYNC_BOOKING, &id, data).instrument(span).await;
+        respond(id, outcome)
+    }
+
+    async fn handle_async_booking(
+        &self,
+        request: Request<BookingRequest>,
+    ) -> Result<Response<BookingASyncResponse>, Status> {
+        let id = request_id(&request)?;
+        let data = booking(request.get_ref())?;
+        let callback = match request.get_ref().callback_url.trim() {
+            "" => None,
+            url => Some(self.callbacks.check(url).map_err(Status::invalid_argument)?),
+        };
+        let fault_inject = data.fault_inject;
+        let span = tracing::info_span!("booking", call = "async");
+        match self.orchestrator.submit(ASYNC_BOOKING, &id, data, callback).instrument(span).await {
+            Ok(()) => Ok(Response::new(BookingASyncResponse { request_id: id, fault_inject })),
+            Err(error) => Err(status(&id, error)),
+        }
+    }
+
+    async fn handle_throttling_booking(
+        &self,
+        request: Request<BookingRequest>,
+    ) -> Result<Response<BookingSyncResponse>, Status> {
+        let id = request_id(&request)?;
+        let data = booking(request.get_ref())?;
+        let span = tracing::info_span!("booking", call = "throttling");
+        let outcome = self.orchestrator.run(THROTTLING_BOOKING, &id, data).instrument(span).await;
+        respond(id, outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_zero_means_one_and_bad_fields_are_named() {
+        let ok = booking(&BookingRequest { product_id: 1, count: 0, ..Default::default() }).unwrap();
+        assert_eq!(ok.count, 1);
+        let err = booking(&BookingRequest { product_id: 0, ..Default::default() }).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("ProductID"));
+        let err = booking(&BookingRequest { product_id: 1, count: -2, ..Default::default() }).unwrap_err();
+        assert!(err.message().contains("Count"));
+    }
+
+    #[test]
+    fn a_missing_request_id_gets_a_uuid_and_a_given_one_is_kept() {
+        let generated = request_id(&Request::new(())).unwrap();
+        assert!(uuid::Uuid::parse_str(&generated).is_ok());
+        let mut request = Request::new(());
+        request.metadata_mut().insert(REQUEST_ID_HEADER, "abc-1".parse().unwrap());
+        assert_eq!(request_id(&request).unwrap(), "abc-1");
+        let mut request = Request::new(());
+        request.metadata_mut().insert(REQUEST_ID_HEADER, "x".repeat(500).parse().unwrap());
+        assert_eq!(request_id(&request).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+}

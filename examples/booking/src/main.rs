@@ -1,0 +1,129 @@
+//! `booking`: the whole demo in one process, or one of its parts.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use booking::app;
+use booking::config::Config;
+use booking::upstream::{OrderMock, PaymentMock};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// The sagaflow booking demo.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (default: $OCH_PATH/app.yaml, else built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    part: Option<Part>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Part {
+    /// Orchestrator and mock upstreams in one process (the default).
+    All,
+    /// The orchestrator only; the upstreams run elsewhere (`upstream.*_addr`).
+    Orchestrator,
+    /// The mock OrderService only, on `upstream.order_addr`.
+    Order(MockArgs),
+    /// The mock PaymentService only, on `upstream.payment_addr`.
+    Payment(MockArgs),
+}
+
+/// Overrides of a mock's config.
+#[derive(Debug, clap::Args)]
+struct MockArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Latency of each call, in ms.
+    #[arg(long)]
+    latency_ms: Option<u64>,
+    /// Most calls in flight (0 = unlimited); above it RESOURCE_EXHAUSTED.
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Share of calls failing with UNAVAILABLE.
+    #[arg(long)]
+    failure_rate: Option<f64>,
+}
+
+impl MockArgs {
+    fn apply(&self, mock: &mut booking::upstream::MockConfig) -> anyhow::Result<()> {
+        if let Some(ms) = self.latency_ms {
+            mock.latency = std::time::Duration::from_millis(ms);
+        }
+        if let Some(capacity) = self.capacity {
+            mock.capacity = capacity;
+        }
+        if let Some(rate) = self.failure_rate {
+            mock.failure_rate = rate;
+        }
+        mock.validate().map_err(anyhow::Error::msg)
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn terminated() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref())?;
+    match cli.part.unwrap_or(Part::All) {
+        Part::All => run_orchestrator(config).await,
+        Part::Orchestrator => {
+            config.upstream.in_process = false;
+            run_orchestrator(config).await
+        }
+        Part::Order(args) => {
+            args.apply(&mut config.upstream.order)?;
+            let addr = args.listen.unwrap_or(config.upstream.order_addr);
+            let stop = CancellationToken::new();
+            let (addr, server) = app::start_order(addr, OrderMock::new(config.upstream.order), stop.clone()).await?;
+            tracing::info!(%addr, "order service serving");
+            terminated().await;
+            stop.cancel();
+            server.await.context("order service task")?
+        }
+        Part::Payment(args) => {
+            args.apply(&mut config.upstream.payment)?;
+            let addr = args.listen.unwrap_or(config.upstream.payment_addr);
+            let stop = CancellationToken::new();
+            let (addr, server) =
+                app::start_payment(addr, PaymentMock::new(config.upstream.payment), stop.clone()).await?;
+            tracing::info!(%addr, "payment service serving");
+            terminated().await;
+            stop.cancel();
+            server.await.context("payment service task")?
+        }
+    }
+}
+
+async fn run_orchestrator(config: Config) -> anyhow::Result<()> {
+    let running = app::start(config).await?;
+    terminated().await;
+    tracing::info!("shutting down");
+    running.shutdown().await
+}
