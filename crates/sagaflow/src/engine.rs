@@ -468,9 +468,25 @@ impl<D: FlowData> FlowRuntime<D> {
             };
             let sink = sink.clone();
             let url = url.clone();
-            self.engine
-                .tasks
-                .spawn(async move { sink.deliver(&url, callback).await }.instrument(tracing::Span::current()));
+            let log = self.engine.log.clone();
+            let id = record.request_id.clone();
+            let deliver = async move {
+                let report = sink.deliver(&url, callback).await;
+                if report.delivered {
+                    tracing::debug!(attempts = report.attempts, "callback delivered");
+                } else {
+                    tracing::warn!(attempts = report.attempts, error = ?report.error, "callback not delivered");
+                }
+                let event = SagaEvent::CallbackDelivered {
+                    delivered: report.delivered,
+                    attempts: report.attempts,
+                    error: report.error,
+                };
+                if let Err(e) = log.append(&id, event).await {
+                    tracing::warn!(error = %e, "could not record the callback delivery");
+                }
+            };
+            self.engine.tasks.spawn(deliver.instrument(tracing::Span::current()));
         }
     }
 
