@@ -24,7 +24,6 @@ use crate::proto::pb::booking_service_server::BookingServiceServer;
 use crate::upstream::{OrderMock, PaymentMock, serve_order, serve_payment};
 
 /// The booking service, running.
-#[derive(Debug)]
 pub struct Running {
     /// Where the orchestrator's gRPC API listens.
     pub grpc_addr: SocketAddr,
@@ -34,6 +33,8 @@ pub struct Running {
     pub payment_addr: SocketAddr,
     /// The orchestrator, for in-process inspection.
     pub orchestrator: Orchestrator,
+    /// The broker the orchestrator uses.
+    pub broker: Arc<dyn Broker>,
     /// The in-process mocks, when they run here.
     pub mocks: Option<(OrderMock, PaymentMock)>,
     shutdown: CancellationToken,
@@ -104,7 +105,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let flow = facade::booking_flow(channel(order_addr)?, channel(payment_addr)?, &config.flow);
-    let builder = Orchestrator::builder(broker(&config)?, saga_log(&config)?)
+    let broker = broker(&config)?;
+    let builder = Orchestrator::builder(broker.clone(), saga_log(&config)?)
         .options(config.orchestrator_options())
         .callbacks(Arc::new(HttpCallbacks::new(&config.callbacks)?));
     let orchestrator = facade::register(builder, flow).start().await.context("starting the orchestrator")?;
@@ -138,7 +140,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("orchestrator gRPC server failed")
     }));
     tracing::info!(%grpc_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");
-    Ok(Running { grpc_addr, order_addr, payment_addr, orchestrator, mocks, shutdown, servers })
+    Ok(Running { grpc_addr, order_addr, payment_addr, orchestrator, broker, mocks, shutdown, servers })
 }
 
 /// Every configured topic id must name a topic of a registered flow.
@@ -159,6 +161,17 @@ fn check_topics(config: &Config, orchestrator: &Orchestrator) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("order_addr", &self.order_addr)
+            .field("payment_addr", &self.payment_addr)
+            .field("broker", &self.broker.name())
+            .finish()
+    }
 }
 
 impl Running {
