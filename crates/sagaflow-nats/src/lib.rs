@@ -1,0 +1,1 @@
+//! Broker over NATS JetStream (async-nats): file-backed streams, durable consumers, deduplicated publishes.

@@ -1,0 +1,1 @@
+//! SagaLog over PostgreSQL (sqlx), with embedded migrations and background pruning.

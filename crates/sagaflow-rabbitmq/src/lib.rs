@@ -1,0 +1,1 @@
+//! Broker over RabbitMQ (lapin): durable queues, publisher confirms, dead-lettering.

@@ -1,0 +1,1 @@
+//! The embedded SagaLog: one redb file, group-committed writes.
