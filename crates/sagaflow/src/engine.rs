@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::{Broker, Delivery, Message, REQUEST_ID_HEADER, SubscribeOptions, Subscription};
+use crate::broker::{Broker, Delivery, MESSAGE_ID_HEADER, Message, REQUEST_ID_HEADER, SubscribeOptions, Subscription};
 use crate::callback::{CallbackSink, CallbackStatus, SagaCallback};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
@@ -281,7 +281,7 @@ impl<D: FlowData> FlowRuntime<D> {
                     let mut waiter = self.engine.completions.register(id);
                     let record = self.record_failure(id, index, error, attempts, uncertain).await?;
                     if !record.state.is_ended() {
-                        self.publish_rollback(id).await?;
+                        self.publish_rollback(&record).await?;
                     }
                     let record = self.wait_end(&mut waiter, id).await?;
                     return self.outcome(&record);
@@ -496,17 +496,25 @@ impl<D: FlowData> FlowRuntime<D> {
         let hop = HopMessage { request_id: request_id.to_owned(), facade: self.facade.to_string(), step, data };
         let payload =
             serde_json::to_vec(&hop).map_err(|source| Error::Data { request_id: request_id.into(), source })?;
-        let message = Message::new(self.topic(&self.hop_topic_id(step)), payload).header(REQUEST_ID_HEADER, request_id);
+        let message = Message::new(self.topic(&self.hop_topic_id(step)), payload)
+            .header(REQUEST_ID_HEADER, request_id)
+            .header(MESSAGE_ID_HEADER, format!("{request_id}:step:{step}"));
         self.engine.broker.publish(message).await?;
         Ok(())
     }
 
-    async fn publish_rollback(&self, request_id: &str) -> Result<()> {
+    /// Publishes rollback work for the saga. Its message id is the same for
+    /// every re-publish of one compensation round (so a broker that
+    /// deduplicates drops the copies) and new after an operator's retry.
+    async fn publish_rollback(&self, record: &SagaRecord) -> Result<()> {
+        let request_id = record.request_id.as_str();
+        let round = record.history.iter().filter(|h| h.event == "retry_compensation").count();
         let msg = RollbackMessage { request_id: request_id.to_owned(), facade: self.facade.to_string() };
         let payload =
             serde_json::to_vec(&msg).map_err(|source| Error::Data { request_id: request_id.into(), source })?;
-        let message =
-            Message::new(self.topic(&self.rollback_topic_id()), payload).header(REQUEST_ID_HEADER, request_id);
+        let message = Message::new(self.topic(&self.rollback_topic_id()), payload)
+            .header(REQUEST_ID_HEADER, request_id)
+            .header(MESSAGE_ID_HEADER, format!("{request_id}:rollback:{round}"));
         self.engine.broker.publish(message).await?;
         Ok(())
     }
@@ -638,7 +646,7 @@ impl<D: FlowData> FlowRuntime<D> {
                 )));
             }
             SagaState::Compensating { .. } => {
-                self.publish_rollback(id).await?;
+                self.publish_rollback(&record).await?;
                 return Ok(true);
             }
             _ => {
@@ -672,7 +680,7 @@ impl<D: FlowData> FlowRuntime<D> {
                     Err(e) => return Err(e),
                 };
                 if !record.state.is_ended() {
-                    self.publish_rollback(id).await?;
+                    self.publish_rollback(&record).await?;
                 }
                 Ok(true)
             }
@@ -749,7 +757,7 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                 );
             }
             (SagaState::Running, _) => self.publish_hop(&id, record.completed, record.data.clone()).await?,
-            (SagaState::Compensating { .. }, _) => self.publish_rollback(&id).await?,
+            (SagaState::Compensating { .. }, _) => self.publish_rollback(&record).await?,
             _ => return Ok(()),
         }
         self.engine.stats.recovered.fetch_add(1, Ordering::Relaxed);
@@ -757,7 +765,7 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
     }
 
     async fn resume_compensation(&self, record: &SagaRecord) -> Result<()> {
-        self.publish_rollback(&record.request_id).await
+        self.publish_rollback(record).await
     }
 }
 

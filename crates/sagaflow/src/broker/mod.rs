@@ -21,6 +21,9 @@ pub use memory::MemoryBroker;
 
 /// The header that carries a message's request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The header carrying a message's id, stable across re-publishes of the
+/// same work, for brokers that deduplicate (NATS `Nats-Msg-Id`).
+pub const MESSAGE_ID_HEADER: &str = "x-message-id";
 /// The header a dead-lettered message carries its reason in.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-dead-letter-reason";
 
