@@ -144,11 +144,8 @@ async fn poison_messages_are_dead_lettered_and_the_consumers_go_on() {
         (info.rollback_topic.clone(), b"{}".to_vec()),
         (info.rollback_topic.clone(), br#"{"request_id":"unknown-saga","facade":"Async"}"#.to_vec()),
     ];
-    let mut dead = s
-        .broker
-        .subscribe(SubscribeOptions::new(dead_letter_topic(&hop0), "test").concurrency(100))
-        .await
-        .unwrap();
+    let mut dead =
+        s.broker.subscribe(SubscribeOptions::new(dead_letter_topic(&hop0), "test").concurrency(100)).await.unwrap();
     for (topic, payload) in &poison {
         s.broker.publish(Message::new(topic.clone(), payload.clone()).header(REQUEST_ID_HEADER, "x")).await.unwrap();
     }
@@ -231,8 +228,11 @@ async fn a_throttled_caller_that_times_out_leaves_the_saga_running_to_its_end() 
 #[tokio::test]
 async fn two_throttled_callers_with_one_request_id_share_one_saga() {
     let c = calls();
-    let s = setup(Flow::new().node(Scripted::new("a", &c).actions([Act::Sleep(Duration::from_millis(100))])), Options::default())
-        .await;
+    let s = setup(
+        Flow::new().node(Scripted::new("a", &c).actions([Act::Sleep(Duration::from_millis(100))])),
+        Options::default(),
+    )
+    .await;
     let (x, y) = tokio::join!(
         s.orchestrator.run(THROTTLED, "same", Vec::<String>::new()),
         s.orchestrator.run(THROTTLED, "same", Vec::<String>::new())

@@ -47,10 +47,11 @@ async fn a_callback_outside_the_allow_list_is_refused(config: Config) {
 }
 
 fn throttled(config: &mut Config, concurrency: usize) {
-    config.message_queue.topics = [topic::THROTTLING_CREATE_ORDER, topic::THROTTLING_CREATE_PAYMENT, topic::THROTTLING_ROLLBACK]
-        .into_iter()
-        .map(|id| TopicConfig { id: id.into(), is_throttling: true, concurrency: Some(concurrency) })
-        .collect();
+    config.message_queue.topics =
+        [topic::THROTTLING_CREATE_ORDER, topic::THROTTLING_CREATE_PAYMENT, topic::THROTTLING_ROLLBACK]
+            .into_iter()
+            .map(|id| TopicConfig { id: id.into(), is_throttling: true, concurrency: Some(concurrency) })
+            .collect();
 }
 
 async fn throttling_holds_upstreams_under_their_capacity(mut config: Config) {

@@ -39,7 +39,8 @@ async fn fault_inject_cancels_the_order_and_aborts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_request_id_gets_the_same_answer_and_one_order() {
     let mut s = start(test_config()).await;
-    let first = s.client.handle_sync_booking(with_id(Some("req-twice"), booking(3, 1, false))).await.unwrap().into_inner();
+    let first =
+        s.client.handle_sync_booking(with_id(Some("req-twice"), booking(3, 1, false))).await.unwrap().into_inner();
     let second =
         s.client.handle_sync_booking(with_id(Some("req-twice"), booking(3, 1, false))).await.unwrap().into_inner();
     assert_eq!(first, second);
@@ -80,7 +81,8 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_unavailable_for_a_moment_is_retried() {
     let stop = CancellationToken::new();
-    let (order_addr, _o) = app::start_order(any_port(), OrderMock::new(Default::default()), stop.clone()).await.unwrap();
+    let (order_addr, _o) =
+        app::start_order(any_port(), OrderMock::new(Default::default()), stop.clone()).await.unwrap();
     // Reserve a port for the payment service, which is not up yet.
     let payment_addr = std::net::TcpListener::bind(any_port()).unwrap().local_addr().unwrap();
     let mut config = test_config();
