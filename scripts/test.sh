@@ -25,17 +25,18 @@ cargo build --bin booking
 bin="${CARGO_TARGET_DIR:-target}/debug/booking"
 ports=$("$venv/bin/python" - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 )
-read -r grpc order payment <<<"$ports"
+read -r grpc order payment http <<<"$ports"
 config=$(mktemp --suffix=.yaml)
 log=$(mktemp --suffix=.log)
 cat >"$config" <<YAML
 grpc_listen: 127.0.0.1:$grpc
+http_listen: 127.0.0.1:$http
 upstream:
   order_addr: 127.0.0.1:$order
   payment_addr: 127.0.0.1:$payment

@@ -27,6 +27,8 @@ use crate::upstream::{OrderMock, PaymentMock, serve_order, serve_payment};
 pub struct Running {
     /// Where the orchestrator's gRPC API listens.
     pub grpc_addr: SocketAddr,
+    /// Where the admin HTTP API listens.
+    pub http_addr: SocketAddr,
     /// Where the OrderService is.
     pub order_addr: SocketAddr,
     /// Where the PaymentService is.
@@ -139,8 +141,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .await
             .context("orchestrator gRPC server failed")
     }));
-    tracing::info!(%grpc_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");
-    Ok(Running { grpc_addr, order_addr, payment_addr, orchestrator, broker, mocks, shutdown, servers })
+    let admin_listener = bind(config.http_listen, "admin HTTP API").await?;
+    let http_addr = admin_listener.local_addr()?;
+    servers.push(tokio::spawn(crate::admin::serve(
+        admin_listener,
+        orchestrator.clone(),
+        config.admin_token.clone(),
+        shutdown.clone(),
+    )));
+    tracing::info!(%grpc_addr, %http_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");
+    Ok(Running { grpc_addr, http_addr, order_addr, payment_addr, orchestrator, broker, mocks, shutdown, servers })
 }
 
 /// Every configured topic id must name a topic of a registered flow.

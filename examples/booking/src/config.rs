@@ -2,7 +2,8 @@
 //!
 //! The file comes from `--config`, else `$OCH_PATH/app.yaml`, else the
 //! built-in defaults; then `POD_ID`, `SAGAFLOW_BROKER`, `SAGAFLOW_BROKER_URL`,
-//! `SAGAFLOW_LOG`, `SAGAFLOW_LOG_URL` and `SAGAFLOW_GRPC_LISTEN` override it.
+//! `SAGAFLOW_LOG`, `SAGAFLOW_LOG_URL`, `SAGAFLOW_GRPC_LISTEN`, `SAGAFLOW_HTTP_LISTEN`
+//! and `SAGAFLOW_ADMIN_TOKEN` override it.
 //! Unknown keys are an error that names the key.
 
 use std::net::SocketAddr;
@@ -23,6 +24,10 @@ pub struct Config {
     pub pod_id: String,
     /// Where the orchestrator's gRPC API listens.
     pub grpc_listen: SocketAddr,
+    /// Where the admin HTTP API (health, sagas, retry) listens.
+    pub http_listen: SocketAddr,
+    /// Bearer token the admin API requires (mandatory off loopback).
+    pub admin_token: Option<String>,
     /// Which broker carries the hops: `memory` (more come with their drivers).
     pub broker: BrokerKind,
     /// The broker's URL, credentials included (never logged).
@@ -221,6 +226,8 @@ impl Default for Config {
         Self {
             pod_id: "local".into(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 10000)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 10080)),
+            admin_token: None,
             broker: BrokerKind::Memory,
             broker_url: None,
             saga_log: LogKind::Memory,
@@ -282,6 +289,12 @@ impl Config {
         if let Some(url) = var("SAGAFLOW_LOG_URL").filter(|v| !v.is_empty()) {
             self.saga_log_url = Some(url);
         }
+        if let Some(token) = var("SAGAFLOW_ADMIN_TOKEN").filter(|v| !v.is_empty()) {
+            self.admin_token = Some(token);
+        }
+        if let Some(addr) = var("SAGAFLOW_HTTP_LISTEN").filter(|v| !v.is_empty()) {
+            self.http_listen = addr.parse().with_context(|| format!("SAGAFLOW_HTTP_LISTEN=`{addr}`"))?;
+        }
         if let Some(addr) = var("SAGAFLOW_GRPC_LISTEN").filter(|v| !v.is_empty()) {
             self.grpc_listen = addr.parse().with_context(|| format!("SAGAFLOW_GRPC_LISTEN=`{addr}`"))?;
         }
@@ -308,6 +321,7 @@ impl Config {
         if self.flow.step_timeout_ms == 0 || self.flow.deadline_ms == 0 || self.wait_timeout_ms == 0 {
             bail!("flow.step_timeout_ms, flow.deadline_ms and wait_timeout_ms must be above zero");
         }
+        crate::admin::check_access(self.http_listen, self.admin_token.as_deref())?;
         if self.callbacks.attempts == 0 {
             bail!("callbacks.attempts must be at least 1");
         }

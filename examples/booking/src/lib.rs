@@ -4,6 +4,7 @@
 //! Layout, as in the original: [`facade`] registers the flows, [`node`] holds
 //! the steps, [`handler`] serves the gRPC API, [`topic`] names the topics.
 
+pub mod admin;
 pub mod app;
 pub mod callback;
 pub mod config;

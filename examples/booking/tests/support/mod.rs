@@ -23,6 +23,7 @@ pub fn any_port() -> SocketAddr {
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.grpc_listen = any_port();
+    config.http_listen = any_port();
     config.upstream.order_addr = any_port();
     config.upstream.payment_addr = any_port();
     config.flow.retry.initial_backoff_ms = 20;
