@@ -38,8 +38,7 @@ async fn sagas_are_found_by_request_id_and_status() {
 
 #[test]
 fn a_non_loopback_admin_bind_needs_a_token() {
-    let mut config = Config::default();
-    config.http_listen = SocketAddr::from(([0, 0, 0, 0], 10080));
+    let mut config = Config { http_listen: SocketAddr::from(([0, 0, 0, 0], 10080)), ..Config::default() };
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("admin_token"), "{err}");
     config.admin_token = Some("s3cret".into());
