@@ -20,6 +20,7 @@ use crate::callback::{CallbackSink, CallbackStatus, SagaCallback};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 use crate::log::{Begin, LogError, SagaLog};
+use crate::metrics as m;
 use crate::node::{NodeError, Phase, Step};
 use crate::orchestrator::{FlowData, FlowInfo, Options};
 use crate::saga::{Failure, Mode, NewSaga, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
@@ -164,6 +165,7 @@ impl<D: FlowData> FlowRuntime<D> {
             Begin::Exists(existing) => return self.await_existing(existing).await,
             Begin::Started(record) => record,
         };
+        self.started();
         let deadline = Instant::now() + self.flow.saga_timeout;
         let id: Arc<str> = request_id.into();
         self.drive_forward(&id, data, record.completed, deadline).instrument(self.span(request_id)).await
@@ -179,7 +181,7 @@ impl<D: FlowData> FlowRuntime<D> {
                 let record = self.wait_end(&mut waiter, request_id).await?;
                 return self.outcome(&record);
             }
-            Begin::Started(_) => {}
+            Begin::Started(_) => self.started(),
         }
         if let Err(error) = self.publish_hop(request_id, 0, json).await {
             self.fail_unsent(request_id, &error).await;
@@ -199,7 +201,7 @@ impl<D: FlowData> FlowRuntime<D> {
         let json = self.encode(request_id, &data)?;
         match self.engine.log.begin(self.new_saga(request_id, json.clone(), callback_url)).await? {
             Begin::Exists(existing) => return self.check_facade(&existing),
-            Begin::Started(_) => {}
+            Begin::Started(_) => self.started(),
         }
         if let Err(error) = self.publish_hop(request_id, 0, json).await {
             self.fail_unsent(request_id, &error).await;
@@ -351,7 +353,9 @@ impl<D: FlowData> FlowRuntime<D> {
             let budget = self.flow.step_timeout.min(deadline - now);
             let step = self.step(id, index, attempt, Phase::Action, now + budget);
             let call = AssertUnwindSafe(node.action(&step, data)).catch_unwind();
-            let error = match tokio::time::timeout(budget, call).await {
+            let result = tokio::time::timeout(budget, call).await;
+            self.record_call(index, "action", now.elapsed(), attempt);
+            let error = match result {
                 Ok(Ok(Ok(()))) => return Ok(attempt),
                 Ok(Ok(Err(error))) => node.classify(error),
                 Ok(Err(panic)) => {
@@ -388,15 +392,22 @@ impl<D: FlowData> FlowRuntime<D> {
         let mut attempt = 1;
         loop {
             let budget = self.flow.step_timeout;
-            let step = self.step(id, index, attempt, Phase::Compensation, Instant::now() + budget);
+            let started = Instant::now();
+            let step = self.step(id, index, attempt, Phase::Compensation, started + budget);
             let call = AssertUnwindSafe(node.compensate(&step, data)).catch_unwind();
-            let error = match tokio::time::timeout(budget, call).await {
-                Ok(Ok(Ok(()))) => return Ok(attempt),
+            let result = tokio::time::timeout(budget, call).await;
+            self.record_call(index, "compensation", started.elapsed(), attempt);
+            let error = match result {
+                Ok(Ok(Ok(()))) => {
+                    self.count_compensation(index, "ok");
+                    return Ok(attempt);
+                }
                 Ok(Ok(Err(error))) => node.classify(error),
                 Ok(Err(panic)) => NodeError::permanent(format!("compensation panicked: {}", panic_message(&panic))),
                 Err(_) => NodeError::timeout(budget),
             };
             if attempt >= policy.max_attempts {
+                self.count_compensation(index, "gave_up");
                 return Err(CompensationError::GaveUp { error, attempts: attempt });
             }
             let delay = policy.delay(attempt + 1);
@@ -445,10 +456,35 @@ impl<D: FlowData> FlowRuntime<D> {
         }
     }
 
-    /// After a saga ends: wake its waiters and deliver its callback.
+    fn record_call(&self, index: usize, phase: &'static str, took: Duration, attempt: u32) {
+        let (facade, node) = (self.facade.to_string(), self.node_names[index].to_string());
+        if attempt > 1 {
+            metrics::counter!(m::STEP_RETRIES, "facade" => facade.clone(), "node" => node.clone(), "phase" => phase)
+                .increment(1);
+        }
+        metrics::histogram!(m::STEP_SECONDS, "facade" => facade, "node" => node, "phase" => phase)
+            .record(m::seconds(took));
+    }
+
+    fn count_compensation(&self, index: usize, result: &'static str) {
+        let (facade, node) = (self.facade.to_string(), self.node_names[index].to_string());
+        metrics::counter!(m::COMPENSATIONS, "facade" => facade, "node" => node, "result" => result).increment(1);
+    }
+
+    fn started(&self) {
+        let mode = self.mode.to_string();
+        metrics::counter!(m::SAGAS_STARTED, "facade" => self.facade.to_string(), "mode" => mode).increment(1);
+        metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => self.facade.to_string()).increment(1.0);
+    }
+
+    /// After a saga ends: count it, wake its waiters and deliver its callback.
     async fn finish(&self, record: &SagaRecord) {
         let status = record.status();
         tracing::info!(%status, "saga ended");
+        let (facade, mode) = (self.facade.to_string(), self.mode.to_string());
+        metrics::counter!(m::SAGAS_ENDED, "facade" => facade.clone(), "mode" => mode, "outcome" => status.to_string())
+            .increment(1);
+        metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).decrement(1.0);
         self.engine.completions.complete(record);
         if let (Some(url), Some(sink)) = (&record.callback_url, &self.engine.callbacks) {
             let callback = SagaCallback {
@@ -472,6 +508,8 @@ impl<D: FlowData> FlowRuntime<D> {
             let id = record.request_id.clone();
             let deliver = async move {
                 let report = sink.deliver(&url, callback).await;
+                let result = if report.delivered { "delivered" } else { "failed" };
+                metrics::counter!(m::CALLBACKS, "result" => result).increment(1);
                 if report.delivered {
                     tracing::debug!(attempts = report.attempts, "callback delivered");
                 } else {
@@ -499,8 +537,7 @@ impl<D: FlowData> FlowRuntime<D> {
         let message = Message::new(self.topic(&self.hop_topic_id(step)), payload)
             .header(REQUEST_ID_HEADER, request_id)
             .header(MESSAGE_ID_HEADER, format!("{request_id}:step:{step}"));
-        self.engine.broker.publish(message).await?;
-        Ok(())
+        self.publish(message).await
     }
 
     /// Publishes rollback work for the saga. Its message id is the same for
@@ -515,7 +552,14 @@ impl<D: FlowData> FlowRuntime<D> {
         let message = Message::new(self.topic(&self.rollback_topic_id()), payload)
             .header(REQUEST_ID_HEADER, request_id)
             .header(MESSAGE_ID_HEADER, format!("{request_id}:rollback:{round}"));
+        self.publish(message).await
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        let started = Instant::now();
         self.engine.broker.publish(message).await?;
+        metrics::histogram!(m::PUBLISH_SECONDS, "broker" => self.engine.broker.name())
+            .record(m::seconds(started.elapsed()));
         Ok(())
     }
 
@@ -531,6 +575,7 @@ impl<D: FlowData> FlowRuntime<D> {
 
     async fn dead_letter(&self, delivery: Delivery, reason: String) {
         self.engine.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::DEAD_LETTERED, "topic" => delivery.message.topic.clone()).increment(1);
         tracing::warn!(topic = %delivery.message.topic, %reason, "poison message dead-lettered");
         if let Err(e) = delivery.dead_letter(&reason).await {
             tracing::error!(error = %e, "could not dead-letter a message");
@@ -546,7 +591,11 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     async fn ack(&self, delivery: Delivery) {
-        if let Err(e) = delivery.ack().await {
+        let started = Instant::now();
+        let acked = delivery.ack().await;
+        metrics::histogram!(m::ACK_SECONDS, "broker" => self.engine.broker.name())
+            .record(m::seconds(started.elapsed()));
+        if let Err(e) = acked {
             tracing::warn!(error = %e, "ack failed; the message may be redelivered (handled idempotently)");
         }
     }
@@ -569,7 +618,8 @@ impl<D: FlowData> FlowRuntime<D> {
                 Err(e) => return self.retry_later(delivery, &e.into()).await,
             };
             if record.state.is_ended() {
-                self.finish(&record).await;
+                // A duplicate of work already done: wake any waiter, nothing more.
+                self.engine.completions.complete(&record);
                 return self.ack(delivery).await;
             }
             if !matches!(record.state, SagaState::Compensating { .. }) {
@@ -650,7 +700,7 @@ impl<D: FlowData> FlowRuntime<D> {
                 return Ok(true);
             }
             _ => {
-                self.finish(&record).await;
+                self.engine.completions.complete(&record);
                 return Ok(true);
             }
         }
@@ -761,6 +811,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
             _ => return Ok(()),
         }
         self.engine.stats.recovered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::RECOVERED, "facade" => self.facade.to_string()).increment(1);
+        metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => self.facade.to_string()).increment(1.0);
         Ok(())
     }
 

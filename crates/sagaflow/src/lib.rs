@@ -50,10 +50,13 @@ mod engine;
 mod error;
 mod flow;
 pub mod log;
+pub mod metrics;
 mod node;
 mod orchestrator;
 mod policy;
 mod saga;
+#[cfg(feature = "testsuite")]
+pub mod testsuite;
 mod waiters;
 
 pub use async_trait::async_trait;

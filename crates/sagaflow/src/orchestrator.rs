@@ -193,6 +193,7 @@ impl OrchestratorBuilder {
             return Err(Error::Config(self.errors.join("; ")));
         }
         self.options.validate()?;
+        crate::metrics::describe();
         let engine = Arc::new(Engine {
             broker: self.broker,
             log: self.log,

@@ -22,13 +22,24 @@ impl Completions {
     /// Starts waiting; register before the work that may end the saga starts.
     pub(crate) fn register(self: &Arc<Self>, request_id: &str) -> Waiter {
         let (tx, rx) = oneshot::channel();
-        self.lock().entry(request_id.to_owned()).or_default().push(tx);
+        {
+            let mut waiting = self.lock();
+            waiting.entry(request_id.to_owned()).or_default().push(tx);
+            metrics::gauge!(crate::metrics::WAITING_CALLERS).set(waiting.len() as f64);
+        }
         Waiter { completions: self.clone(), request_id: request_id.to_owned(), rx: Some(rx) }
     }
 
     /// Hands an ended saga to everyone waiting for it.
     pub(crate) fn complete(&self, record: &SagaRecord) {
-        let senders = self.lock().remove(&record.request_id);
+        let senders = {
+            let mut waiting = self.lock();
+            let senders = waiting.remove(&record.request_id);
+            if senders.is_some() {
+                metrics::gauge!(crate::metrics::WAITING_CALLERS).set(waiting.len() as f64);
+            }
+            senders
+        };
         for tx in senders.into_iter().flatten() {
             let _ = tx.send(record.clone());
         }
@@ -68,6 +79,7 @@ impl Drop for Waiter {
             senders.retain(|tx| !tx.is_closed());
             if senders.is_empty() {
                 waiting.remove(&self.request_id);
+                metrics::gauge!(crate::metrics::WAITING_CALLERS).set(waiting.len() as f64);
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The operator's HTTP API on `http_listen` (default 127.0.0.1:10080): health,
-//! flows, sagas by request id or filter, and retrying a stuck saga.
+//! Prometheus metrics, flows, sagas by request id or filter, and retrying a stuck saga.
 
 use std::net::SocketAddr;
 
@@ -12,6 +12,9 @@ use axum::{Json, Router};
 use sagaflow::log::ListFilter;
 use sagaflow::{Error, Orchestrator, SagaStatus};
 use serde::Deserialize;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +22,24 @@ use tokio_util::sync::CancellationToken;
 struct AdminState {
     orchestrator: Orchestrator,
     token: Option<String>,
+}
+
+/// The process's Prometheus recorder, installed on first use (one per process).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Explicit buckets for every histogram; they are non-empty, so this cannot fail.
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&sagaflow::metrics::LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); then ours only renders nothing new.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
 }
 
 /// Refuses a non-loopback bind without a token: the API can retry sagas.
@@ -31,16 +52,18 @@ pub fn check_access(listen: SocketAddr, token: Option<&str>) -> anyhow::Result<(
     Ok(())
 }
 
-/// The admin router.
-pub fn router(orchestrator: Orchestrator, token: Option<String>) -> Router {
+/// The admin router; `/metrics` stays open without a token when `public_metrics`.
+pub fn router(orchestrator: Orchestrator, token: Option<String>, public_metrics: bool) -> Router {
     let state = AdminState { orchestrator, token: token.filter(|t| !t.is_empty()) };
-    let api = Router::new()
+    let metrics_route = Router::new().route("/metrics", get(|| async { prometheus().render() }));
+    let (open, guarded) = if public_metrics { (metrics_route, Router::new()) } else { (Router::new(), metrics_route) };
+    let api = guarded
         .route("/api/flows", get(flows))
         .route("/api/sagas", get(list))
         .route("/api/sagas/{id}", get(saga))
         .route("/api/sagas/{id}/retry", post(retry))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new().route("/healthz", get(|| async { "ok" })).merge(api).with_state(state)
+    Router::new().route("/healthz", get(|| async { "ok" })).merge(open).merge(api).with_state(state)
 }
 
 /// Serves the admin API on `listener` until `shutdown`.
@@ -48,9 +71,10 @@ pub async fn serve(
     listener: TcpListener,
     orchestrator: Orchestrator,
     token: Option<String>,
+    public_metrics: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(orchestrator, token))
+    axum::serve(listener, router(orchestrator, token, public_metrics))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())

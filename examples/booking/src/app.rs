@@ -93,6 +93,7 @@ pub async fn start_payment(
 
 /// Starts the orchestrator (and, if configured, the mocks) and serves the booking API.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    crate::admin::prometheus();
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
     let (order_addr, payment_addr, mocks) = if config.upstream.in_process {
@@ -147,6 +148,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_listener,
         orchestrator.clone(),
         config.admin_token.clone(),
+        config.public_metrics,
         shutdown.clone(),
     )));
     tracing::info!(%grpc_addr, %http_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");

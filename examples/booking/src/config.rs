@@ -28,6 +28,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Bearer token the admin API requires (mandatory off loopback).
     pub admin_token: Option<String>,
+    /// Whether `/metrics` is served without the token.
+    pub public_metrics: bool,
     /// Which broker carries the hops: `memory` (more come with their drivers).
     pub broker: BrokerKind,
     /// The broker's URL, credentials included (never logged).
@@ -228,6 +230,7 @@ impl Default for Config {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 10000)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 10080)),
             admin_token: None,
+            public_metrics: true,
             broker: BrokerKind::Memory,
             broker_url: None,
             saga_log: LogKind::Memory,
