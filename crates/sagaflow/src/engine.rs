@@ -352,7 +352,8 @@ impl<D: FlowData> FlowRuntime<D> {
             }
             let budget = self.flow.step_timeout.min(deadline - now);
             let step = self.step(id, index, attempt, Phase::Action, now + budget);
-            let call = AssertUnwindSafe(node.action(&step, data)).catch_unwind();
+            let span = tracing::info_span!("step", node = node.name(), index, attempt, phase = "action");
+            let call = AssertUnwindSafe(node.action(&step, data)).catch_unwind().instrument(span);
             let result = tokio::time::timeout(budget, call).await;
             self.record_call(index, "action", now.elapsed(), attempt);
             let error = match result {
@@ -394,7 +395,8 @@ impl<D: FlowData> FlowRuntime<D> {
             let budget = self.flow.step_timeout;
             let started = Instant::now();
             let step = self.step(id, index, attempt, Phase::Compensation, started + budget);
-            let call = AssertUnwindSafe(node.compensate(&step, data)).catch_unwind();
+            let span = tracing::info_span!("step", node = node.name(), index, attempt, phase = "compensation");
+            let call = AssertUnwindSafe(node.compensate(&step, data)).catch_unwind().instrument(span);
             let result = tokio::time::timeout(budget, call).await;
             self.record_call(index, "compensation", started.elapsed(), attempt);
             let error = match result {

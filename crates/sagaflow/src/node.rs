@@ -256,4 +256,47 @@ impl Step {
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancel
     }
+
+    /// A W3C `traceparent` for this call: the trace id is derived from the
+    /// request id, so every hop of a saga, on any replica, shares one trace;
+    /// the span id is this step, attempt and phase.
+    pub fn traceparent(&self) -> String {
+        let trace = fnv1a(0xcbf2_9ce4_8422_2325, self.request_id.as_bytes());
+        let trace_hi = fnv1a(trace ^ 0x9e37_79b9_7f4a_7c15, self.request_id.as_bytes());
+        let phase = match self.phase {
+            Phase::Action => b'a',
+            Phase::Compensation => b'c',
+        };
+        let mut span_input = Vec::with_capacity(self.request_id.len() + 16);
+        span_input.extend_from_slice(self.request_id.as_bytes());
+        span_input.extend_from_slice(&(self.index as u64).to_le_bytes());
+        span_input.extend_from_slice(&self.attempt.to_le_bytes());
+        span_input.push(phase);
+        let span = fnv1a(0x8422_2325_cbf2_9ce4, &span_input);
+        // All-zero ids are invalid in W3C trace context.
+        format!("00-{:016x}{:016x}-{:016x}-01", trace_hi | 1, trace, span | 1)
+    }
+}
+
+/// 64-bit FNV-1a: stable across processes and versions, unlike std's hasher.
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_shaped_and_shared_by_the_saga() {
+        let a = Step::detached("req-1", "A", Duration::from_secs(1));
+        let mut b = a.clone();
+        b.index = 1;
+        let (ta, tb) = (a.traceparent(), b.traceparent());
+        assert_eq!(ta.len(), 55, "{ta}");
+        assert!(ta.starts_with("00-") && ta.ends_with("-01"));
+        assert_eq!(ta[3..35], tb[3..35], "one trace per saga");
+        assert_ne!(ta[36..52], tb[36..52], "one span per step");
+        assert_ne!(Step::detached("req-2", "A", Duration::from_secs(1)).traceparent()[3..35], ta[3..35]);
+    }
 }
