@@ -1,1 +1,42 @@
-//! The embedded SagaLog: one redb file, group-committed writes.
+//! The embedded [`SagaLog`](sagaflow::SagaLog): one redb file on local disk, durable across
+//! process and machine crashes, with group-committed writes.
+//!
+//! Every `begin` and `append` is queued to one writer thread, which applies everything waiting
+//! in a single transaction and commits it with a single fsync; each caller's call returns once
+//! the commit covering it is on disk. Many concurrent sagas thus share each fsync. Ended sagas
+//! are pruned in the background after their [`Retention`](sagaflow::log::Retention).
+//!
+//! ```
+//! use sagaflow::log::Begin;
+//! use sagaflow::{Mode, NewSaga, SagaEvent, SagaLog, SagaStatus};
+//! use sagaflow_redb::{RedbOptions, RedbSagaLog};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let log = RedbSagaLog::open(RedbOptions::new(dir.path()))?;
+//! let saga = NewSaga {
+//!     request_id: "req-1".into(),
+//!     facade: "SyncBooking".into(),
+//!     mode: Mode::Sync,
+//!     steps: 1,
+//!     data: serde_json::json!({}),
+//!     deadline_ms: u64::MAX,
+//!     callback_url: None,
+//! };
+//! assert!(matches!(log.begin(saga).await?, Begin::Started(_)));
+//! log.append("req-1", SagaEvent::StepStarted { index: 0 }).await?;
+//! let done = log.append("req-1", SagaEvent::StepCompleted { index: 0, attempts: 1, data: serde_json::json!({}) }).await?;
+//! assert_eq!(done.status(), SagaStatus::Completed);
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod options;
+mod prune;
+mod store;
+
+pub use error::{Error, Result};
+pub use options::{FILE_NAME, RedbOptions};
+pub use store::{RedbSagaLog, WriteStats};

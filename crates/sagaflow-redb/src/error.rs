@@ -1,0 +1,71 @@
+//! What can go wrong opening or using the embedded saga log.
+
+use std::path::PathBuf;
+
+use sagaflow::log::LogError;
+
+/// The embedded saga log's failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The data directory could not be created.
+    #[error("cannot create saga log directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is already open, by this process or another one; redb allows one writer.
+    #[error("saga log {path} is already open (by this or another process)")]
+    AlreadyOpen {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file could not be opened (not a redb file, unreadable, newer format).
+    #[error("cannot open saga log {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the saga log writer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// A read or write failed in the store.
+    #[error("saga log storage failed: {0}")]
+    Storage(#[from] redb::Error),
+    /// A stored record could not be decoded, or a record could not be encoded.
+    #[error("saga log record corrupt: {0}")]
+    Corrupt(String),
+    /// The writer thread has stopped; the log is closed.
+    #[error("saga log writer has stopped")]
+    Closed,
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+macro_rules! from_redb {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for Error {
+            fn from(e: $ty) -> Self {
+                Error::Storage(e.into())
+            }
+        }
+    )*};
+}
+
+from_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+impl From<Error> for LogError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Corrupt(what) => LogError::Corrupt(what),
+            other => LogError::Unavailable(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! How to open the embedded saga log.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sagaflow::log::Retention;
+
+/// Name of the database file inside the data directory.
+pub const FILE_NAME: &str = "sagas.redb";
+
+/// Where the log lives and how it writes and prunes.
+#[derive(Debug, Clone)]
+pub struct RedbOptions {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) retention: Retention,
+    pub(crate) prune_interval: Duration,
+    pub(crate) prune_chunk: usize,
+    pub(crate) max_batch: usize,
+    pub(crate) linger: Duration,
+    pub(crate) cache_size: Option<usize>,
+}
+
+impl RedbOptions {
+    /// Defaults, with the log in `<data_dir>/sagas.redb`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            retention: Retention::default(),
+            prune_interval: Duration::from_secs(60),
+            prune_chunk: 512,
+            max_batch: 256,
+            linger: Duration::from_micros(300),
+            cache_size: None,
+        }
+    }
+
+    /// How long ended sagas are kept (default: 7 days, at most 100 000).
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How often ended sagas past the retention are pruned (default 60 s; `Duration::MAX` never).
+    pub fn prune_interval(mut self, interval: Duration) -> Self {
+        self.prune_interval = interval;
+        self
+    }
+
+    /// At most this many sagas are deleted per prune transaction (default 512), so pruning never
+    /// holds the writer for long.
+    pub fn prune_chunk(mut self, sagas: usize) -> Self {
+        self.prune_chunk = sagas.max(1);
+        self
+    }
+
+    /// At most this many writes share one commit (default 256).
+    pub fn max_batch(mut self, requests: usize) -> Self {
+        self.max_batch = requests.max(1);
+        self
+    }
+
+    /// How long the writer waits for more writes when fewer are queued than shared the last
+    /// commit (default 300 µs; zero never waits). Under load the callers just answered are about
+    /// to write again; waiting for them fills the next commit at a fraction of an fsync's cost.
+    /// A lone caller never waits. Capped at one second.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger.min(Duration::from_secs(1));
+        self
+    }
+
+    /// Size of redb's page cache in bytes (default: redb's, 1 GiB at most, grown on demand).
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_size = Some(bytes);
+        self
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The database file.
+    pub fn path(&self) -> PathBuf {
+        self.data_dir.join(FILE_NAME)
+    }
+}

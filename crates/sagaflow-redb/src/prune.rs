@@ -1,0 +1,182 @@
+//! Retention: ended sagas past their age or beyond the count are deleted, a bounded chunk per
+//! transaction, by the writer thread (every `prune_interval`) or on demand.
+
+use redb::{ReadableTable, ReadableTableMetadata};
+use sagaflow::log::{LogError, Retention};
+use serde::Deserialize;
+
+use crate::error::Result;
+use crate::store::{RedbSagaLog, Request, Tables};
+
+/// What one prune chunk did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pruned {
+    /// Sagas deleted.
+    pub(crate) removed: usize,
+    /// Whether more may be due (the chunk was full).
+    pub(crate) more: bool,
+}
+
+impl RedbSagaLog {
+    /// Deletes every ended saga past the retention now, and returns how many.
+    ///
+    /// The writer does this by itself every `prune_interval`; this is for tests and operators.
+    pub async fn prune_now(&self) -> Result<usize, LogError> {
+        self.prune_at(sagaflow::now_ms()).await
+    }
+
+    /// [`prune_now`](Self::prune_now) as if the clock read `now_ms`.
+    pub(crate) async fn prune_at(&self, now_ms: u64) -> Result<usize, LogError> {
+        let mut removed = 0;
+        loop {
+            let pruned = self.call(|reply| Request::Prune(now_ms, reply)).await?;
+            removed += pruned.removed;
+            if !pruned.more {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
+/// The only part of a record pruning needs, to find its `by_created` key.
+#[derive(Deserialize)]
+struct Created {
+    created_ms: u64,
+}
+
+impl Tables<'_> {
+    /// Deletes up to `chunk` ended sagas, oldest first, that are beyond `max_ended` or ended
+    /// more than `max_age` before `now_ms`.
+    pub(crate) fn prune(&mut self, retention: &Retention, now_ms: u64, chunk: usize) -> Result<Pruned> {
+        let excess = usize::try_from(self.ended.len()?).unwrap_or(usize::MAX).saturating_sub(retention.max_ended);
+        let max_age = u64::try_from(retention.max_age.as_millis()).unwrap_or(u64::MAX);
+        // Too old means `now - ended > max_age`, as in the in-memory log.
+        let cutoff = now_ms.saturating_sub(max_age);
+        let mut doomed: Vec<(u64, String)> = Vec::new();
+        for entry in self.ended.iter()? {
+            if doomed.len() >= chunk {
+                break;
+            }
+            let (key, _) = entry?;
+            let (ended_ms, id) = key.value();
+            if doomed.len() < excess || ended_ms < cutoff {
+                doomed.push((ended_ms, id.to_owned()));
+            } else {
+                break;
+            }
+        }
+        for (ended_ms, id) in &doomed {
+            let id = id.as_str();
+            self.ended.remove((*ended_ms, id))?;
+            self.ended_at.remove(id)?;
+            if self.unfinished.get(id)?.is_some() {
+                // Indexes out of step: the saga runs again, so keep it whatever `ended` said.
+                tracing::warn!(request_id = id, "saga in both `ended` and `unfinished`; kept");
+                continue;
+            }
+            let created = match self.sagas.remove(id)? {
+                Some(bytes) => serde_json::from_slice::<Created>(bytes.value()).ok(),
+                None => None,
+            };
+            match created {
+                Some(Created { created_ms }) => {
+                    self.by_created.remove((created_ms, id))?;
+                }
+                // A listing skips index entries without a record, so a leftover does no harm.
+                None => tracing::warn!(request_id = id, "pruned saga had no readable record"),
+            }
+        }
+        Ok(Pruned { removed: doomed.len(), more: doomed.len() >= chunk })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use sagaflow::log::ListFilter;
+    use sagaflow::{SagaEvent, SagaLog};
+
+    use super::*;
+    use crate::RedbOptions;
+    use crate::store::tests::{new_saga, open, run_to_end, run_to_stuck};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn ended_sagas_beyond_the_count_are_dropped_oldest_first_but_running_ones_stay() {
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 3 });
+        log.begin(new_saga("running")).await.unwrap();
+        for i in 0..10 {
+            run_to_end(&log, &format!("s{i}")).await;
+        }
+        assert_eq!(log.prune_now().await.unwrap(), 7);
+        let left: Vec<_> = log.list(ListFilter::default()).await.unwrap().into_iter().map(|r| r.request_id).collect();
+        assert_eq!(left.len(), 4, "{left:?}");
+        assert!(left.contains(&"running".to_owned()));
+        for kept in ["s7", "s8", "s9"] {
+            assert!(log.get(kept).await.unwrap().is_some(), "{kept}");
+        }
+        assert!(log.get("s0").await.unwrap().is_none());
+        assert_eq!(log.unfinished().await.unwrap().len(), 1);
+        assert_eq!(log.prune_now().await.unwrap(), 0, "nothing more is due");
+        assert_eq!(log.stats().pruned, 7);
+    }
+
+    #[tokio::test]
+    async fn ended_sagas_past_their_age_are_dropped_but_running_and_stuck_retried_ones_stay() {
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 1000 });
+        log.begin(new_saga("running")).await.unwrap();
+        run_to_stuck(&log, "retried").await;
+        log.append("retried", SagaEvent::RetryCompensation).await.unwrap();
+        run_to_stuck(&log, "stuck").await;
+        let done = run_to_end(&log, "done").await;
+
+        let first_ended = log.get("stuck").await.unwrap().unwrap().updated_ms;
+        assert_eq!(log.prune_at(first_ended + HOUR.as_millis() as u64).await.unwrap(), 0, "none older than 1 h");
+        let later = done.updated_ms + 2 * HOUR.as_millis() as u64;
+        assert_eq!(log.prune_at(later).await.unwrap(), 2);
+        assert!(log.get("done").await.unwrap().is_none());
+        assert!(log.get("stuck").await.unwrap().is_none());
+        let mut left: Vec<_> = log.unfinished().await.unwrap().into_iter().map(|r| r.request_id).collect();
+        left.sort();
+        assert_eq!(left, ["retried", "running"]);
+        assert_eq!(log.list(ListFilter::default()).await.unwrap().len(), 2, "the listing index is pruned too");
+    }
+
+    #[tokio::test]
+    async fn pruning_runs_in_bounded_chunks_until_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions::new(dir.path())
+            .retention(Retention { max_age: HOUR, max_ended: 0 })
+            .prune_interval(Duration::MAX)
+            .prune_chunk(3);
+        let log = RedbSagaLog::open(options).unwrap();
+        for i in 0..10 {
+            run_to_end(&log, &format!("s{i}")).await;
+        }
+        let pruned = log.call(|reply| Request::Prune(sagaflow::now_ms(), reply)).await.unwrap();
+        assert_eq!(pruned, Pruned { removed: 3, more: true });
+        assert_eq!(log.prune_now().await.unwrap(), 7);
+        assert!(log.list(ListFilter::default()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_writer_prunes_by_itself_every_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions::new(dir.path())
+            .retention(Retention { max_age: HOUR, max_ended: 0 })
+            .prune_interval(Duration::from_millis(20));
+        let log = RedbSagaLog::open(options).unwrap();
+        log.begin(new_saga("running")).await.unwrap();
+        run_to_end(&log, "done").await;
+        // The writer thread runs on the real clock: wait (bounded) for it to get there.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.get("done").await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "the writer never pruned");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.stats().pruned, 1);
+        assert!(log.get("running").await.unwrap().is_some());
+    }
+}

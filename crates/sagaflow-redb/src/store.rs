@@ -1,0 +1,815 @@
+//! The [`SagaLog`] over redb: reads in read transactions, every write through one writer
+//! thread that group-commits whatever is queued.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redb::{
+    Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
+use sagaflow::log::{Begin, ListFilter, LogError, Retention};
+use sagaflow::{NewSaga, SagaEvent, SagaLog, SagaRecord};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::options::RedbOptions;
+use crate::prune::Pruned;
+
+/// request id → the record, as JSON.
+pub(crate) const SAGAS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("sagas");
+/// request ids of the sagas not ended, for recovery.
+pub(crate) const UNFINISHED: TableDefinition<'static, &str, ()> = TableDefinition::new("unfinished");
+/// (created ms, request id), for newest-first listing.
+pub(crate) const BY_CREATED: TableDefinition<'static, (u64, &str), ()> = TableDefinition::new("by_created");
+/// (ended ms, request id), oldest first, for pruning.
+pub(crate) const ENDED: TableDefinition<'static, (u64, &str), ()> = TableDefinition::new("ended");
+/// request id → ended ms, to find a saga's `ENDED` key when a retry revives it.
+pub(crate) const ENDED_AT: TableDefinition<'static, &str, u64> = TableDefinition::new("ended_at");
+
+/// The embedded saga log: one redb file, durable across process and machine crashes.
+///
+/// Writes (`begin`, `append`) go to a single writer thread that applies everything queued in
+/// one transaction and commits it with one fsync, then answers each caller: many concurrent
+/// sagas share each fsync. Dropping the log commits the queued writes, stops the writer and
+/// releases the file; the drop blocks for that last commit (a few milliseconds).
+pub struct RedbSagaLog {
+    db: Arc<Database>,
+    /// `None` only while dropping, so the writer sees the channel close.
+    tx: Option<mpsc::Sender<Request>>,
+    writer: Option<thread::JoinHandle<()>>,
+    counters: Arc<Counters>,
+    path: PathBuf,
+}
+
+/// What the writer has done since the log was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Group commits of `begin`/`append` requests.
+    pub batches: u64,
+    /// `begin` and `append` requests committed (or refused) in those batches.
+    pub writes: u64,
+    /// Ended sagas deleted by retention.
+    pub pruned: u64,
+}
+
+impl WriteStats {
+    /// Writes per commit: how many callers shared each fsync.
+    pub fn average_batch(&self) -> f64 {
+        if self.batches == 0 { 0.0 } else { self.writes as f64 / self.batches as f64 }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    writes: AtomicU64,
+    pruned: AtomicU64,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+
+/// One write for the writer thread, with where to send its result.
+pub(crate) enum Request {
+    Begin(NewSaga, Reply<Begin>),
+    Append(String, SagaEvent, Reply<SagaRecord>),
+    /// Delete one chunk of ended sagas past the retention, as of this Unix ms.
+    Prune(u64, Reply<Pruned>),
+}
+
+impl RedbSagaLog {
+    /// Opens (creating it if needed) the log in `<data_dir>/sagas.redb` and starts its writer.
+    ///
+    /// Fails with [`Error::AlreadyOpen`] if the file is open elsewhere, in this process or another.
+    pub fn open(options: RedbOptions) -> Result<Self> {
+        std::fs::create_dir_all(&options.data_dir)
+            .map_err(|source| Error::CreateDir { path: options.data_dir.clone(), source })?;
+        let path = options.path();
+        let mut builder = Database::builder();
+        if let Some(bytes) = options.cache_size {
+            builder.set_cache_size(bytes);
+        }
+        let db = builder.create(&path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen { path: path.clone() },
+            source => Error::Open { path: path.clone(), source },
+        })?;
+        // Create every table up front so readers never meet a missing one.
+        let txn = db.begin_write()?;
+        drop(Tables::open(&txn)?);
+        txn.commit()?;
+
+        let db = Arc::new(db);
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            rx,
+            counters: counters.clone(),
+            retention: options.retention,
+            prune_interval: options.prune_interval,
+            prune_chunk: options.prune_chunk,
+            max_batch: options.max_batch,
+            linger: options.linger,
+        };
+        let writer = thread::Builder::new()
+            .name("sagaflow-redb-writer".into())
+            .spawn(move || writer.run())
+            .map_err(Error::Spawn)?;
+        tracing::debug!(path = %path.display(), "saga log opened");
+        Ok(Self { db, tx: Some(tx), writer: Some(writer), counters, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the writer has done so far.
+    pub fn stats(&self) -> WriteStats {
+        WriteStats {
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            writes: self.counters.writes.load(Ordering::Relaxed),
+            pruned: self.counters.pruned.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues a write and waits until the commit that covers it.
+    pub(crate) async fn call<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, LogError> {
+        let closed = || LogError::from(Error::Closed);
+        let (reply, answer) = oneshot::channel();
+        self.tx.as_ref().ok_or_else(closed)?.send(request(reply)).map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Runs `read` in a read transaction on the blocking pool; it sees committed data only.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let db = self.db.clone();
+        let task = tokio::task::spawn_blocking(move || read(&db.begin_read()?));
+        task.await.map_err(|e| LogError::Unavailable(format!("saga log read task failed: {e}")))?.map_err(Into::into)
+    }
+}
+
+impl fmt::Debug for RedbSagaLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbSagaLog").field("path", &self.path).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Drop for RedbSagaLog {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer commit what is queued and stop; waiting for it
+        // releases the file lock before `drop` returns, so the file can be opened again at once.
+        drop(self.tx.take());
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "saga log writer panicked");
+        }
+    }
+}
+
+#[async_trait]
+impl SagaLog for RedbSagaLog {
+    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
+        self.call(|reply| Request::Begin(saga, reply)).await
+    }
+
+    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
+        self.call(|reply| Request::Append(request_id.to_owned(), event, reply)).await
+    }
+
+    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
+        let id = request_id.to_owned();
+        self.read(move |txn| {
+            let sagas = txn.open_table(SAGAS)?;
+            let found = sagas.get(id.as_str())?;
+            found.map(|bytes| decode(bytes.value())).transpose()
+        })
+        .await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
+        self.read(|txn| {
+            let sagas = txn.open_table(SAGAS)?;
+            let mut out = Vec::new();
+            for entry in txn.open_table(UNFINISHED)?.iter()? {
+                let (id, _) = entry?;
+                let id = id.value();
+                let Some(bytes) = sagas.get(id)? else {
+                    return Err(Error::Corrupt(format!("unfinished saga `{id}` has no record")));
+                };
+                out.push(decode(bytes.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
+        self.read(move |txn| list(txn, &filter)).await
+    }
+
+    fn name(&self) -> &'static str {
+        "redb"
+    }
+}
+
+/// Newest first, ties by request id ascending (as [`sagaflow::MemorySagaLog`] orders them).
+fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
+    let sagas = txn.open_table(SAGAS)?;
+    let limit = if filter.limit == 0 { usize::MAX } else { filter.limit };
+    let mut out = Vec::new();
+    // Walking the index backwards yields ties in descending id order: collect each
+    // same-millisecond group and take it in ascending order.
+    let mut group: Vec<String> = Vec::new();
+    let mut group_ms = None;
+    let take_group = |group: &mut Vec<String>, out: &mut Vec<SagaRecord>| -> Result<()> {
+        for id in group.drain(..).rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let Some(bytes) = sagas.get(id.as_str())? else { continue };
+            let record = decode(bytes.value())?;
+            if filter.facade.as_deref().is_none_or(|f| record.facade == f)
+                && filter.status.is_none_or(|s| record.status() == s)
+            {
+                out.push(record);
+            }
+        }
+        Ok(())
+    };
+    for entry in txn.open_table(BY_CREATED)?.iter()?.rev() {
+        let (key, _) = entry?;
+        let (ms, id) = key.value();
+        if group_ms != Some(ms) {
+            take_group(&mut group, &mut out)?;
+            if out.len() >= limit {
+                return Ok(out);
+            }
+            group_ms = Some(ms);
+        }
+        group.push(id.to_owned());
+    }
+    take_group(&mut group, &mut out)?;
+    Ok(out)
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<SagaRecord> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+fn encode(record: &SagaRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec(record).map_err(|e| Error::Corrupt(format!("cannot encode saga `{}`: {e}", record.request_id)))
+}
+
+/// Every table, open in one write transaction; reads see the transaction's own earlier writes,
+/// so two events for one saga in the same batch apply one after the other.
+pub(crate) struct Tables<'txn> {
+    pub(crate) sagas: Table<'txn, &'static str, &'static [u8]>,
+    pub(crate) unfinished: Table<'txn, &'static str, ()>,
+    pub(crate) by_created: Table<'txn, (u64, &'static str), ()>,
+    pub(crate) ended: Table<'txn, (u64, &'static str), ()>,
+    pub(crate) ended_at: Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> Tables<'txn> {
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Self> {
+        Ok(Self {
+            sagas: txn.open_table(SAGAS)?,
+            unfinished: txn.open_table(UNFINISHED)?,
+            by_created: txn.open_table(BY_CREATED)?,
+            ended: txn.open_table(ENDED)?,
+            ended_at: txn.open_table(ENDED_AT)?,
+        })
+    }
+
+    /// The outer error aborts the whole batch; the inner one is this request's own answer.
+    fn begin(&mut self, saga: NewSaga) -> Result<Result<Begin, LogError>> {
+        if let Some(bytes) = self.sagas.get(saga.request_id.as_str())? {
+            return Ok(decode(bytes.value()).map(Begin::Exists).map_err(Into::into));
+        }
+        let record = SagaRecord::new(saga);
+        let bytes = match encode(&record) {
+            Ok(bytes) => bytes,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let id = record.request_id.as_str();
+        self.sagas.insert(id, bytes.as_slice())?;
+        self.unfinished.insert(id, ())?;
+        self.by_created.insert((record.created_ms, id), ())?;
+        Ok(Ok(Begin::Started(record)))
+    }
+
+    /// The outer error aborts the whole batch; the inner one is this request's own answer.
+    fn append(&mut self, request_id: &str, event: &SagaEvent) -> Result<Result<SagaRecord, LogError>> {
+        let decoded = match self.sagas.get(request_id)? {
+            None => return Ok(Err(LogError::NotFound(request_id.to_owned()))),
+            Some(bytes) => decode(bytes.value()),
+        };
+        let mut record = match decoded {
+            Ok(record) => record,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let was_ended = record.state.is_ended();
+        if let Err(refused) = record.apply(event) {
+            return Ok(Err(refused.into()));
+        }
+        let bytes = match encode(&record) {
+            Ok(bytes) => bytes,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        self.sagas.insert(request_id, bytes.as_slice())?;
+        match (was_ended, record.state.is_ended()) {
+            (false, true) => {
+                self.unfinished.remove(request_id)?;
+                self.ended.insert((record.updated_ms, request_id), ())?;
+                self.ended_at.insert(request_id, record.updated_ms)?;
+            }
+            // A stuck saga retried: running again, so out of retention's reach.
+            (true, false) => {
+                if let Some(at) = self.ended_at.remove(request_id)? {
+                    self.ended.remove((at.value(), request_id))?;
+                }
+                self.unfinished.insert(request_id, ())?;
+            }
+            _ => {}
+        }
+        Ok(Ok(record))
+    }
+}
+
+/// A request's result, held until its batch commits.
+enum Answer {
+    Begin(Reply<Begin>, Result<Begin, LogError>),
+    Append(Reply<SagaRecord>, Result<SagaRecord, LogError>),
+    Prune(Reply<Pruned>, Result<Pruned, LogError>),
+}
+
+fn answer<T>(reply: Reply<T>, result: Result<T, LogError>, failed: Option<&str>) {
+    let result = match failed {
+        Some(why) => Err(LogError::Unavailable(why.to_owned())),
+        None => result,
+    };
+    // The caller may have given up waiting; its write stands regardless.
+    let _ = reply.send(result);
+}
+
+impl Answer {
+    /// Sends the result, or `failed` if the batch did not commit.
+    fn send(self, failed: Option<&str>) {
+        match self {
+            Answer::Begin(reply, result) => answer(reply, result, failed),
+            Answer::Append(reply, result) => answer(reply, result, failed),
+            Answer::Prune(reply, result) => answer(reply, result, failed),
+        }
+    }
+}
+
+impl Request {
+    fn fail(self, why: &str) {
+        match self {
+            Request::Begin(_, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
+            Request::Append(_, _, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
+            Request::Prune(_, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
+        }
+    }
+}
+
+/// Turns one request's outcome into its answer; a store failure is recorded in `fatal`.
+fn settle<T>(
+    reply: Reply<T>,
+    outcome: Result<Result<T, LogError>>,
+    fatal: &mut Option<Error>,
+    wrap: fn(Reply<T>, Result<T, LogError>) -> Answer,
+) -> Answer {
+    match outcome {
+        Ok(result) => wrap(reply, result),
+        Err(e) => {
+            let result = Err(LogError::Unavailable(e.to_string()));
+            *fatal = Some(e);
+            wrap(reply, result)
+        }
+    }
+}
+
+/// The writer thread: the only one that opens write transactions.
+struct Writer {
+    db: Arc<Database>,
+    rx: mpsc::Receiver<Request>,
+    counters: Arc<Counters>,
+    retention: Retention,
+    prune_interval: Duration,
+    prune_chunk: usize,
+    max_batch: usize,
+    linger: Duration,
+}
+
+impl Writer {
+    fn run(self) {
+        // Prune once at start (the process may have been down a while), then every interval.
+        let mut last_batch = 0;
+        let schedulable = Instant::now().checked_add(self.prune_interval).is_some();
+        let mut next_prune = schedulable.then(Instant::now);
+        loop {
+            let first = match next_prune {
+                Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(request) => Some(request),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+                None => match self.rx.recv() {
+                    Ok(request) => Some(request),
+                    Err(mpsc::RecvError) => break,
+                },
+            };
+            if let Some(first) = first {
+                let mut batch = Vec::with_capacity(self.max_batch.min(64));
+                batch.push(first);
+                while batch.len() < self.max_batch {
+                    match self.rx.try_recv() {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
+                }
+                // Under load, the callers answered by the last commit are still on their way
+                // back: wait a moment for them so they share this commit instead of the next.
+                let linger_until = Instant::now() + self.linger;
+                while batch.len() < self.max_batch.min(last_batch) {
+                    match self.rx.recv_timeout(linger_until.saturating_duration_since(Instant::now())) {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
+                }
+                last_batch = batch.len();
+                self.commit(batch);
+            }
+            // Checked after every batch too, so a busy writer still prunes; one chunk at a
+            // time, so queued writes wait for at most one chunk.
+            if next_prune.is_some_and(|at| Instant::now() >= at) {
+                let more = match self.prune_once() {
+                    Ok(pruned) => pruned.more,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "saga log pruning failed");
+                        false
+                    }
+                };
+                next_prune = if more { Some(Instant::now()) } else { Instant::now().checked_add(self.prune_interval) };
+            }
+        }
+        tracing::debug!("saga log writer stopped");
+    }
+
+    /// Applies the batch in one transaction, commits it (one fsync), then answers every request.
+    fn commit(&self, batch: Vec<Request>) {
+        let txn = match self.db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                let why = Error::from(e).to_string();
+                batch.into_iter().for_each(|request| request.fail(&why));
+                return;
+            }
+        };
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut fatal = None;
+        let mut requests = batch.into_iter();
+        let (mut writes, mut pruned) = (0u64, 0u64);
+        match Tables::open(&txn) {
+            Err(e) => fatal = Some(e),
+            Ok(mut tables) => {
+                for request in requests.by_ref() {
+                    let answer = match request {
+                        Request::Begin(saga, reply) => {
+                            writes += 1;
+                            settle(reply, tables.begin(saga), &mut fatal, Answer::Begin)
+                        }
+                        Request::Append(id, event, reply) => {
+                            writes += 1;
+                            settle(reply, tables.append(&id, &event), &mut fatal, Answer::Append)
+                        }
+                        Request::Prune(now, reply) => {
+                            let outcome = tables.prune(&self.retention, now, self.prune_chunk);
+                            if let Ok(p) = &outcome {
+                                pruned += p.removed as u64;
+                            }
+                            settle(reply, outcome.map(Ok), &mut fatal, Answer::Prune)
+                        }
+                    };
+                    answers.push(answer);
+                    if fatal.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        let committed = match fatal {
+            Some(e) => {
+                if let Err(abort) = txn.abort() {
+                    tracing::warn!(error = %abort, "saga log abort failed");
+                }
+                Err(e)
+            }
+            None => txn.commit().map_err(Error::from),
+        };
+        match committed {
+            Ok(()) => {
+                if writes > 0 {
+                    self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                }
+                self.counters.writes.fetch_add(writes, Ordering::Relaxed);
+                self.counters.pruned.fetch_add(pruned, Ordering::Relaxed);
+                answers.into_iter().for_each(|a| a.send(None));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "saga log batch failed; every write in it is refused");
+                let why = e.to_string();
+                answers.into_iter().for_each(|a| a.send(Some(&why)));
+                requests.for_each(|request| request.fail(&why));
+            }
+        }
+    }
+
+    /// One chunk of retention, in its own transaction.
+    fn prune_once(&self) -> Result<Pruned> {
+        let txn = self.db.begin_write()?;
+        let pruned = {
+            let mut tables = Tables::open(&txn)?;
+            tables.prune(&self.retention, sagaflow::now_ms(), self.prune_chunk)?
+        };
+        txn.commit()?;
+        self.counters.pruned.fetch_add(pruned.removed as u64, Ordering::Relaxed);
+        if pruned.removed > 0 {
+            tracing::debug!(removed = pruned.removed, "saga log pruned ended sagas");
+        }
+        Ok(pruned)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use sagaflow::{Failure, Mode, SagaState, SagaStatus};
+    use serde_json::json;
+    use tempfile::TempDir;
+
+    use super::*;
+
+    pub(crate) fn new_saga(id: &str) -> NewSaga {
+        NewSaga {
+            request_id: id.into(),
+            facade: "F".into(),
+            mode: Mode::Sync,
+            steps: 1,
+            data: json!(null),
+            deadline_ms: u64::MAX,
+            callback_url: None,
+        }
+    }
+
+    /// A log in a fresh directory that only prunes when asked.
+    pub(crate) fn open(retention: Retention) -> (TempDir, RedbSagaLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions::new(dir.path()).retention(retention).prune_interval(Duration::MAX);
+        let log = RedbSagaLog::open(options).unwrap();
+        (dir, log)
+    }
+
+    pub(crate) async fn run_to_end(log: &RedbSagaLog, id: &str) -> SagaRecord {
+        log.begin(new_saga(id)).await.unwrap();
+        log.append(id, SagaEvent::StepStarted { index: 0 }).await.unwrap();
+        let r = log.append(id, SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();
+        assert_eq!(r.status(), SagaStatus::Completed);
+        r
+    }
+
+    /// Ends `id` stuck: its only step failed uncertainly and its compensation gave up.
+    pub(crate) async fn run_to_stuck(log: &RedbSagaLog, id: &str) {
+        log.begin(new_saga(id)).await.unwrap();
+        let failure = Failure { step: 0, node: "N".into(), error: "timeout".into(), code: None };
+        log.append(id, SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: true }).await.unwrap();
+        let r = log
+            .append(id, SagaEvent::CompensationGaveUp { index: 0, attempts: 3, reason: "down".into() })
+            .await
+            .unwrap();
+        assert_eq!(r.status(), SagaStatus::Stuck);
+    }
+
+    /// A writer that is not running, so a test can hand it one exact batch.
+    fn idle_writer(dir: &Path) -> Writer {
+        let db = Database::create(dir.join(crate::FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        drop(Tables::open(&txn).unwrap());
+        txn.commit().unwrap();
+        let (_tx, rx) = mpsc::channel();
+        Writer {
+            db: Arc::new(db),
+            rx,
+            counters: Arc::default(),
+            retention: Retention::default(),
+            prune_interval: Duration::MAX,
+            prune_chunk: 512,
+            max_batch: 256,
+            linger: Duration::ZERO,
+        }
+    }
+
+    fn request<T>(make: impl FnOnce(Reply<T>) -> Request) -> (Request, oneshot::Receiver<Result<T, LogError>>) {
+        let (reply, rx) = oneshot::channel();
+        (make(reply), rx)
+    }
+
+    #[test]
+    fn one_batch_answers_each_request_on_its_own_and_sees_its_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = idle_writer(dir.path());
+        let (begin, mut begin_rx) = request(|r| Request::Begin(new_saga("a"), r));
+        let (again, mut again_rx) = request(|r| Request::Begin(new_saga("a"), r));
+        let (start, mut start_rx) = request(|r| Request::Append("a".into(), SagaEvent::StepStarted { index: 0 }, r));
+        let (skip, mut skip_rx) = request(|r| Request::Append("a".into(), SagaEvent::StepStarted { index: 3 }, r));
+        let (nope, mut nope_rx) = request(|r| Request::Append("nope".into(), SagaEvent::StepStarted { index: 0 }, r));
+        let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!({ "ok": true }) };
+        let (complete, mut complete_rx) = request(|r| Request::Append("a".into(), done, r));
+
+        writer.commit(vec![begin, again, start, skip, nope, complete]);
+
+        assert!(matches!(begin_rx.try_recv().unwrap(), Ok(Begin::Started(_))));
+        match again_rx.try_recv().unwrap() {
+            Ok(Begin::Exists(r)) => assert_eq!(r.status(), SagaStatus::Running),
+            other => panic!("second begin: {other:?}"),
+        }
+        assert_eq!(start_rx.try_recv().unwrap().unwrap().history.len(), 2);
+        assert!(matches!(skip_rx.try_recv().unwrap(), Err(LogError::Transition(_))));
+        assert!(matches!(nope_rx.try_recv().unwrap(), Err(LogError::NotFound(_))));
+        let completed = complete_rx.try_recv().unwrap().unwrap();
+        assert_eq!(completed.state, SagaState::Completed);
+        assert_eq!(completed.history.len(), 3, "the refused event left no trace");
+
+        assert_eq!(writer.counters.batches.load(Ordering::Relaxed), 1);
+        assert_eq!(writer.counters.writes.load(Ordering::Relaxed), 6);
+        // What was committed is what was answered, and the indexes follow the state.
+        let txn = writer.db.begin_read().unwrap();
+        let stored = decode(txn.open_table(SAGAS).unwrap().get("a").unwrap().unwrap().value()).unwrap();
+        assert_eq!(stored, completed);
+        assert!(txn.open_table(UNFINISHED).unwrap().get("a").unwrap().is_none());
+        assert_eq!(txn.open_table(ENDED_AT).unwrap().get("a").unwrap().unwrap().value(), completed.updated_ms);
+    }
+
+    #[tokio::test]
+    async fn concurrent_begins_of_one_request_id_start_it_once() {
+        let (_dir, log) = open(Retention::default());
+        let log = Arc::new(log);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let log = log.clone();
+                tokio::spawn(async move { log.begin(new_saga("same")).await.unwrap() })
+            })
+            .collect();
+        let mut started = 0;
+        let mut records = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                Begin::Started(r) => {
+                    started += 1;
+                    records.push(r);
+                }
+                Begin::Exists(r) => records.push(r),
+            }
+        }
+        assert_eq!(started, 1);
+        assert!(records.windows(2).all(|w| w[0] == w[1]), "every caller sees the one record");
+        assert_eq!(log.unfinished().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_share_commits() {
+        let (_dir, log) = open(Retention::default());
+        let log = Arc::new(log);
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { run_to_end(&log, &format!("s{i}")).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let stats = log.stats();
+        assert_eq!(stats.writes, 32 * 3);
+        assert!(stats.batches <= stats.writes);
+        assert_eq!(log.list(ListFilter::default()).await.unwrap().len(), 32);
+        assert!(log.unfinished().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retried_stuck_saga_is_unfinished_again() {
+        let (_dir, log) = open(Retention::default());
+        run_to_stuck(&log, "s").await;
+        assert!(log.unfinished().await.unwrap().is_empty());
+        let r = log.append("s", SagaEvent::RetryCompensation).await.unwrap();
+        assert_eq!(r.next_compensation(), Some(0));
+        let unfinished = log.unfinished().await.unwrap();
+        assert_eq!(unfinished, vec![r]);
+        let r = log.append("s", SagaEvent::StepCompensated { index: 0, attempts: 1 }).await.unwrap();
+        assert_eq!(r.status(), SagaStatus::Compensated);
+        assert!(log.unfinished().await.unwrap().is_empty());
+        // Exactly one `ended` entry, at the second ending.
+        let txn = log.db.begin_read().unwrap();
+        let ended = txn.open_table(ENDED).unwrap();
+        let keys: Vec<_> = ended.iter().unwrap().map(|e| e.unwrap().0.value().0).collect();
+        assert_eq!(keys, vec![r.updated_ms]);
+    }
+
+    #[tokio::test]
+    async fn list_is_newest_first_with_ties_by_request_id_and_filters() {
+        let (_dir, log) = open(Retention::default());
+        // Sagas begun together mostly share a millisecond: the tie order must be stable.
+        let ids = ["c", "a", "b", "e", "d"];
+        for id in ids {
+            log.begin(new_saga(id)).await.unwrap();
+        }
+        let mut other = new_saga("x");
+        other.facade = "G".into();
+        log.begin(other).await.unwrap();
+        run_to_end(&log, "done").await;
+
+        let all = log.list(ListFilter::default()).await.unwrap();
+        assert_eq!(all.len(), 7);
+        for w in all.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            assert!(
+                a.created_ms > b.created_ms || (a.created_ms == b.created_ms && a.request_id < b.request_id),
+                "{} then {}",
+                a.request_id,
+                b.request_id
+            );
+        }
+        let first_two = log.list(ListFilter { limit: 2, ..ListFilter::default() }).await.unwrap();
+        assert_eq!(first_two, all[..2]);
+        let g = log.list(ListFilter { facade: Some("G".into()), ..ListFilter::default() }).await.unwrap();
+        assert_eq!(g.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["x"]);
+        let done = ListFilter { status: Some(SagaStatus::Completed), ..ListFilter::default() };
+        assert_eq!(log.list(done).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_sagas_and_bad_transitions_are_errors() {
+        let (_dir, log) = open(Retention::default());
+        assert!(matches!(log.append("nope", SagaEvent::StepStarted { index: 0 }).await, Err(LogError::NotFound(_))));
+        log.begin(new_saga("a")).await.unwrap();
+        assert!(matches!(log.append("a", SagaEvent::StepStarted { index: 3 }).await, Err(LogError::Transition(_))));
+        assert_eq!(log.get("a").await.unwrap().unwrap().history.len(), 1);
+        assert_eq!(log.get("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_file_is_locked_while_open_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RedbSagaLog::open(RedbOptions::new(dir.path().join("nested"))).unwrap();
+        run_to_end(&log, "kept").await;
+        log.begin(new_saga("running")).await.unwrap();
+        match RedbSagaLog::open(RedbOptions::new(dir.path().join("nested"))) {
+            Err(e @ Error::AlreadyOpen { .. }) => assert!(e.to_string().contains("already open"), "{e}"),
+            other => panic!("second open: {other:?}"),
+        }
+        drop(log);
+        let log = RedbSagaLog::open(RedbOptions::new(dir.path().join("nested"))).unwrap();
+        assert_eq!(log.get("kept").await.unwrap().unwrap().status(), SagaStatus::Completed);
+        let unfinished = log.unfinished().await.unwrap();
+        assert_eq!(unfinished.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["running"]);
+    }
+
+    #[tokio::test]
+    async fn writes_queued_at_drop_are_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RedbSagaLog::open(RedbOptions::new(dir.path())).unwrap();
+        let mut answers = Vec::new();
+        for i in 0..50 {
+            let (reply, rx) = oneshot::channel();
+            log.tx.as_ref().unwrap().send(Request::Begin(new_saga(&format!("q{i}")), reply)).unwrap();
+            answers.push(rx);
+        }
+        drop(log);
+        for rx in answers {
+            assert!(matches!(rx.await.unwrap(), Ok(Begin::Started(_))));
+        }
+        let log = RedbSagaLog::open(RedbOptions::new(dir.path())).unwrap();
+        assert_eq!(log.unfinished().await.unwrap().len(), 50);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(crate::FILE_NAME), b"not a redb file, not at all, no").unwrap();
+        match RedbSagaLog::open(RedbOptions::new(dir.path())) {
+            Err(e @ Error::Open { .. }) => assert!(e.to_string().contains("sagas.redb"), "{e}"),
+            other => panic!("open: {other:?}"),
+        }
+    }
+}

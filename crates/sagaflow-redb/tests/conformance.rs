@@ -1,0 +1,48 @@
+//! The shared SagaLog conformance suite, run against the embedded log.
+
+use std::sync::{Arc, Mutex};
+
+use sagaflow::SagaLog;
+use sagaflow::testsuite::LogHarness;
+use sagaflow_redb::{RedbOptions, RedbSagaLog};
+use tempfile::TempDir;
+
+/// Each `fresh` log lives in its own temporary directory, removed with the harness.
+struct Harness {
+    last: Mutex<Option<Last>>,
+}
+
+struct Last {
+    dir: TempDir,
+    /// Held so `reopen` can close the log (its writer joined, its file unlocked) before opening it again.
+    log: Option<Arc<RedbSagaLog>>,
+}
+
+#[sagaflow::async_trait]
+impl LogHarness for Harness {
+    async fn fresh(&self) -> Arc<dyn SagaLog> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let log = Arc::new(RedbSagaLog::open(RedbOptions::new(dir.path())).expect("a fresh saga log"));
+        *self.last.lock().unwrap() = Some(Last { dir, log: Some(log.clone()) });
+        log
+    }
+
+    async fn reopen(&self) -> Option<Arc<dyn SagaLog>> {
+        let mut last = self.last.lock().unwrap();
+        let last = last.as_mut().expect("reopen after fresh");
+        if let Some(log) = last.log.take() {
+            // The suite has dropped its handles: this is the last one, and dropping it closes the file.
+            assert_eq!(Arc::strong_count(&log), 1, "a handle to the first log is still alive");
+            drop(log);
+        }
+        let log = Arc::new(RedbSagaLog::open(RedbOptions::new(last.dir.path())).expect("the saga log reopened"));
+        last.log = Some(log.clone());
+        Some(log)
+    }
+}
+
+async fn harness() -> Option<Harness> {
+    Some(Harness { last: Mutex::new(None) })
+}
+
+sagaflow::saga_log_conformance_tests!(harness());
