@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/services.sh
+bash scripts/install-browser.sh
 
 cache=${SAGAFLOW_CACHE:-$HOME/.cache/sagaflow}
 venv="$cache/pyvenv"
@@ -34,7 +35,10 @@ PY
 read -r grpc order payment http <<<"$ports"
 config=$(mktemp --suffix=.yaml)
 log=$(mktemp --suffix=.log)
+data=$(mktemp -d)
 cat >"$config" <<YAML
+saga_log: embedded
+saga_log_url: $data
 grpc_listen: 127.0.0.1:$grpc
 http_listen: 127.0.0.1:$http
 upstream:
@@ -43,7 +47,7 @@ upstream:
 YAML
 "$bin" --config "$config" >"$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -f "$config"' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$config" "$data"' EXIT
 for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$grpc") 2>/dev/null && break
     kill -0 $pid 2>/dev/null || { cat "$log"; echo "booking exited early" >&2; exit 1; }

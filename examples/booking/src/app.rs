@@ -7,6 +7,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sagaflow::log::Retention;
 use sagaflow::{Broker, MemoryBroker, MemorySagaLog, Orchestrator, SagaLog};
+use sagaflow_nats::{NatsBroker, NatsOptions};
+use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
+use sagaflow_rabbitmq::{RabbitMqBroker, RabbitMqOptions};
+use sagaflow_redb::{RedbOptions, RedbSagaLog};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -54,18 +58,51 @@ fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
         .connect_lazy())
 }
 
-fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+/// The broker the config names; URLs are never logged (they may hold credentials).
+async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+    let url = config.broker_url.as_deref();
     Ok(match config.broker {
         BrokerKind::Memory => Arc::new(MemoryBroker::new()),
+        BrokerKind::Rabbitmq => {
+            let options = RabbitMqOptions::from_url(url.unwrap_or("amqp://guest:guest@127.0.0.1:5672/%2f"))?
+                .connection_name(format!("sagaflow-{}", config.pod_id));
+            tracing::info!(url = %options.redacted_url(), "connecting to RabbitMQ");
+            Arc::new(RabbitMqBroker::connect(options).await.context("connecting to RabbitMQ")?)
+        }
+        BrokerKind::Nats => {
+            let options = NatsOptions::new(url.unwrap_or("nats://127.0.0.1:4222"))?
+                .connection_name(format!("sagaflow-{}", config.pod_id));
+            tracing::info!(url = %options.redacted_url(), "connecting to NATS");
+            Arc::new(NatsBroker::connect(options).await.context("connecting to NATS JetStream")?)
+        }
     })
 }
 
-fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
+/// The saga log the config names.
+async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
+    let retention = Retention {
+        max_age: Duration::from_secs(config.retention.max_age_secs),
+        max_ended: config.retention.max_ended,
+    };
     Ok(match config.saga_log {
-        LogKind::Memory => Arc::new(MemorySagaLog::with_retention(Retention {
-            max_age: Duration::from_secs(config.retention.max_age_secs),
-            max_ended: config.retention.max_ended,
-        })),
+        LogKind::Memory => Arc::new(MemorySagaLog::with_retention(retention)),
+        LogKind::Embedded => {
+            let dir = config.saga_log_url.as_deref().unwrap_or("./data");
+            tracing::info!(dir, "opening the embedded saga log");
+            Arc::new(
+                RedbSagaLog::open(RedbOptions::new(dir).retention(retention))
+                    .context("opening the embedded saga log")?,
+            )
+        }
+        LogKind::Postgres => {
+            let url = config.saga_log_url.as_deref().unwrap_or("postgres://postgres@127.0.0.1:5432/test");
+            let mut options = PostgresOptions::from_url(url)?.retention(retention);
+            if let Some(schema) = &config.saga_log_schema {
+                options = options.schema(schema.clone());
+            }
+            tracing::info!(target = %options.target(), "connecting to the PostgreSQL saga log");
+            Arc::new(PostgresSagaLog::connect(options).await.context("connecting to the PostgreSQL saga log")?)
+        }
     })
 }
 
@@ -108,8 +145,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let flow = facade::booking_flow(channel(order_addr)?, channel(payment_addr)?, &config.flow);
-    let broker = broker(&config)?;
-    let builder = Orchestrator::builder(broker.clone(), saga_log(&config)?)
+    let broker = broker(&config).await?;
+    let builder = Orchestrator::builder(broker.clone(), saga_log(&config).await?)
         .options(config.orchestrator_options())
         .callbacks(Arc::new(HttpCallbacks::new(&config.callbacks)?));
     let orchestrator = facade::register(builder, flow).start().await.context("starting the orchestrator")?;

@@ -30,15 +30,17 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Whether `/metrics` is served without the token.
     pub public_metrics: bool,
-    /// Which broker carries the hops: `memory` (more come with their drivers).
+    /// Which broker carries the hops: `memory`, `rabbitmq` or `nats`.
     pub broker: BrokerKind,
-    /// The broker's URL, credentials included (never logged).
+    /// The broker's URL, credentials included (never logged); each driver has a local default.
     pub broker_url: Option<String>,
-    /// Which saga log records the sagas: `memory`.
+    /// Which saga log records the sagas: `embedded` (default), `postgres` or `memory`.
     pub saga_log: LogKind,
-    /// The saga log's URL (PostgreSQL) or directory (embedded).
+    /// The saga log's directory (embedded, default `./data`) or URL (postgres).
     pub saga_log_url: Option<String>,
-    /// Ended sagas kept by the in-memory log.
+    /// PostgreSQL schema of the saga tables (default: the connection's search path).
+    pub saga_log_schema: Option<String>,
+    /// How long ended sagas are kept.
     pub retention: RetentionConfig,
     /// The upstream services.
     pub upstream: UpstreamConfig,
@@ -58,6 +60,10 @@ pub struct Config {
 pub enum BrokerKind {
     /// In the process; nothing survives a restart.
     Memory,
+    /// RabbitMQ (durable quorum queues, publisher confirms).
+    Rabbitmq,
+    /// NATS JetStream (file-backed streams, durable consumers).
+    Nats,
 }
 
 /// The saga log backends.
@@ -66,6 +72,10 @@ pub enum BrokerKind {
 pub enum LogKind {
     /// In the process, bounded by the retention; nothing survives a restart.
     Memory,
+    /// One redb file under a data directory; survives process and machine crashes.
+    Embedded,
+    /// PostgreSQL, for several replicas sharing one log.
+    Postgres,
 }
 
 /// Retention of ended sagas.
@@ -233,8 +243,9 @@ impl Default for Config {
             public_metrics: true,
             broker: BrokerKind::Memory,
             broker_url: None,
-            saga_log: LogKind::Memory,
+            saga_log: LogKind::Embedded,
             saga_log_url: None,
+            saga_log_schema: None,
             retention: RetentionConfig::default(),
             upstream: UpstreamConfig::default(),
             message_queue: MessageQueueConfig::default(),
@@ -280,14 +291,14 @@ impl Config {
         }
         if let Some(kind) = var("SAGAFLOW_BROKER").filter(|v| !v.is_empty()) {
             self.broker = serde_norway::from_str(&kind)
-                .map_err(|_| anyhow::anyhow!("SAGAFLOW_BROKER=`{kind}`: expected one of memory"))?;
+                .map_err(|_| anyhow::anyhow!("SAGAFLOW_BROKER=`{kind}`: expected one of memory, rabbitmq, nats"))?;
         }
         if let Some(url) = var("SAGAFLOW_BROKER_URL").filter(|v| !v.is_empty()) {
             self.broker_url = Some(url);
         }
         if let Some(kind) = var("SAGAFLOW_LOG").filter(|v| !v.is_empty()) {
             self.saga_log = serde_norway::from_str(&kind)
-                .map_err(|_| anyhow::anyhow!("SAGAFLOW_LOG=`{kind}`: expected one of memory"))?;
+                .map_err(|_| anyhow::anyhow!("SAGAFLOW_LOG=`{kind}`: expected one of embedded, postgres, memory"))?;
         }
         if let Some(url) = var("SAGAFLOW_LOG_URL").filter(|v| !v.is_empty()) {
             self.saga_log_url = Some(url);

@@ -184,3 +184,35 @@ macro_rules! broker_flow_tests {
 }
 
 broker_flow_tests!(memory, |_| true);
+
+/// Whether a broker on this machine's port answers; when it does not, the
+/// tests skip with a printed reason, or fail when `SAGAFLOW_REQUIRE_BROKERS` is set.
+fn reachable(name: &str, port: u16) -> bool {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        return true;
+    }
+    assert!(std::env::var_os("SAGAFLOW_REQUIRE_BROKERS").is_none(), "{name} on 127.0.0.1:{port} is required");
+    eprintln!("skipping: {name} is not reachable on 127.0.0.1:{port}");
+    false
+}
+
+/// Topics of their own per test, so tests running at once on one server do not share work.
+fn isolate(config: &mut Config) {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    config.message_queue.topic_prefix = format!("e2e-{}", &run[..12]);
+    config.pod_id = format!("pod-{}", &run[..6]);
+}
+
+broker_flow_tests!(nats, |c| {
+    isolate(c);
+    c.broker = booking::config::BrokerKind::Nats;
+    c.broker_url = std::env::var("SAGAFLOW_NATS_URL").ok();
+    reachable("NATS", 4222)
+});
+
+broker_flow_tests!(rabbitmq, |c| {
+    isolate(c);
+    c.broker = booking::config::BrokerKind::Rabbitmq;
+    c.broker_url = std::env::var("SAGAFLOW_RABBITMQ_URL").ok();
+    reachable("RabbitMQ", 5672)
+});

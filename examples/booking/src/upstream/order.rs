@@ -27,6 +27,12 @@ impl OrderMock {
         OrderServiceServer::new(self)
     }
 
+    /// Makes every later cancel fail with `UNAVAILABLE` (`true`), as an upstream
+    /// whose undo is down, or work again (`false`); other calls are unaffected.
+    pub fn set_fail_cancels(&self, fail: bool) {
+        self.store.set_fail_cancels(fail);
+    }
+
     /// Every record and the counters, as the `Snapshot` call returns them.
     pub fn snapshot(&self) -> SnapshotReply {
         self.store.snapshot()
@@ -50,7 +56,7 @@ impl OrderService for OrderMock {
 
     async fn cancel_order(&self, request: Request<CancelRequest>) -> Result<Response<CancelReply>, Status> {
         let (request_id, _slot) = self.store.enter(request.metadata()).await?;
-        Ok(Response::new(self.store.cancel(&request_id)))
+        Ok(Response::new(self.store.cancel(&request_id)?))
     }
 
     async fn snapshot(&self, _request: Request<SnapshotRequest>) -> Result<Response<SnapshotReply>, Status> {
@@ -167,6 +173,21 @@ mod tests {
         assert!(snapshot.records.is_empty());
         let c = snapshot.counters.unwrap();
         assert_eq!((c.calls, c.injected_failures, c.creates), (4, 4, 0));
+    }
+
+    #[tokio::test]
+    async fn failing_cancels_refuse_only_cancels_until_healed() {
+        let mock = OrderMock::new(MockConfig::default());
+        mock.set_fail_cancels(true);
+        let id = mock.create_order(with_id("r1", order())).await.unwrap().into_inner().id;
+        let err = mock.cancel_order(with_id("r1", CancelRequest {})).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!(mock.snapshot().records[0].status, "active");
+        mock.set_fail_cancels(false);
+        let reply = mock.cancel_order(with_id("r1", CancelRequest {})).await.unwrap().into_inner();
+        assert_eq!(reply, CancelReply { id, already_cancelled: false });
+        let c = counters(&mock);
+        assert_eq!((c.cancels, c.injected_failures), (1, 1));
     }
 
     #[tokio::test]

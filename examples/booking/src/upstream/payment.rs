@@ -27,6 +27,12 @@ impl PaymentMock {
         PaymentServiceServer::new(self)
     }
 
+    /// Makes every later cancel fail with `UNAVAILABLE` (`true`), as an upstream
+    /// whose undo is down, or work again (`false`); other calls are unaffected.
+    pub fn set_fail_cancels(&self, fail: bool) {
+        self.store.set_fail_cancels(fail);
+    }
+
     /// Every record and the counters, as the `Snapshot` call returns them.
     pub fn snapshot(&self) -> SnapshotReply {
         self.store.snapshot()
@@ -46,7 +52,7 @@ impl PaymentService for PaymentMock {
 
     async fn cancel_payment(&self, request: Request<CancelRequest>) -> Result<Response<CancelReply>, Status> {
         let (request_id, _slot) = self.store.enter(request.metadata()).await?;
-        Ok(Response::new(self.store.cancel(&request_id)))
+        Ok(Response::new(self.store.cancel(&request_id)?))
     }
 
     async fn snapshot(&self, _request: Request<SnapshotRequest>) -> Result<Response<SnapshotReply>, Status> {

@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     sync::{
         Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -113,6 +113,8 @@ pub(crate) struct Store {
     next_id: AtomicI64,
     in_flight: AtomicUsize,
     counters: Counters,
+    /// While set, every cancel fails with `UNAVAILABLE` (an upstream whose undo is down).
+    fail_cancels: AtomicBool,
 }
 
 /// Holds one in-flight slot; dropping it (on any path, cancellation included) frees the slot.
@@ -136,6 +138,7 @@ impl Store {
             next_id: AtomicI64::new(1),
             in_flight: AtomicUsize::new(0),
             counters: Counters::default(),
+            fail_cancels: AtomicBool::new(false),
         }
     }
 
@@ -221,26 +224,36 @@ impl Store {
         Status::failed_precondition(format!("{} refused: fault injected", self.kind))
     }
 
-    /// Cancels the record for `request_id`, leaving a tombstone when there is none.
-    pub(crate) fn cancel(&self, request_id: &str) -> pb::CancelReply {
+    /// Makes every later cancel fail with `UNAVAILABLE` (`true`) or work again (`false`).
+    pub(crate) fn set_fail_cancels(&self, fail: bool) {
+        self.fail_cancels.store(fail, Ordering::Relaxed);
+    }
+
+    /// Cancels the record for `request_id`, leaving a tombstone when there is none;
+    /// fails with `UNAVAILABLE`, changing nothing, while cancels are set to fail.
+    pub(crate) fn cancel(&self, request_id: &str) -> Result<pb::CancelReply, Status> {
+        if self.fail_cancels.load(Ordering::Relaxed) {
+            bump(&self.counters.injected_failures);
+            return Err(Status::unavailable(format!("{} cancel unavailable (injected)", self.kind)));
+        }
         let mut records = self.records();
         bump(&self.counters.cancels);
         match records.get_mut(request_id) {
             Some(record) if record.state == State::Active => {
                 record.state = State::Cancelled;
                 record.cancelled_at_ms = now_ms();
-                pb::CancelReply { id: record.id, already_cancelled: false }
+                Ok(pb::CancelReply { id: record.id, already_cancelled: false })
             }
             Some(record) => {
                 bump(&self.counters.duplicates_absorbed);
-                pb::CancelReply { id: record.id, already_cancelled: true }
+                Ok(pb::CancelReply { id: record.id, already_cancelled: true })
             }
             None => {
                 records.insert(
                     request_id.to_owned(),
                     Record { id: 0, state: State::Tombstone, created_at_ms: 0, cancelled_at_ms: now_ms() },
                 );
-                pb::CancelReply { id: 0, already_cancelled: false }
+                Ok(pb::CancelReply { id: 0, already_cancelled: false })
             }
         }
     }
@@ -361,7 +374,7 @@ pub(crate) mod tests {
         let store = Store::new("order", MockConfig::default());
         assert_eq!(store.create("b", || Ok(())).unwrap().id, 1);
         assert_eq!(store.create("a", || Ok(())).unwrap().id, 2);
-        store.cancel("c");
+        store.cancel("c").unwrap();
         let snapshot = store.snapshot();
         let ids: Vec<_> = snapshot.records.iter().map(|r| (r.request_id.as_str(), r.id, r.status.as_str())).collect();
         assert_eq!(ids, [("a", 2, "active"), ("b", 1, "active"), ("c", 0, "tombstone")]);

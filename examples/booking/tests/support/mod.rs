@@ -21,7 +21,12 @@ pub fn any_port() -> SocketAddr {
 
 /// A config for tests: every listener on a free port, quick retries.
 pub fn test_config() -> Config {
-    let mut config = Config { grpc_listen: any_port(), http_listen: any_port(), ..Config::default() };
+    let mut config = Config {
+        grpc_listen: any_port(),
+        http_listen: any_port(),
+        saga_log: booking::config::LogKind::Memory,
+        ..Config::default()
+    };
     config.upstream.order_addr = any_port();
     config.upstream.payment_addr = any_port();
     config.flow.retry.initial_backoff_ms = 20;

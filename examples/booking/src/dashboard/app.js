@@ -1,0 +1,555 @@
+// The sagaflow operator dashboard: plain DOM, no framework, no network but this origin.
+// Every value from the API is put in the page as text (textContent), never as markup.
+'use strict';
+
+const TOKEN_KEY = 'sagaflow.adminToken';
+const REFRESH_MS = 2000;
+const PAGE_SIZE = 15;
+const STATUSES = ['running', 'compensating', 'completed', 'compensated', 'stuck'];
+const SVG_NS = 'http://www.w3.org/2000/svg';
+
+const EVENT_LABELS = {
+  started: 'saga started',
+  step_started: 'action started',
+  step_completed: 'action completed',
+  step_failed: 'action failed — rollback starts',
+  step_compensated: 'compensated',
+  compensation_gave_up: 'compensation gave up — stuck',
+  retry_compensation: 'operator retried the compensation',
+  callback_delivered: 'callback delivered',
+  callback_failed: 'callback failed',
+};
+
+const app = {
+  flows: [],
+  flowsByFacade: new Map(),
+  timer: null,
+  // Cursors of the pages shown before the current one; the current page's own cursor.
+  pageCursors: [],
+  cursor: null,
+  nextCursor: null,
+  shownSaga: null,
+  markers: 0,
+};
+
+// ------------------------------------------------------------------ DOM helpers
+
+function $(id) {
+  return document.getElementById(id);
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  applyAttrs(node, attrs);
+  append(node, children);
+  return node;
+}
+
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  applyAttrs(node, attrs);
+  append(node, children);
+  return node;
+}
+
+function applyAttrs(node, attrs) {
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === 'class') node.setAttribute('class', value);
+    else if (key.startsWith('on')) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, String(value));
+  }
+}
+
+function append(node, children) {
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+}
+
+function clear(node) {
+  while (node.firstChild) node.removeChild(node.firstChild);
+  return node;
+}
+
+function pad(n, width = 2) {
+  return String(n).padStart(width, '0');
+}
+
+function clock(ms) {
+  const d = new Date(ms);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
+function dateTime(ms) {
+  const d = new Date(ms);
+  const today = new Date();
+  const sameDay = d.toDateString() === today.toDateString();
+  const day = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} `;
+  return (sameDay ? '' : day) + clock(ms);
+}
+
+function span(ms) {
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
+  return `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`;
+}
+
+function badge(status) {
+  return el('span', { class: `badge status-${status}` }, status);
+}
+
+// ------------------------------------------------------------------ API access
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  headers.set('Accept', 'application/json');
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.set('Authorization', `Bearer ${token}`);
+  const response = await fetch(path, { ...options, headers, cache: 'no-store' });
+  if (response.status === 401) {
+    if (token) sessionStorage.removeItem(TOKEN_KEY);
+    askForToken(token ? 'That token was refused. Try again.' : null);
+    throw new Unauthorized('unauthorized');
+  }
+  return response;
+}
+
+async function apiJson(path, options) {
+  const response = await api(path, options);
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      if (body && body.error) message = body.error;
+    } catch (_) {
+      // not JSON: keep the status line
+    }
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
+  }
+  return { body: await response.json(), headers: response.headers };
+}
+
+function askForToken(message) {
+  stopRefreshing();
+  $('main').hidden = true;
+  $('forget-token').hidden = true;
+  $('token-form').hidden = false;
+  if (message) $('token-message').textContent = message;
+  setLive('needs a token', 'warn');
+  $('token-input').focus();
+}
+
+function setLive(text, kind) {
+  const live = $('live');
+  live.textContent = text;
+  live.className = `live ${kind || ''}`;
+}
+
+// ------------------------------------------------------------------ flows as diagrams
+
+const BOX_H = 46;
+const GAP = 46;
+const TOP_Y = 18;
+const BOTTOM_Y = 124;
+const TERM_W = 112;
+
+function textWidth(text, px) {
+  return Math.ceil(text.length * px * 0.62);
+}
+
+function arrowMarker(defs, id, cls) {
+  defs.append(
+    svg('marker', { id, viewBox: '0 0 10 10', refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
+      svg('path', { d: 'M0,0 L10,5 L0,10 z', class: `arrowhead ${cls}` })),
+  );
+}
+
+function line(x1, y1, x2, y2, cls, marker) {
+  return svg('line', { x1, y1, x2, y2, class: `edge ${cls}`, 'marker-end': `url(#${marker})` });
+}
+
+function box(x, y, w, caption, name, cls, title) {
+  return svg('g', { class: `box ${cls}` },
+    svg('title', {}, title),
+    svg('rect', { x, y, width: w, height: BOX_H, rx: 7 }),
+    svg('text', { x: x + w / 2, y: y + 17, class: 'caption' }, caption),
+    svg('text', { x: x + w / 2, y: y + 35, class: 'name' }, name));
+}
+
+function terminal(x, y, label, cls) {
+  return svg('g', { class: `terminal ${cls}` },
+    svg('rect', { x, y: y + 6, width: TERM_W, height: BOX_H - 12, rx: (BOX_H - 12) / 2 }),
+    svg('text', { x: x + TERM_W / 2, y: y + BOX_H / 2 + 5, class: 'name' }, label));
+}
+
+// Draws a flow: Start → nodes in order → Completed on top; under each node its
+// compensation; a failed node leads to the compensation of the step before it,
+// compensations run right to left, and the last one ends in Compensated.
+// `marks` (optional) colours one saga's path: {action: [...], compensation: [...], end}.
+function drawFlow(flow, marks) {
+  const n = flow.nodes.length;
+  const widths = flow.nodes.map((name) => Math.max(128, textWidth(name, 14) + 28));
+  const xs = [];
+  let x = 10 + TERM_W + GAP;
+  for (const w of widths) {
+    xs.push(x);
+    x += w + GAP;
+  }
+  const width = x + TERM_W + 10;
+  const height = BOTTOM_Y + BOX_H + 14;
+  const id = `m${++app.markers}`;
+  const root = svg('svg', {
+    class: 'flow-diagram',
+    viewBox: `0 0 ${width} ${height}`,
+    width,
+    height,
+    role: 'img',
+    'aria-label': `${flow.facade}: ${flow.nodes.join(' then ')}`,
+    'data-facade': flow.facade,
+  });
+  const defs = svg('defs');
+  for (const cls of ['forward', 'failure', 'rollback']) arrowMarker(defs, `${id}-${cls}`, cls);
+  root.append(defs);
+  const midTop = TOP_Y + BOX_H / 2;
+  const midBottom = BOTTOM_Y + BOX_H / 2;
+  const end = marks ? marks.end : null;
+
+  // The forward path.
+  root.append(terminal(10, TOP_Y, 'start', marks ? 'reached' : ''));
+  let from = 10 + TERM_W;
+  for (let i = 0; i < n; i += 1) {
+    root.append(line(from, midTop, xs[i] - 2, midTop, 'forward', `${id}-forward`));
+    from = xs[i] + widths[i];
+  }
+  const doneX = xs.length ? from + GAP : 10 + TERM_W + GAP;
+  root.append(line(from, midTop, doneX - 2, midTop, 'forward', `${id}-forward`));
+  root.append(terminal(doneX, TOP_Y, 'completed', end === 'completed' ? 'reached completed' : ''));
+  root.append(terminal(10, BOTTOM_Y, 'compensated', end === 'compensated' ? 'reached compensated' : end === 'stuck' ? 'reached stuck' : ''));
+
+  // Where the rollback goes from step i: the nearest compensable step before it, else the end.
+  const compensable = (i) => Boolean(flow.compensations[i]);
+  const below = (i) => {
+    for (let j = i - 1; j >= 0; j -= 1) if (compensable(j)) return j;
+    return -1;
+  };
+  const target = (j) => (j < 0 ? { x: 10 + TERM_W / 2, y: BOTTOM_Y + 6 } : { x: xs[j] + widths[j] / 2, y: BOTTOM_Y });
+  for (let i = 0; i < n; i += 1) {
+    const t = target(below(i));
+    const sx = xs[i] + widths[i] / 2 - (i === 0 ? 0 : 14);
+    const edge = line(sx, TOP_Y + BOX_H, t.x + (below(i) < 0 ? 18 : 14), t.y - 2, 'failure', `${id}-failure`);
+    root.append(edge);
+  }
+  for (let i = 0; i < n; i += 1) {
+    if (!compensable(i)) continue;
+    const j = below(i);
+    const toX = j < 0 ? 10 + TERM_W : xs[j] + widths[j];
+    root.append(line(xs[i], midBottom, toX + 2, midBottom, 'rollback', `${id}-rollback`));
+  }
+  // Boxes last, over the edges.
+  for (let i = 0; i < n; i += 1) {
+    const state = marks ? marks.action[i] : '';
+    root.append(box(xs[i], TOP_Y, widths[i], `step ${i + 1}`, flow.nodes[i], `node ${state || ''}`,
+      `${flow.nodes[i]}: action of step ${i + 1}${state ? ` (${state})` : ''}`));
+    if (compensable(i)) {
+      const cstate = marks ? marks.compensation[i] : '';
+      root.append(box(xs[i], BOTTOM_Y, widths[i], 'compensate', flow.nodes[i], `comp ${cstate || ''}`,
+        `compensation of ${flow.nodes[i]}${cstate ? ` (${cstate})` : ''}`));
+    }
+  }
+  if (n) {
+    // Labelled once, beside where the last node's failure edge leaves it (the edges run down-left).
+    const last = n - 1;
+    const lx = xs[last] + widths[last] / 2 - (last === 0 ? 0 : 14) + 8;
+    root.append(svg('text', { x: lx, y: TOP_Y + BOX_H + 16, class: 'edge-label' }, 'final error'));
+  }
+  return root;
+}
+
+function renderFlows() {
+  const holder = clear($('flows'));
+  for (const flow of app.flows) {
+    const topics = flow.topics && flow.topics.length ? `topics: ${flow.topics.join(', ')}, ` : '';
+    holder.append(
+      el('figure', { class: 'flow', 'data-facade': flow.facade },
+        el('figcaption', {},
+          el('strong', {}, flow.facade), ' ', el('span', { class: `mode mode-${flow.mode}` }, flow.mode),
+          el('span', { class: 'hint' }, ` ${topics}rollback: ${flow.rollback_topic}`)),
+        drawFlow(flow)),
+    );
+  }
+  const select = $('facade-filter');
+  const chosen = select.value;
+  clear(select).append(el('option', { value: '' }, 'any'));
+  for (const flow of app.flows) select.append(el('option', { value: flow.facade }, flow.facade));
+  select.value = chosen;
+}
+
+// ------------------------------------------------------------------ counts
+
+function renderStats(stats) {
+  const counts = clear($('counts'));
+  for (const status of STATUSES) {
+    counts.append(
+      el('div', { class: `count status-${status}` },
+        el('span', { class: 'count-value', id: `count-${status}` }, stats.total[status]),
+        el('span', { class: 'count-label' }, status)),
+    );
+  }
+  const body = clear($('facade-counts').tBodies[0]);
+  for (const [facade, c] of Object.entries(stats.facades)) {
+    body.append(el('tr', { 'data-facade': facade },
+      el('th', {}, facade), ...STATUSES.map((s) => el('td', { class: c[s] ? `status-${s}` : 'zero' }, c[s]))));
+  }
+  const scope = stats.truncated
+    ? `the newest ${stats.counted} sagas of the log (since ${dateTime(stats.oldest_ms)})`
+    : `all ${stats.counted} sagas the log keeps`;
+  $('counts-note').textContent = `Counted over ${scope}. Dead-lettered messages: ${stats.engine.dead_lettered}; `
+    + `callers waiting: ${stats.engine.waiting_callers}.`;
+}
+
+// ------------------------------------------------------------------ recent sagas
+
+function listQuery() {
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  const status = $('status-filter').value;
+  const facade = $('facade-filter').value;
+  if (status) params.set('status', status);
+  if (facade) params.set('facade', facade);
+  if (app.cursor) params.set('cursor', app.cursor);
+  return `api/sagas?${params}`;
+}
+
+function failedNode(saga) {
+  const failure = saga.state && saga.state.failure;
+  return failure ? failure.node : '';
+}
+
+function renderRecent(sagas) {
+  const body = clear($('recent').tBodies[0]);
+  if (!sagas.length) {
+    body.append(el('tr', {}, el('td', { colspan: 6, class: 'hint' }, 'no saga matches')));
+  }
+  for (const saga of sagas) {
+    const open = (event) => {
+      event.preventDefault();
+      showSaga(saga.request_id);
+    };
+    body.append(el('tr', { 'data-request-id': saga.request_id, class: `row-${saga.state.status}` },
+      el('td', {}, el('a', { href: `#saga=${encodeURIComponent(saga.request_id)}`, onclick: open }, saga.request_id)),
+      el('td', {}, saga.facade),
+      el('td', {}, badge(saga.state.status)),
+      el('td', {}, dateTime(saga.created_ms)),
+      el('td', {}, span(saga.updated_ms - saga.created_ms)),
+      el('td', {}, failedNode(saga))));
+  }
+  $('older').disabled = !app.nextCursor;
+  $('newer').disabled = app.pageCursors.length === 0;
+  $('page-label').textContent = `page ${app.pageCursors.length + 1}`;
+}
+
+async function refreshRecent() {
+  const { body, headers } = await apiJson(listQuery());
+  app.nextCursor = headers.get('x-next-cursor');
+  renderRecent(body);
+}
+
+function resetPaging() {
+  app.pageCursors = [];
+  app.cursor = null;
+  refreshRecent().catch(report);
+}
+
+// ------------------------------------------------------------------ one saga
+
+function sagaMarks(saga) {
+  const action = saga.step_details.map((s) => s.action.status);
+  const compensation = saga.step_details.map((s) => s.compensation.status);
+  const end = ['completed', 'compensated', 'stuck'].includes(saga.status) ? saga.status : null;
+  return { action, compensation, end };
+}
+
+function nodeOf(saga, step) {
+  if (step === null || step === undefined) return '';
+  const view = saga.step_details[step];
+  return view && view.node ? view.node : `step ${step + 1}`;
+}
+
+function renderTimeline(saga) {
+  const list = el('ol', { id: 'saga-timeline', class: 'timeline' });
+  for (const entry of saga.history) {
+    const rollback = entry.event === 'step_failed';
+    const stuck = entry.event === 'compensation_gave_up';
+    const node = nodeOf(saga, entry.step);
+    list.append(el('li', {
+      class: `entry event-${entry.event}${rollback ? ' rollback' : ''}${stuck ? ' stuck' : ''}`,
+      'data-event': entry.event,
+      'data-node': node,
+    },
+    el('div', { class: 'when' },
+      el('time', { datetime: new Date(entry.at_ms).toISOString() }, clock(entry.at_ms)),
+      el('span', { class: 'offset' }, `+${span(entry.at_ms - saga.created_ms)}`)),
+    el('div', { class: 'what' },
+      el('span', { class: 'event' }, EVENT_LABELS[entry.event] || entry.event),
+      node ? el('span', { class: 'node' }, node) : null,
+      entry.attempts ? el('span', { class: 'attempts' }, `${entry.attempts} attempt${entry.attempts === 1 ? '' : 's'}`) : null,
+      entry.error ? el('code', { class: 'error' }, entry.error) : null)));
+  }
+  return list;
+}
+
+function renderSteps(saga) {
+  const rows = saga.step_details.map((step) => {
+    const a = step.action;
+    const c = step.compensation;
+    const took = a.started_ms && a.ended_ms ? span(a.ended_ms - a.started_ms) : '';
+    return el('tr', {},
+      el('td', {}, `${step.index + 1}. ${step.node || ''}`),
+      el('td', {}, el('span', { class: `phase phase-${a.status}` }, a.status.replace('_', ' '))),
+      el('td', {}, a.attempts || ''),
+      el('td', {}, took),
+      el('td', {}, el('span', { class: `phase phase-${c.status}` }, c.status.replace('_', ' ')),
+        c.attempts ? ` (${c.attempts} attempt${c.attempts === 1 ? '' : 's'})` : ''));
+  });
+  return el('table', { class: 'grid steps' },
+    el('thead', {}, el('tr', {}, el('th', {}, 'step'), el('th', {}, 'action'), el('th', {}, 'attempts'),
+      el('th', {}, 'took'), el('th', {}, 'compensation'))),
+    el('tbody', {}, rows));
+}
+
+function renderSaga(saga) {
+  const holder = clear($('saga'));
+  const flow = app.flowsByFacade.get(saga.facade);
+  holder.append(el('div', { class: 'saga-head', 'data-request-id': saga.request_id },
+    el('h3', {}, saga.request_id),
+    badge(saga.status),
+    el('span', { class: 'hint' },
+      ` ${saga.facade} · ${saga.mode} · started ${dateTime(saga.created_ms)} · ${span(saga.duration_ms)}`)));
+  if (saga.rollback_reason) {
+    holder.append(el('div', { id: 'rollback-reason', class: 'reason rollback' },
+      el('strong', {}, 'Rolled back because '), saga.rollback_reason));
+  }
+  if (saga.stuck_reason) {
+    const retry = el('button', { id: 'retry-button', type: 'button', onclick: () => retrySaga(saga.request_id) },
+      'retry compensation');
+    holder.append(el('div', { id: 'stuck-reason', class: 'reason stuck' },
+      el('strong', {}, 'Stuck: '), saga.stuck_reason, ' ', retry));
+  }
+  if (flow) holder.append(el('div', { class: 'saga-flow' }, drawFlow(flow, sagaMarks(saga))));
+  holder.append(renderSteps(saga));
+  holder.append(el('h4', {}, 'Timeline'));
+  holder.append(renderTimeline(saga));
+}
+
+async function showSaga(requestId) {
+  const id = requestId.trim();
+  if (!id) return;
+  $('search-input').value = id;
+  if (location.hash !== `#saga=${encodeURIComponent(id)}`) history.replaceState(null, '', `#saga=${encodeURIComponent(id)}`);
+  try {
+    const { body } = await apiJson(`api/sagas/${encodeURIComponent(id)}`);
+    app.shownSaga = body;
+    renderSaga(body);
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    app.shownSaga = null;
+    clear($('saga')).append(el('p', { id: 'saga-missing', class: 'reason missing' },
+      error.status === 404 ? `No saga with request id “${id}”.` : `Could not load the saga: ${error.message}`));
+  }
+}
+
+async function retrySaga(requestId) {
+  const button = $('retry-button');
+  if (button) button.disabled = true;
+  try {
+    await apiJson(`api/sagas/${encodeURIComponent(requestId)}/retry`, { method: 'POST' });
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    await showSaga(requestId);
+    $('saga').prepend(el('p', { id: 'retry-refused', class: 'reason rollback' }, `Retry refused: ${error.message}`));
+    return;
+  }
+  await showSaga(requestId);
+}
+
+// ------------------------------------------------------------------ refresh loop
+
+function report(error) {
+  if (error instanceof Unauthorized) return;
+  setLive(`offline: ${error.message}`, 'error');
+}
+
+async function refresh() {
+  const { body } = await apiJson('api/stats');
+  renderStats(body);
+  // The first page follows new sagas; an older page stays put while read.
+  if (!app.cursor) await refreshRecent();
+  const shown = app.shownSaga;
+  if (shown && !['completed', 'compensated', 'stuck'].includes(shown.status)) await showSaga(shown.request_id);
+  setLive(`live · ${clock(Date.now())}`, 'ok');
+}
+
+function stopRefreshing() {
+  if (app.timer) clearInterval(app.timer);
+  app.timer = null;
+}
+
+async function start() {
+  try {
+    const { body } = await apiJson('api/flows');
+    app.flows = body;
+    app.flowsByFacade = new Map(body.map((f) => [f.facade, f]));
+  } catch (error) {
+    report(error);
+    return;
+  }
+  $('token-form').hidden = true;
+  $('main').hidden = false;
+  $('forget-token').hidden = !sessionStorage.getItem(TOKEN_KEY);
+  renderFlows();
+  await refresh().catch(report);
+  stopRefreshing();
+  app.timer = setInterval(() => refresh().catch(report), REFRESH_MS);
+  const match = /^#saga=(.+)$/.exec(location.hash);
+  if (match) await showSaga(decodeURIComponent(match[1]));
+}
+
+function wire() {
+  $('token-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const token = $('token-input').value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $('token-input').value = '';
+    start();
+  });
+  $('forget-token').addEventListener('click', () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    askForToken('Token forgotten.');
+  });
+  $('search-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    showSaga($('search-input').value);
+  });
+  $('status-filter').addEventListener('change', resetPaging);
+  $('facade-filter').addEventListener('change', resetPaging);
+  $('older').addEventListener('click', () => {
+    if (!app.nextCursor) return;
+    app.pageCursors.push(app.cursor);
+    app.cursor = app.nextCursor;
+    refreshRecent().catch(report);
+  });
+  $('newer').addEventListener('click', () => {
+    if (!app.pageCursors.length) return;
+    app.cursor = app.pageCursors.pop();
+    refreshRecent().catch(report);
+  });
+  start();
+}
+
+document.addEventListener('DOMContentLoaded', wire);
