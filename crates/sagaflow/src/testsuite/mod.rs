@@ -74,7 +74,7 @@ pub fn brokers_required() -> bool {
 /// `what` names the service (`"RabbitMQ at 127.0.0.1:5672"`), `error` is why it
 /// could not be reached. Generic over `T` so a harness constructor can end with
 /// `Err(e) => skip_or_fail("...", e)`. The reason goes straight to the process's
-/// stderr, past the test harness's output capture, so a skip is visible.
+/// stderr, past libtest's output capture, so `cargo test` shows the skip.
 pub fn skip_or_fail<T>(what: &str, error: impl fmt::Display) -> Option<T> {
     if brokers_required() {
         panic!("{what} is unreachable and {REQUIRE_BROKERS_ENV} is set: {error}");
