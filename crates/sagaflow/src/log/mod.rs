@@ -44,7 +44,7 @@ pub struct ListFilter {
     pub facade: Option<String>,
     /// Only this status.
     pub status: Option<SagaStatus>,
-    /// At most this many, newest first.
+    /// At most this many, newest first (0: no limit).
     pub limit: usize,
 }
 
