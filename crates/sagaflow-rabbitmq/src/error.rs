@@ -27,9 +27,6 @@ pub enum Error {
         /// The last failure.
         reason: String,
     },
-    /// The broker refused an operation.
-    #[error("RabbitMQ error: {0}")]
-    Amqp(#[from] lapin::Error),
 }
 
 /// `Result` with this crate's [`Error`].
@@ -40,7 +37,6 @@ impl From<Error> for BrokerError {
         match error {
             Error::InvalidUrl { .. } => BrokerError::Invalid(error.to_string()),
             Error::Unavailable { .. } => BrokerError::Unavailable(error.to_string()),
-            Error::Amqp(e) => broker_error("RabbitMQ operation", &e),
         }
     }
 }

@@ -75,8 +75,23 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
     let mut declare_route = false;
     let mut failures = 0u32;
     let mut soft_failures = 0u32;
-    let mut last_failure = String::new();
+    let mut nacks = 0u32;
+    // What went wrong last, for the error once the deadline passes.
+    let mut last_failure: Option<String> = None;
+    let give_up = |nacks: u32, last_failure: &Option<String>| match last_failure {
+        None if nacks > 0 => BrokerError::NotConfirmed {
+            topic: topic.to_owned(),
+            reason: format!("the broker nacked it {nacks} time(s) within {timeout:?}: it could not take the message"),
+        },
+        None => BrokerError::Unavailable(format!("publish to `{topic}` not confirmed within {timeout:?}")),
+        Some(failure) => BrokerError::Unavailable(format!(
+            "publish to `{topic}` not confirmed within {timeout:?} (last failure: {failure})"
+        )),
+    };
     loop {
+        if failures > 0 && Instant::now() >= deadline {
+            return Err(give_up(nacks, &last_failure));
+        }
         let live = connector.live(Some(deadline)).await.map_err(|e| match e {
             BrokerError::Unavailable(why) => {
                 BrokerError::Unavailable(format!("publish to `{topic}` gave up after {timeout:?}: {why}"))
@@ -84,10 +99,7 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
             other => other,
         })?;
         let attempt = attempt(connector, &live, message, route, declare_route, properties.clone());
-        let outcome = tokio::time::timeout_at(deadline, attempt).await.map_err(|_| {
-            let last = if last_failure.is_empty() { String::new() } else { format!(" (last failure: {last_failure})") };
-            BrokerError::Unavailable(format!("publish to `{topic}` not confirmed within {timeout:?}{last}"))
-        })?;
+        let outcome = tokio::time::timeout_at(deadline, attempt).await.map_err(|_| give_up(nacks, &last_failure))?;
         match outcome {
             Ok(Confirmation::Ack(None)) => return Ok(()),
             Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => {
@@ -103,10 +115,13 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
                 });
             }
             Ok(Confirmation::Nack(None)) => {
-                return Err(BrokerError::NotConfirmed {
-                    topic: topic.to_owned(),
-                    reason: "the broker nacked it: it could not take the message".into(),
-                });
+                // The broker did not take it: a queue without a leader (as
+                // just after a restart) or one that rejects when full. Both
+                // pass, so try again until the deadline; a queue that already
+                // took it may get it twice, which at-least-once allows.
+                nacks += 1;
+                last_failure = None;
+                tracing::debug!(%topic, nacks, "publish nacked by the broker; retrying");
             }
             Ok(Confirmation::NotRequested) => {
                 // Unreachable while the publisher channel is put in confirm mode on open.
@@ -116,7 +131,6 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
                 });
             }
             Err(error) => {
-                failures += 1;
                 if is_connection_error(&error) {
                     connector.report_broken(&live, &error);
                 } else {
@@ -128,12 +142,13 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
                         return Err(broker_error(&format!("publish to `{topic}`"), &error));
                     }
                 }
-                tracing::debug!(%topic, %error, attempt = failures, "publish failed; retrying");
-                last_failure = error.to_string();
-                let pause = (Duration::from_millis(50) * failures).min(MAX_RETRY_PAUSE);
-                tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+                tracing::debug!(%topic, %error, attempt = failures + 1, "publish failed; retrying");
+                last_failure = Some(error.to_string());
             }
         }
+        failures += 1;
+        let pause = (Duration::from_millis(50) * failures).min(MAX_RETRY_PAUSE);
+        tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
     }
 }
 

@@ -89,6 +89,47 @@ mod rabbitmq {
         broker.close().await;
     }
 
+    /// A publish the broker refuses (its queue is full and rejects) is
+    /// `NotConfirmed` once the publish timeout has passed, never a success.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_the_broker_refuses_is_not_confirmed() {
+        use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+        use lapin::types::{AMQPValue, FieldTable};
+
+        let Some(harness) = super::harness().await else { return };
+        let topic = unique_name("rabbitmq.refused");
+        // A queue of our own making in the topic's place: holds nothing, refuses the rest.
+        let url = std::env::var("SAGAFLOW_RABBITMQ_URL").unwrap_or_else(|_| sagaflow_rabbitmq::DEFAULT_URL.into());
+        let connection =
+            lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.expect("connect");
+        let channel = connection.create_channel().await.expect("a channel");
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(30_000));
+        channel.queue_declare(topic.as_str().into(), QueueDeclareOptions::default(), args).await.expect("declare");
+        let broker = RabbitMqBroker::connect(harness.options.publish_timeout(Duration::from_secs(1)))
+            .await
+            .expect("the server answered the harness");
+        channel
+            .queue_bind(
+                topic.as_str().into(),
+                sagaflow_rabbitmq::DEFAULT_EXCHANGE.into(),
+                topic.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+
+        let started = std::time::Instant::now();
+        let refused = broker.publish(Message::new(&topic, "refused")).await;
+        assert!(matches!(refused, Err(sagaflow::broker::BrokerError::NotConfirmed { .. })), "{refused:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        broker.close().await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+
     /// A consumer that dies mid-message (its connection closes, nothing is
     /// settled) counts as a delivery; past `max_deliveries` such deaths the
     /// message is dead-lettered instead of being handed out again.

@@ -65,7 +65,8 @@ async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
         BrokerKind::Memory => Arc::new(MemoryBroker::new()),
         BrokerKind::Rabbitmq => {
             let options = RabbitMqOptions::from_url(url.unwrap_or("amqp://guest:guest@127.0.0.1:5672/%2f"))?
-                .connection_name(format!("sagaflow-{}", config.pod_id));
+                .connection_name(format!("sagaflow-{}", config.pod_id))
+                .queue_expiry(config.broker_queue_expiry_ms.map(Duration::from_millis));
             tracing::info!(url = %options.redacted_url(), "connecting to RabbitMQ");
             Arc::new(RabbitMqBroker::connect(options).await.context("connecting to RabbitMQ")?)
         }

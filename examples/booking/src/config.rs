@@ -34,6 +34,9 @@ pub struct Config {
     pub broker: BrokerKind,
     /// The broker's URL, credentials included (never logged); each driver has a local default.
     pub broker_url: Option<String>,
+    /// RabbitMQ only: let the broker delete a queue idle (no consumer) this long, with its
+    /// messages. Off by default; for tests and short-lived pods.
+    pub broker_queue_expiry_ms: Option<u64>,
     /// Which saga log records the sagas: `embedded` (default), `postgres` or `memory`.
     pub saga_log: LogKind,
     /// The saga log's directory (embedded, default `./data`) or URL (postgres).
@@ -243,6 +246,7 @@ impl Default for Config {
             public_metrics: true,
             broker: BrokerKind::Memory,
             broker_url: None,
+            broker_queue_expiry_ms: None,
             saga_log: LogKind::Embedded,
             saga_log_url: None,
             saga_log_schema: None,

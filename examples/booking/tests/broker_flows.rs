@@ -116,7 +116,9 @@ async fn poison_messages_are_dead_lettered_and_service_goes_on(config: Config) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(s.running.orchestrator.stats().dead_lettered, expected);
+    // At least once: a broker may hand a poison message back once more if its ack was lost.
+    let dead = s.running.orchestrator.stats().dead_lettered;
+    assert!(dead >= expected, "{dead} of {expected} poison messages dead-lettered");
     let reply = s.client.handle_throttling_booking(with_id(Some("after-poison"), booking(1, 1, false))).await.unwrap();
     assert!(reply.into_inner().order_id > 0);
     s.running.shutdown().await.unwrap();
@@ -213,6 +215,8 @@ broker_flow_tests!(nats, |c| {
 broker_flow_tests!(rabbitmq, |c| {
     isolate(c);
     c.broker = booking::config::BrokerKind::Rabbitmq;
+    // Each test's queues are its own: let the shared server drop them soon after.
+    c.broker_queue_expiry_ms = Some(30_000);
     c.broker_url = std::env::var("SAGAFLOW_RABBITMQ_URL").ok();
     reachable("RabbitMQ", 5672)
 });

@@ -173,7 +173,7 @@ pub async fn nack_redelivers(harness: &dyn BrokerHarness) {
 
 /// A delivery dropped unsettled, with its subscription and its whole
 /// connection (a consumer that died mid-message), comes back to the next
-/// consumer of the group with delivery count 2.
+/// consumer of the group with a delivery count of at least 2.
 pub async fn abandoned_delivery_redelivers(harness: &dyn BrokerHarness) {
     let publisher = connect(harness).await;
     let consumer = connect(harness).await;
@@ -189,7 +189,10 @@ pub async fn abandoned_delivery_redelivers(harness: &dyn BrokerHarness) {
     let consumer = connect(harness).await;
     let mut subscription = subscribe(&*consumer, options).await;
     let again = next(&mut subscription, "the abandoned message to be delivered again").await;
-    assert_is(&again, 0, 2, "the abandoned message");
+    // At least 2: a broker may re-hand the message to the dying consumer before
+    // it notices it gone, and that counts as a delivery too.
+    assert_eq!(index_of(&again), 0, "the abandoned message: got message {} instead", index_of(&again));
+    assert!(again.delivery_count >= 2, "the abandoned message must count its redelivery: {again:?}");
     settle("an ack", again.ack()).await;
     publish(&*publisher, numbered(&topic, &run, 1)).await;
     let sentinel = next(&mut subscription, "a message published after the redelivery was acked").await;
