@@ -26,6 +26,9 @@ use crate::orchestrator::{FlowData, FlowInfo, Options};
 use crate::saga::{Failure, Mode, NewSaga, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
 use crate::waiters::{Completions, Waiter};
 
+/// gRPC's RESOURCE_EXHAUSTED: the callee refused the call for load.
+const RESOURCE_EXHAUSTED: i32 = 8;
+
 /// What the engine shares across flows.
 pub(crate) struct Engine {
     pub(crate) broker: Arc<dyn Broker>,
@@ -352,7 +355,7 @@ impl<D: FlowData> FlowRuntime<D> {
             }
             let budget = self.flow.step_timeout.min(deadline - now);
             let step = self.step(id, index, attempt, Phase::Action, now + budget);
-            let span = tracing::info_span!("step", node = node.name(), index, attempt, phase = "action");
+            let span = tracing::debug_span!("step", node = node.name(), index, attempt, phase = "action");
             let call = AssertUnwindSafe(node.action(&step, data)).catch_unwind().instrument(span);
             let result = tokio::time::timeout(budget, call).await;
             self.record_call(index, "action", now.elapsed(), attempt);
@@ -365,7 +368,10 @@ impl<D: FlowData> FlowRuntime<D> {
                 }
                 Err(_) => NodeError::timeout(budget),
             };
-            if error.is_retryable() {
+            // A transient error may hide an effect (a timeout, a lost connection), so the
+            // failed step is compensated too; an explicit overload refusal
+            // (RESOURCE_EXHAUSTED) says the call was not taken, so it is not.
+            if error.is_retryable() && error.code() != Some(RESOURCE_EXHAUSTED) {
                 uncertain = true;
             }
             if !error.is_retryable() || attempt >= policy.max_attempts {
@@ -395,7 +401,7 @@ impl<D: FlowData> FlowRuntime<D> {
             let budget = self.flow.step_timeout;
             let started = Instant::now();
             let step = self.step(id, index, attempt, Phase::Compensation, started + budget);
-            let span = tracing::info_span!("step", node = node.name(), index, attempt, phase = "compensation");
+            let span = tracing::debug_span!("step", node = node.name(), index, attempt, phase = "compensation");
             let call = AssertUnwindSafe(node.compensate(&step, data)).catch_unwind().instrument(span);
             let result = tokio::time::timeout(budget, call).await;
             self.record_call(index, "compensation", started.elapsed(), attempt);
@@ -482,7 +488,7 @@ impl<D: FlowData> FlowRuntime<D> {
     /// After a saga ends: count it, wake its waiters and deliver its callback.
     async fn finish(&self, record: &SagaRecord) {
         let status = record.status();
-        tracing::info!(%status, "saga ended");
+        tracing::debug!(%status, "saga ended");
         let (facade, mode) = (self.facade.to_string(), self.mode.to_string());
         metrics::counter!(m::SAGAS_ENDED, "facade" => facade.clone(), "mode" => mode, "outcome" => status.to_string())
             .increment(1);
