@@ -30,6 +30,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Whether `/metrics` is served without the token.
     pub public_metrics: bool,
+    /// OTLP/HTTP endpoint to export traces to (e.g. `http://127.0.0.1:4318/v1/traces`); off when unset.
+    pub otlp_endpoint: Option<String>,
     /// Which broker carries the hops: `memory`, `rabbitmq` or `nats`.
     pub broker: BrokerKind,
     /// The broker's URL, credentials included (never logged); each driver has a local default.
@@ -244,6 +246,7 @@ impl Default for Config {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 10080)),
             admin_token: None,
             public_metrics: true,
+            otlp_endpoint: None,
             broker: BrokerKind::Memory,
             broker_url: None,
             broker_queue_expiry_ms: None,
@@ -306,6 +309,9 @@ impl Config {
         }
         if let Some(url) = var("SAGAFLOW_LOG_URL").filter(|v| !v.is_empty()) {
             self.saga_log_url = Some(url);
+        }
+        if let Some(endpoint) = var("SAGAFLOW_OTLP_ENDPOINT").filter(|v| !v.is_empty()) {
+            self.otlp_endpoint = Some(endpoint);
         }
         if let Some(token) = var("SAGAFLOW_ADMIN_TOKEN").filter(|v| !v.is_empty()) {
             self.admin_token = Some(token);

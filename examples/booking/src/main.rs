@@ -8,6 +8,9 @@ use booking::app;
 use booking::config::Config;
 use booking::upstream::{OrderMock, PaymentMock};
 use clap::{Parser, Subcommand};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio_util::sync::CancellationToken;
 
 /// The sagaflow booking demo.
@@ -83,17 +86,45 @@ async fn terminated() {
     let _ = ctrl_c.await;
 }
 
+/// Logs to stderr, and traces to OTLP when configured (no exporter, no cost, otherwise).
+fn init_tracing(config: &Config) -> anyhow::Result<Option<SdkTracerProvider>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into());
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let provider = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .context("building the OTLP trace exporter")?;
+            let resource = opentelemetry_sdk::Resource::builder().with_service_name("sagaflow-booking").build();
+            Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+        }
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("sagaflow")));
+    tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
+    Ok(provider)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
-    let mut config = Config::load(cli.config.as_deref())?;
+    let config = Config::load(cli.config.as_deref())?;
+    let provider = init_tracing(&config)?;
+    let result = run(cli, config).await;
+    if let Some(provider) = provider {
+        // Flushes the spans still batched; blocking, so off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    }
+    result
+}
+
+async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     match cli.part.unwrap_or(Part::All) {
         Part::All => run_orchestrator(config).await,
         Part::Orchestrator => {
