@@ -1,0 +1,141 @@
+# shellcheck shell=bash
+# Shared by the bench scripts: where the binaries are, free ports, and the processes a script
+# starts (all stopped on exit, whatever the exit). Source it; do not run it.
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+OUT=${BENCH_OUT:-$BENCH_DIR/out}
+STARTED=()
+
+# Builds booking and sagaflow-bench (release or debug) and sets BIN to their directory.
+# BENCH_BIN_DIR=DIR uses binaries already built there instead.
+build() {
+    local profile=$1
+    if [ -n "${BENCH_BIN_DIR:-}" ]; then
+        BIN=$BENCH_BIN_DIR
+    else
+        local target=${CARGO_TARGET_DIR:-target}
+        case $target in /*) ;; *) target=$ROOT/$target ;; esac
+        if [ "$profile" = release ]; then
+            (cd "$ROOT" && cargo build --release --workspace --bins)
+            BIN=$target/release
+        else
+            (cd "$ROOT" && cargo build --workspace --bins)
+            BIN=$target/debug
+        fi
+    fi
+    for exe in booking sagaflow-bench; do
+        [ -x "$BIN/$exe" ] || { echo "no $BIN/$exe" >&2; exit 1; }
+    done
+}
+
+# Prints N free loopback TCP ports.
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+# start LOG CMD...: runs CMD in the background, its output in LOG; sets LAST_PID.
+start() {
+    local log=$1
+    shift
+    "$@" >"$log" 2>&1 &
+    LAST_PID=$!
+    STARTED+=("$LAST_PID")
+}
+
+# wait_port PORT PID LOG: until PORT accepts connections; fails if PID exits first or after 30 s.
+wait_port() {
+    local port=$1 pid=$2 log=$3
+    for _ in $(seq 150); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "process $pid exited before listening on $port:" >&2
+            tail -20 "$log" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+    echo "nothing listens on $port after 30 s" >&2
+    return 1
+}
+
+# Stops every process started here: SIGTERM, then SIGKILL after 10 s.
+stop_all() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${STARTED[@]}"; do
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    STARTED=()
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+# The machine, for the top of a report.
+machine() {
+    echo "commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')," \
+        "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))," \
+        "load average $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+# json_get FILE EXPR: evaluates a Python expression over the JSON document `j`.
+json_get() {
+    python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+# start_stack DIR BROKER LOG [MOCK FLAGS...]: the OrderService and PaymentService mocks (with the
+# given `booking order` flags, e.g. --latency-ms 40 --capacity 12) and an orchestrator, each its own
+# process on free ports, with a fresh topic prefix, pod id and saga log (embedded: under DIR;
+# postgres: a fresh schema), so runs never see each other's messages or sagas. CONSUMERS, when set,
+# is the consumer count of each throttling topic; STACK_YAML is appended to the orchestrator's
+# config. Sets GRPC, ORDER, PAYMENT (ports) and ORCHESTRATOR_PID, ORDER_PID, PAYMENT_PID.
+start_stack() {
+    local dir=$1 broker=$2 log=$3 http id
+    shift 3
+    mkdir -p "$dir"
+    read -r GRPC http ORDER PAYMENT <<<"$(free_ports 4)"
+    id="bench$(date +%s)$RANDOM"
+    start "$dir/order.log" "$BIN/booking" order --listen "127.0.0.1:$ORDER" "$@"
+    ORDER_PID=$LAST_PID
+    start "$dir/payment.log" "$BIN/booking" payment --listen "127.0.0.1:$PAYMENT" "$@"
+    PAYMENT_PID=$LAST_PID
+    {
+        echo "pod_id: $id"
+        echo "grpc_listen: 127.0.0.1:$GRPC"
+        echo "http_listen: 127.0.0.1:$http"
+        echo "broker: $broker"
+        echo "saga_log: $log"
+        case $log in
+            embedded) echo "saga_log_url: $dir/data" ;;
+            postgres) echo "saga_log_schema: $id" ;;
+        esac
+        echo "upstream: { in_process: false, order_addr: 127.0.0.1:$ORDER, payment_addr: 127.0.0.1:$PAYMENT }"
+        echo "message_queue:"
+        echo "  topic_prefix: $id"
+        if [ -n "${CONSUMERS:-}" ]; then
+            echo "  topics:"
+            for topic in CreateOrder CreatePayment rollback; do
+                echo "    - { id: ThrottlingBooking.$topic, is_throttling: true, concurrency: $CONSUMERS }"
+            done
+        fi
+        echo "${STACK_YAML:-}"
+    } >"$dir/app.yaml"
+    start "$dir/orchestrator.log" env RUST_LOG="${RUST_LOG:-warn}" "$BIN/booking" --config "$dir/app.yaml" orchestrator
+    ORCHESTRATOR_PID=$LAST_PID
+    wait_port "$ORDER" "$ORDER_PID" "$dir/order.log" || return 1
+    wait_port "$PAYMENT" "$PAYMENT_PID" "$dir/payment.log" || return 1
+    wait_port "$GRPC" "$ORCHESTRATOR_PID" "$dir/orchestrator.log" || return 1
+}
