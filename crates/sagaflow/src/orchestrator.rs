@@ -23,6 +23,9 @@ use crate::saga::{Mode, Outcome, SagaEvent, SagaRecord, SagaState};
 pub trait FlowData: Serialize + DeserializeOwned + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> FlowData for T {}
 
+/// How often queue depths are sampled for the metrics.
+const QUEUE_DEPTH_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Longest request id accepted.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
@@ -213,6 +216,7 @@ impl OrchestratorBuilder {
             flow.clone().start_consumers().await?;
         }
         orchestrator.recover().await?;
+        orchestrator.sample_queue_depths();
         Ok(orchestrator)
     }
 }
@@ -365,6 +369,28 @@ impl Orchestrator {
             recovered: self.engine.stats.recovered.load(Ordering::Relaxed),
             waiting: self.engine.completions.len(),
         }
+    }
+
+    /// Every few seconds, records how many messages wait on each of this
+    /// orchestrator's topics (where the broker can tell).
+    fn sample_queue_depths(&self) {
+        let topics: Vec<String> =
+            self.flows().into_iter().flat_map(|f| f.topics.into_iter().chain([f.rollback_topic])).collect();
+        let engine = self.engine.clone();
+        self.engine.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(QUEUE_DEPTH_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = engine.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                for topic in &topics {
+                    if let Some(depth) = engine.broker.depth(topic, &engine.options.consumer_group).await {
+                        metrics::gauge!(crate::metrics::QUEUE_DEPTH, "topic" => topic.clone()).set(depth as f64);
+                    }
+                }
+            }
+        });
     }
 
     async fn recover(&self) -> Result<()> {

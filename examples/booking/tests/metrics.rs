@@ -38,5 +38,7 @@ async fn counters_and_histograms_follow_the_sagas() {
     assert_eq!(sample(&text, "sagaflow_compensations_total", &[sync, r#"node="CreateOrder""#, r#"result="ok""#]), 1.0);
     assert!(sample(&text, "sagaflow_broker_publish_seconds_count", &[r#"broker="memory""#]) >= 3.0);
     assert!(sample(&text, "sagaflow_broker_ack_seconds_count", &[r#"broker="memory""#]) >= 3.0);
+    // Sampled at start and every 5 s: nothing is waiting once the sagas above are done.
+    assert_eq!(sample(&text, "sagaflow_queue_depth", &[r#"ThrottlingBooking.CreateOrder"#]), 0.0);
     s.running.shutdown().await.unwrap();
 }

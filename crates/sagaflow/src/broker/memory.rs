@@ -157,6 +157,10 @@ impl Broker for MemoryBroker {
     fn name(&self) -> &'static str {
         "memory"
     }
+
+    async fn depth(&self, topic: &str, group: &str) -> Option<u64> {
+        Some(MemoryBroker::depth(self, topic, group) as u64)
+    }
 }
 
 struct Slots {
@@ -278,5 +282,24 @@ impl Drop for MemoryAcker {
     fn drop(&mut self) {
         // Abandoned without settling (the consumer died mid-message): deliver again.
         self.requeue(Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn depth_counts_waiting_messages_not_those_in_flight() {
+        let broker = MemoryBroker::new();
+        let mut sub = broker.subscribe(SubscribeOptions::new("t", "g").concurrency(1)).await.unwrap();
+        for i in 0..3u8 {
+            broker.publish(Message::new("t", vec![i])).await.unwrap();
+        }
+        assert_eq!(Broker::depth(&broker, "t", "g").await, Some(3));
+        let delivery = sub.next().await.unwrap();
+        assert_eq!(Broker::depth(&broker, "t", "g").await, Some(2));
+        delivery.ack().await.unwrap();
+        assert_eq!(Broker::depth(&broker, "other", "g").await, Some(0));
     }
 }

@@ -143,6 +143,13 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The driver's name, for logs.
     fn name(&self) -> &'static str;
+
+    /// Messages waiting on `topic` for `group` (not in flight), where the
+    /// broker can tell cheaply; `None` otherwise.
+    async fn depth(&self, topic: &str, group: &str) -> Option<u64> {
+        let _ = (topic, group);
+        None
+    }
 }
 
 /// The driver side of a subscription.
