@@ -185,6 +185,18 @@ impl SagaLog for RedbSagaLog {
         self.call(|reply| Request::Append(request_id.to_owned(), event, reply)).await
     }
 
+    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
+        // The writer takes requests in order, so any write queued after this one commits
+        // in the same batch or a later one: awaiting that write covers this one too.
+        let (reply, _ignored) = oneshot::channel();
+        let closed = || LogError::from(Error::Closed);
+        self.tx
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(Request::Append(request_id.to_owned(), event, reply))
+            .map_err(|_| closed())
+    }
+
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
         let id = request_id.to_owned();
         self.read(move |txn| {

@@ -270,7 +270,7 @@ impl<D: FlowData> FlowRuntime<D> {
     /// Runs steps `from..` in-process (sync flow and its recovery).
     async fn drive_forward(&self, id: &Arc<str>, mut data: D, from: usize, deadline: Instant) -> Result<Outcome<D>> {
         for index in from..self.flow.len() {
-            self.engine.log.append(id, SagaEvent::StepStarted { index }).await?;
+            self.record_start(id, index).await?;
             match self.run_action(id, index, &mut data, deadline).await {
                 Ok(attempts) => {
                     let json = self.encode(id, &data)?;
@@ -296,6 +296,16 @@ impl<D: FlowData> FlowRuntime<D> {
         // Only reached when `from` was already past the last step.
         let record = self.engine.log.get(id).await?.ok_or_else(|| LogError::NotFound(id.to_string()))?;
         self.outcome(&record)
+    }
+
+    /// Records a step's start without waiting for its commit: the step's
+    /// result, written next and awaited, is stored no earlier. A duplicate
+    /// delivery that finds the saga moved on is not an error here.
+    async fn record_start(&self, id: &str, index: usize) -> Result<()> {
+        match self.engine.log.append_queued(id, SagaEvent::StepStarted { index }).await {
+            Ok(()) | Err(LogError::Transition(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn record_failure(
@@ -713,7 +723,7 @@ impl<D: FlowData> FlowRuntime<D> {
             }
         }
         let deadline = Instant::now() + Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
-        self.append_or_reload(id, SagaEvent::StepStarted { index }).await?;
+        self.record_start(id, index).await?;
         match self.run_action(id, index, &mut data, deadline).await {
             Ok(attempts) => {
                 let json = self.encode(id, &data)?;
