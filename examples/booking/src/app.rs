@@ -13,7 +13,6 @@ use sagaflow_rabbitmq::{RabbitMqBroker, RabbitMqOptions};
 use sagaflow_redb::{RedbOptions, RedbSagaLog};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint, Server};
@@ -176,7 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .add_service(health)
             .add_service(v1)
             .add_service(v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
+            .serve_with_incoming_shutdown(crate::upstream::incoming(listener), async move { stop.cancelled().await })
             .await
             .context("orchestrator gRPC server failed")
     }));
