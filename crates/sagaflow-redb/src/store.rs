@@ -1,6 +1,7 @@
 //! The [`SagaLog`] over redb: reads in read transactions, every write through one writer
 //! thread that group-commits whatever is queued.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,6 +115,7 @@ impl RedbSagaLog {
             prune_chunk: options.prune_chunk,
             max_batch: options.max_batch,
             linger: options.linger,
+            cache: Cache::default(),
         };
         let writer = thread::Builder::new()
             .name("sagaflow-redb-writer".into())
@@ -303,41 +305,49 @@ impl<'txn> Tables<'txn> {
     }
 
     /// The outer error aborts the whole batch; the inner one is this request's own answer.
-    fn begin(&mut self, saga: NewSaga) -> Result<Result<Begin, LogError>> {
+    fn begin(&mut self, cache: &mut Cache, saga: NewSaga) -> Result<Result<Begin, LogError>> {
+        if let Some(record) = cache.records.get(&saga.request_id) {
+            return Ok(Ok(Begin::Exists(record.record.clone())));
+        }
         if let Some(bytes) = self.sagas.get(saga.request_id.as_str())? {
             return Ok(decode(bytes.value()).map(Begin::Exists).map_err(Into::into));
         }
         let record = SagaRecord::new(saga);
-        let bytes = match encode(&record) {
-            Ok(bytes) => bytes,
-            Err(e) => return Ok(Err(e.into())),
-        };
         let id = record.request_id.as_str();
-        self.sagas.insert(id, bytes.as_slice())?;
         self.unfinished.insert(id, ())?;
         self.by_created.insert((record.created_ms, id), ())?;
-        Ok(Ok(Begin::Started(record)))
+        let answer = record.clone();
+        cache.changed(record);
+        Ok(Ok(Begin::Started(answer)))
     }
 
-    /// The outer error aborts the whole batch; the inner one is this request's own answer.
-    fn append(&mut self, request_id: &str, event: &SagaEvent) -> Result<Result<SagaRecord, LogError>> {
-        let decoded = match self.sagas.get(request_id)? {
-            None => return Ok(Err(LogError::NotFound(request_id.to_owned()))),
-            Some(bytes) => decode(bytes.value()),
+    /// The outer error aborts the whole batch; the inner one is this request's own answer, the
+    /// record after the event if `answer` (a queued append has nobody to answer).
+    fn append(
+        &mut self,
+        cache: &mut Cache,
+        request_id: &str,
+        event: &SagaEvent,
+        answer: bool,
+    ) -> Result<Result<Option<SagaRecord>, LogError>> {
+        if !cache.records.contains_key(request_id) {
+            let decoded = match self.sagas.get(request_id)? {
+                None => return Ok(Err(LogError::NotFound(request_id.to_owned()))),
+                Some(bytes) => decode(bytes.value()),
+            };
+            match decoded {
+                Ok(record) => cache.load(record),
+                Err(e) => return Ok(Err(e.into())),
+            }
+        }
+        let Some(cached) = cache.records.get_mut(request_id) else {
+            return Ok(Err(LogError::NotFound(request_id.to_owned())));
         };
-        let mut record = match decoded {
-            Ok(record) => record,
-            Err(e) => return Ok(Err(e.into())),
-        };
+        let record = &mut cached.record;
         let was_ended = record.state.is_ended();
         if let Err(refused) = record.apply(event) {
             return Ok(Err(refused.into()));
         }
-        let bytes = match encode(&record) {
-            Ok(bytes) => bytes,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        self.sagas.insert(request_id, bytes.as_slice())?;
         match (was_ended, record.state.is_ended()) {
             (false, true) => {
                 self.unfinished.remove(request_id)?;
@@ -353,14 +363,79 @@ impl<'txn> Tables<'txn> {
             }
             _ => {}
         }
-        Ok(Ok(record))
+        let answer = answer.then(|| record.clone());
+        cache.mark(request_id);
+        Ok(Ok(answer))
+    }
+
+    /// Stores every record changed since the last flush, once each, and forgets the ended ones.
+    fn flush(&mut self, cache: &mut Cache) -> Result<()> {
+        for id in std::mem::take(&mut cache.dirty) {
+            let Some(cached) = cache.records.get_mut(&id) else { continue };
+            cached.dirty = false;
+            self.sagas.insert(id.as_str(), encode(&cached.record)?.as_slice())?;
+            if cached.record.state.is_ended() {
+                cache.records.remove(&id);
+            }
+        }
+        // Records loaded for an event that was refused: kept only while the saga runs.
+        cache.records.retain(|_, cached| !cached.record.state.is_ended());
+        Ok(())
+    }
+}
+
+/// The records of the sagas the writer is working on: an append neither reads nor decodes the
+/// stored record, and a saga changed several times in one batch (a step's start and its result)
+/// is encoded and stored once, at the end of the batch. Holds running sagas only (an ended one
+/// leaves at the flush that stores its end); cleared when a batch fails, since the records in
+/// it may then be ahead of the file.
+#[derive(Debug, Default)]
+pub(crate) struct Cache {
+    records: HashMap<String, Cached>,
+    /// Request ids changed since the last flush, in the order first changed.
+    dirty: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    record: SagaRecord,
+    dirty: bool,
+}
+
+impl Cache {
+    /// More running sagas than this and the cache is emptied after a flush (recovery of a large
+    /// backlog, say); records are read back from the file as needed.
+    const MAX_RECORDS: usize = 100_000;
+
+    fn load(&mut self, record: SagaRecord) {
+        self.records.insert(record.request_id.clone(), Cached { record, dirty: false });
+    }
+
+    fn changed(&mut self, record: SagaRecord) {
+        let id = record.request_id.clone();
+        self.load(record);
+        self.mark(&id);
+    }
+
+    fn mark(&mut self, request_id: &str) {
+        if let Some(cached) = self.records.get_mut(request_id)
+            && !cached.dirty
+        {
+            cached.dirty = true;
+            self.dirty.push(request_id.to_owned());
+        }
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.dirty.clear();
     }
 }
 
 /// A request's result, held until its batch commits.
 enum Answer {
     Begin(Reply<Begin>, Result<Begin, LogError>),
-    Append(Reply<SagaRecord>, Result<SagaRecord, LogError>),
+    Append(Reply<SagaRecord>, Result<Option<SagaRecord>, LogError>),
     Prune(Reply<Pruned>, Result<Pruned, LogError>),
 }
 
@@ -378,7 +453,11 @@ impl Answer {
     fn send(self, failed: Option<&str>) {
         match self {
             Answer::Begin(reply, result) => answer(reply, result, failed),
-            Answer::Append(reply, result) => answer(reply, result, failed),
+            // No record: a queued append, whose caller does not wait for an answer.
+            Answer::Append(reply, result) => match result.transpose() {
+                Some(result) => answer(reply, result, failed),
+                None => drop(reply),
+            },
             Answer::Prune(reply, result) => answer(reply, result, failed),
         }
     }
@@ -395,11 +474,11 @@ impl Request {
 }
 
 /// Turns one request's outcome into its answer; a store failure is recorded in `fatal`.
-fn settle<T>(
-    reply: Reply<T>,
+fn settle<R, T>(
+    reply: R,
     outcome: Result<Result<T, LogError>>,
     fatal: &mut Option<Error>,
-    wrap: fn(Reply<T>, Result<T, LogError>) -> Answer,
+    wrap: fn(R, Result<T, LogError>) -> Answer,
 ) -> Answer {
     match outcome {
         Ok(result) => wrap(reply, result),
@@ -421,10 +500,11 @@ struct Writer {
     prune_chunk: usize,
     max_batch: usize,
     linger: Duration,
+    cache: Cache,
 }
 
 impl Writer {
-    fn run(self) {
+    fn run(mut self) {
         // Prune once at start (the process may have been down a while), then every interval.
         let mut last_batch = 0;
         let schedulable = Instant::now().checked_add(self.prune_interval).is_some();
@@ -479,7 +559,7 @@ impl Writer {
     }
 
     /// Applies the batch in one transaction, commits it (one fsync), then answers every request.
-    fn commit(&self, batch: Vec<Request>) {
+    fn commit(&mut self, batch: Vec<Request>) {
         let txn = match self.db.begin_write() {
             Ok(txn) => txn,
             Err(e) => {
@@ -499,14 +579,18 @@ impl Writer {
                     let answer = match request {
                         Request::Begin(saga, reply) => {
                             writes += 1;
-                            settle(reply, tables.begin(saga), &mut fatal, Answer::Begin)
+                            settle(reply, tables.begin(&mut self.cache, saga), &mut fatal, Answer::Begin)
                         }
                         Request::Append(id, event, reply) => {
                             writes += 1;
-                            settle(reply, tables.append(&id, &event), &mut fatal, Answer::Append)
+                            let outcome = tables.append(&mut self.cache, &id, &event, !reply.is_closed());
+                            settle(reply, outcome, &mut fatal, Answer::Append)
                         }
                         Request::Prune(now, reply) => {
-                            let outcome = tables.prune(&self.retention, now, self.prune_chunk);
+                            // Pruning reads the stored records: store the batch's changes first.
+                            let outcome = tables
+                                .flush(&mut self.cache)
+                                .and_then(|()| tables.prune(&self.retention, now, self.prune_chunk));
                             if let Ok(p) = &outcome {
                                 pruned += p.removed as u64;
                             }
@@ -517,6 +601,11 @@ impl Writer {
                     if fatal.is_some() {
                         break;
                     }
+                }
+                if fatal.is_none()
+                    && let Err(e) = tables.flush(&mut self.cache)
+                {
+                    fatal = Some(e);
                 }
             }
         }
@@ -531,6 +620,9 @@ impl Writer {
         };
         match committed {
             Ok(()) => {
+                if self.cache.records.len() > Cache::MAX_RECORDS {
+                    self.cache.clear();
+                }
                 if writes > 0 {
                     self.counters.batches.fetch_add(1, Ordering::Relaxed);
                 }
@@ -539,6 +631,8 @@ impl Writer {
                 answers.into_iter().for_each(|a| a.send(None));
             }
             Err(e) => {
+                // The cached records may hold this batch's changes, which the file does not.
+                self.cache.clear();
                 tracing::error!(error = %e, "saga log batch failed; every write in it is refused");
                 let why = e.to_string();
                 answers.into_iter().for_each(|a| a.send(Some(&why)));
@@ -605,7 +699,12 @@ pub(crate) mod tests {
     pub(crate) async fn run_to_stuck(log: &RedbSagaLog, id: &str) {
         log.begin(new_saga(id)).await.unwrap();
         let failure = Failure { step: 0, node: "N".into(), error: "timeout".into(), code: None };
-        log.append(id, SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: true }).await.unwrap();
+        log.append(
+            id,
+            SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: true, later_steps_in_doubt: false },
+        )
+        .await
+        .unwrap();
         let r = log
             .append(id, SagaEvent::CompensationGaveUp { index: 0, attempts: 3, reason: "down".into() })
             .await
@@ -629,6 +728,7 @@ pub(crate) mod tests {
             prune_chunk: 512,
             max_batch: 256,
             linger: Duration::ZERO,
+            cache: Cache::default(),
         }
     }
 
@@ -640,7 +740,7 @@ pub(crate) mod tests {
     #[test]
     fn one_batch_answers_each_request_on_its_own_and_sees_its_own_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = idle_writer(dir.path());
+        let mut writer = idle_writer(dir.path());
         let (begin, mut begin_rx) = request(|r| Request::Begin(new_saga("a"), r));
         let (again, mut again_rx) = request(|r| Request::Begin(new_saga("a"), r));
         let (start, mut start_rx) = request(|r| Request::Append("a".into(), SagaEvent::StepStarted { index: 0 }, r));
@@ -671,6 +771,32 @@ pub(crate) mod tests {
         assert_eq!(stored, completed);
         assert!(txn.open_table(UNFINISHED).unwrap().get("a").unwrap().is_none());
         assert_eq!(txn.open_table(ENDED_AT).unwrap().get("a").unwrap().unwrap().value(), completed.updated_ms);
+        assert!(writer.cache.records.is_empty(), "an ended saga leaves the cache");
+    }
+
+    #[test]
+    fn a_running_saga_is_cached_as_stored_and_queued_appends_get_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        let mut saga = new_saga("r");
+        saga.steps = 2;
+        let (begin, _begin_rx) = request(|r| Request::Begin(saga, r));
+        writer.commit(vec![begin]);
+        // A queued append: its receiver is gone before the writer sees it.
+        let (queued, queued_rx) = request(|r| Request::Append("r".into(), SagaEvent::StepStarted { index: 0 }, r));
+        drop(queued_rx);
+        let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(7) };
+        let (complete, mut complete_rx) = request(|r| Request::Append("r".into(), done, r));
+        writer.commit(vec![queued, complete]);
+
+        let after = complete_rx.try_recv().unwrap().unwrap();
+        assert_eq!(after.completed, 1);
+        assert_eq!(after.history.len(), 3, "the queued start was applied first");
+        let txn = writer.db.begin_read().unwrap();
+        let stored = decode(txn.open_table(SAGAS).unwrap().get("r").unwrap().unwrap().value()).unwrap();
+        assert_eq!(stored, after);
+        assert_eq!(writer.cache.records.get("r").map(|c| &c.record), Some(&after));
+        assert!(writer.cache.dirty.is_empty());
     }
 
     #[tokio::test]
