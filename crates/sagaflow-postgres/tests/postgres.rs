@@ -202,7 +202,12 @@ async fn a_retried_stuck_saga_is_not_pruned_while_it_runs_again() {
     log.append(id, SagaEvent::StepStarted { index: 0 }).await.unwrap();
     log.append(id, SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(0) }).await.unwrap();
     let failure = sagaflow::Failure { step: 1, node: "N1".into(), error: "no".into(), code: None };
-    log.append(id, SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: false }).await.unwrap();
+    log.append(
+        id,
+        SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: false, later_steps_in_doubt: false },
+    )
+    .await
+    .unwrap();
     let r = log.append(id, SagaEvent::CompensationGaveUp { index: 0, attempts: 3, reason: "down".into() }).await;
     assert_eq!(r.unwrap().status(), SagaStatus::Stuck);
     backdate_end(&log, id, 2 * 3600).await;

@@ -64,6 +64,13 @@ struct RollbackMessage {
     facade: String,
 }
 
+/// Whether a sync saga runs for its caller or is recovered after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Fresh,
+    Recovered,
+}
+
 /// How one action ended after its retries.
 enum ActionError {
     /// Failed for good; `uncertain` if an attempt may have taken effect.
@@ -171,7 +178,7 @@ impl<D: FlowData> FlowRuntime<D> {
         self.started();
         let deadline = Instant::now() + self.flow.saga_timeout;
         let id: Arc<str> = request_id.into();
-        self.drive_forward(&id, data, record.completed, deadline).instrument(self.span(request_id)).await
+        self.drive_forward(&id, data, record.completed, deadline, Run::Fresh).instrument(self.span(request_id)).await
     }
 
     /// Throttling flow: queues the first hop on this pod and waits for the end.
@@ -222,7 +229,8 @@ impl<D: FlowData> FlowRuntime<D> {
             error: format!("could not queue the first step: {error}"),
             code: Some(14),
         };
-        let event = SagaEvent::StepFailed { failure, attempts: 0, compensate_failed: false };
+        let event =
+            SagaEvent::StepFailed { failure, attempts: 0, compensate_failed: false, later_steps_in_doubt: false };
         match self.engine.log.append(request_id, event).await {
             Ok(record) => self.finish(&record).await,
             Err(e) => tracing::error!(request_id, error = %e, "could not record an unsent first hop"),
@@ -268,14 +276,32 @@ impl<D: FlowData> FlowRuntime<D> {
     // ---------------------------------------------------------------- forward
 
     /// Runs steps `from..` in-process (sync flow and its recovery).
-    async fn drive_forward(&self, id: &Arc<str>, mut data: D, from: usize, deadline: Instant) -> Result<Outcome<D>> {
+    ///
+    /// A step's start and an intermediate step's result are queued, not awaited: nothing is
+    /// acked, published or answered between steps, and the awaited write that ends the saga
+    /// (the last result, or a failure) is stored no earlier. A crash can therefore lose the
+    /// tail of a running saga's record; its recovery ([`Run::Recovered`]) treats every step from
+    /// the recorded position on as possibly run.
+    async fn drive_forward(
+        &self,
+        id: &Arc<str>,
+        mut data: D,
+        from: usize,
+        deadline: Instant,
+        run: Run,
+    ) -> Result<Outcome<D>> {
+        let last = self.flow.len().saturating_sub(1);
         for index in from..self.flow.len() {
             self.record_start(id, index).await?;
-            match self.run_action(id, index, &mut data, deadline).await {
+            match self.run_action(id, index, &mut data, deadline, run == Run::Recovered).await {
                 Ok(attempts) => {
                     let json = self.encode(id, &data)?;
-                    let record =
-                        self.engine.log.append(id, SagaEvent::StepCompleted { index, attempts, data: json }).await?;
+                    let event = SagaEvent::StepCompleted { index, attempts, data: json };
+                    if index < last {
+                        self.engine.log.append_queued(id, event).await?;
+                        continue;
+                    }
+                    let record = self.engine.log.append(id, event).await?;
                     if record.state.is_ended() {
                         self.finish(&record).await;
                         return Ok(Outcome::Completed(data));
@@ -284,7 +310,11 @@ impl<D: FlowData> FlowRuntime<D> {
                 Err(ActionError::Interrupted) => return Err(Error::ShuttingDown),
                 Err(ActionError::Failed { error, attempts, uncertain }) => {
                     let mut waiter = self.engine.completions.register(id);
-                    let record = self.record_failure(id, index, error, attempts, uncertain).await?;
+                    // Recovered: steps after this one may have run before the crash, unless
+                    // this one was refused outright (an idempotent upstream would have
+                    // answered a replay of a call that took effect with its result).
+                    let later = run == Run::Recovered && uncertain && index < last;
+                    let record = self.record_failure(id, index, error, attempts, uncertain, later).await?;
                     if !record.state.is_ended() {
                         self.publish_rollback(&record).await?;
                     }
@@ -293,7 +323,8 @@ impl<D: FlowData> FlowRuntime<D> {
                 }
             }
         }
-        // Only reached when `from` was already past the last step.
+        // Reached when `from` was already past the last step, or the last result did not end
+        // the saga (the log refused the queued results before it): report what the log has.
         let record = self.engine.log.get(id).await?.ok_or_else(|| LogError::NotFound(id.to_string()))?;
         self.outcome(&record)
     }
@@ -315,6 +346,7 @@ impl<D: FlowData> FlowRuntime<D> {
         error: NodeError,
         attempts: u32,
         uncertain: bool,
+        later_steps_in_doubt: bool,
     ) -> Result<SagaRecord> {
         let node = &self.flow.nodes[index];
         tracing::warn!(step = index, node = node.name(), attempts, %error, "step failed; compensating");
@@ -325,7 +357,8 @@ impl<D: FlowData> FlowRuntime<D> {
             code: error.code(),
         };
         let compensate_failed = uncertain && node.has_compensation();
-        let record = self.engine.log.append(id, SagaEvent::StepFailed { failure, attempts, compensate_failed }).await?;
+        let event = SagaEvent::StepFailed { failure, attempts, compensate_failed, later_steps_in_doubt };
+        let record = self.engine.log.append(id, event).await?;
         if record.state.is_ended() {
             self.finish(&record).await;
         }
@@ -346,12 +379,15 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Calls step `index`'s action with timeouts and retries; a panic is a permanent error.
+    /// `in_doubt`: an earlier run (before a crash, or an earlier delivery) may have called it,
+    /// so a failure without a call of its own (the deadline passed first) is uncertain.
     async fn run_action(
         &self,
         id: &Arc<str>,
         index: usize,
         data: &mut D,
         deadline: Instant,
+        in_doubt: bool,
     ) -> Result<u32, ActionError> {
         let node = &self.flow.nodes[index];
         let policy = &self.flow.retry;
@@ -361,7 +397,7 @@ impl<D: FlowData> FlowRuntime<D> {
             let now = Instant::now();
             if now >= deadline {
                 let error = NodeError::permanent(format!("saga deadline passed before attempt {attempt}"));
-                return Err(ActionError::Failed { error, attempts: attempt - 1, uncertain });
+                return Err(ActionError::Failed { error, attempts: attempt - 1, uncertain: uncertain || in_doubt });
             }
             let budget = self.flow.step_timeout.min(deadline - now);
             let step = self.step(id, index, attempt, Phase::Action, now + budget);
@@ -724,7 +760,8 @@ impl<D: FlowData> FlowRuntime<D> {
         }
         let deadline = Instant::now() + Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
         self.record_start(id, index).await?;
-        match self.run_action(id, index, &mut data, deadline).await {
+        // A hop may be a redelivery whose first delivery called the action.
+        match self.run_action(id, index, &mut data, deadline, true).await {
             Ok(attempts) => {
                 let json = self.encode(id, &data)?;
                 let event = SagaEvent::StepCompleted { index, attempts, data: json.clone() };
@@ -742,7 +779,7 @@ impl<D: FlowData> FlowRuntime<D> {
             }
             Err(ActionError::Interrupted) => Ok(false),
             Err(ActionError::Failed { error, attempts, uncertain }) => {
-                let record = match self.record_failure(id, index, error, attempts, uncertain).await {
+                let record = match self.record_failure(id, index, error, attempts, uncertain, false).await {
                     Ok(record) => record,
                     Err(Error::Log(LogError::Transition(_))) => return Ok(true),
                     Err(e) => return Err(e),
@@ -817,7 +854,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                 let span = self.span(&id);
                 self.engine.tasks.spawn(
                     async move {
-                        if let Err(e) = this.drive_forward(&id, data, record.completed, deadline).await {
+                        let run = this.drive_forward(&id, data, record.completed, deadline, Run::Recovered);
+                        if let Err(e) = run.await {
                             tracing::error!(error = %e, "recovered saga failed to run");
                         }
                     }

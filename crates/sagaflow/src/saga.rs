@@ -151,6 +151,13 @@ pub enum SagaEvent {
         /// Whether the failed step itself is compensated too, because an
         /// attempt may have taken effect (a timeout, a lost connection).
         compensate_failed: bool,
+        /// Whether every step after the failed one is compensated too, because
+        /// it may have run: a sync saga recovered after a crash records its
+        /// intermediate steps' results without waiting for their commit, so the
+        /// log can lag what the upstreams did. Compensations must tolerate an
+        /// action that never ran (they already must, for `compensate_failed`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        later_steps_in_doubt: bool,
     },
     /// The compensation of step `index` succeeded.
     StepCompensated {
@@ -314,10 +321,17 @@ impl SagaRecord {
                 entry.step = Some(*index);
                 entry.attempts = Some(*attempts);
             }
-            (SagaState::Running, SagaEvent::StepFailed { failure, attempts, compensate_failed })
-                if failure.step == self.completed =>
-            {
-                let last = if *compensate_failed { failure.step + 1 } else { failure.step };
+            (
+                SagaState::Running,
+                SagaEvent::StepFailed { failure, attempts, compensate_failed, later_steps_in_doubt },
+            ) if failure.step == self.completed => {
+                let last = if *later_steps_in_doubt {
+                    self.steps.max(failure.step + 1)
+                } else if *compensate_failed {
+                    failure.step + 1
+                } else {
+                    failure.step
+                };
                 let pending: Vec<usize> = (0..last).rev().collect();
                 entry.step = Some(failure.step);
                 entry.attempts = Some(*attempts);
@@ -469,7 +483,13 @@ mod tests {
         let mut r = record(3);
         complete(&mut r, 0);
         complete(&mut r, 1);
-        r.apply(&SagaEvent::StepFailed { failure: failure(2), attempts: 1, compensate_failed: false }).unwrap();
+        r.apply(&SagaEvent::StepFailed {
+            failure: failure(2),
+            attempts: 1,
+            compensate_failed: false,
+            later_steps_in_doubt: false,
+        })
+        .unwrap();
         assert_eq!(r.state, SagaState::Compensating { failure: failure(2), pending: vec![1, 0] });
         // Out of order is refused: step 0 cannot be undone before step 1.
         assert!(r.apply(&SagaEvent::StepCompensated { index: 0, attempts: 1 }).is_err());
@@ -483,14 +503,26 @@ mod tests {
     fn an_uncertain_failed_step_is_compensated_too() {
         let mut r = record(2);
         complete(&mut r, 0);
-        r.apply(&SagaEvent::StepFailed { failure: failure(1), attempts: 5, compensate_failed: true }).unwrap();
+        r.apply(&SagaEvent::StepFailed {
+            failure: failure(1),
+            attempts: 5,
+            compensate_failed: true,
+            later_steps_in_doubt: false,
+        })
+        .unwrap();
         assert_eq!(r.next_compensation(), Some(1));
     }
 
     #[test]
     fn a_first_step_refusal_ends_compensated_at_once() {
         let mut r = record(2);
-        r.apply(&SagaEvent::StepFailed { failure: failure(0), attempts: 1, compensate_failed: false }).unwrap();
+        r.apply(&SagaEvent::StepFailed {
+            failure: failure(0),
+            attempts: 1,
+            compensate_failed: false,
+            later_steps_in_doubt: false,
+        })
+        .unwrap();
         assert_eq!(r.state, SagaState::Compensated { failure: failure(0) });
     }
 
@@ -498,7 +530,13 @@ mod tests {
     fn compensation_giving_up_is_stuck_and_retriable() {
         let mut r = record(2);
         complete(&mut r, 0);
-        r.apply(&SagaEvent::StepFailed { failure: failure(1), attempts: 1, compensate_failed: false }).unwrap();
+        r.apply(&SagaEvent::StepFailed {
+            failure: failure(1),
+            attempts: 1,
+            compensate_failed: false,
+            later_steps_in_doubt: false,
+        })
+        .unwrap();
         r.apply(&SagaEvent::CompensationGaveUp { index: 0, attempts: 10, reason: "down".into() }).unwrap();
         match &r.state {
             SagaState::Stuck { reason, pending, .. } => {
@@ -521,7 +559,13 @@ mod tests {
         assert!(r.apply(&SagaEvent::StepStarted { index: 1 }).is_err());
         assert!(r.apply(&SagaEvent::RetryCompensation).is_err());
         assert!(
-            r.apply(&SagaEvent::StepFailed { failure: failure(0), attempts: 1, compensate_failed: false }).is_err()
+            r.apply(&SagaEvent::StepFailed {
+                failure: failure(0),
+                attempts: 1,
+                compensate_failed: false,
+                later_steps_in_doubt: false
+            })
+            .is_err()
         );
     }
 }

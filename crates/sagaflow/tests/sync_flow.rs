@@ -3,9 +3,14 @@
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sagaflow::{Error, Flow, MemoryBroker, MemorySagaLog, Orchestrator, Outcome, RetryPolicy, SagaState, SagaStatus};
+use sagaflow::log::{Begin, ListFilter, LogError};
+use sagaflow::{
+    Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Orchestrator, Outcome, RetryPolicy, SagaEvent, SagaLog,
+    SagaRecord, SagaState, SagaStatus,
+};
 use support::{Act, Scripted, calls, refused, taken, unavailable};
 use tokio::time::Instant;
 
@@ -227,4 +232,111 @@ async fn an_overload_refusal_is_retried_and_not_compensated_itself() {
     assert_eq!(failure.code, Some(8));
     // Retried three times; b refused every call for load, so only a is undone.
     assert_eq!(taken(&c), ["a#1", "b#1", "b#2", "b#3", "undo a#1"]);
+}
+
+/// A log that counts the writes the engine waits for and the ones it only queues.
+struct Counting {
+    inner: MemorySagaLog,
+    awaited: AtomicUsize,
+    queued: AtomicUsize,
+}
+
+#[sagaflow::async_trait]
+impl SagaLog for Counting {
+    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
+        self.awaited.fetch_add(1, Ordering::SeqCst);
+        self.inner.begin(saga).await
+    }
+    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
+        self.awaited.fetch_add(1, Ordering::SeqCst);
+        self.inner.append(request_id, event).await
+    }
+    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.inner.append_queued(request_id, event).await
+    }
+    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
+        self.inner.get(request_id).await
+    }
+    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
+        self.inner.unfinished().await
+    }
+    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
+        self.inner.list(filter).await
+    }
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sync_saga_waits_for_its_start_and_its_end_only() {
+    let c = calls();
+    let log =
+        Arc::new(Counting { inner: MemorySagaLog::new(), awaited: AtomicUsize::new(0), queued: AtomicUsize::new(0) });
+    let flow = Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c)).node(Scripted::new("c", &c));
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log.clone()).sync(F, flow).start().await.unwrap();
+    assert!(matches!(o.run(F, "r1", Vec::<String>::new()).await.unwrap(), Outcome::Completed(_)));
+    // begin and the last result are awaited; three starts and two intermediate results are queued
+    // (nothing is acked, published or answered between steps, and the awaited end covers them).
+    assert_eq!(log.awaited.load(Ordering::SeqCst), 2);
+    assert_eq!(log.queued.load(Ordering::SeqCst), 5);
+    let record = o.saga("r1").await.unwrap().unwrap();
+    assert_eq!(record.history.len(), 7, "every event is in the record");
+}
+
+/// A sync saga as a crash may leave it: begun, step 0 started, nothing after recorded (steps 0
+/// and 1 may have run: their results were queued and lost with the process).
+async fn crashed_saga(log: &MemorySagaLog, deadline_ms: u64) {
+    let saga = NewSaga {
+        request_id: "r1".into(),
+        facade: F.into(),
+        mode: Mode::Sync,
+        steps: 3,
+        data: serde_json::json!([]),
+        deadline_ms,
+        callback_url: None,
+    };
+    log.begin(saga).await.unwrap();
+    log.append("r1", SagaEvent::StepStarted { index: 0 }).await.unwrap();
+}
+
+async fn wait_ended(o: &Orchestrator, id: &str) -> SagaRecord {
+    for _ in 0..1000 {
+        if let Some(record) = o.saga(id).await.unwrap()
+            && record.state.is_ended()
+        {
+            return record;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("saga {id} did not end")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_saga_replays_from_its_recorded_step() {
+    let c = calls();
+    let log = Arc::new(MemorySagaLog::new());
+    crashed_saga(&log, u64::MAX).await;
+    let flow = Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c)).node(Scripted::new("c", &c));
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log).sync(F, flow).start().await.unwrap();
+    let record = wait_ended(&o, "r1").await;
+    assert_eq!(record.state, SagaState::Completed);
+    // Upstreams are idempotent per request id: replaying step 0 is safe.
+    assert_eq!(taken(&c), ["a#1", "b#1", "c#1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_saga_that_cannot_go_on_compensates_every_step_that_may_have_run() {
+    let c = calls();
+    let log = Arc::new(MemorySagaLog::new());
+    // Its deadline passed while the orchestrator was down: step 0 is not called again.
+    crashed_saga(&log, 1).await;
+    let flow = Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c)).node(Scripted::new("c", &c));
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log).sync(F, flow).start().await.unwrap();
+    let record = wait_ended(&o, "r1").await;
+    assert_eq!(record.status(), SagaStatus::Compensated);
+    // Steps 1 and 2 may have run before the crash with their results lost, so they are
+    // compensated too, last first; compensations tolerate an action that never ran.
+    assert_eq!(taken(&c), ["undo c#1", "undo b#1", "undo a#1"]);
 }

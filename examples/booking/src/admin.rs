@@ -654,7 +654,14 @@ mod tests {
         record.apply(&SagaEvent::StepCompleted { index: 0, attempts: 2, data }).unwrap();
         record.apply(&SagaEvent::StepStarted { index: 1 }).unwrap();
         let failure = Failure { step: 1, node: "Pay".into(), error: "refused".into(), code: Some(9) };
-        record.apply(&SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: false }).unwrap();
+        record
+            .apply(&SagaEvent::StepFailed {
+                failure,
+                attempts: 1,
+                compensate_failed: false,
+                later_steps_in_doubt: false,
+            })
+            .unwrap();
         record.apply(&SagaEvent::CompensationGaveUp { index: 0, attempts: 3, reason: "down".into() }).unwrap();
         let names = ["Order".to_owned(), "Pay".to_owned()];
         let view = detail(record.clone(), Some((&names, &[true, true])));

@@ -48,6 +48,30 @@ impl MemorySagaLog {
     }
 }
 
+impl MemorySagaLog {
+    /// Applies the event and returns `answer` of the record after it (a queued append needs
+    /// no copy of the record).
+    fn apply_event<T>(
+        &self,
+        request_id: &str,
+        event: &SagaEvent,
+        answer: impl FnOnce(&SagaRecord) -> T,
+    ) -> Result<T, LogError> {
+        let mut state = self.lock();
+        let record = state.sagas.get_mut(request_id).ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
+        let was_ended = record.state.is_ended();
+        record.apply(event)?;
+        let ended = record.state.is_ended() && !was_ended;
+        let answer = answer(record);
+        if ended {
+            let now = now_ms();
+            state.ended.push_back((now, request_id.to_owned()));
+            state.prune(&self.retention, now);
+        }
+        Ok(answer)
+    }
+}
+
 impl State {
     fn prune(&mut self, retention: &Retention, now: u64) {
         let max_age = retention.max_age.as_millis() as u64;
@@ -80,17 +104,11 @@ impl SagaLog for MemorySagaLog {
     }
 
     async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
-        let mut state = self.lock();
-        let record = state.sagas.get_mut(request_id).ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
-        let was_ended = record.state.is_ended();
-        record.apply(&event)?;
-        let record = record.clone();
-        if record.state.is_ended() && !was_ended {
-            let now = now_ms();
-            state.ended.push_back((now, record.request_id.clone()));
-            state.prune(&self.retention, now);
-        }
-        Ok(record)
+        self.apply_event(request_id, &event, SagaRecord::clone)
+    }
+
+    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
+        self.apply_event(request_id, &event, |_| ())
     }
 
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {

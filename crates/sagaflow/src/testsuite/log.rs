@@ -138,7 +138,12 @@ async fn completed(log: &dyn SagaLog, id: &str, facade: &str, steps: usize) -> S
 async fn compensating(log: &dyn SagaLog, id: &str, facade: &str) -> SagaRecord {
     let record = begin(log, new_saga(id, facade, 3)).await;
     let record = complete_steps(log, record, 2).await;
-    let event = SagaEvent::StepFailed { failure: failure(2), attempts: 3, compensate_failed: false };
+    let event = SagaEvent::StepFailed {
+        failure: failure(2),
+        attempts: 3,
+        compensate_failed: false,
+        later_steps_in_doubt: false,
+    };
     let record = append(log, &record, event).await;
     assert_eq!(record.status(), SagaStatus::Compensating);
     record
@@ -238,7 +243,12 @@ pub async fn refused_transition_leaves_record(harness: &dyn LogHarness) {
         refused(&*log, &record, event, SagaStatus::Running).await;
     }
     let record = complete_steps(&*log, record, 2).await;
-    let failed = SagaEvent::StepFailed { failure: failure(1), attempts: 1, compensate_failed: false };
+    let failed = SagaEvent::StepFailed {
+        failure: failure(1),
+        attempts: 1,
+        compensate_failed: false,
+        later_steps_in_doubt: false,
+    };
     for event in [SagaEvent::StepStarted { index: 2 }, failed, SagaEvent::RetryCompensation] {
         refused(&*log, &record, event, SagaStatus::Completed).await;
     }
@@ -338,7 +348,12 @@ pub async fn list_filters_newest_first(harness: &dyn LogHarness) {
     let c = begin(&*log, new_saga(&unique_name("c"), &facade, 2)).await;
     past(c.created_ms).await;
     let d = begin(&*log, new_saga(&unique_name("d"), &facade, 1)).await;
-    let failed = SagaEvent::StepFailed { failure: failure(0), attempts: 1, compensate_failed: false };
+    let failed = SagaEvent::StepFailed {
+        failure: failure(0),
+        attempts: 1,
+        compensate_failed: false,
+        later_steps_in_doubt: false,
+    };
     let d = append(&*log, &d, failed).await;
     assert_eq!(d.status(), SagaStatus::Compensated);
     let e = begin(&*log, new_saga(&unique_name("e"), &other_facade, 1)).await;
@@ -443,7 +458,12 @@ pub async fn histories_round_trip(harness: &dyn LogHarness) {
     let record = complete_steps(&*log, record, 2).await;
     let record = append(&*log, &record, SagaEvent::StepStarted { index: 2 }).await;
     let failure = Failure { step: 2, node: "CreatePayment".into(), error: "deadline exceeded ⏱".into(), code: None };
-    let failed = SagaEvent::StepFailed { failure: failure.clone(), attempts: 4, compensate_failed: true };
+    let failed = SagaEvent::StepFailed {
+        failure: failure.clone(),
+        attempts: 4,
+        compensate_failed: true,
+        later_steps_in_doubt: false,
+    };
     let record = append(&*log, &record, failed).await;
     assert_eq!(record.state, SagaState::Compensating { failure: failure.clone(), pending: vec![2, 1, 0] });
     let record = append(&*log, &record, SagaEvent::StepCompensated { index: 2, attempts: 1 }).await;
