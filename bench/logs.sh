@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The sync flow on each saga log, as a ratio to the in-memory log in the same run (issue 5's
+# figure). Each round runs every log once, back to back, each on a fresh stack (mocks with no
+# latency, in-memory broker), 64 callers in a closed loop; the ratio of a round compares runs
+# seconds apart, and the median over the rounds is what to quote on a shared machine.
+#
+#   bench/logs.sh [--logs "memory embedded postgres"] [--rounds 3] [--in-flight 64] [--duration 10s]
+#                 [--flow sync]
+#
+# Output in bench/out/logs-FLOW.txt. BENCH_BIN_DIR=DIR skips the build.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+logs="memory embedded postgres"
+rounds=3
+in_flight=64
+duration=10s
+flow=sync
+while [ $# -gt 0 ]; do
+    case $1 in
+        --logs) logs=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --in-flight) in_flight=$2; shift 2 ;;
+        --duration) duration=$2; shift 2 ;;
+        --flow) flow=$2; shift 2 ;;
+        *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+    esac
+done
+case " $logs " in *" memory "*) ;; *) echo "--logs must include memory, the baseline" >&2; exit 2 ;; esac
+
+build release
+mkdir -p "$OUT"
+work=$(mktemp -d)
+trap 'stop_all; rm -rf "$work"' EXIT
+report="$OUT/logs-$flow.txt"
+{
+    echo "machine: $(machine)"
+    echo "command: bench/logs.sh --logs \"$logs\" --rounds $rounds --in-flight $in_flight --duration $duration --flow $flow"
+    echo
+} | tee "$report"
+
+declare -A rate
+for round in $(seq "$rounds"); do
+    for log in $logs; do
+        dir="$work/r$round-$log"
+        start_stack "$dir" memory "$log"
+        "$BIN/sagaflow-bench" --flow "$flow" --target "127.0.0.1:$GRPC" --rate max --max-in-flight "$in_flight" \
+            --duration "$duration" --quiet --json "$dir/report.json" \
+            --watch-pid "orchestrator=$ORCHESTRATOR_PID" >"$dir/report.txt"
+        stop_all
+        success=$(json_get "$dir/report.json" 'int(j["success"] == 1)')
+        r=$(json_get "$dir/report.json" 'round(j["throughput"])')
+        p99=$(json_get "$dir/report.json" 'round(j["latencies"]["99th"] / 1e6, 2)')
+        cpu=$(grep -o 'orchestrator [0-9]*: [^,]*' "$dir/report.txt" | sed 's/.*(\(.*\) of a core)/\1/')
+        rate[$round,$log]=$r
+        printf 'round %s  %-9s %6s sagas/s  p99 %6s ms  success %s  orchestrator CPU %s  load %s\n' \
+            "$round" "$log" "$r" "$p99" "$success" "$cpu" "$(cut -d' ' -f1 /proc/loadavg)" | tee -a "$report"
+        [ "$success" = 1 ] || { echo "run failed: $(grep -A3 'Error Set' "$dir/report.txt")" >&2; exit 1; }
+    done
+done
+
+{
+    echo
+    printf '%-9s %s\n' log "ratio to memory, per round  -> median"
+    for log in $logs; do
+        ratios=()
+        for round in $(seq "$rounds"); do
+            ratios+=("$(python3 -c "print(f'{${rate[$round,$log]} / ${rate[$round,memory]}:.3f}')")")
+        done
+        median=$(printf '%s\n' "${ratios[@]}" | sort -n | python3 -c 'import sys; v=[float(l) for l in sys.stdin]; print(f"{v[len(v)//2]:.3f}")')
+        printf '%-9s %s  -> %s\n' "$log" "${ratios[*]}" "$median"
+    done
+} | tee -a "$report"
