@@ -13,7 +13,8 @@
 # Then it checks the throttling run: 100% success, each upstream's peak in-flight (from its
 # Snapshot) at most CONSUMERS with nothing rejected, and the orchestrator's peak RSS under 150 MiB.
 # The overload is RATE × LATENCY_MS / 1000 / CAPACITY (1.67× here); for the 5× check:
-#   RATE=500 DURATION=10s CAPACITY=4 CONSUMERS=4 FLOWS=throttling bench/seed-stress.sh Reports, JSON and plots go to bench/out/.
+#   RATE=500 DURATION=10s CAPACITY=4 CONSUMERS=4 FLOWS=throttling bench/seed-stress.sh
+# Reports, JSON and plots go to bench/out/.
 # Settings by environment: RATE, DURATION, LATENCY_MS, CAPACITY, CONSUMERS, BROKER (memory),
 # SAGA_LOG (embedded, the default), FLOWS ("sync throttling"); BENCH_BIN_DIR to skip the build.
 set -euo pipefail
