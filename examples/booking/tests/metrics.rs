@@ -22,7 +22,17 @@ async fn counters_and_histograms_follow_the_sagas() {
     }
     s.client.handle_sync_booking(with_id(Some("m-fault"), booking(1, 1, true))).await.unwrap_err();
     s.client.handle_throttling_booking(with_id(Some("m-thr"), booking(1, 1, false))).await.unwrap();
-    let text = reqwest::get(format!("http://{}/metrics", s.running.http_addr)).await.unwrap().text().await.unwrap();
+    // The caller is answered when the saga ends; the delivery that ended it is acked just after.
+    // Scrape until that ack is counted (3: the rollback and the throttled saga's two hops).
+    let url = format!("http://{}/metrics", s.running.http_addr);
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l.starts_with("sagaflow_broker_ack_seconds_count") && l.ends_with(" 3")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     let sync = r#"facade="SyncBooking""#;
     assert_eq!(sample(&text, "sagaflow_sagas_started_total", &[sync, r#"mode="sync""#]), 4.0);
