@@ -346,6 +346,10 @@ impl<'txn> Tables<'txn> {
         let record = &mut cached.record;
         let was_ended = record.state.is_ended();
         if let Err(refused) = record.apply(event) {
+            // An ended saga stays cached only until the flush that stores it.
+            if was_ended && !cached.dirty {
+                cache.records.remove(request_id);
+            }
             return Ok(Err(refused.into()));
         }
         match (was_ended, record.state.is_ended()) {
@@ -378,8 +382,6 @@ impl<'txn> Tables<'txn> {
                 cache.records.remove(&id);
             }
         }
-        // Records loaded for an event that was refused: kept only while the saga runs.
-        cache.records.retain(|_, cached| !cached.record.state.is_ended());
         Ok(())
     }
 }
@@ -772,6 +774,12 @@ pub(crate) mod tests {
         assert!(txn.open_table(UNFINISHED).unwrap().get("a").unwrap().is_none());
         assert_eq!(txn.open_table(ENDED_AT).unwrap().get("a").unwrap().unwrap().value(), completed.updated_ms);
         assert!(writer.cache.records.is_empty(), "an ended saga leaves the cache");
+
+        // Loaded for an event its state refuses, an ended saga does not stay cached either.
+        let (late, mut late_rx) = request(|r| Request::Append("a".into(), SagaEvent::StepStarted { index: 0 }, r));
+        writer.commit(vec![late]);
+        assert!(matches!(late_rx.try_recv().unwrap(), Err(LogError::Transition(_))));
+        assert!(writer.cache.records.is_empty());
     }
 
     #[test]

@@ -323,8 +323,7 @@ impl<D: FlowData> FlowRuntime<D> {
                 }
             }
         }
-        // Reached when `from` was already past the last step, or the last result did not end
-        // the saga (the log refused the queued results before it): report what the log has.
+        // Only reached when `from` was already past the last step.
         let record = self.engine.log.get(id).await?.ok_or_else(|| LogError::NotFound(id.to_string()))?;
         self.outcome(&record)
     }
