@@ -98,20 +98,40 @@ json_get() {
 
 # start_stack DIR BROKER LOG [MOCK FLAGS...]: the OrderService and PaymentService mocks (with the
 # given `booking order` flags, e.g. --latency-ms 40 --capacity 12) and an orchestrator, each its own
-# process on free ports, with a fresh topic prefix, pod id and saga log (embedded: under DIR;
-# postgres: a fresh schema), so runs never see each other's messages or sagas. CONSUMERS, when set,
-# is the consumer count of each throttling topic; STACK_YAML is appended to the orchestrator's
-# config. Sets GRPC, ORDER, PAYMENT (ports) and ORCHESTRATOR_PID, ORDER_PID, PAYMENT_PID.
+# process on free ports (start_mocks, then start_orchestrator). Sets GRPC, ORDER, PAYMENT (ports)
+# and ORCHESTRATOR_PID, ORDER_PID, PAYMENT_PID.
 start_stack() {
-    local dir=$1 broker=$2 log=$3 http id
+    local dir=$1 broker=$2 log=$3
     shift 3
+    start_mocks "$dir" "$@" || return 1
+    start_orchestrator "$dir" "$broker" "$log" || return 1
+}
+
+# start_mocks DIR [MOCK FLAGS...]: the OrderService and PaymentService mocks on free ports.
+# Sets ORDER, PAYMENT, ORDER_PID, PAYMENT_PID.
+start_mocks() {
+    local dir=$1
+    shift
     mkdir -p "$dir"
-    read -r GRPC http ORDER PAYMENT <<<"$(free_ports 4)"
-    id="bench$(date +%s)$RANDOM"
+    read -r ORDER PAYMENT <<<"$(free_ports 2)"
     start "$dir/order.log" "$BIN/booking" order --listen "127.0.0.1:$ORDER" "$@"
     ORDER_PID=$LAST_PID
     start "$dir/payment.log" "$BIN/booking" payment --listen "127.0.0.1:$PAYMENT" "$@"
     PAYMENT_PID=$LAST_PID
+    wait_port "$ORDER" "$ORDER_PID" "$dir/order.log" || return 1
+    wait_port "$PAYMENT" "$PAYMENT_PID" "$dir/payment.log" || return 1
+}
+
+# start_orchestrator DIR BROKER LOG: an orchestrator on the mocks at ORDER and PAYMENT, on free
+# ports, with a fresh topic prefix, pod id and saga log (embedded: under DIR; postgres: a fresh
+# schema), so runs never see each other's messages or sagas. CONSUMERS, when set, is the consumer
+# count of each throttling topic; STACK_YAML is appended to its config. Sets GRPC and
+# ORCHESTRATOR_PID.
+start_orchestrator() {
+    local dir=$1 broker=$2 log=$3 http id
+    mkdir -p "$dir"
+    read -r GRPC http <<<"$(free_ports 2)"
+    id="bench$(date +%s)$RANDOM"
     {
         echo "pod_id: $id"
         echo "grpc_listen: 127.0.0.1:$GRPC"
@@ -135,7 +155,17 @@ start_stack() {
     } >"$dir/app.yaml"
     start "$dir/orchestrator.log" env RUST_LOG="${RUST_LOG:-warn}" "$BIN/booking" --config "$dir/app.yaml" orchestrator
     ORCHESTRATOR_PID=$LAST_PID
-    wait_port "$ORDER" "$ORDER_PID" "$dir/order.log" || return 1
-    wait_port "$PAYMENT" "$PAYMENT_PID" "$dir/payment.log" || return 1
     wait_port "$GRPC" "$ORCHESTRATOR_PID" "$dir/orchestrator.log" || return 1
+}
+
+# start_proxy DIR: the do-nothing benchmark proxy (`booking proxy`) on the mocks at ORDER and
+# PAYMENT, on a free port. Sets PROXY (port) and PROXY_PID.
+start_proxy() {
+    local dir=$1
+    mkdir -p "$dir"
+    read -r PROXY <<<"$(free_ports 1)"
+    start "$dir/proxy.log" env RUST_LOG="${RUST_LOG:-warn}" "$BIN/booking" proxy --listen "127.0.0.1:$PROXY" \
+        --order "127.0.0.1:$ORDER" --payment "127.0.0.1:$PAYMENT"
+    PROXY_PID=$LAST_PID
+    wait_port "$PROXY" "$PROXY_PID" "$dir/proxy.log" || return 1
 }

@@ -128,6 +128,20 @@ pub async fn start_payment(
     Ok((local, tokio::spawn(serve_payment(listener, mock, async move { shutdown.cancelled().await }))))
 }
 
+/// Starts the benchmark's do-nothing proxy ([`crate::proxy`]) on `addr`, in front of the upstreams
+/// at `order` and `payment` (connected as the orchestrator connects to them), until `shutdown`.
+pub async fn start_proxy(
+    addr: SocketAddr,
+    order: SocketAddr,
+    payment: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
+    let listener = bind(addr, "benchmark proxy").await?;
+    let local = listener.local_addr()?;
+    let proxy = crate::proxy::Proxy::new(channel(order)?, channel(payment)?);
+    Ok((local, tokio::spawn(crate::proxy::serve(listener, proxy, async move { shutdown.cancelled().await }))))
+}
+
 /// Starts the orchestrator (and, if configured, the mocks) and serves the booking API.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     crate::admin::prometheus();

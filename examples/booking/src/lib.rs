@@ -12,5 +12,6 @@ pub mod facade;
 pub mod handler;
 pub mod node;
 pub mod proto;
+pub mod proxy;
 pub mod topic;
 pub mod upstream;

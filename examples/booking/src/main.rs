@@ -34,6 +34,23 @@ enum Part {
     Order(MockArgs),
     /// The mock PaymentService only, on `upstream.payment_addr`.
     Payment(MockArgs),
+    /// A do-nothing gRPC proxy serving HandleSyncBooking with the two upstream calls and
+    /// nothing else: the benchmark's ceiling for one extra hop (`bench/ceiling.sh`).
+    Proxy(ProxyArgs),
+}
+
+/// Where the benchmark proxy listens and what it calls.
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// Address to listen on (default: `grpc_listen`).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// The OrderService (default: `upstream.order_addr`).
+    #[arg(long)]
+    order: Option<std::net::SocketAddr>,
+    /// The PaymentService (default: `upstream.payment_addr`).
+    #[arg(long)]
+    payment: Option<std::net::SocketAddr>,
 }
 
 /// Overrides of a mock's config.
@@ -157,6 +174,20 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
             terminated().await;
             stop.cancel();
             server.await.context("payment service task")?
+        }
+        Part::Proxy(args) => {
+            let stop = CancellationToken::new();
+            let (addr, server) = app::start_proxy(
+                args.listen.unwrap_or(config.grpc_listen),
+                args.order.unwrap_or(config.upstream.order_addr),
+                args.payment.unwrap_or(config.upstream.payment_addr),
+                stop.clone(),
+            )
+            .await?;
+            tracing::info!(%addr, "benchmark proxy serving");
+            terminated().await;
+            stop.cancel();
+            server.await.context("benchmark proxy task")?
         }
     }
 }
