@@ -28,10 +28,17 @@ impl BookingHandler {
     }
 }
 
+/// A request id for a caller that sent none: a UUIDv7, which sorts by time, so the sagas
+/// running at once sit side by side in the embedded log's B-trees rather than scattered
+/// across them (random ids halve its throughput: `crates/sagaflow-redb/examples/log_load.rs`).
+fn new_request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// The caller's `x-request-id`, or a fresh UUID when it sent none.
 fn request_id<T>(request: &Request<T>) -> Result<String, Status> {
     match request.metadata().get(REQUEST_ID_HEADER) {
-        None => Ok(uuid::Uuid::new_v4().to_string()),
+        None => Ok(new_request_id()),
         Some(value) => {
             let id = value
                 .to_str()
@@ -39,7 +46,7 @@ fn request_id<T>(request: &Request<T>) -> Result<String, Status> {
                 .trim()
                 .to_owned();
             if id.is_empty() {
-                return Ok(uuid::Uuid::new_v4().to_string());
+                return Ok(new_request_id());
             }
             if id.len() > sagaflow::MAX_REQUEST_ID_LEN || !id.chars().all(|c| c.is_ascii_graphic()) {
                 return Err(Status::invalid_argument(format!(
@@ -166,7 +173,10 @@ mod tests {
     #[test]
     fn a_missing_request_id_gets_a_uuid_and_a_given_one_is_kept() {
         let generated = request_id(&Request::new(())).unwrap();
-        assert!(uuid::Uuid::parse_str(&generated).is_ok());
+        assert_eq!(uuid::Uuid::parse_str(&generated).unwrap().get_version_num(), 7);
+        // Time-ordered: an id made later sorts after (UUIDv7 keeps a counter within one ms).
+        let later = request_id(&Request::new(())).unwrap();
+        assert!(later > generated, "{later} should sort after {generated}");
         let mut request = Request::new(());
         request.metadata_mut().insert(REQUEST_ID_HEADER, "abc-1".parse().unwrap());
         assert_eq!(request_id(&request).unwrap(), "abc-1");
