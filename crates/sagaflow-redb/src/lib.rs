@@ -33,6 +33,7 @@
 //! ```
 
 mod error;
+mod migrate;
 mod options;
 mod prune;
 mod store;

@@ -38,9 +38,10 @@ impl RedbSagaLog {
     }
 }
 
-/// The only part of a record pruning needs, to find its `by_created` key.
+/// The only parts of a record pruning needs, to find its `by_created` and `ids` keys.
 #[derive(Deserialize)]
-struct Created {
+struct Keys {
+    request_id: String,
     created_ms: u64,
 }
 
@@ -52,38 +53,41 @@ impl Tables<'_> {
         let max_age = u64::try_from(retention.max_age.as_millis()).unwrap_or(u64::MAX);
         // Too old means `now - ended > max_age`, as in the in-memory log.
         let cutoff = now_ms.saturating_sub(max_age);
-        let mut doomed: Vec<(u64, String)> = Vec::new();
+        let mut doomed: Vec<(u64, u64)> = Vec::new();
         for entry in self.ended.iter()? {
             if doomed.len() >= chunk {
                 break;
             }
             let (key, _) = entry?;
-            let (ended_ms, id) = key.value();
+            let (ended_ms, seq) = key.value();
             if doomed.len() < excess || ended_ms < cutoff {
-                doomed.push((ended_ms, id.to_owned()));
+                doomed.push((ended_ms, seq));
             } else {
                 break;
             }
         }
-        for (ended_ms, id) in &doomed {
-            let id = id.as_str();
-            self.ended.remove((*ended_ms, id))?;
-            self.ended_at.remove(id)?;
-            if self.unfinished.get(id)?.is_some() {
+        for &(ended_ms, seq) in &doomed {
+            self.ended.remove((ended_ms, seq))?;
+            self.ended_at.remove(seq)?;
+            if self.unfinished.get(seq)?.is_some() {
                 // Indexes out of step: the saga runs again, so keep it whatever `ended` said.
-                tracing::warn!(request_id = id, "saga in both `ended` and `unfinished`; kept");
+                tracing::warn!(seq, "saga in both `ended` and `unfinished`; kept");
                 continue;
             }
-            let created = match self.sagas.remove(id)? {
-                Some(bytes) => serde_json::from_slice::<Created>(bytes.value()).ok(),
+            let keys = match self.sagas.remove(seq)? {
+                Some(bytes) => serde_json::from_slice::<Keys>(bytes.value()).ok(),
                 None => None,
             };
-            match created {
-                Some(Created { created_ms }) => {
-                    self.by_created.remove((created_ms, id))?;
+            match keys {
+                Some(Keys { request_id, created_ms }) => {
+                    self.by_created.remove((created_ms, seq))?;
+                    // Only if it still names this saga (it always should).
+                    if self.ids.get(request_id.as_str())?.is_some_and(|s| s.value() == seq) {
+                        self.ids.remove(request_id.as_str())?;
+                    }
                 }
                 // A listing skips index entries without a record, so a leftover does no harm.
-                None => tracing::warn!(request_id = id, "pruned saga had no readable record"),
+                None => tracing::warn!(seq, "pruned saga had no readable record"),
             }
         }
         Ok(Pruned { removed: doomed.len(), more: doomed.len() >= chunk })
