@@ -49,10 +49,13 @@ async fn saga(log: &dyn SagaLog, id: String) {
     log.begin(start).await.expect("begin");
     log.append_queued(&id, SagaEvent::StepStarted { index: 0 }).await.expect("start 0");
     let after_order = json!({"product_id": 7, "count": 1, "fault_inject": false, "order_id": 12345, "payment_id": 0});
-    log.append_queued(&id, SagaEvent::StepCompleted { index: 0, attempts: 1, data: after_order }).await.expect("result 0");
+    log.append_queued(&id, SagaEvent::StepCompleted { index: 0, attempts: 1, data: after_order })
+        .await
+        .expect("result 0");
     log.append_queued(&id, SagaEvent::StepStarted { index: 1 }).await.expect("start 1");
     let done = json!({"product_id": 7, "count": 1, "fault_inject": false, "order_id": 12345, "payment_id": 67890});
-    let record = log.append(&id, SagaEvent::StepCompleted { index: 1, attempts: 1, data: done }).await.expect("result 1");
+    let record =
+        log.append(&id, SagaEvent::StepCompleted { index: 1, attempts: 1, data: done }).await.expect("result 1");
     if std::env::var_os("SHOW_RECORD").is_some() {
         println!("{}", serde_json::to_string(&record).unwrap_or_default());
     }
