@@ -58,17 +58,16 @@ impl BookingService for Proxy {
             .cloned()
             .ok_or_else(|| Status::invalid_argument("the proxy needs an x-request-id"))?;
         let booking = request.into_inner();
+        // As the booking handler reads it: a Count of 0 means 1.
+        let count = booking.count.max(1);
         let order = self
             .orders
             .clone()
-            .create_order(forward(&id, CreateOrderRequest { product_id: booking.product_id, count: booking.count }))
+            .create_order(forward(&id, CreateOrderRequest { product_id: booking.product_id, count }))
             .await?
             .into_inner();
-        let payment = CreatePaymentRequest {
-            order_id: order.id,
-            amount: booking.count.max(1) * UNIT_PRICE,
-            fault_inject: booking.fault_inject,
-        };
+        let payment =
+            CreatePaymentRequest { order_id: order.id, amount: count * UNIT_PRICE, fault_inject: booking.fault_inject };
         match self.payments.clone().create_payment(forward(&id, payment)).await {
             Ok(payment) => Ok(Response::new(BookingSyncResponse {
                 request_id: id.to_str().unwrap_or_default().to_owned(),
