@@ -25,7 +25,15 @@ pub(crate) fn from_request_id_keys(txn: &WriteTransaction, tables: &mut Tables<'
         let ended_at = txn.open_table(OLD_ENDED_AT)?;
         for entry in old.iter()? {
             let (id, bytes) = entry?;
-            let record = decode(bytes.value())?;
+            // A record that cannot be read stops the conversion (and the open) rather than
+            // being dropped: the file is left as it was, for an operator to look at.
+            let record = decode(bytes.value()).map_err(|e| match e {
+                crate::Error::Corrupt(why) => crate::Error::Corrupt(format!(
+                    "record of `{}`, found while converting the file to sequence-numbered tables: {why}",
+                    id.value()
+                )),
+                other => other,
+            })?;
             let ended_ms = ended_at.get(id.value())?.map(|ms| ms.value());
             sagas.push((record.created_ms, id.value().to_owned(), bytes.value().to_vec(), record, ended_ms));
         }
@@ -56,7 +64,7 @@ pub(crate) fn from_request_id_keys(txn: &WriteTransaction, tables: &mut Tables<'
 
 #[cfg(test)]
 mod tests {
-    use redb::{Database, ReadableDatabase as _};
+    use redb::{Database, ReadableDatabase as _, ReadableTableMetadata as _};
     use sagaflow::log::{ListFilter, Retention};
     use sagaflow::{SagaEvent, SagaLog, SagaRecord, SagaStatus};
 
@@ -123,5 +131,27 @@ mod tests {
         // Opened again, nothing is converted twice.
         let log = RedbSagaLog::open(RedbOptions::new(dir.path()).retention(Retention::default())).unwrap();
         assert_eq!(log.list(ListFilter::default()).await.unwrap().len(), 3);
+    }
+
+    #[test]
+    fn an_unreadable_record_stops_the_conversion_and_leaves_the_file_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::FILE_NAME);
+        write_old_file(&path, &[SagaRecord::new(new_saga("fine"))]);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(OLD_SAGAS).unwrap().insert("broken", b"{not json".as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        for _ in 0..2 {
+            match RedbSagaLog::open(RedbOptions::new(dir.path())) {
+                Err(e @ crate::Error::Corrupt(_)) => assert!(e.to_string().contains("`broken`"), "{e}"),
+                other => panic!("open: {other:?}"),
+            }
+        }
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(OLD_SAGAS).unwrap().len().unwrap(), 2, "nothing was converted or lost");
     }
 }
