@@ -26,10 +26,16 @@ fn url() -> String {
     std::env::var("SAGAFLOW_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+/// `ack_wait` is shortened from its 30 s default to well within the suite's `WAIT`: a check
+/// that drops a delivery together with its connection (`abandoned_delivery_redelivers`) relies
+/// on the driver's nack of the abandoned delivery, which may not leave before the connection
+/// closes; the server's own redelivery after `ack_wait` must then come in time. It failed once
+/// in about ten CI runs with the default.
 fn options() -> NatsOptions {
     NatsOptions::new(url())
         .and_then(|o| o.stream_prefix(STREAM_PREFIX))
         .and_then(|o| o.subject_prefix("sagaflow-test"))
+        .and_then(|o| o.ack_wait(Duration::from_secs(5)))
         .expect("valid test options")
 }
 
