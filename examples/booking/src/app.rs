@@ -106,15 +106,27 @@ async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
     })
 }
 
+/// Binds `what` to `addr` and spawns `serve` on the listener; returns the bound address.
+async fn start_server<F>(
+    addr: SocketAddr,
+    what: &str,
+    serve: impl FnOnce(TcpListener) -> F,
+) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let listener = bind(addr, what).await?;
+    let local = listener.local_addr()?;
+    Ok((local, tokio::spawn(serve(listener))))
+}
+
 /// Starts the mock OrderService on `addr` until `shutdown`.
 pub async fn start_order(
     addr: SocketAddr,
     mock: OrderMock,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
-    let listener = bind(addr, "order service").await?;
-    let local = listener.local_addr()?;
-    Ok((local, tokio::spawn(serve_order(listener, mock, async move { shutdown.cancelled().await }))))
+    start_server(addr, "order service", |l| serve_order(l, mock, shutdown.cancelled_owned())).await
 }
 
 /// Starts the mock PaymentService on `addr` until `shutdown`.
@@ -123,9 +135,7 @@ pub async fn start_payment(
     mock: PaymentMock,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
-    let listener = bind(addr, "payment service").await?;
-    let local = listener.local_addr()?;
-    Ok((local, tokio::spawn(serve_payment(listener, mock, async move { shutdown.cancelled().await }))))
+    start_server(addr, "payment service", |l| serve_payment(l, mock, shutdown.cancelled_owned())).await
 }
 
 /// Starts the benchmark's do-nothing proxy ([`crate::proxy`]) on `addr`, in front of the upstreams
@@ -136,10 +146,8 @@ pub async fn start_proxy(
     payment: SocketAddr,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
-    let listener = bind(addr, "benchmark proxy").await?;
-    let local = listener.local_addr()?;
     let proxy = crate::proxy::Proxy::new(channel(order)?, channel(payment)?);
-    Ok((local, tokio::spawn(crate::proxy::serve(listener, proxy, async move { shutdown.cancelled().await }))))
+    start_server(addr, "benchmark proxy", |l| crate::proxy::serve(l, proxy, shutdown.cancelled_owned())).await
 }
 
 /// Starts the orchestrator (and, if configured, the mocks) and serves the booking API.
