@@ -86,8 +86,14 @@ impl Tables<'_> {
                         self.ids.remove(request_id.as_str())?;
                     }
                 }
-                // A listing skips index entries without a record, so a leftover does no harm.
-                None => tracing::warn!(seq, "pruned saga had no readable record"),
+                // Its request id and creation time are unknown: a listing skips a `by_created`
+                // entry without a record, but an `ids` entry must not outlive it, or it would
+                // name whichever saga gets this number next (numbers restart above the highest
+                // one stored when the log is opened). A scan, on this rare path only.
+                None => {
+                    tracing::warn!(seq, "pruned saga had no readable record");
+                    self.ids.retain(|_, s| s != seq)?;
+                }
             }
         }
         Ok(Pruned { removed: doomed.len(), more: doomed.len() >= chunk })
@@ -146,6 +152,22 @@ mod tests {
         left.sort();
         assert_eq!(left, ["retried", "running"]);
         assert_eq!(log.list(ListFilter::default()).await.unwrap().len(), 2, "the listing index is pruned too");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_pruned_without_leaving_its_request_id_behind() {
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 0 });
+        run_to_end(&log, "bad").await;
+        run_to_end(&log, "good").await;
+        {
+            let txn = log.db_for_tests().begin_write().unwrap();
+            let seq = txn.open_table(crate::store::IDS).unwrap().get("bad").unwrap().unwrap().value();
+            txn.open_table(crate::store::SAGAS).unwrap().insert(seq, b"{not json".as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        assert_eq!(log.prune_now().await.unwrap(), 2);
+        let txn = redb::ReadableDatabase::begin_read(log.db_for_tests()).unwrap();
+        assert!(txn.open_table(crate::store::IDS).unwrap().is_empty().unwrap(), "no request id outlives its saga");
     }
 
     #[tokio::test]
