@@ -4,7 +4,11 @@
 //! `--seconds`. Prints sagas/s and the process's CPU per saga, so a change to the log can be
 //! judged by its own cost, without the gRPC stack around it.
 //!
-//!   cargo run --release -p sagaflow-redb --example log_load -- [memory|embedded] [callers] [seconds] [random|sequential]
+//! `gap-µs` (default 0) sleeps that long (at least a timer tick, 1 ms) around each step, as the
+//! upstream calls do: the queued writes then fall into other commits than the awaited ones.
+//! `DEFER_QUEUED_MS` sets [`RedbOptions::defer_queued`].
+//!
+//!   cargo run --release -p sagaflow-redb --example log_load -- [memory|embedded] [callers] [seconds] [random|sequential] [gap-µs]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +31,20 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// User + system CPU of the log's writer thread so far, if it runs.
+fn writer_cpu_seconds() -> Option<f64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "sagaflow-redb-w" {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            return Some((ticks(11) + ticks(12)) / 100.0);
+        }
+    }
+    None
+}
+
 /// A well-mixed 64-bit hash, for ids spread like random UUIDs.
 fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -35,7 +53,12 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-async fn saga(log: &dyn SagaLog, id: String) {
+async fn saga(log: &dyn SagaLog, id: String, gap: Duration) {
+    let call = || async {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+    };
     let data = json!({"product_id": 7, "count": 1, "fault_inject": false, "order_id": 0, "payment_id": 0});
     let start = NewSaga {
         request_id: id.clone(),
@@ -48,11 +71,13 @@ async fn saga(log: &dyn SagaLog, id: String) {
     };
     log.begin(start).await.expect("begin");
     log.append_queued(&id, SagaEvent::StepStarted { index: 0 }).await.expect("start 0");
+    call().await;
     let after_order = json!({"product_id": 7, "count": 1, "fault_inject": false, "order_id": 12345, "payment_id": 0});
     log.append_queued(&id, SagaEvent::StepCompleted { index: 0, attempts: 1, data: after_order })
         .await
         .expect("result 0");
     log.append_queued(&id, SagaEvent::StepStarted { index: 1 }).await.expect("start 1");
+    call().await;
     let done = json!({"product_id": 7, "count": 1, "fault_inject": false, "order_id": 12345, "payment_id": 67890});
     let record =
         log.append(&id, SagaEvent::StepCompleted { index: 1, attempts: 1, data: done }).await.expect("result 1");
@@ -69,10 +94,15 @@ fn main() {
     // `random` ids scatter over the key space as UUIDs do; `sequential` ones are ordered as
     // sagaflow-bench's are (`bench-<run>-<flow>-<n>-<i>`).
     let random_ids = args.get(4).map(String::as_str) != Some("sequential");
+    let gap = Duration::from_micros(args.get(5).and_then(|v| v.parse().ok()).unwrap_or(0));
     let next_id = Arc::new(AtomicU64::new(0));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
-    let redb = (kind != "memory").then(|| Arc::new(RedbSagaLog::open(RedbOptions::new(dir.path())).expect("open")));
+    let mut options = RedbOptions::new(dir.path());
+    if let Some(ms) = std::env::var("DEFER_QUEUED_MS").ok().and_then(|v| v.parse().ok()) {
+        options = options.defer_queued(Duration::from_millis(ms));
+    }
+    let redb = (kind != "memory").then(|| Arc::new(RedbSagaLog::open(options).expect("open")));
     let log: Arc<dyn SagaLog> = match &redb {
         None => Arc::new(MemorySagaLog::with_retention(Retention::default())),
         Some(redb) => redb.clone(),
@@ -81,6 +111,7 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     runtime.block_on(async {
         let cpu0 = cpu_seconds();
+        let writer0 = writer_cpu_seconds();
         let t0 = Instant::now();
         let tasks: Vec<_> = (0..callers)
             .map(|c| {
@@ -89,7 +120,7 @@ fn main() {
                     while !stop.load(Ordering::Relaxed) {
                         let n = next_id.fetch_add(1, Ordering::Relaxed);
                         let id = if random_ids { format!("{:016x}-{c}", splitmix64(n)) } else { format!("load-{n}") };
-                        saga(log.as_ref(), id).await;
+                        saga(log.as_ref(), id, gap).await;
                         done.fetch_add(1, Ordering::Relaxed);
                         // The memory log never suspends: let the timer and the other callers run.
                         tokio::task::yield_now().await;
@@ -103,6 +134,7 @@ fn main() {
             task.await.expect("caller");
         }
         let (elapsed, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+        let writer = writer_cpu_seconds().zip(writer0).map(|(now, then)| now - then);
         let n = done.load(Ordering::Relaxed) as f64;
         println!(
             "{kind}: {callers} callers, {n:.0} sagas in {elapsed:.2}s = {:.0} sagas/s, CPU {:.0}% of a core, {:.1} µs CPU per saga",
@@ -113,10 +145,12 @@ fn main() {
         if let Some(redb) = &redb {
             let stats = redb.stats();
             println!(
-                "  {} commits = {:.0}/s, {:.1} writes per commit",
+                "  writer thread {:.1} µs CPU per saga; {} commits = {:.0}/s, {:.1} writes per commit, {:.2} records stored per saga",
+                1e6 * writer.unwrap_or(f64::NAN) / n,
                 stats.batches,
                 stats.batches as f64 / elapsed,
-                stats.average_batch()
+                stats.average_batch(),
+                stats.stored as f64 / n
             );
         }
     });

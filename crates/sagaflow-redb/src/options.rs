@@ -17,6 +17,7 @@ pub struct RedbOptions {
     pub(crate) prune_chunk: usize,
     pub(crate) max_batch: usize,
     pub(crate) linger: Duration,
+    pub(crate) defer_queued: Duration,
     pub(crate) cache_size: Option<usize>,
 }
 
@@ -30,6 +31,7 @@ impl RedbOptions {
             prune_chunk: 512,
             max_batch: 256,
             linger: Duration::from_micros(300),
+            defer_queued: Duration::from_millis(100),
             cache_size: None,
         }
     }
@@ -65,6 +67,15 @@ impl RedbOptions {
     /// A lone caller never waits. Capped at one second.
     pub fn linger(mut self, linger: Duration) -> Self {
         self.linger = linger.min(Duration::from_secs(1));
+        self
+    }
+
+    /// How long a saga's record may wait to be stored when only queued appends changed it
+    /// (default 100 ms; zero stores it with the batch that takes them). Its next awaited write
+    /// stores it at once; until then readers see the saga's progress this much late, and a
+    /// crash loses those appends, as it may any queued append.
+    pub fn defer_queued(mut self, delay: Duration) -> Self {
+        self.defer_queued = delay.min(Duration::from_secs(10));
         self
     }
 

@@ -1,7 +1,7 @@
 //! The [`SagaLog`] over redb: reads in read transactions, every write through one writer
 //! thread that group-commits whatever is queued.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +65,9 @@ pub struct WriteStats {
     pub writes: u64,
     /// Ended sagas deleted by retention.
     pub pruned: u64,
+    /// Records encoded and stored: at most one per saga per commit, fewer when queued appends
+    /// wait for the saga's next awaited write.
+    pub stored: u64,
 }
 
 impl WriteStats {
@@ -79,6 +82,7 @@ struct Counters {
     batches: AtomicU64,
     writes: AtomicU64,
     pruned: AtomicU64,
+    stored: AtomicU64,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, LogError>>;
@@ -128,7 +132,7 @@ impl RedbSagaLog {
             prune_chunk: options.prune_chunk,
             max_batch: options.max_batch,
             linger: options.linger,
-            cache: Cache::default(),
+            cache: Cache::new(options.defer_queued),
             next_seq,
         };
         let writer = thread::Builder::new()
@@ -155,6 +159,7 @@ impl RedbSagaLog {
             batches: self.counters.batches.load(Ordering::Relaxed),
             writes: self.counters.writes.load(Ordering::Relaxed),
             pruned: self.counters.pruned.load(Ordering::Relaxed),
+            stored: self.counters.stored.load(Ordering::Relaxed),
         }
     }
 
@@ -207,8 +212,8 @@ impl SagaLog for RedbSagaLog {
     }
 
     async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
-        // The writer takes requests in order, so any write queued after this one commits
-        // in the same batch or a later one: awaiting that write covers this one too.
+        // The writer takes requests in order and stores a saga's record whenever it commits an
+        // awaited write of that saga, so the saga's next awaited write covers this one.
         let (reply, _ignored) = oneshot::channel();
         let closed = || LogError::from(Error::Closed);
         self.tx
@@ -379,7 +384,7 @@ impl<'txn> Tables<'txn> {
         let was_ended = record.state.is_ended();
         if let Err(refused) = record.apply(event) {
             // An ended saga stays cached only until the flush that stores it.
-            if was_ended && !cached.dirty {
+            if was_ended && !cached.unstored {
                 cache.records.remove(request_id);
             }
             return Ok(Err(refused.into()));
@@ -399,22 +404,42 @@ impl<'txn> Tables<'txn> {
             }
             _ => {}
         }
+        // A queued append that leaves the saga running may wait for the saga's next awaited
+        // write; anything else is stored by this batch.
+        let urgent = answer || was_ended || record.state.is_ended();
         let answer = answer.then(|| record.clone());
-        cache.mark(request_id);
+        cache.mark(request_id, urgent);
         Ok(Ok(answer))
     }
 
-    /// Stores every record changed since the last flush, once each, and forgets the ended ones.
-    fn flush(&mut self, cache: &mut Cache) -> Result<()> {
-        for id in std::mem::take(&mut cache.dirty) {
+    /// Stores every record changed since the last flush, once each, and forgets the ended ones;
+    /// a record changed only by queued appends waits (see [`Cache`]) unless `force`.
+    /// Returns how many records it stored.
+    fn flush(&mut self, cache: &mut Cache, force: bool) -> Result<u64> {
+        let now = Instant::now();
+        let mut stored = 0;
+        let mut due = std::mem::take(&mut cache.urgent);
+        while let Some((since, _)) = cache.deferred.front()
+            && (force || now.saturating_duration_since(*since) >= cache.defer)
+        {
+            if let Some((_, id)) = cache.deferred.pop_front() {
+                due.push(id);
+            }
+        }
+        for id in due {
             let Some(cached) = cache.records.get_mut(&id) else { continue };
-            cached.dirty = false;
+            cached.urgent = false;
+            if !cached.unstored {
+                continue;
+            }
+            cached.unstored = false;
             self.sagas.insert(cached.seq, encode(&cached.record)?.as_slice())?;
+            stored += 1;
             if cached.record.state.is_ended() {
                 cache.records.remove(&id);
             }
         }
-        Ok(())
+        Ok(stored)
     }
 }
 
@@ -423,11 +448,21 @@ impl<'txn> Tables<'txn> {
 /// is encoded and stored once, at the end of the batch. Holds running sagas only (an ended one
 /// leaves at the flush that stores its end); cleared when a batch fails, since the records in
 /// it may then be ahead of the file.
-#[derive(Debug, Default)]
+///
+/// A record changed only by queued appends (a step's start, an intermediate result) is not
+/// stored by the batch that takes them but by the one that takes the saga's next awaited write,
+/// or after `defer` at the latest: the sync flow's record is then stored at its start and its
+/// end, not once more for every commit its steps spanned. Nobody waits for a queued append, and
+/// a crash may lose it either way (the engine recovers from the recorded position); readers see
+/// the saga's progress up to `defer` late.
+#[derive(Debug)]
 pub(crate) struct Cache {
     records: HashMap<String, Cached>,
-    /// Request ids changed since the last flush, in the order first changed.
-    dirty: Vec<String>,
+    /// Request ids to store at the next flush, in the order first marked.
+    urgent: Vec<String>,
+    /// Request ids changed by queued appends only, with when they were first left unstored.
+    deferred: VecDeque<(Instant, String)>,
+    defer: Duration,
 }
 
 #[derive(Debug)]
@@ -435,36 +470,63 @@ struct Cached {
     record: SagaRecord,
     /// Its key in every table but `IDS`.
     seq: u64,
-    dirty: bool,
+    /// Changed since it was last stored.
+    unstored: bool,
+    /// In `Cache::urgent`.
+    urgent: bool,
 }
 
 impl Cache {
-    /// More running sagas than this and the cache is emptied after a flush (recovery of a large
-    /// backlog, say); records are read back from the file as needed.
+    /// More running sagas than this and the stored ones are dropped after a commit (recovery of
+    /// a large backlog, say); records are read back from the file as needed.
     const MAX_RECORDS: usize = 100_000;
 
+    pub(crate) fn new(defer: Duration) -> Self {
+        Self { records: HashMap::new(), urgent: Vec::new(), deferred: VecDeque::new(), defer }
+    }
+
     fn load(&mut self, record: SagaRecord, seq: u64) {
-        self.records.insert(record.request_id.clone(), Cached { record, seq, dirty: false });
+        self.records.insert(record.request_id.clone(), Cached { record, seq, unstored: false, urgent: false });
     }
 
     fn changed(&mut self, record: SagaRecord, seq: u64) {
         let id = record.request_id.clone();
         self.load(record, seq);
-        self.mark(&id);
+        self.mark(&id, true);
     }
 
-    fn mark(&mut self, request_id: &str) {
-        if let Some(cached) = self.records.get_mut(request_id)
-            && !cached.dirty
-        {
-            cached.dirty = true;
-            self.dirty.push(request_id.to_owned());
+    /// Notes that a record changed: to be stored by this batch if `urgent`, else within `defer`.
+    fn mark(&mut self, request_id: &str, urgent: bool) {
+        let Some(cached) = self.records.get_mut(request_id) else { return };
+        let urgent = urgent || self.defer.is_zero();
+        if urgent && !cached.urgent {
+            cached.urgent = true;
+            self.urgent.push(request_id.to_owned());
+        }
+        if !cached.unstored {
+            cached.unstored = true;
+            if !urgent {
+                self.deferred.push_back((Instant::now(), request_id.to_owned()));
+            }
+        }
+    }
+
+    /// When the oldest deferred record falls due.
+    fn next_due(&self) -> Option<Instant> {
+        self.deferred.front().map(|(since, _)| *since + self.defer)
+    }
+
+    /// Drops the stored records when there are too many, keeping those with unstored changes.
+    fn trim(&mut self) {
+        if self.records.len() > Self::MAX_RECORDS {
+            self.records.retain(|_, cached| cached.unstored);
         }
     }
 
     fn clear(&mut self) {
         self.records.clear();
-        self.dirty.clear();
+        self.urgent.clear();
+        self.deferred.clear();
     }
 }
 
@@ -548,7 +610,11 @@ impl Writer {
         let schedulable = Instant::now().checked_add(self.prune_interval).is_some();
         let mut next_prune = schedulable.then(Instant::now);
         loop {
-            let first = match next_prune {
+            let wake = match (next_prune, self.cache.next_due()) {
+                (Some(prune), Some(due)) => Some(prune.min(due)),
+                (prune, due) => prune.or(due),
+            };
+            let first = match wake {
                 Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(request) => Some(request),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -578,7 +644,10 @@ impl Writer {
                     }
                 }
                 last_batch = batch.len();
-                self.commit(batch);
+                self.commit(batch, false);
+            } else if self.cache.next_due().is_some_and(|due| Instant::now() >= due) {
+                // Idle, with records of queued appends falling due: store them alone.
+                self.commit(Vec::new(), false);
             }
             // Checked after every batch too, so a busy writer still prunes; one chunk at a
             // time, so queued writes wait for at most one chunk.
@@ -593,11 +662,16 @@ impl Writer {
                 next_prune = if more { Some(Instant::now()) } else { Instant::now().checked_add(self.prune_interval) };
             }
         }
+        // Closing: store what queued appends left unstored.
+        if self.cache.next_due().is_some() {
+            self.commit(Vec::new(), true);
+        }
         tracing::debug!("saga log writer stopped");
     }
 
     /// Applies the batch in one transaction, commits it (one fsync), then answers every request.
-    fn commit(&mut self, batch: Vec<Request>) {
+    /// `force` stores every changed record, deferred or not.
+    fn commit(&mut self, batch: Vec<Request>, force: bool) {
         let txn = match self.db.begin_write() {
             Ok(txn) => txn,
             Err(e) => {
@@ -609,7 +683,7 @@ impl Writer {
         let mut answers = Vec::with_capacity(batch.len());
         let mut fatal = None;
         let mut requests = batch.into_iter();
-        let (mut writes, mut pruned) = (0u64, 0u64);
+        let (mut writes, mut pruned, mut stored) = (0u64, 0u64, 0u64);
         match Tables::open(&txn) {
             Err(e) => fatal = Some(e),
             Ok(mut tables) => {
@@ -627,9 +701,10 @@ impl Writer {
                         }
                         Request::Prune(now, reply) => {
                             // Pruning reads the stored records: store the batch's changes first.
-                            let outcome = tables
-                                .flush(&mut self.cache)
-                                .and_then(|()| tables.prune(&self.retention, now, self.prune_chunk));
+                            let outcome = tables.flush(&mut self.cache, false).and_then(|flushed| {
+                                stored += flushed;
+                                tables.prune(&self.retention, now, self.prune_chunk)
+                            });
                             if let Ok(p) = &outcome {
                                 pruned += p.removed as u64;
                             }
@@ -641,10 +716,11 @@ impl Writer {
                         break;
                     }
                 }
-                if fatal.is_none()
-                    && let Err(e) = tables.flush(&mut self.cache)
-                {
-                    fatal = Some(e);
+                if fatal.is_none() {
+                    match tables.flush(&mut self.cache, force) {
+                        Ok(flushed) => stored += flushed,
+                        Err(e) => fatal = Some(e),
+                    }
                 }
             }
         }
@@ -659,14 +735,13 @@ impl Writer {
         };
         match committed {
             Ok(()) => {
-                if self.cache.records.len() > Cache::MAX_RECORDS {
-                    self.cache.clear();
-                }
+                self.cache.trim();
                 if writes > 0 {
                     self.counters.batches.fetch_add(1, Ordering::Relaxed);
                 }
                 self.counters.writes.fetch_add(writes, Ordering::Relaxed);
                 self.counters.pruned.fetch_add(pruned, Ordering::Relaxed);
+                self.counters.stored.fetch_add(stored, Ordering::Relaxed);
                 answers.into_iter().for_each(|a| a.send(None));
             }
             Err(e) => {
@@ -767,7 +842,7 @@ pub(crate) mod tests {
             prune_chunk: 512,
             max_batch: 256,
             linger: Duration::ZERO,
-            cache: Cache::default(),
+            cache: Cache::new(Duration::from_millis(100)),
             next_seq: 0,
         }
     }
@@ -796,7 +871,7 @@ pub(crate) mod tests {
         let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!({ "ok": true }) };
         let (complete, mut complete_rx) = request(|r| Request::Append("a".into(), done, r));
 
-        writer.commit(vec![begin, again, start, skip, nope, complete]);
+        writer.commit(vec![begin, again, start, skip, nope, complete], false);
 
         assert!(matches!(begin_rx.try_recv().unwrap(), Ok(Begin::Started(_))));
         match again_rx.try_recv().unwrap() {
@@ -822,7 +897,7 @@ pub(crate) mod tests {
 
         // Loaded for an event its state refuses, an ended saga does not stay cached either.
         let (late, mut late_rx) = request(|r| Request::Append("a".into(), SagaEvent::StepStarted { index: 0 }, r));
-        writer.commit(vec![late]);
+        writer.commit(vec![late], false);
         assert!(matches!(late_rx.try_recv().unwrap(), Err(LogError::Transition(_))));
         assert!(writer.cache.records.is_empty());
     }
@@ -834,13 +909,13 @@ pub(crate) mod tests {
         let mut saga = new_saga("r");
         saga.steps = 2;
         let (begin, _begin_rx) = request(|r| Request::Begin(saga, r));
-        writer.commit(vec![begin]);
+        writer.commit(vec![begin], false);
         // A queued append: its receiver is gone before the writer sees it.
         let (queued, queued_rx) = request(|r| Request::Append("r".into(), SagaEvent::StepStarted { index: 0 }, r));
         drop(queued_rx);
         let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(7) };
         let (complete, mut complete_rx) = request(|r| Request::Append("r".into(), done, r));
-        writer.commit(vec![queued, complete]);
+        writer.commit(vec![queued, complete], false);
 
         let after = complete_rx.try_recv().unwrap().unwrap();
         assert_eq!(after.completed, 1);
@@ -849,7 +924,108 @@ pub(crate) mod tests {
         let (_, stored) = stored(&txn, "r").unwrap();
         assert_eq!(stored, after);
         assert_eq!(writer.cache.records.get("r").map(|c| &c.record), Some(&after));
-        assert!(writer.cache.dirty.is_empty());
+        assert!(writer.cache.records.get("r").is_some_and(|c| !c.unstored), "nothing left to store");
+        assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 2, "once per commit");
+    }
+
+    /// Begins a two-step saga in a commit of its own.
+    fn begin_two_steps(writer: &mut Writer, id: &str) {
+        let mut saga = new_saga(id);
+        saga.steps = 2;
+        let (begin, _rx) = request(|r| Request::Begin(saga, r));
+        writer.commit(vec![begin], false);
+    }
+
+    fn queued(id: &str, event: SagaEvent) -> Request {
+        request(|r| Request::Append(id.into(), event, r)).0
+    }
+
+    fn stored_history(writer: &Writer, id: &str) -> usize {
+        stored(&writer.db.begin_read().unwrap(), id).unwrap().1.history.len()
+    }
+
+    #[test]
+    fn queued_appends_wait_for_the_sagas_next_awaited_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        begin_two_steps(&mut writer, "q");
+        assert_eq!(stored_history(&writer, "q"), 1);
+
+        writer.commit(vec![queued("q", SagaEvent::StepStarted { index: 0 })], false);
+        let result = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
+        writer.commit(vec![queued("q", result)], false);
+        assert_eq!(stored_history(&writer, "q"), 1, "queued appends alone are not stored yet");
+        assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 1);
+
+        // Another saga's awaited write does not store them either: only this saga's does.
+        begin_two_steps(&mut writer, "other");
+        assert_eq!(stored_history(&writer, "q"), 1);
+        let (start, mut start_rx) = request(|r| Request::Append("q".into(), SagaEvent::StepStarted { index: 1 }, r));
+        writer.commit(vec![start], false);
+        let answered = start_rx.try_recv().unwrap().unwrap();
+        assert_eq!(answered.history.len(), 4);
+        assert_eq!(stored(&writer.db.begin_read().unwrap(), "q").unwrap().1, answered);
+        assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 3, "q once more, other once");
+    }
+
+    #[test]
+    fn a_deferred_record_is_stored_once_due_or_when_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        writer.cache = Cache::new(Duration::from_millis(30));
+        begin_two_steps(&mut writer, "d");
+        writer.commit(vec![queued("d", SagaEvent::StepStarted { index: 0 })], false);
+        let due = writer.cache.next_due().unwrap();
+        writer.commit(Vec::new(), false);
+        assert_eq!(stored_history(&writer, "d"), 1, "not due yet");
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        writer.commit(Vec::new(), false);
+        assert_eq!(stored_history(&writer, "d"), 2, "stored once due");
+        assert!(writer.cache.next_due().is_none());
+
+        writer.commit(vec![queued("d", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
+        assert_eq!(stored_history(&writer, "d"), 2);
+        writer.commit(Vec::new(), true);
+        assert_eq!(stored_history(&writer, "d"), 3, "forced");
+    }
+
+    #[test]
+    fn a_queued_append_that_ends_the_saga_is_stored_by_its_own_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        writer.commit(vec![request(|r| Request::Begin(new_saga("e"), r)).0], false);
+        writer.commit(vec![queued("e", SagaEvent::StepStarted { index: 0 })], false);
+        writer.commit(vec![queued("e", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
+        let txn = writer.db.begin_read().unwrap();
+        let (seq, record) = stored(&txn, "e").unwrap();
+        assert_eq!(record.state, SagaState::Completed);
+        assert!(txn.open_table(UNFINISHED).unwrap().get(seq).unwrap().is_none(), "record and index agree");
+        assert!(writer.cache.records.is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_the_log_stores_what_queued_appends_left_and_readers_see_it_within_the_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || RedbOptions::new(dir.path()).prune_interval(Duration::MAX);
+        let log = RedbSagaLog::open(options().defer_queued(Duration::from_secs(10))).unwrap();
+        let mut saga = new_saga("c");
+        saga.steps = 2;
+        log.begin(saga).await.unwrap();
+        log.append_queued("c", SagaEvent::StepStarted { index: 0 }).await.unwrap();
+        drop(log);
+        let log = RedbSagaLog::open(options()).unwrap();
+        assert_eq!(log.get("c").await.unwrap().unwrap().history.len(), 2, "stored on close");
+
+        // With a short delay, a reader sees a lone queued append without any awaited write.
+        drop(log);
+        let log = RedbSagaLog::open(options().defer_queued(Duration::from_millis(20))).unwrap();
+        log.append_queued("c", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();
+        let seen = async {
+            while log.get("c").await.unwrap().unwrap().history.len() < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), seen).await.expect("stored within the delay, by an idle writer");
     }
 
     #[tokio::test]

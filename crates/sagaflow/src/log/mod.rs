@@ -76,8 +76,9 @@ pub trait SagaLog: Send + Sync + 'static {
     /// and returns the record after it.
     async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError>;
 
-    /// Queues an event whose durability may wait for the next awaited write:
-    /// the backend must store it no later than any write queued after it.
+    /// Queues an event whose durability may wait for the saga's next awaited
+    /// write: the backend must store it no later than that write (or any
+    /// later write of the same saga), and readers may see it late.
     /// The engine uses it for a step's start, which must be recorded before
     /// the step's result, not before the call. The default awaits the append.
     async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
