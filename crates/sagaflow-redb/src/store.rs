@@ -404,9 +404,10 @@ impl<'txn> Tables<'txn> {
             }
             _ => {}
         }
-        // A queued append that leaves the saga running may wait for the saga's next awaited
-        // write; anything else is stored by this batch.
-        let urgent = answer || was_ended || record.state.is_ended();
+        // A queued append that neither ends nor revives the saga (a step's start, the record of a
+        // callback's delivery) may wait for the saga's next awaited write or the delay; an
+        // awaited one, or one that moves the saga between indexes, is stored by this batch.
+        let urgent = answer || was_ended != record.state.is_ended();
         let answer = answer.then(|| record.clone());
         cache.mark(request_id, urgent);
         Ok(Ok(answer))
@@ -511,8 +512,15 @@ impl Cache {
         }
     }
 
-    /// When the oldest deferred record falls due.
-    fn next_due(&self) -> Option<Instant> {
+    /// When the oldest deferred record falls due. Entries whose record was stored since (by the
+    /// saga's awaited write) are dropped first, so they never cost a commit of their own.
+    fn next_due(&mut self) -> Option<Instant> {
+        while let Some((_, id)) = self.deferred.front() {
+            if self.records.get(id).is_some_and(|cached| cached.unstored) {
+                break;
+            }
+            self.deferred.pop_front();
+        }
         self.deferred.front().map(|(since, _)| *since + self.defer)
     }
 
@@ -636,11 +644,16 @@ impl Writer {
                 }
                 // Under load, the callers answered by the last commit are still on their way
                 // back: wait a moment for them so they share this commit instead of the next.
-                let linger_until = Instant::now() + self.linger;
-                while batch.len() < self.max_batch.min(last_batch) {
-                    match self.rx.recv_timeout(linger_until.saturating_duration_since(Instant::now())) {
-                        Ok(request) => batch.push(request),
-                        Err(_) => break,
+                // Asleep, not blocked on the channel: a blocked receiver is woken by every send
+                // (a futex call for the caller, a context switch for the writer), a sleeping one
+                // by none.
+                if batch.len() < self.max_batch.min(last_batch) && !self.linger.is_zero() {
+                    thread::sleep(self.linger);
+                    while batch.len() < self.max_batch {
+                        match self.rx.try_recv() {
+                            Ok(request) => batch.push(request),
+                            Err(_) => break,
+                        }
                     }
                 }
                 last_batch = batch.len();
@@ -700,8 +713,9 @@ impl Writer {
                             settle(reply, outcome, &mut fatal, Answer::Append)
                         }
                         Request::Prune(now, reply) => {
-                            // Pruning reads the stored records: store the batch's changes first.
-                            let outcome = tables.flush(&mut self.cache, false).and_then(|flushed| {
+                            // Pruning reads the stored records: store every change first, so
+                            // none is stored after pruning deleted its saga.
+                            let outcome = tables.flush(&mut self.cache, true).and_then(|flushed| {
                                 stored += flushed;
                                 tables.prune(&self.retention, now, self.prune_chunk)
                             });
@@ -756,18 +770,34 @@ impl Writer {
     }
 
     /// One chunk of retention, in its own transaction.
-    fn prune_once(&self) -> Result<Pruned> {
-        let txn = self.db.begin_write()?;
-        let pruned = {
-            let mut tables = Tables::open(&txn)?;
-            tables.prune(&self.retention, sagaflow::now_ms(), self.prune_chunk)?
+    fn prune_once(&mut self) -> Result<Pruned> {
+        let (pruned, stored) = match self.prune_transaction() {
+            Ok(done) => done,
+            Err(e) => {
+                // The cached records may be marked stored by the flush that did not commit.
+                self.cache.clear();
+                return Err(e);
+            }
         };
-        txn.commit()?;
+        self.counters.stored.fetch_add(stored, Ordering::Relaxed);
         self.counters.pruned.fetch_add(pruned.removed as u64, Ordering::Relaxed);
         if pruned.removed > 0 {
             tracing::debug!(removed = pruned.removed, "saga log pruned ended sagas");
         }
         Ok(pruned)
+    }
+
+    /// Stores every change (so none is stored after pruning deleted its saga), then prunes one
+    /// chunk; returns what was pruned and how many records were stored.
+    fn prune_transaction(&mut self) -> Result<(Pruned, u64)> {
+        let txn = self.db.begin_write()?;
+        let done = {
+            let mut tables = Tables::open(&txn)?;
+            let stored = tables.flush(&mut self.cache, true)?;
+            (tables.prune(&self.retention, sagaflow::now_ms(), self.prune_chunk)?, stored)
+        };
+        txn.commit()?;
+        Ok(done)
     }
 }
 
@@ -775,6 +805,7 @@ impl Writer {
 pub(crate) mod tests {
     use std::time::Duration;
 
+    use redb::ReadableTableMetadata;
     use sagaflow::{Failure, Mode, SagaState, SagaStatus};
     use serde_json::json;
     use tempfile::TempDir;
@@ -1001,6 +1032,31 @@ pub(crate) mod tests {
         assert_eq!(record.state, SagaState::Completed);
         assert!(txn.open_table(UNFINISHED).unwrap().get(seq).unwrap().is_none(), "record and index agree");
         assert!(writer.cache.records.is_empty());
+    }
+
+    #[test]
+    fn a_queued_event_on_an_ended_saga_waits_and_pruning_stores_it_before_deleting_the_saga() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        writer.cache = Cache::new(Duration::from_secs(10));
+        writer.commit(vec![request(|r| Request::Begin(new_saga("p"), r)).0], false);
+        let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
+        writer.commit(vec![request(|r| Request::Append("p".into(), done, r)).0], false);
+        let delivered = SagaEvent::CallbackDelivered { delivered: true, attempts: 1, error: None };
+        writer.commit(vec![queued("p", delivered)], false);
+        assert_eq!(stored_history(&writer, "p"), 2, "the delivery waits");
+        assert!(writer.cache.next_due().is_some());
+
+        // Pruning this very saga: its waiting change is stored first, then deleted with it,
+        // never written back after.
+        writer.retention = Retention { max_age: Duration::from_secs(3600), max_ended: 0 };
+        assert_eq!(writer.prune_once().unwrap().removed, 1);
+        assert!(writer.cache.next_due().is_none() && writer.cache.records.is_empty());
+        writer.commit(Vec::new(), true);
+        let txn = writer.db.begin_read().unwrap();
+        assert_eq!(txn.open_table(SAGAS).unwrap().len().unwrap(), 0, "no record left behind");
+        assert_eq!(txn.open_table(IDS).unwrap().len().unwrap(), 0);
+        assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]
