@@ -31,15 +31,21 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// User + system CPU of the log's writer thread so far, if it runs.
-fn writer_cpu_seconds() -> Option<f64> {
+/// User + system CPU seconds and context switches of the log's writer thread so far, if it runs.
+fn writer_usage() -> Option<(f64, f64)> {
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.trim_end() == "sagaflow-redb-w" {
             let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
             let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
             let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            return Some((ticks(11) + ticks(12)) / 100.0);
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            let switches: f64 = status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches"))
+                .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+                .sum();
+            return Some(((ticks(11) + ticks(12)) / 100.0, switches));
         }
     }
     None
@@ -53,7 +59,8 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-async fn saga(log: &dyn SagaLog, id: String, gap: Duration) {
+/// Runs one saga; returns how long its two awaited writes took.
+async fn saga(log: &dyn SagaLog, id: String, gap: Duration) -> [Duration; 2] {
     let call = || async {
         if !gap.is_zero() {
             tokio::time::sleep(gap).await;
@@ -69,7 +76,9 @@ async fn saga(log: &dyn SagaLog, id: String, gap: Duration) {
         deadline_ms: u64::MAX,
         callback_url: None,
     };
+    let began = Instant::now();
     log.begin(start).await.expect("begin");
+    let begin_took = began.elapsed();
     log.append_queued(&id, SagaEvent::StepStarted { index: 0 }).await.expect("start 0");
     call().await;
     let after_order = json!({"product_id": 7, "count": 1, "fault_inject": false, "order_id": 12345, "payment_id": 0});
@@ -79,11 +88,14 @@ async fn saga(log: &dyn SagaLog, id: String, gap: Duration) {
     log.append_queued(&id, SagaEvent::StepStarted { index: 1 }).await.expect("start 1");
     call().await;
     let done = json!({"product_id": 7, "count": 1, "fault_inject": false, "order_id": 12345, "payment_id": 67890});
+    let ending = Instant::now();
     let record =
         log.append(&id, SagaEvent::StepCompleted { index: 1, attempts: 1, data: done }).await.expect("result 1");
+    let end_took = ending.elapsed();
     if std::env::var_os("SHOW_RECORD").is_some() {
         println!("{}", serde_json::to_string(&record).unwrap_or_default());
     }
+    [begin_took, end_took]
 }
 
 fn main() {
@@ -111,30 +123,35 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     runtime.block_on(async {
         let cpu0 = cpu_seconds();
-        let writer0 = writer_cpu_seconds();
+        let writer0 = writer_usage();
         let t0 = Instant::now();
         let tasks: Vec<_> = (0..callers)
             .map(|c| {
                 let (log, done, stop, next_id) = (log.clone(), done.clone(), stop.clone(), next_id.clone());
                 tokio::spawn(async move {
+                    let mut awaited = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
                     while !stop.load(Ordering::Relaxed) {
                         let n = next_id.fetch_add(1, Ordering::Relaxed);
                         let id = if random_ids { format!("{:016x}-{c}", splitmix64(n)) } else { format!("load-{n}") };
-                        saga(log.as_ref(), id, gap).await;
+                        for took in saga(log.as_ref(), id, gap).await {
+                            awaited.saturating_record(took.as_micros() as u64);
+                        }
                         done.fetch_add(1, Ordering::Relaxed);
                         // The memory log never suspends: let the timer and the other callers run.
                         tokio::task::yield_now().await;
                     }
+                    awaited
                 })
             })
             .collect();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         stop.store(true, Ordering::Relaxed);
+        let mut awaited = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
         for task in tasks {
-            task.await.expect("caller");
+            awaited.add(task.await.expect("caller")).expect("same histogram bounds");
         }
         let (elapsed, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
-        let writer = writer_cpu_seconds().zip(writer0).map(|(now, then)| now - then);
+        let writer = writer_usage().zip(writer0).map(|(now, then)| (now.0 - then.0, now.1 - then.1));
         let n = done.load(Ordering::Relaxed) as f64;
         println!(
             "{kind}: {callers} callers, {n:.0} sagas in {elapsed:.2}s = {:.0} sagas/s, CPU {:.0}% of a core, {:.1} µs CPU per saga",
@@ -142,11 +159,19 @@ fn main() {
             100.0 * cpu / elapsed,
             1e6 * cpu / n
         );
+        println!(
+            "  awaited writes (begin, last result): p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+            awaited.value_at_quantile(0.5),
+            awaited.value_at_quantile(0.99),
+            awaited.value_at_quantile(0.999),
+            awaited.max()
+        );
         if let Some(redb) = &redb {
             let stats = redb.stats();
             println!(
-                "  writer thread {:.1} µs CPU per saga; {} commits = {:.0}/s, {:.1} writes per commit, {:.2} records stored per saga",
-                1e6 * writer.unwrap_or(f64::NAN) / n,
+                "  writer thread {:.1} µs CPU and {:.2} context switches per saga; {} commits = {:.0}/s, {:.1} writes per commit, {:.2} records stored per saga",
+                1e6 * writer.map_or(f64::NAN, |w| w.0) / n,
+                writer.map_or(f64::NAN, |w| w.1) / n,
                 stats.batches,
                 stats.batches as f64 / elapsed,
                 stats.average_batch(),

@@ -573,7 +573,9 @@ impl<D: FlowData> FlowRuntime<D> {
                     attempts: report.attempts,
                     error: report.error,
                 };
-                if let Err(e) = log.append(&id, event).await {
+                // Queued: nothing waits on this record, and a callback is not re-sent after a
+                // crash either way, so it shares the commit of other sagas' writes.
+                if let Err(e) = log.append_queued(&id, event).await {
                     tracing::warn!(error = %e, "could not record the callback delivery");
                 }
             };

@@ -80,7 +80,9 @@ pub trait SagaLog: Send + Sync + 'static {
     /// write: the backend must store it no later than that write (or any
     /// later write of the same saga), and readers may see it late.
     /// The engine uses it for a step's start, which must be recorded before
-    /// the step's result, not before the call. The default awaits the append.
+    /// the step's result, not before the call, and for the record of a
+    /// callback's delivery, which nothing waits on. The default awaits the
+    /// append.
     async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
         self.append(request_id, event).await.map(|_| ())
     }
