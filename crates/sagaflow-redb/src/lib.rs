@@ -3,8 +3,11 @@
 //!
 //! Every `begin` and `append` is queued to one writer thread, which applies everything waiting
 //! in a single transaction and commits it with a single fsync; each caller's call returns once
-//! the commit covering it is on disk. Many concurrent sagas thus share each fsync. Ended sagas
-//! are pruned in the background after their [`Retention`](sagaflow::log::Retention).
+//! the commit covering it is on disk. Many concurrent sagas thus share each fsync. A queued
+//! append ([`SagaLog::append_queued`](sagaflow::SagaLog::append_queued)) is not waited for: the
+//! saga's record is stored with its next awaited write, or within
+//! [`RedbOptions::defer_queued`] (100 ms). Ended sagas are pruned in the background after their
+//! [`Retention`](sagaflow::log::Retention).
 //!
 //! ```
 //! use sagaflow::log::Begin;
