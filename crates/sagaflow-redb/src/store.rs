@@ -318,6 +318,9 @@ pub(crate) struct Tables<'txn> {
     pub(crate) by_created: Table<'txn, (u64, u64), ()>,
     pub(crate) ended: Table<'txn, (u64, u64), ()>,
     pub(crate) ended_at: Table<'txn, u64, u64>,
+    /// Whether a saga was begun or moved between indexes in this transaction (stored records
+    /// are counted by `flush`): if not, and nothing was stored, there is nothing to commit.
+    pub(crate) indexed: bool,
 }
 
 impl<'txn> Tables<'txn> {
@@ -329,6 +332,7 @@ impl<'txn> Tables<'txn> {
             by_created: txn.open_table(BY_CREATED)?,
             ended: txn.open_table(ENDED)?,
             ended_at: txn.open_table(ENDED_AT)?,
+            indexed: false,
         })
     }
 
@@ -350,6 +354,7 @@ impl<'txn> Tables<'txn> {
         self.ids.insert(record.request_id.as_str(), seq)?;
         self.unfinished.insert(seq, ())?;
         self.by_created.insert((record.created_ms, seq), ())?;
+        self.indexed = true;
         let answer = record.clone();
         cache.changed(record, seq);
         Ok(Ok(Begin::Started(answer)))
@@ -391,12 +396,14 @@ impl<'txn> Tables<'txn> {
         }
         match (was_ended, record.state.is_ended()) {
             (false, true) => {
+                self.indexed = true;
                 self.unfinished.remove(seq)?;
                 self.ended.insert((record.updated_ms, seq), ())?;
                 self.ended_at.insert(seq, record.updated_ms)?;
             }
             // A stuck saga retried: running again, so out of retention's reach.
             (true, false) => {
+                self.indexed = true;
                 if let Some(at) = self.ended_at.remove(seq)? {
                     self.ended.remove((at.value(), seq))?;
                 }
@@ -570,6 +577,15 @@ impl Answer {
 }
 
 impl Request {
+    /// Whether a caller waits for this request's commit (a queued append's caller does not).
+    fn is_awaited(&self) -> bool {
+        match self {
+            Request::Begin(_, reply) => !reply.is_closed(),
+            Request::Append(_, _, reply) => !reply.is_closed(),
+            Request::Prune(..) => false,
+        }
+    }
+
     fn fail(self, why: &str) {
         match self {
             Request::Begin(_, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
@@ -614,7 +630,7 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         // Prune once at start (the process may have been down a while), then every interval.
-        let mut last_batch = 0;
+        let mut last_awaited = 0;
         let schedulable = Instant::now().checked_add(self.prune_interval).is_some();
         let mut next_prune = schedulable.then(Instant::now);
         loop {
@@ -644,10 +660,13 @@ impl Writer {
                 }
                 // Under load, the callers answered by the last commit are still on their way
                 // back: wait a moment for them so they share this commit instead of the next.
+                // Counted in awaited writes: the queued appends a lone caller sends along with
+                // its awaited one must not make it wait for callers that do not exist.
                 // Asleep, not blocked on the channel: a blocked receiver is woken by every send
                 // (a futex call for the caller, a context switch for the writer), a sleeping one
                 // by none.
-                if batch.len() < self.max_batch.min(last_batch) && !self.linger.is_zero() {
+                let awaited = batch.iter().filter(|request| request.is_awaited()).count();
+                if awaited < last_awaited && batch.len() < self.max_batch && !self.linger.is_zero() {
                     thread::sleep(self.linger);
                     while batch.len() < self.max_batch {
                         match self.rx.try_recv() {
@@ -656,7 +675,7 @@ impl Writer {
                         }
                     }
                 }
-                last_batch = batch.len();
+                last_awaited = batch.iter().filter(|request| request.is_awaited()).count();
                 self.commit(batch, false);
             } else if self.cache.next_due().is_some_and(|due| Instant::now() >= due) {
                 // Idle, with records of queued appends falling due: store them alone.
@@ -697,6 +716,8 @@ impl Writer {
         let mut fatal = None;
         let mut requests = batch.into_iter();
         let (mut writes, mut pruned, mut stored) = (0u64, 0u64, 0u64);
+        // Whether the transaction holds anything to make durable.
+        let mut wrote = false;
         match Tables::open(&txn) {
             Err(e) => fatal = Some(e),
             Ok(mut tables) => {
@@ -713,6 +734,7 @@ impl Writer {
                             settle(reply, outcome, &mut fatal, Answer::Append)
                         }
                         Request::Prune(now, reply) => {
+                            wrote = true;
                             // Pruning reads the stored records: store every change first, so
                             // none is stored after pruning deleted its saga.
                             let outcome = tables.flush(&mut self.cache, true).and_then(|flushed| {
@@ -736,6 +758,7 @@ impl Writer {
                         Err(e) => fatal = Some(e),
                     }
                 }
+                wrote |= tables.indexed || stored > 0;
             }
         }
         let committed = match fatal {
@@ -745,12 +768,19 @@ impl Writer {
                 }
                 Err(e)
             }
+            // Only queued appends left waiting, refusals or answers from the cache: no fsync.
+            None if !wrote => {
+                if let Err(abort) = txn.abort() {
+                    tracing::warn!(error = %abort, "saga log abort failed");
+                }
+                Ok(())
+            }
             None => txn.commit().map_err(Error::from),
         };
         match committed {
             Ok(()) => {
                 self.cache.trim();
-                if writes > 0 {
+                if writes > 0 && wrote {
                     self.counters.batches.fetch_add(1, Ordering::Relaxed);
                 }
                 self.counters.writes.fetch_add(writes, Ordering::Relaxed);
@@ -987,6 +1017,7 @@ pub(crate) mod tests {
         writer.commit(vec![queued("q", result)], false);
         assert_eq!(stored_history(&writer, "q"), 1, "queued appends alone are not stored yet");
         assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 1);
+        assert_eq!(writer.counters.batches.load(Ordering::Relaxed), 1, "nor committed: no fsync for them");
 
         // Another saga's awaited write does not store them either: only this saga's does.
         begin_two_steps(&mut writer, "other");
