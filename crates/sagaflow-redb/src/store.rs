@@ -453,9 +453,9 @@ impl<'txn> Tables<'txn> {
 
 /// The records of the sagas the writer is working on: an append neither reads nor decodes the
 /// stored record, and a saga changed several times in one batch (a step's start and its result)
-/// is encoded and stored once, at the end of the batch. Holds running sagas only (an ended one
-/// leaves at the flush that stores its end); cleared when a batch fails, since the records in
-/// it may then be ahead of the file.
+/// is encoded and stored once, at the end of the batch. Holds running sagas, and ended ones
+/// only until the flush that stores them; cleared when a batch fails, since the records in it
+/// may then be ahead of the file (which drops queued appends still waiting, as a crash would).
 ///
 /// A record changed only by queued appends (a step's start, an intermediate result) is not
 /// stored by the batch that takes them but by the one that takes the saga's next awaited write,
