@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use booking::proto::pb::BookingRequest;
 use booking::proto::pb::booking_service_client::BookingServiceClient;
 use rand::Rng;
-use support::{by_id, channel, with_id};
+use support::{by_id, channel, free_ports, with_id};
 use tokio::sync::Mutex;
 use tonic::Code;
 
@@ -35,10 +35,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -98,8 +94,7 @@ impl Cluster {
     async fn start(backend: Backend, postgres_url: Option<String>) -> Self {
         let dir = std::env::temp_dir().join(format!("sagaflow-crash-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(dir.join("nats")).unwrap();
-        let (nats_port, grpc, http, order_port, payment_port) =
-            (free_port(), free_port(), free_port(), free_port(), free_port());
+        let [nats_port, grpc, http, order_port, payment_port] = free_ports();
         let nats_port_s = nats_port.to_string();
         let nats_dir = dir.join("nats");
         let mut nats = spawn(

@@ -3,17 +3,12 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use booking::proto::pb::booking_service_client::BookingServiceClient;
-use support::{booking, channel, with_id};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use support::{booking, channel, free_ports, with_id};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_spans_are_exported_over_otlp() {
@@ -34,7 +29,7 @@ async fn saga_spans_are_exported_over_otlp() {
     let collector = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let (grpc, http, order, payment) = (free_port(), free_port(), free_port(), free_port());
+    let [grpc, http, order, payment] = free_ports();
     let dir = std::env::temp_dir().join(format!("sagaflow-otlp-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("app.yaml");

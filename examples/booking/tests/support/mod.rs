@@ -19,6 +19,15 @@ pub fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// `N` distinct free ports for a child process to listen on. The listeners are held until all
+/// are picked: picked one at a time, the same port could come back twice, and the child would
+/// then answer on one port with another of its servers (a gRPC `Unimplemented`).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("a bound listener's address").port())
+}
+
 /// A config for tests: every listener on a free port, quick retries.
 pub fn test_config() -> Config {
     let mut config = Config {
