@@ -293,9 +293,21 @@ impl RabbitMqAcker {
 
     async fn ack_now(&mut self) -> Result<(), BrokerError> {
         self.settled = true;
-        settled(self.acker.ack(BasicAckOptions::default()).await, || self.channel_gone())
+        if !self.acker.usable() {
+            return Err(self.channel_gone());
+        }
+        let ack = tokio::time::timeout(SETTLE_TIMEOUT, self.acker.ack(BasicAckOptions::default())).await;
+        match ack {
+            Ok(result) => settled(result, || self.channel_gone()),
+            Err(_) => Err(self.channel_gone()),
+        }
     }
 }
+
+/// How long an ack or nack may take: it is one frame written to the channel, but a frame handed
+/// to a connection whose I/O loop just died may never complete (the likely hang of one outage
+/// test run: stuck between the node's kill and its restart, where only this ack was unbounded).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn settled(result: lapin::Result<bool>, gone: impl FnOnce() -> BrokerError) -> Result<(), BrokerError> {
     match result {
@@ -323,8 +335,11 @@ impl Acknowledger for RabbitMqAcker {
         if delay.is_zero() {
             // Straight back to the queue; the quorum queue counts the return.
             self.settled = true;
-            let nack = self.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
-            return settled(nack, || self.channel_gone());
+            let nack = self.acker.nack(BasicNackOptions { requeue: true, multiple: false });
+            return match tokio::time::timeout(SETTLE_TIMEOUT, nack).await {
+                Ok(result) => settled(result, || self.channel_gone()),
+                Err(_) => Err(self.channel_gone()),
+            };
         }
         // Park it in the delay queue (confirmed) before letting go of it; if
         // parking fails, dropping `self` hands it straight back instead.
