@@ -296,10 +296,16 @@ impl RabbitMqAcker {
         if !self.acker.usable() {
             return Err(self.channel_gone());
         }
-        let ack = tokio::time::timeout(SETTLE_TIMEOUT, self.acker.ack(BasicAckOptions::default())).await;
-        match ack {
-            Ok(result) => settled(result, || self.channel_gone()),
-            Err(_) => Err(self.channel_gone()),
+        self.settle(self.acker.ack(BasicAckOptions::default())).await
+    }
+
+    /// Waits for an ack or nack, at most [`SETTLE_TIMEOUT`].
+    async fn settle(&self, settling: impl Future<Output = lapin::Result<bool>>) -> Result<(), BrokerError> {
+        match tokio::time::timeout(SETTLE_TIMEOUT, settling).await {
+            // `false`: the acker was poisoned, its channel closed.
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) | Err(_) => Err(self.channel_gone()),
+            Ok(Err(error)) => Err(broker_error("settling a delivery", &error)),
         }
     }
 }
@@ -308,15 +314,6 @@ impl RabbitMqAcker {
 /// to a connection whose I/O loop just died may never complete (the likely hang of one outage
 /// test run: stuck between the node's kill and its restart, where only this ack was unbounded).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn settled(result: lapin::Result<bool>, gone: impl FnOnce() -> BrokerError) -> Result<(), BrokerError> {
-    match result {
-        Ok(true) => Ok(()),
-        // The acker was poisoned: its channel closed.
-        Ok(false) => Err(gone()),
-        Err(error) => Err(broker_error("settling a delivery", &error)),
-    }
-}
 
 #[async_trait]
 impl Acknowledger for RabbitMqAcker {
@@ -335,11 +332,7 @@ impl Acknowledger for RabbitMqAcker {
         if delay.is_zero() {
             // Straight back to the queue; the quorum queue counts the return.
             self.settled = true;
-            let nack = self.acker.nack(BasicNackOptions { requeue: true, multiple: false });
-            return match tokio::time::timeout(SETTLE_TIMEOUT, nack).await {
-                Ok(result) => settled(result, || self.channel_gone()),
-                Err(_) => Err(self.channel_gone()),
-            };
+            return self.settle(self.acker.nack(BasicNackOptions { requeue: true, multiple: false })).await;
         }
         // Park it in the delay queue (confirmed) before letting go of it; if
         // parking fails, dropping `self` hands it straight back instead.

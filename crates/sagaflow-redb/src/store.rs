@@ -665,17 +665,20 @@ impl Writer {
                 // Asleep, not blocked on the channel: a blocked receiver is woken by every send
                 // (a futex call for the caller, a context switch for the writer), a sleeping one
                 // by none.
-                let awaited = batch.iter().filter(|request| request.is_awaited()).count();
+                let mut awaited = batch.iter().filter(|request| request.is_awaited()).count();
                 if awaited < last_awaited && batch.len() < self.max_batch && !self.linger.is_zero() {
                     thread::sleep(self.linger);
                     while batch.len() < self.max_batch {
                         match self.rx.try_recv() {
-                            Ok(request) => batch.push(request),
+                            Ok(request) => {
+                                awaited += usize::from(request.is_awaited());
+                                batch.push(request);
+                            }
                             Err(_) => break,
                         }
                     }
                 }
-                last_awaited = batch.iter().filter(|request| request.is_awaited()).count();
+                last_awaited = awaited;
                 self.commit(batch, false);
             } else if self.cache.next_due().is_some_and(|due| Instant::now() >= due) {
                 // Idle, with records of queued appends falling due: store them alone.
