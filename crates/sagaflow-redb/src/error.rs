@@ -32,6 +32,15 @@ pub enum Error {
         #[source]
         source: redb::DatabaseError,
     },
+    /// The write-ahead file could not be opened, read or written.
+    #[error("saga log write-ahead file {path}: {source}")]
+    Wal {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The writer thread could not be started.
     #[error("cannot start the saga log writer thread: {0}")]
     Spawn(#[source] std::io::Error),

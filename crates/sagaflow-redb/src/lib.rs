@@ -2,8 +2,11 @@
 //! process and machine crashes, with group-committed writes.
 //!
 //! Every `begin` and `append` is queued to one writer thread, which applies everything waiting
-//! in a single transaction and commits it with a single fsync; each caller's call returns once
-//! the commit covering it is on disk. Many concurrent sagas thus share each fsync. A queued
+//! in a single transaction and makes it durable with a single fsync; each caller's call returns
+//! once the batch covering it is on disk. Many concurrent sagas thus share each fsync. The fsync
+//! is usually that of one entry in a write-ahead file beside the database (`sagas.wal`), redb
+//! committing the batch without one; every 100 ms a checkpoint commits redb durably and retires
+//! the entries, and opening the log replays those written since the last checkpoint. A queued
 //! append ([`SagaLog::append_queued`](sagaflow::SagaLog::append_queued)) is not waited for: the
 //! saga's record is stored with its next awaited write, or within
 //! [`RedbOptions::defer_queued`] (100 ms). Ended sagas are pruned in the background after their
@@ -40,7 +43,9 @@ mod migrate;
 mod options;
 mod prune;
 mod store;
+mod wal;
 
 pub use error::{Error, Result};
 pub use options::{FILE_NAME, RedbOptions};
 pub use store::{RedbSagaLog, WriteStats};
+pub use wal::WAL_FILE_NAME;

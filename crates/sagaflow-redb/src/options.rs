@@ -19,6 +19,8 @@ pub struct RedbOptions {
     pub(crate) linger: Duration,
     pub(crate) defer_queued: Duration,
     pub(crate) cache_size: Option<usize>,
+    pub(crate) checkpoint_interval: Duration,
+    pub(crate) wal_size: u64,
 }
 
 impl RedbOptions {
@@ -33,6 +35,8 @@ impl RedbOptions {
             linger: Duration::from_micros(300),
             defer_queued: Duration::from_millis(100),
             cache_size: None,
+            checkpoint_interval: Duration::from_millis(100),
+            wal_size: 4 << 20,
         }
     }
 
@@ -85,6 +89,21 @@ impl RedbOptions {
         self
     }
 
+    /// How often the batches made durable by the write-ahead file are folded into a durable redb
+    /// commit, a checkpoint (default 100 ms). Replaying after a crash redoes at most this much;
+    /// each checkpoint costs one full redb commit.
+    pub fn checkpoint_interval(mut self, interval: Duration) -> Self {
+        self.checkpoint_interval = interval;
+        self
+    }
+
+    /// Size of the write-ahead file, allocated when it is created (default 4 MiB, at least
+    /// 64 KiB). A checkpoint is made as soon as half of it is used.
+    pub fn wal_size(mut self, bytes: u64) -> Self {
+        self.wal_size = bytes.max(64 << 10);
+        self
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -93,5 +112,10 @@ impl RedbOptions {
     /// The database file.
     pub fn path(&self) -> PathBuf {
         self.data_dir.join(FILE_NAME)
+    }
+
+    /// The write-ahead file beside it.
+    pub fn wal_path(&self) -> PathBuf {
+        self.data_dir.join(crate::wal::WAL_FILE_NAME)
     }
 }
