@@ -46,6 +46,9 @@ pub(crate) const ENDED_AT: TableDefinition<'static, u64, u64> = TableDefinition:
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 /// `META` key: the epoch of the write-ahead entries not yet in a durable commit.
 const WAL_EPOCH: &str = "wal_epoch";
+/// `META` key: a number drawn when the file was made, in every write-ahead entry's checksum, so
+/// that a write-ahead file left beside another database file is never replayed into it.
+const WAL_SALT: &str = "wal_salt";
 
 /// The embedded saga log: one redb file, durable across process and machine crashes.
 ///
@@ -130,7 +133,16 @@ impl RedbSagaLog {
             let mut tables = Tables::open(&txn)?;
             crate::migrate::from_request_id_keys(&txn, &mut tables)?;
             let epoch = tables.meta.get(WAL_EPOCH)?.map_or(0, |epoch| epoch.value());
-            let mut wal = Wal::open(options.wal_path(), options.wal_size, epoch)?;
+            let salt = tables.meta.get(WAL_SALT)?.map(|salt| salt.value());
+            let salt = match salt {
+                Some(salt) => salt,
+                None => {
+                    let salt = crate::wal::new_salt();
+                    tables.meta.insert(WAL_SALT, salt)?;
+                    salt
+                }
+            };
+            let mut wal = Wal::open(options.wal_path(), options.wal_size, salt, epoch)?;
             let entries = wal.entries(epoch)?;
             for payload in &entries {
                 for op in Op::decode_all(payload)? {
@@ -849,6 +861,8 @@ impl Writer {
         }
         // A checkpoint also retires the write-ahead entries, so it writes even with nothing else.
         wrote |= durable && self.wal.used() > 0;
+        // Whether an entry of this batch may be in the write-ahead file (also when writing it failed:
+        // it may have reached the disk).
         let mut appended = false;
         if fatal.is_none() && wrote {
             if !durable {
@@ -857,7 +871,10 @@ impl Writer {
                         appended = fits;
                         durable = !fits;
                     }
-                    Err(e) => fatal = Some(e),
+                    Err(e) => {
+                        appended = true;
+                        fatal = Some(e);
+                    }
                 }
             }
             if durable
@@ -1052,7 +1069,7 @@ pub(crate) mod tests {
             linger: Duration::ZERO,
             cache: Cache::new(Duration::from_millis(100)),
             next_seq: 0,
-            wal: Wal::open(dir.join(crate::WAL_FILE_NAME), 1 << 20, 0).unwrap(),
+            wal: Wal::open(dir.join(crate::WAL_FILE_NAME), 1 << 20, 1, 0).unwrap(),
             checkpoint_interval: Duration::from_millis(100),
             last_checkpoint: Instant::now(),
         }

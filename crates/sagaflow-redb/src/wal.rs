@@ -15,8 +15,10 @@
 //! checkpoint. The file is filled with zeros when created, so an `fdatasync` only ever flushes
 //! data blocks already allocated, never file-system metadata.
 //!
-//! An entry is `epoch: u64 | length: u32 | crc32(epoch, length, payload): u32 | payload`, all
-//! little-endian; its payload is a sequence of [`Op`]s, the table changes of one batch.
+//! An entry is `epoch: u64 | length: u32 | crc32(salt, epoch, length, payload): u32 | payload`,
+//! all little-endian; its payload is a sequence of [`Op`]s, the table changes of one batch. The
+//! salt is drawn when the database file is made and kept in it, so entries written for another
+//! database file never pass the checksum.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -38,6 +40,7 @@ pub(crate) struct Wal {
     size: u64,
     /// Where the next entry goes.
     offset: u64,
+    salt: u64,
     /// The epoch of the entries being written: the one stored by the last checkpoint.
     epoch: u64,
 }
@@ -46,7 +49,7 @@ impl Wal {
     /// Opens the file, creating it filled with zeros if it is missing or smaller than `size`
     /// (then there is nothing in it to replay: it only ever holds entries after a checkpoint
     /// that its creation preceded).
-    pub(crate) fn open(path: PathBuf, size: u64, epoch: u64) -> Result<Self> {
+    pub(crate) fn open(path: PathBuf, size: u64, salt: u64, epoch: u64) -> Result<Self> {
         let io = |source| Error::Wal { path: path.clone(), source };
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
@@ -56,7 +59,7 @@ impl Wal {
             zero_fill(&file, len, size).map_err(io)?;
             size
         };
-        Ok(Self { file, path, size, offset: 0, epoch })
+        Ok(Self { file, path, size, offset: 0, salt, epoch })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -78,7 +81,7 @@ impl Wal {
             }
             let mut payload = vec![0u8; len as usize];
             self.file.read_exact_at(&mut payload, offset + HEADER as u64).map_err(io)?;
-            if checksum(entry_epoch, len, &payload) != crc {
+            if checksum(self.salt, entry_epoch, len, &payload) != crc {
                 break;
             }
             out.push(payload);
@@ -97,7 +100,7 @@ impl Wal {
         let mut entry = Vec::with_capacity(HEADER + payload.len());
         entry.extend_from_slice(&self.epoch.to_le_bytes());
         entry.extend_from_slice(&len.to_le_bytes());
-        entry.extend_from_slice(&checksum(self.epoch, len, payload).to_le_bytes());
+        entry.extend_from_slice(&checksum(self.salt, self.epoch, len, payload).to_le_bytes());
         entry.extend_from_slice(payload);
         let io = |source| Error::Wal { path: self.path.clone(), source };
         self.file.write_all_at(&entry, self.offset).map_err(io)?;
@@ -138,8 +141,15 @@ fn parse_header(header: &[u8; HEADER]) -> (u64, u32, u32) {
     (u64::from_le_bytes(epoch), u32::from_le_bytes(len), u32::from_le_bytes(crc))
 }
 
-fn checksum(epoch: u64, len: u32, payload: &[u8]) -> u32 {
+/// A salt for a new database file: the clock's nanoseconds mixed with the process id.
+pub(crate) fn new_salt() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ 0x5A6A_F10E_u64
+}
+
+fn checksum(salt: u64, epoch: u64, len: u32, payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&salt.to_le_bytes());
     hasher.update(&epoch.to_le_bytes());
     hasher.update(&len.to_le_bytes());
     hasher.update(payload);
@@ -289,7 +299,7 @@ mod tests {
     fn replays_the_current_epoch_up_to_a_torn_entry() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(WAL_FILE_NAME);
-        let mut wal = Wal::open(path.clone(), 4096, 3).unwrap();
+        let mut wal = Wal::open(path.clone(), 4096, 9, 3).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
         assert!(wal.append(b"one").unwrap());
         assert!(wal.append(b"two").unwrap());
@@ -309,15 +319,19 @@ mod tests {
         assert!(wal.append(b"four").unwrap());
         assert_eq!(wal.entries(4).unwrap(), vec![b"four".to_vec()]);
         drop(wal);
-        let reopened = Wal::open(path, 1024, 4).unwrap();
+        let reopened = Wal::open(path.clone(), 1024, 9, 4).unwrap();
         assert_eq!(reopened.size(), 4096, "an existing larger file is kept as it is");
         assert_eq!(reopened.entries(4).unwrap(), vec![b"four".to_vec()]);
+        drop(reopened);
+        // Beside another database file (another salt), nothing in it is replayed.
+        let other = Wal::open(path, 4096, 10, 4).unwrap();
+        assert!(other.entries(4).unwrap().is_empty());
     }
 
     #[test]
     fn an_entry_that_does_not_fit_is_not_written() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path().join(WAL_FILE_NAME), 64, 0).unwrap();
+        let mut wal = Wal::open(dir.path().join(WAL_FILE_NAME), 64, 1, 0).unwrap();
         assert!(wal.append(&[1u8; 40]).unwrap());
         assert!(!wal.append(&[2u8; 40]).unwrap());
         assert_eq!(wal.used(), 56);
