@@ -120,6 +120,7 @@ mod tests {
         assert_eq!(after.history.len(), 2);
         assert!(matches!(log.begin(new_saga("done")).await.unwrap(), sagaflow::log::Begin::Exists(_)));
         assert!(matches!(log.begin(new_saga("new")).await.unwrap(), sagaflow::log::Begin::Started(_)));
+        log.sync().await.unwrap();
         {
             let txn = log.db_for_tests().begin_read().unwrap();
             assert!(!txn.list_tables().unwrap().any(|t| t.name() == OLD_SAGAS.name()), "old tables are gone");

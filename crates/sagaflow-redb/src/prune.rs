@@ -159,6 +159,7 @@ mod tests {
         let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 0 });
         run_to_end(&log, "bad").await;
         run_to_end(&log, "good").await;
+        log.sync().await.unwrap();
         {
             let txn = log.db_for_tests().begin_write().unwrap();
             let seq = txn.open_table(crate::store::IDS).unwrap().get("bad").unwrap().unwrap().value();

@@ -1,18 +1,18 @@
 //! The [`SagaLog`] over redb: reads in read transactions, every write through one writer
 //! thread that group-commits whatever is queued.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{
-    Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
-    WriteTransaction,
+    Database, DatabaseError, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table,
+    TableDefinition, WriteTransaction,
 };
 use sagaflow::log::{Begin, ListFilter, LogError, Retention};
 use sagaflow::{NewSaga, SagaEvent, SagaLog, SagaRecord};
@@ -60,6 +60,8 @@ const WAL_SALT: &str = "wal_salt";
 /// releases the file; the drop blocks for that last commit (a few milliseconds).
 pub struct RedbSagaLog {
     db: Arc<Database>,
+    /// The records the file does not hold yet: looked up first.
+    overlay: Overlay,
     /// `None` only while dropping, so the writer sees the channel close.
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<thread::JoinHandle<()>>,
@@ -108,6 +110,9 @@ pub(crate) enum Request {
     Append(String, SagaEvent, Reply<SagaRecord>),
     /// Delete one chunk of ended sagas past the retention, as of this Unix ms.
     Prune(u64, Reply<Pruned>),
+    /// Make the database file hold every write answered so far, for a reader that reads the
+    /// file alone.
+    Sync(Reply<()>),
 }
 
 impl RedbSagaLog {
@@ -144,11 +149,11 @@ impl RedbSagaLog {
             };
             let mut wal = Wal::open(options.wal_path(), options.wal_size, salt, epoch)?;
             let entries = wal.entries(epoch)?;
+            let mut ops = Vec::new();
             for payload in &entries {
-                for op in Op::decode_all(payload)? {
-                    tables.apply(&op)?;
-                }
+                ops.extend(Op::decode_all(payload)?);
             }
+            tables.apply_all(&[&ops])?;
             if !entries.is_empty() {
                 tracing::info!(path = %wal.path().display(), batches = entries.len(), "saga log replayed its write-ahead file");
             }
@@ -159,6 +164,8 @@ impl RedbSagaLog {
         txn.commit()?;
 
         let db = Arc::new(db);
+        let snapshot = Snapshot::open(&db)?;
+        let overlay = Overlay::default();
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -173,15 +180,19 @@ impl RedbSagaLog {
             cache: Cache::new(options.defer_queued),
             next_seq,
             wal,
+            pending: Vec::new(),
+            overlay: overlay.clone(),
+            snapshot,
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
+            checkpoint_retry: None,
         };
         let writer = thread::Builder::new()
             .name("sagaflow-redb-writer".into())
             .spawn(move || writer.run())
             .map_err(Error::Spawn)?;
         tracing::debug!(path = %path.display(), "saga log opened");
-        Ok(Self { db, tx: Some(tx), writer: Some(writer), counters, path })
+        Ok(Self { db, overlay, tx: Some(tx), writer: Some(writer), counters, path })
     }
 
     /// The database file.
@@ -213,7 +224,14 @@ impl RedbSagaLog {
         answer.await.map_err(|_| closed())?
     }
 
-    /// Runs `read` in a read transaction on the blocking pool; it sees committed data only.
+    /// Makes the file hold every write answered so far (a checkpoint, if any is due), for reads
+    /// that scan its indexes rather than look up one saga.
+    pub(crate) async fn sync(&self) -> Result<(), LogError> {
+        self.call(Request::Sync).await
+    }
+
+    /// Runs `read` in a read transaction on the blocking pool; it sees the file only, without
+    /// the overlay: as of the last checkpoint.
     async fn read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
@@ -266,6 +284,11 @@ impl SagaLog for RedbSagaLog {
     }
 
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
+        // Cleared only once the file holds its records: a miss here finds them there.
+        let fresh = lock(&self.overlay).get(request_id).map(|(_, bytes)| bytes.clone());
+        if let Some(bytes) = fresh {
+            return Ok(Some(decode(&bytes)?));
+        }
         let id = request_id.to_owned();
         self.read(move |txn| {
             let Some(seq) = txn.open_table(IDS)?.get(id.as_str())?.map(|seq| seq.value()) else {
@@ -278,6 +301,7 @@ impl SagaLog for RedbSagaLog {
     }
 
     async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
+        self.sync().await?;
         self.read(|txn| {
             let sagas = txn.open_table(SAGAS)?;
             let mut out = Vec::new();
@@ -295,6 +319,7 @@ impl SagaLog for RedbSagaLog {
     }
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
+        self.sync().await?;
         self.read(move |txn| list(txn, &filter)).await
     }
 
@@ -351,8 +376,7 @@ fn encode(record: &SagaRecord) -> Result<Vec<u8>> {
     serde_json::to_vec(record).map_err(|e| Error::Corrupt(format!("cannot encode saga `{}`: {e}", record.request_id)))
 }
 
-/// Every table, open in one write transaction; reads see the transaction's own earlier writes,
-/// so two events for one saga in the same batch apply one after the other.
+/// Every table, open in one write transaction: a checkpoint, a replay, a prune.
 pub(crate) struct Tables<'txn> {
     pub(crate) ids: Table<'txn, &'static str, u64>,
     pub(crate) sagas: Table<'txn, u64, &'static [u8]>,
@@ -361,11 +385,6 @@ pub(crate) struct Tables<'txn> {
     pub(crate) ended: Table<'txn, (u64, u64), ()>,
     pub(crate) ended_at: Table<'txn, u64, u64>,
     pub(crate) meta: Table<'txn, &'static str, u64>,
-    /// Whether a saga was begun or moved between indexes in this transaction (stored records
-    /// are counted by `flush`): if not, and nothing was stored, there is nothing to commit.
-    pub(crate) indexed: bool,
-    /// The encoded [`Op`]s of this transaction, for the write-ahead file.
-    pub(crate) redo: Vec<u8>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -378,147 +397,118 @@ impl<'txn> Tables<'txn> {
             ended: txn.open_table(ENDED)?,
             ended_at: txn.open_table(ENDED_AT)?,
             meta: txn.open_table(META)?,
-            indexed: false,
-            redo: Vec::new(),
         })
     }
 
-    /// Applies `op` and logs it for the write-ahead file.
-    fn record(&mut self, op: Op) -> Result<()> {
-        self.apply(&op)?;
-        op.encode(&mut self.redo);
-        Ok(())
-    }
-
-    /// Makes one table change: what a live write does, and what replaying it after a crash does.
-    pub(crate) fn apply(&mut self, op: &Op) -> Result<()> {
-        match *op {
-            Op::Begun { ref request_id, seq, created_ms } => {
-                self.indexed = true;
-                self.ids.insert(request_id.as_str(), seq)?;
-                self.unfinished.insert(seq, ())?;
-                self.by_created.insert((created_ms, seq), ())?;
-            }
-            Op::Ended { seq, ended_ms } => {
-                self.indexed = true;
-                self.unfinished.remove(seq)?;
-                self.ended.insert((ended_ms, seq), ())?;
-                self.ended_at.insert(seq, ended_ms)?;
-            }
-            Op::Revived { seq } => {
-                self.indexed = true;
-                let at = self.ended_at.remove(seq)?.map(|at| at.value());
-                if let Some(at) = at {
-                    self.ended.remove((at, seq))?;
+    /// Makes the table changes of `runs`, in order: what a checkpoint does with the batches
+    /// written since the last one, and what opening the log does with the write-ahead entries
+    /// a crash left. A record stored again later in `runs` is stored only then, and a saga that
+    /// begins and ends in them (the common case: a sync saga lasts milliseconds, a checkpoint
+    /// comes every 100 ms) never enters `UNFINISHED`.
+    pub(crate) fn apply_all(&mut self, runs: &[&[Op]]) -> Result<()> {
+        let ops = || runs.iter().flat_map(|run| run.iter());
+        let mut last_stored: HashMap<u64, usize> = HashMap::new();
+        let (mut begun, mut revived, mut ended) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for (at, op) in ops().enumerate() {
+            match *op {
+                Op::Stored { seq, .. } => {
+                    last_stored.insert(seq, at);
                 }
-                self.unfinished.insert(seq, ())?;
+                Op::Begun { seq, .. } => {
+                    begun.insert(seq);
+                }
+                Op::Ended { seq, .. } => {
+                    ended.insert(seq);
+                }
+                Op::Revived { seq } => {
+                    revived.insert(seq);
+                }
             }
-            Op::Stored { seq, ref record } => {
-                self.sagas.insert(seq, record.as_slice())?;
+        }
+        let passing = |seq: &u64| begun.contains(seq) && ended.contains(seq) && !revived.contains(seq);
+        for (at, op) in ops().enumerate() {
+            match *op {
+                Op::Begun { ref request_id, seq, created_ms } => {
+                    self.ids.insert(request_id.as_str(), seq)?;
+                    if !passing(&seq) {
+                        self.unfinished.insert(seq, ())?;
+                    }
+                    self.by_created.insert((created_ms, seq), ())?;
+                }
+                Op::Ended { seq, ended_ms } => {
+                    if !passing(&seq) {
+                        self.unfinished.remove(seq)?;
+                    }
+                    self.ended.insert((ended_ms, seq), ())?;
+                    self.ended_at.insert(seq, ended_ms)?;
+                }
+                Op::Revived { seq } => {
+                    let at = self.ended_at.remove(seq)?.map(|at| at.value());
+                    if let Some(at) = at {
+                        self.ended.remove((at, seq))?;
+                    }
+                    self.unfinished.insert(seq, ())?;
+                }
+                Op::Stored { seq, ref record } => {
+                    if last_stored.get(&seq) == Some(&at) {
+                        self.sagas.insert(seq, record.as_slice())?;
+                    }
+                }
             }
         }
         Ok(())
     }
+}
 
-    /// The outer error aborts the whole batch; the inner one is this request's own answer.
-    fn begin(&mut self, cache: &mut Cache, next_seq: &mut u64, saga: NewSaga) -> Result<Result<Begin, LogError>> {
-        if let Some(record) = cache.records.get(&saga.request_id) {
-            return Ok(Ok(Begin::Exists(record.record.clone())));
-        }
-        if let Some(seq) = self.ids.get(saga.request_id.as_str())?.map(|seq| seq.value()) {
-            match self.sagas.get(seq)? {
-                Some(bytes) => return Ok(decode(bytes.value()).map(Begin::Exists).map_err(Into::into)),
-                // Only pruning of an unreadable record leaves an id without one.
-                None => tracing::warn!(request_id = %saga.request_id, "request id without a record; starting anew"),
-            }
-        }
-        let record = SagaRecord::new(saga);
-        let seq = *next_seq;
-        *next_seq += 1;
-        self.record(Op::Begun { request_id: record.request_id.clone(), seq, created_ms: record.created_ms })?;
-        let answer = record.clone();
-        cache.changed(record, seq);
-        Ok(Ok(Begin::Started(answer)))
+/// One batch's changes, not yet durable: its [`Op`]s in order, their encoding (the batch's
+/// write-ahead entry), and which of them store a record, for the overlay.
+#[derive(Debug, Default)]
+struct Staged {
+    ops: Vec<Op>,
+    redo: Vec<u8>,
+    /// (request id, index in `ops` of a `Stored` op).
+    stored: Vec<(String, usize)>,
+}
+
+impl Staged {
+    fn record(&mut self, op: Op) {
+        op.encode(&mut self.redo);
+        self.ops.push(op);
     }
 
-    /// The outer error aborts the whole batch; the inner one is this request's own answer, the
-    /// record after the event if `answer` (a queued append has nobody to answer).
-    fn append(
-        &mut self,
-        cache: &mut Cache,
-        request_id: &str,
-        event: &SagaEvent,
-        answer: bool,
-    ) -> Result<Result<Option<SagaRecord>, LogError>> {
-        if !cache.records.contains_key(request_id) {
-            let Some(seq) = self.ids.get(request_id)?.map(|seq| seq.value()) else {
-                return Ok(Err(LogError::NotFound(request_id.to_owned())));
-            };
-            let decoded = match self.sagas.get(seq)? {
-                None => Err(Error::Corrupt(format!("saga `{request_id}` has no record"))),
-                Some(bytes) => decode(bytes.value()),
-            };
-            match decoded {
-                Ok(record) => cache.load(record, seq),
-                Err(e) => return Ok(Err(e.into())),
-            }
-        }
-        let Some(cached) = cache.records.get_mut(request_id) else {
-            return Ok(Err(LogError::NotFound(request_id.to_owned())));
-        };
-        let (record, seq) = (&mut cached.record, cached.seq);
-        let was_ended = record.state.is_ended();
-        if let Err(refused) = record.apply(event) {
-            // An ended saga stays cached only until the flush that stores it.
-            if was_ended && !cached.unstored {
-                cache.records.remove(request_id);
-            }
-            return Ok(Err(refused.into()));
-        }
-        let (now_ended, ended_ms) = (record.state.is_ended(), record.updated_ms);
-        match (was_ended, now_ended) {
-            (false, true) => self.record(Op::Ended { seq, ended_ms })?,
-            // A stuck saga retried: running again, so out of retention's reach.
-            (true, false) => self.record(Op::Revived { seq })?,
-            _ => {}
-        }
-        // A queued append that neither ends nor revives the saga (a step's start, the record of a
-        // callback's delivery) may wait for the saga's next awaited write or the delay; an
-        // awaited one, or one that moves the saga between indexes, is stored by this batch.
-        let urgent = answer || was_ended != now_ended;
-        let answer = answer.then(|| record.clone());
-        cache.mark(request_id, urgent);
-        Ok(Ok(answer))
+    fn store(&mut self, request_id: String, seq: u64, record: Vec<u8>) {
+        self.stored.push((request_id, self.ops.len()));
+        self.record(Op::Stored { seq, record });
     }
 
-    /// Stores every record changed since the last flush, once each, and forgets the ended ones;
-    /// a record changed only by queued appends waits (see [`Cache`]) unless `force`.
-    /// Returns how many records it stored.
-    fn flush(&mut self, cache: &mut Cache, force: bool) -> Result<u64> {
-        let now = Instant::now();
-        let mut stored = 0;
-        let mut due = std::mem::take(&mut cache.urgent);
-        while let Some((since, _)) = cache.deferred.front()
-            && (force || now.saturating_duration_since(*since) >= cache.defer)
-        {
-            if let Some((_, id)) = cache.deferred.pop_front() {
-                due.push(id);
-            }
-        }
-        for id in due {
-            let Some(cached) = cache.records.get_mut(&id) else { continue };
-            cached.urgent = false;
-            if !cached.unstored {
-                continue;
-            }
-            cached.unstored = false;
-            self.record(Op::Stored { seq: cached.seq, record: encode(&cached.record)? })?;
-            stored += 1;
-            if cached.record.state.is_ended() {
-                cache.records.remove(&id);
-            }
-        }
-        Ok(stored)
+    fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// The records stored since the last checkpoint, by request id, with their sequence numbers:
+/// the write-ahead file holds them, the database file not yet. The writer and the readers look
+/// here before the file; the writer adds a batch's records once its entry is durable and
+/// clears the map once a checkpoint has put them in the file.
+type Overlay = Arc<Mutex<Fresh>>;
+type Fresh = HashMap<String, (u64, Arc<[u8]>)>;
+
+fn lock(overlay: &Overlay) -> MutexGuard<'_, Fresh> {
+    // Nothing panics while holding it; if something did, the map is still whole.
+    overlay.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The database file as of the last checkpoint, for the writer's lookups (with the overlay in
+/// front, the whole log as answered so far).
+struct Snapshot {
+    ids: ReadOnlyTable<&'static str, u64>,
+    sagas: ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl Snapshot {
+    fn open(db: &Database) -> Result<Self> {
+        let txn = db.begin_read()?;
+        Ok(Self { ids: txn.open_table(IDS)?, sagas: txn.open_table(SAGAS)? })
     }
 }
 
@@ -620,7 +610,6 @@ impl Cache {
 enum Answer {
     Begin(Reply<Begin>, Result<Begin, LogError>),
     Append(Reply<SagaRecord>, Result<Option<SagaRecord>, LogError>),
-    Prune(Reply<Pruned>, Result<Pruned, LogError>),
 }
 
 fn answer<T>(reply: Reply<T>, result: Result<T, LogError>, failed: Option<&str>) {
@@ -642,7 +631,6 @@ impl Answer {
                 Some(result) => answer(reply, result, failed),
                 None => drop(reply),
             },
-            Answer::Prune(reply, result) => answer(reply, result, failed),
         }
     }
 }
@@ -653,7 +641,7 @@ impl Request {
         match self {
             Request::Begin(_, reply) => !reply.is_closed(),
             Request::Append(_, _, reply) => !reply.is_closed(),
-            Request::Prune(..) => false,
+            Request::Prune(..) | Request::Sync(_) => false,
         }
     }
 
@@ -662,6 +650,7 @@ impl Request {
             Request::Begin(_, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
             Request::Append(_, _, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
             Request::Prune(_, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
+            Request::Sync(reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
         }
     }
 }
@@ -697,8 +686,15 @@ struct Writer {
     /// The sequence number of the next saga to begin.
     next_seq: u64,
     wal: Wal,
+    /// The ops of the write-ahead entries since the last checkpoint, in order: what the next
+    /// checkpoint applies.
+    pending: Vec<Op>,
+    overlay: Overlay,
+    snapshot: Snapshot,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
+    /// After a checkpoint failed: not tried again before this.
+    checkpoint_retry: Option<Instant>,
 }
 
 impl Writer {
@@ -751,13 +747,15 @@ impl Writer {
                 }
                 last_awaited = awaited;
                 self.commit(batch, false);
-            } else if [self.cache.next_due(), self.checkpoint_at()]
-                .into_iter()
-                .flatten()
-                .any(|due| Instant::now() >= due)
-            {
-                // Idle, with records of queued appends falling due or a checkpoint: commit alone.
+            } else if self.cache.next_due().is_some_and(|due| Instant::now() >= due) {
+                // Idle, with records of queued appends falling due: store them alone.
                 self.commit(Vec::new(), false);
+            }
+            // After the batch's callers were answered, so that they do not wait for it.
+            if self.checkpoint_at().is_some_and(|at| Instant::now() >= at)
+                && let Err(e) = self.checkpoint(&Staged::default(), &[])
+            {
+                tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
             }
             // Checked after every batch too, so a busy writer still prunes; one chunk at a
             // time, so queued writes wait for at most one chunk.
@@ -774,148 +772,232 @@ impl Writer {
         }
         // Closing: store what queued appends left unstored, in a checkpoint, so that nothing is
         // left to replay.
-        if self.cache.next_due().is_some() || self.wal.used() > 0 {
+        if self.cache.next_due().is_some() || !self.pending.is_empty() {
             self.commit(Vec::new(), true);
         }
         tracing::debug!("saga log writer stopped");
     }
 
-    /// When the write-ahead entries written since the last checkpoint are due to be folded into
-    /// a durable commit: at the interval, or at once when the file is half full.
+    /// When the batches written since the last checkpoint are due to be applied to the file in
+    /// a checkpoint: at the interval, or at once when the write-ahead file is half full; after a
+    /// failed checkpoint, not before its retry time.
     fn checkpoint_at(&self) -> Option<Instant> {
-        match self.wal.used() {
-            0 => None,
-            used if used >= self.wal.size() / 2 => Some(self.last_checkpoint),
-            _ => self.last_checkpoint.checked_add(self.checkpoint_interval),
-        }
+        let at = match self.wal.used() {
+            0 => return None,
+            used if used >= self.wal.size() / 2 => self.last_checkpoint,
+            _ => self.last_checkpoint.checked_add(self.checkpoint_interval)?,
+        };
+        Some(self.checkpoint_retry.map_or(at, |retry| retry.max(at)))
     }
 
-    /// Applies the batch in one transaction, makes it durable with one fsync (of an entry in the
-    /// write-ahead file, or of a checkpoint), then answers every request. `force` stores every
-    /// changed record, deferred or not, in a checkpoint.
-    fn commit(&mut self, batch: Vec<Request>, force: bool) {
-        let mut txn = match self.db.begin_write() {
-            Ok(txn) => txn,
-            Err(e) => {
-                let why = Error::from(e).to_string();
-                batch.into_iter().for_each(|request| request.fail(&why));
-                return;
-            }
-        };
-        // Pruning deletes sagas the write-ahead entries may name: only in a checkpoint.
-        let prunes = batch.iter().any(|request| matches!(request, Request::Prune(..)));
-        let mut durable = force || prunes || self.checkpoint_at().is_some_and(|at| Instant::now() >= at);
-        if !durable && txn.set_durability(Durability::None).is_err() {
-            durable = true;
+    /// The record of `request_id`, if it has one, and its sequence number: from the overlay,
+    /// else from the file as of the last checkpoint. `None` for the record of a request id
+    /// whose record is missing.
+    fn lookup(&self, request_id: &str) -> Result<Option<(u64, Option<Result<SagaRecord>>)>> {
+        let fresh = lock(&self.overlay).get(request_id).cloned();
+        if let Some((seq, bytes)) = fresh {
+            return Ok(Some((seq, Some(decode(&bytes)))));
         }
+        let Some(seq) = self.snapshot.ids.get(request_id)?.map(|seq| seq.value()) else { return Ok(None) };
+        let record = self.snapshot.sagas.get(seq)?.map(|bytes| decode(bytes.value()));
+        Ok(Some((seq, record)))
+    }
+
+    /// The outer error aborts the whole batch; the inner one is this request's own answer.
+    fn begin(&mut self, staged: &mut Staged, saga: NewSaga) -> Result<Result<Begin, LogError>> {
+        if let Some(cached) = self.cache.records.get(&saga.request_id) {
+            return Ok(Ok(Begin::Exists(cached.record.clone())));
+        }
+        match self.lookup(&saga.request_id)? {
+            Some((_, Some(record))) => return Ok(record.map(Begin::Exists).map_err(Into::into)),
+            // Only pruning of an unreadable record leaves an id without one.
+            Some((_, None)) => {
+                tracing::warn!(request_id = %saga.request_id, "request id without a record; starting anew")
+            }
+            None => {}
+        }
+        let record = SagaRecord::new(saga);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        staged.record(Op::Begun { request_id: record.request_id.clone(), seq, created_ms: record.created_ms });
+        let answer = record.clone();
+        self.cache.changed(record, seq);
+        Ok(Ok(Begin::Started(answer)))
+    }
+
+    /// The outer error aborts the whole batch; the inner one is this request's own answer, the
+    /// record after the event if `answer` (a queued append has nobody to answer).
+    fn append(
+        &mut self,
+        staged: &mut Staged,
+        request_id: &str,
+        event: &SagaEvent,
+        answer: bool,
+    ) -> Result<Result<Option<SagaRecord>, LogError>> {
+        if !self.cache.records.contains_key(request_id) {
+            match self.lookup(request_id)? {
+                None => return Ok(Err(LogError::NotFound(request_id.to_owned()))),
+                Some((_, None)) => {
+                    return Ok(Err(Error::Corrupt(format!("saga `{request_id}` has no record")).into()));
+                }
+                Some((_, Some(Err(e)))) => return Ok(Err(e.into())),
+                Some((seq, Some(Ok(record)))) => self.cache.load(record, seq),
+            }
+        }
+        let Some(cached) = self.cache.records.get_mut(request_id) else {
+            return Ok(Err(LogError::NotFound(request_id.to_owned())));
+        };
+        let (record, seq) = (&mut cached.record, cached.seq);
+        let was_ended = record.state.is_ended();
+        if let Err(refused) = record.apply(event) {
+            // An ended saga stays cached only until the flush that stores it.
+            if was_ended && !cached.unstored {
+                self.cache.records.remove(request_id);
+            }
+            return Ok(Err(refused.into()));
+        }
+        let (now_ended, ended_ms) = (record.state.is_ended(), record.updated_ms);
+        match (was_ended, now_ended) {
+            (false, true) => staged.record(Op::Ended { seq, ended_ms }),
+            // A stuck saga retried: running again, so out of retention's reach.
+            (true, false) => staged.record(Op::Revived { seq }),
+            _ => {}
+        }
+        // A queued append that neither ends nor revives the saga (a step's start, the record of a
+        // callback's delivery) may wait for the saga's next awaited write or the delay; an
+        // awaited one, or one that moves the saga between indexes, is stored by this batch.
+        let urgent = answer || was_ended != now_ended;
+        let answer = answer.then(|| record.clone());
+        self.cache.mark(request_id, urgent);
+        Ok(Ok(answer))
+    }
+
+    /// Stores every record changed since the last flush, once each, and forgets the ended ones;
+    /// a record changed only by queued appends waits (see [`Cache`]) unless `force`.
+    /// Returns how many records it stored.
+    fn flush(&mut self, staged: &mut Staged, force: bool) -> Result<u64> {
+        let cache = &mut self.cache;
+        let now = Instant::now();
+        let mut stored = 0;
+        let mut due = std::mem::take(&mut cache.urgent);
+        while let Some((since, _)) = cache.deferred.front()
+            && (force || now.saturating_duration_since(*since) >= cache.defer)
+        {
+            if let Some((_, id)) = cache.deferred.pop_front() {
+                due.push(id);
+            }
+        }
+        for id in due {
+            let Some(cached) = cache.records.get_mut(&id) else { continue };
+            cached.urgent = false;
+            if !cached.unstored {
+                continue;
+            }
+            cached.unstored = false;
+            staged.store(id.clone(), cached.seq, encode(&cached.record)?);
+            stored += 1;
+            if cached.record.state.is_ended() {
+                cache.records.remove(&id);
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Takes the batch's requests in order, makes their changes durable with one fsync, then
+    /// answers every request. The fsync is that of the batch's entry in the write-ahead file,
+    /// or, for a batch that prunes, syncs or is `force`d (every changed record stored, deferred
+    /// or not), or whose entry does not fit, that of a checkpoint that applies it too.
+    fn commit(&mut self, batch: Vec<Request>, force: bool) {
+        let mut staged = Staged::default();
         let mut answers = Vec::with_capacity(batch.len());
+        let mut prunes = Vec::new();
+        let mut syncs = Vec::new();
         let mut fatal = None;
         let mut requests = batch.into_iter();
-        let (mut writes, mut pruned, mut stored) = (0u64, 0u64, 0u64);
-        // Whether the transaction holds anything to make durable.
-        let mut wrote = false;
-        let mut redo = Vec::new();
-        match Tables::open(&txn) {
-            Err(e) => fatal = Some(e),
-            Ok(mut tables) => {
-                for request in requests.by_ref() {
-                    let answer = match request {
-                        Request::Begin(saga, reply) => {
-                            writes += 1;
-                            let outcome = tables.begin(&mut self.cache, &mut self.next_seq, saga);
-                            settle(reply, outcome, &mut fatal, Answer::Begin)
-                        }
-                        Request::Append(id, event, reply) => {
-                            writes += 1;
-                            let outcome = tables.append(&mut self.cache, &id, &event, !reply.is_closed());
-                            settle(reply, outcome, &mut fatal, Answer::Append)
-                        }
-                        Request::Prune(now, reply) => {
-                            wrote = true;
-                            // Pruning reads the stored records: store every change first, so
-                            // none is stored after pruning deleted its saga.
-                            let outcome = tables.flush(&mut self.cache, true).and_then(|flushed| {
-                                stored += flushed;
-                                tables.prune(&self.retention, now, self.prune_chunk)
-                            });
-                            if let Ok(p) = &outcome {
-                                pruned += p.removed as u64;
-                            }
-                            settle(reply, outcome.map(Ok), &mut fatal, Answer::Prune)
-                        }
-                    };
-                    answers.push(answer);
-                    if fatal.is_some() {
-                        break;
-                    }
+        let mut writes = 0u64;
+        for request in requests.by_ref() {
+            let answer = match request {
+                Request::Begin(saga, reply) => {
+                    writes += 1;
+                    let outcome = self.begin(&mut staged, saga);
+                    settle(reply, outcome, &mut fatal, Answer::Begin)
                 }
-                if fatal.is_none() {
-                    match tables.flush(&mut self.cache, force) {
-                        Ok(flushed) => stored += flushed,
-                        Err(e) => fatal = Some(e),
-                    }
+                Request::Append(id, event, reply) => {
+                    writes += 1;
+                    let outcome = self.append(&mut staged, &id, &event, !reply.is_closed());
+                    settle(reply, outcome, &mut fatal, Answer::Append)
                 }
-                wrote |= tables.indexed || stored > 0;
-                redo = std::mem::take(&mut tables.redo);
+                Request::Prune(now, reply) => {
+                    prunes.push((now, reply));
+                    continue;
+                }
+                Request::Sync(reply) => {
+                    syncs.push(reply);
+                    continue;
+                }
+            };
+            answers.push(answer);
+            if fatal.is_some() {
+                break;
             }
         }
-        // A checkpoint also retires the write-ahead entries, so it writes even with nothing else.
-        wrote |= durable && self.wal.used() > 0;
-        // Whether an entry of this batch may be in the write-ahead file (also when writing it failed:
+        // Pruning reads the stored records: every change is stored first, so none is stored
+        // after pruning deleted its saga.
+        let force = force || !prunes.is_empty();
+        let mut stored = 0;
+        if fatal.is_none() {
+            match self.flush(&mut staged, force) {
+                Ok(flushed) => stored = flushed,
+                Err(e) => fatal = Some(e),
+            }
+        }
+        let mut checkpoint = force || !syncs.is_empty();
+        // Whether the batch's entry may be in the write-ahead file (also when writing it failed:
         // it may have reached the disk).
         let mut appended = false;
-        if fatal.is_none() && wrote {
-            if !durable {
-                match self.wal.append(&redo) {
-                    Ok(fits) => {
-                        appended = fits;
-                        durable = !fits;
-                    }
-                    Err(e) => {
-                        appended = true;
-                        fatal = Some(e);
-                    }
+        if fatal.is_none() && !checkpoint && !staged.is_empty() {
+            match self.wal.append(&staged.redo) {
+                Ok(fits) => {
+                    appended = fits;
+                    checkpoint = !fits;
                 }
-            }
-            if durable
-                && fatal.is_none()
-                && let Err(e) = self.stamp_checkpoint(&mut txn)
-            {
-                fatal = Some(e);
+                Err(e) => {
+                    appended = true;
+                    fatal = Some(e);
+                }
             }
         }
-        let committed = match fatal {
-            Some(e) => {
-                if let Err(abort) = txn.abort() {
-                    tracing::warn!(error = %abort, "saga log abort failed");
-                }
-                Err(e)
+        let mut pruned = Vec::new();
+        if fatal.is_none() && checkpoint && (!staged.is_empty() || !self.pending.is_empty() || !prunes.is_empty()) {
+            let nows: Vec<u64> = prunes.iter().map(|(now, _)| *now).collect();
+            match self.checkpoint(&staged, &nows) {
+                Ok(done) => pruned = done,
+                Err(e) => fatal = Some(e),
             }
-            // Only queued appends left waiting, refusals or answers from the cache: no fsync.
-            None if !wrote => {
-                if let Err(abort) = txn.abort() {
-                    tracing::warn!(error = %abort, "saga log abort failed");
-                }
-                Ok(())
-            }
-            None => txn.commit().map_err(Error::from),
-        };
-        match committed {
-            Ok(()) => {
-                if durable && wrote {
-                    self.checkpointed();
+        }
+        match fatal {
+            None => {
+                if appended {
+                    self.publish(staged);
                 }
                 self.cache.trim();
-                if writes > 0 && wrote {
+                if writes > 0 && (appended || checkpoint) {
                     self.counters.batches.fetch_add(1, Ordering::Relaxed);
                 }
                 self.counters.writes.fetch_add(writes, Ordering::Relaxed);
-                self.counters.pruned.fetch_add(pruned, Ordering::Relaxed);
                 self.counters.stored.fetch_add(stored, Ordering::Relaxed);
+                let removed: usize = pruned.iter().map(|p| p.removed).sum();
+                self.counters.pruned.fetch_add(removed as u64, Ordering::Relaxed);
                 answers.into_iter().for_each(|a| a.send(None));
+                for ((_, reply), done) in prunes.into_iter().zip(pruned) {
+                    answer(reply, Ok(done), None);
+                }
+                for reply in syncs {
+                    answer(reply, Ok(()), None);
+                }
             }
-            Err(e) => {
-                // The cached records may hold this batch's changes, which the file does not.
+            Some(e) => {
+                // The cached records may hold this batch's changes, which no file does.
                 self.cache.clear();
                 tracing::error!(error = %e, "saga log batch failed; every write in it is refused");
                 if appended {
@@ -924,15 +1006,87 @@ impl Writer {
                 }
                 let why = e.to_string();
                 answers.into_iter().for_each(|a| a.send(Some(&why)));
+                prunes.into_iter().for_each(|(now, reply)| Request::Prune(now, reply).fail(&why));
+                syncs.into_iter().for_each(|reply| Request::Sync(reply).fail(&why));
                 requests.for_each(|request| request.fail(&why));
             }
         }
     }
 
-    /// One chunk of retention, in its own transaction.
+    /// After the batch's entry is durable: its ops wait for the next checkpoint, its records
+    /// are found in the overlay meanwhile.
+    fn publish(&mut self, staged: Staged) {
+        let Staged { ops, stored, .. } = staged;
+        {
+            let mut overlay = lock(&self.overlay);
+            for (request_id, at) in stored {
+                if let Some(Op::Stored { seq, record }) = ops.get(at) {
+                    overlay.insert(request_id, (*seq, Arc::from(record.as_slice())));
+                }
+            }
+        }
+        self.pending.extend(ops);
+    }
+
+    /// One durable commit that applies the batches written since the last checkpoint, then
+    /// `staged`, then prunes one chunk as of each of `prunes`; it raises the write-ahead epoch,
+    /// so that none of those batches is replayed after a crash. Returns what each chunk pruned.
+    /// On failure nothing changed: the batches stay in the write-ahead file and `pending`.
+    fn checkpoint(&mut self, staged: &Staged, prunes: &[u64]) -> Result<Vec<Pruned>> {
+        let result = self.checkpoint_transaction(staged, prunes);
+        match &result {
+            Ok(_) => {
+                self.pending.clear();
+                self.checkpointed();
+                // The file now holds the overlay's records; the writer's lookups and readers go
+                // there once the new snapshot is open. Until then, the overlay stays (and gets
+                // this batch's records), so no lookup misses an answered write.
+                match Snapshot::open(&self.db) {
+                    Ok(snapshot) => {
+                        self.snapshot = snapshot;
+                        lock(&self.overlay).clear();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "saga log could not read its file after a checkpoint");
+                        let mut overlay = lock(&self.overlay);
+                        for (request_id, at) in &staged.stored {
+                            if let Some(Op::Stored { seq, record }) = staged.ops.get(*at) {
+                                overlay.insert(request_id.clone(), (*seq, Arc::from(record.as_slice())));
+                            }
+                        }
+                    }
+                }
+            }
+            Err(_) => self.checkpoint_retry = Instant::now().checked_add(Duration::from_millis(100)),
+        }
+        result
+    }
+
+    fn checkpoint_transaction(&mut self, staged: &Staged, prunes: &[u64]) -> Result<Vec<Pruned>> {
+        let mut txn = self.db.begin_write()?;
+        let pruned = {
+            let mut tables = Tables::open(&txn)?;
+            tables.apply_all(&[&self.pending, &staged.ops])?;
+            let mut pruned = Vec::with_capacity(prunes.len());
+            for &now in prunes {
+                pruned.push(tables.prune(&self.retention, now, self.prune_chunk)?);
+            }
+            pruned
+        };
+        self.stamp_checkpoint(&mut txn)?;
+        txn.commit()?;
+        Ok(pruned)
+    }
+
+    /// One chunk of retention, in a checkpoint of its own.
     fn prune_once(&mut self) -> Result<Pruned> {
-        let (pruned, stored) = match self.prune_transaction() {
-            Ok(done) => done,
+        let mut staged = Staged::default();
+        let done = self.flush(&mut staged, true).and_then(|stored| {
+            let pruned = self.checkpoint(&staged, &[sagaflow::now_ms()])?;
+            Ok((pruned, stored))
+        });
+        let (pruned, stored) = match done {
+            Ok((pruned, stored)) => (pruned.into_iter().next().unwrap_or(Pruned { removed: 0, more: false }), stored),
             Err(e) => {
                 // The cached records may be marked stored by the flush that did not commit.
                 self.cache.clear();
@@ -945,21 +1099,6 @@ impl Writer {
             tracing::debug!(removed = pruned.removed, "saga log pruned ended sagas");
         }
         Ok(pruned)
-    }
-
-    /// Stores every change (so none is stored after pruning deleted its saga), then prunes one
-    /// chunk, in a checkpoint; returns what was pruned and how many records were stored.
-    fn prune_transaction(&mut self) -> Result<(Pruned, u64)> {
-        let mut txn = self.db.begin_write()?;
-        let done = {
-            let mut tables = Tables::open(&txn)?;
-            let stored = tables.flush(&mut self.cache, true)?;
-            (tables.prune(&self.retention, sagaflow::now_ms(), self.prune_chunk)?, stored)
-        };
-        self.stamp_checkpoint(&mut txn)?;
-        txn.commit()?;
-        self.checkpointed();
-        Ok(done)
     }
 
     /// Makes `txn` a checkpoint: durable, and storing the next write-ahead epoch, so that the
@@ -975,22 +1114,19 @@ impl Writer {
     fn checkpointed(&mut self) {
         self.wal.restart(self.wal.epoch() + 1);
         self.last_checkpoint = Instant::now();
+        self.checkpoint_retry = None;
         self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// After a batch failed with its write-ahead entry on disk: a checkpoint of the committed
-    /// state retires the entry (its epoch is left behind), so a crash cannot replay it.
+    /// After a batch failed with its write-ahead entry maybe on disk: a checkpoint of the
+    /// batches before it retires the entry (its epoch is left behind), so a crash cannot replay
+    /// it.
     fn retire_wal(&mut self) {
-        let retired = self.db.begin_write().map_err(Error::from).and_then(|mut txn| {
-            self.stamp_checkpoint(&mut txn)?;
-            txn.commit().map_err(Error::from)
-        });
-        match retired {
-            Ok(()) => self.checkpointed(),
-            Err(e) => tracing::error!(
+        if let Err(e) = self.checkpoint(&Staged::default(), &[]) {
+            tracing::error!(
                 error = %e,
                 "saga log could not retire the write-ahead entry of a failed batch; a crash before the next checkpoint would replay it"
-            ),
+            );
         }
     }
 }
@@ -1058,6 +1194,7 @@ pub(crate) mod tests {
         drop(Tables::open(&txn).unwrap());
         txn.commit().unwrap();
         let (_tx, rx) = mpsc::channel();
+        let snapshot = Snapshot::open(&db).unwrap();
         Writer {
             db: Arc::new(db),
             rx,
@@ -1070,8 +1207,12 @@ pub(crate) mod tests {
             cache: Cache::new(Duration::from_millis(100)),
             next_seq: 0,
             wal: Wal::open(dir.join(crate::WAL_FILE_NAME), 1 << 20, 1, 0).unwrap(),
+            pending: Vec::new(),
+            overlay: Overlay::default(),
+            snapshot,
             checkpoint_interval: Duration::from_millis(100),
             last_checkpoint: Instant::now(),
+            checkpoint_retry: None,
         }
     }
 
@@ -1155,7 +1296,19 @@ pub(crate) mod tests {
         }
     }
 
-    /// The record stored for `id`, and its sequence number.
+    /// The record the writer finds for `id` (in its overlay or the file), and its number.
+    fn found(writer: &Writer, id: &str) -> (u64, SagaRecord) {
+        let (seq, record) = writer.lookup(id).unwrap().unwrap();
+        (seq, record.unwrap().unwrap())
+    }
+
+    /// Applies what the writer holds in its write-ahead file alone to the database file.
+    fn checkpoint(writer: &mut Writer) {
+        writer.checkpoint(&Staged::default(), &[]).unwrap();
+        assert!(writer.pending.is_empty() && lock(&writer.overlay).is_empty());
+    }
+
+    /// The record stored for `id` in the file, and its sequence number.
     pub(crate) fn stored(txn: &ReadTransaction, id: &str) -> Option<(u64, SagaRecord)> {
         let seq = txn.open_table(IDS).unwrap().get(id).unwrap()?.value();
         let record = decode(txn.open_table(SAGAS).unwrap().get(seq).unwrap().unwrap().value()).unwrap();
@@ -1196,6 +1349,9 @@ pub(crate) mod tests {
         assert_eq!(writer.counters.batches.load(Ordering::Relaxed), 1);
         assert_eq!(writer.counters.writes.load(Ordering::Relaxed), 6);
         // What was committed is what was answered, and the indexes follow the state.
+        assert_eq!(found(&writer, "a").1, completed, "found before a checkpoint");
+        assert!(writer.db.begin_read().unwrap().open_table(IDS).unwrap().get("a").unwrap().is_none());
+        checkpoint(&mut writer);
         let txn = writer.db.begin_read().unwrap();
         let (seq, stored) = stored(&txn, "a").unwrap();
         assert_eq!(stored, completed);
@@ -1228,9 +1384,7 @@ pub(crate) mod tests {
         let after = complete_rx.try_recv().unwrap().unwrap();
         assert_eq!(after.completed, 1);
         assert_eq!(after.history.len(), 3, "the queued start was applied first");
-        let txn = writer.db.begin_read().unwrap();
-        let (_, stored) = stored(&txn, "r").unwrap();
-        assert_eq!(stored, after);
+        assert_eq!(found(&writer, "r").1, after);
         assert_eq!(writer.cache.records.get("r").map(|c| &c.record), Some(&after));
         assert!(writer.cache.records.get("r").is_some_and(|c| !c.unstored), "nothing left to store");
         assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 2, "once per commit");
@@ -1249,7 +1403,7 @@ pub(crate) mod tests {
     }
 
     fn stored_history(writer: &Writer, id: &str) -> usize {
-        stored(&writer.db.begin_read().unwrap(), id).unwrap().1.history.len()
+        found(writer, id).1.history.len()
     }
 
     #[test]
@@ -1273,8 +1427,49 @@ pub(crate) mod tests {
         writer.commit(vec![start], false);
         let answered = start_rx.try_recv().unwrap().unwrap();
         assert_eq!(answered.history.len(), 4);
-        assert_eq!(stored(&writer.db.begin_read().unwrap(), "q").unwrap().1, answered);
+        assert_eq!(found(&writer, "q").1, answered);
         assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 3, "q once more, other once");
+    }
+
+    #[test]
+    fn a_checkpoint_applies_the_batches_since_the_last_one_with_each_saga_stored_as_last_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        begin_two_steps(&mut writer, "spans");
+        checkpoint(&mut writer);
+        // Between two checkpoints: "passing" begins and ends, "spans" ends, "left" begins.
+        let mut answered = HashMap::new();
+        let mut awaited = |writer: &mut Writer, id: &str, event: SagaEvent| {
+            let (append, mut rx) = request(|r| Request::Append(id.into(), event, r));
+            writer.commit(vec![append], false);
+            answered.insert(id.to_owned(), rx.try_recv().unwrap().unwrap());
+        };
+        writer.commit(vec![request(|r| Request::Begin(new_saga("passing"), r)).0], false);
+        awaited(&mut writer, "passing", SagaEvent::StepStarted { index: 0 });
+        awaited(&mut writer, "passing", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) });
+        for index in 0..2 {
+            awaited(&mut writer, "spans", SagaEvent::StepStarted { index });
+            awaited(&mut writer, "spans", SagaEvent::StepCompleted { index, attempts: 1, data: json!(index) });
+        }
+        begin_two_steps(&mut writer, "left");
+        let stores = writer.pending.iter().filter(|op| matches!(op, Op::Stored { .. })).count();
+        assert_eq!(stores, 8, "each answer stored its record in the write-ahead file");
+        assert_eq!(found(&writer, "spans").1, answered["spans"], "found in the overlay meanwhile");
+
+        checkpoint(&mut writer);
+        let txn = writer.db.begin_read().unwrap();
+        for id in ["passing", "spans"] {
+            let (_, record) = stored(&txn, id).unwrap();
+            assert_eq!(record, answered[id], "{id}: the last record answered is the one stored");
+            assert!(record.state.is_ended());
+        }
+        let (left, _) = stored(&txn, "left").unwrap();
+        let running: Vec<u64> =
+            txn.open_table(UNFINISHED).unwrap().iter().unwrap().map(|e| e.unwrap().0.value()).collect();
+        assert_eq!(running, [left], "only the saga still running is indexed as running");
+        assert_eq!(txn.open_table(ENDED).unwrap().len().unwrap(), 2);
+        assert_eq!(txn.open_table(BY_CREATED).unwrap().len().unwrap(), 3);
+        assert_eq!(found(&writer, "spans").1, answered["spans"], "and found in the file after");
     }
 
     #[test]
@@ -1305,6 +1500,7 @@ pub(crate) mod tests {
         writer.commit(vec![request(|r| Request::Begin(new_saga("e"), r)).0], false);
         writer.commit(vec![queued("e", SagaEvent::StepStarted { index: 0 })], false);
         writer.commit(vec![queued("e", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
+        checkpoint(&mut writer);
         let txn = writer.db.begin_read().unwrap();
         let (seq, record) = stored(&txn, "e").unwrap();
         assert_eq!(record.state, SagaState::Completed);
