@@ -148,20 +148,27 @@ impl RedbSagaLog {
                 }
             };
             let mut wal = Wal::open(options.wal_path(), options.wal_size, salt, epoch)?;
-            let entries = wal.entries(epoch)?;
+            // The stored epoch, whose checkpoint may have been under way, and the next.
             let mut ops = Vec::new();
-            for payload in &entries {
-                ops.extend(Op::decode_all(payload)?);
+            let mut batches = 0;
+            for epoch in [epoch, epoch + 1] {
+                let entries = wal.entries(epoch)?;
+                batches += entries.len();
+                for payload in &entries {
+                    ops.extend(Op::decode_all(payload)?);
+                }
             }
             tables.apply_all(&[&ops])?;
-            if !entries.is_empty() {
-                tracing::info!(path = %wal.path().display(), batches = entries.len(), "saga log replayed its write-ahead file");
+            if batches > 0 {
+                tracing::info!(path = %wal.path().display(), batches, "saga log replayed its write-ahead file");
             }
-            tables.meta.insert(WAL_EPOCH, epoch + 1)?;
-            wal.restart(epoch + 1);
+            tables.meta.insert(WAL_EPOCH, epoch + 2)?;
+            wal.restart(epoch + 2);
             (tables.sagas.last()?.map_or(0, |(seq, _)| seq.value() + 1), wal)
         };
         txn.commit()?;
+        let mut wal = wal;
+        wal.resize(options.wal_size)?;
 
         let db = Arc::new(db);
         let snapshot = Snapshot::open(&db)?;
@@ -183,6 +190,9 @@ impl RedbSagaLog {
             pending: Vec::new(),
             overlay: overlay.clone(),
             snapshot,
+            checkpointer: Checkpointer::spawn(db.clone())?,
+            in_flight: None,
+            must_sync: false,
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
             checkpoint_retry: None,
@@ -285,7 +295,7 @@ impl SagaLog for RedbSagaLog {
 
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
         // Cleared only once the file holds its records: a miss here finds them there.
-        let fresh = lock(&self.overlay).get(request_id).map(|(_, bytes)| bytes.clone());
+        let fresh = lock(&self.overlay).get(request_id).map(|(_, bytes, _)| bytes.clone());
         if let Some(bytes) = fresh {
             return Ok(Some(decode(&bytes)?));
         }
@@ -486,12 +496,13 @@ impl Staged {
     }
 }
 
-/// The records stored since the last checkpoint, by request id, with their sequence numbers:
-/// the write-ahead file holds them, the database file not yet. The writer and the readers look
-/// here before the file; the writer adds a batch's records once its entry is durable and
-/// clears the map once a checkpoint has put them in the file.
+/// The records stored since the last checkpoint, by request id, with their sequence numbers
+/// and the write-ahead epoch of the entry that stored them: the write-ahead file holds them, the
+/// database file not yet. The writer and the readers look here before the file; the writer adds
+/// a batch's records once its entry is durable and drops them once a checkpoint has put their
+/// epoch in the file.
 type Overlay = Arc<Mutex<Fresh>>;
-type Fresh = HashMap<String, (u64, Arc<[u8]>)>;
+type Fresh = HashMap<String, (u64, Arc<[u8]>, u64)>;
 
 fn lock(overlay: &Overlay) -> MutexGuard<'_, Fresh> {
     // Nothing panics while holding it; if something did, the map is still whole.
@@ -510,6 +521,78 @@ impl Snapshot {
         let txn = db.begin_read()?;
         Ok(Self { ids: txn.open_table(IDS)?, sagas: txn.open_table(SAGAS)? })
     }
+}
+
+/// The ops of one epoch's write-ahead entries (or of several, after a failed checkpoint), to
+/// apply in a checkpoint that stores `stamp` as the next epoch to replay.
+struct Job {
+    ops: Vec<Op>,
+    stamp: u64,
+}
+
+/// What became of a [`Job`]: the file as of it (`None` if it could not be read after the
+/// commit), or its ops back with why it failed.
+type Done = std::result::Result<Option<Snapshot>, (Vec<Op>, Error)>;
+
+/// The thread that makes checkpoints while the writer goes on writing the next epoch.
+struct Checkpointer {
+    /// `None` once stopping.
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Done>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn spawn(db: Arc<Database>) -> Result<Self> {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (outbox, done) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("sagaflow-redb-checkpoint".into())
+            .spawn(move || {
+                for job in inbox {
+                    let outcome = match checkpoint_job(&db, &job) {
+                        Ok(committed) => Ok(committed),
+                        Err(e) => Err((job.ops, e)),
+                    };
+                    if outbox.send(outcome).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(Error::Spawn)?;
+        Ok(Self { jobs: Some(jobs), done, thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("saga log checkpoint thread panicked");
+        }
+    }
+}
+
+/// Applies a job in one durable commit; then reads the file as of it.
+fn checkpoint_job(db: &Database, job: &Job) -> Result<Option<Snapshot>> {
+    let mut txn = db.begin_write()?;
+    Tables::open(&txn)?.apply_all(&[&job.ops])?;
+    stamp(&mut txn, job.stamp)?;
+    txn.commit()?;
+    Ok(Snapshot::open(db)
+        .inspect_err(|e| tracing::warn!(error = %e, "saga log could not read its file after a checkpoint"))
+        .ok())
+}
+
+/// Makes `txn` a checkpoint: durable, and storing `epoch` as the first write-ahead epoch to
+/// replay, so that the entries of the epochs before it are never replayed.
+fn stamp(txn: &mut WriteTransaction, epoch: u64) -> Result<()> {
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| Error::Corrupt(format!("cannot make a durable commit: {e}")))?;
+    txn.open_table(META)?.insert(WAL_EPOCH, epoch)?;
+    Ok(())
 }
 
 /// The records of the sagas the writer is working on: an append neither reads nor decodes the
@@ -691,6 +774,12 @@ struct Writer {
     pending: Vec<Op>,
     overlay: Overlay,
     snapshot: Snapshot,
+    checkpointer: Checkpointer,
+    /// The epoch whose checkpoint the checkpointer is making.
+    in_flight: Option<u64>,
+    /// A checkpoint failed: the next one is made by the writer, of every epoch not in the file,
+    /// before a new epoch starts (which would overwrite the failed one's entries).
+    must_sync: bool,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
     /// After a checkpoint failed: not tried again before this.
@@ -704,7 +793,9 @@ impl Writer {
         let schedulable = Instant::now().checked_add(self.prune_interval).is_some();
         let mut next_prune = schedulable.then(Instant::now);
         loop {
-            let wake = [next_prune, self.cache.next_due(), self.checkpoint_at()].into_iter().flatten().min();
+            // While a checkpoint is being made, look for its end every millisecond.
+            let poll = self.in_flight.and_then(|_| Instant::now().checked_add(Duration::from_millis(1)));
+            let wake = [next_prune, self.cache.next_due(), self.checkpoint_at(), poll].into_iter().flatten().min();
             let first = match wake {
                 Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(request) => Some(request),
@@ -751,11 +842,9 @@ impl Writer {
                 // Idle, with records of queued appends falling due: store them alone.
                 self.commit(Vec::new(), false);
             }
-            // After the batch's callers were answered, so that they do not wait for it.
-            if self.checkpoint_at().is_some_and(|at| Instant::now() >= at)
-                && let Err(e) = self.checkpoint(&Staged::default(), &[])
-            {
-                tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
+            self.collect(false);
+            if self.checkpoint_at().is_some_and(|at| Instant::now() >= at) {
+                self.start_checkpoint();
             }
             // Checked after every batch too, so a busy writer still prunes; one chunk at a
             // time, so queued writes wait for at most one chunk.
@@ -772,29 +861,113 @@ impl Writer {
         }
         // Closing: store what queued appends left unstored, in a checkpoint, so that nothing is
         // left to replay.
-        if self.cache.next_due().is_some() || !self.pending.is_empty() {
+        if self.cache.next_due().is_some() || !self.pending.is_empty() || self.in_flight.is_some() {
             self.commit(Vec::new(), true);
         }
         tracing::debug!("saga log writer stopped");
     }
 
     /// When the batches written since the last checkpoint are due to be applied to the file in
-    /// a checkpoint: at the interval, or at once when the write-ahead file is half full; after a
-    /// failed checkpoint, not before its retry time.
+    /// a checkpoint: at the interval, or at once when half of the epoch's room is used; after a
+    /// failed checkpoint, not before its retry time; never while one is being made.
     fn checkpoint_at(&self) -> Option<Instant> {
-        let at = match self.wal.used() {
-            0 => return None,
-            used if used >= self.wal.size() / 2 => self.last_checkpoint,
-            _ => self.last_checkpoint.checked_add(self.checkpoint_interval)?,
+        if self.in_flight.is_some() || self.pending.is_empty() {
+            return None;
+        }
+        let at = if self.wal.used() >= self.wal.room() / 2 {
+            self.last_checkpoint
+        } else {
+            self.last_checkpoint.checked_add(self.checkpoint_interval)?
         };
         Some(self.checkpoint_retry.map_or(at, |retry| retry.max(at)))
+    }
+
+    /// Hands the current epoch's batches to the checkpointer and starts the next epoch, in the
+    /// other half of the write-ahead file; after a failed checkpoint, makes one here instead.
+    fn start_checkpoint(&mut self) {
+        let epoch = self.wal.epoch();
+        let sent = match (&self.checkpointer.jobs, self.must_sync) {
+            (Some(jobs), false) => jobs.send(Job { ops: std::mem::take(&mut self.pending), stamp: epoch + 1 }),
+            _ => {
+                if let Err(e) = self.checkpoint(&Staged::default(), &[]) {
+                    tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
+                }
+                return;
+            }
+        };
+        match sent {
+            Ok(()) => {
+                self.wal.restart(epoch + 1);
+                self.in_flight = Some(epoch);
+                self.last_checkpoint = Instant::now();
+            }
+            Err(mpsc::SendError(job)) => {
+                tracing::error!("saga log checkpoint thread is gone; the writer makes checkpoints itself");
+                self.pending = job.ops;
+                self.checkpointer.jobs = None;
+            }
+        }
+    }
+
+    /// Takes the outcome of the checkpoint being made, if it is over (or, if `block`, once it
+    /// is): the file as of it replaces the snapshot, and the overlay drops the records of its
+    /// epoch. A failed one gives its ops back, ahead of those written since.
+    fn collect(&mut self, block: bool) {
+        let Some(epoch) = self.in_flight else { return };
+        let done = if block {
+            self.checkpointer.done.recv().ok()
+        } else {
+            match self.checkpointer.done.try_recv() {
+                Ok(done) => Some(done),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        self.in_flight = None;
+        let failed = match done {
+            Some(Ok(snapshot)) => {
+                if let Some(snapshot) = snapshot {
+                    self.snapshot = snapshot;
+                    lock(&self.overlay).retain(|_, (_, _, stored_in)| *stored_in > epoch);
+                }
+                self.checkpoint_retry = None;
+                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(Err((ops, e))) => {
+                tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
+                ops
+            }
+            // The thread is gone with the ops: read them back from the write-ahead file.
+            None => {
+                self.checkpointer.jobs = None;
+                let read = self.wal.entries(epoch).and_then(|entries| {
+                    entries.iter().try_fold(Vec::new(), |mut ops, payload| {
+                        ops.extend(Op::decode_all(payload)?);
+                        Ok(ops)
+                    })
+                });
+                match read {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        tracing::error!(error = %e, "saga log checkpoint thread is gone and its batches cannot be read back; they are replayed at the next start");
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        let mut ops = failed;
+        ops.append(&mut self.pending);
+        self.pending = ops;
+        self.must_sync = true;
+        self.checkpoint_retry = Instant::now().checked_add(Duration::from_millis(100));
     }
 
     /// The record of `request_id`, if it has one, and its sequence number: from the overlay,
     /// else from the file as of the last checkpoint. `None` for the record of a request id
     /// whose record is missing.
     fn lookup(&self, request_id: &str) -> Result<Option<(u64, Option<Result<SagaRecord>>)>> {
-        let fresh = lock(&self.overlay).get(request_id).cloned();
+        let fresh = lock(&self.overlay).get(request_id).map(|(seq, bytes, _)| (*seq, bytes.clone()));
         if let Some((seq, bytes)) = fresh {
             return Ok(Some((seq, Some(decode(&bytes)))));
         }
@@ -1017,22 +1190,28 @@ impl Writer {
     /// are found in the overlay meanwhile.
     fn publish(&mut self, staged: Staged) {
         let Staged { ops, stored, .. } = staged;
+        let epoch = self.wal.epoch();
         {
             let mut overlay = lock(&self.overlay);
             for (request_id, at) in stored {
                 if let Some(Op::Stored { seq, record }) = ops.get(at) {
-                    overlay.insert(request_id, (*seq, Arc::from(record.as_slice())));
+                    overlay.insert(request_id, (*seq, Arc::from(record.as_slice()), epoch));
                 }
             }
         }
         self.pending.extend(ops);
     }
 
-    /// One durable commit that applies the batches written since the last checkpoint, then
-    /// `staged`, then prunes one chunk as of each of `prunes`; it raises the write-ahead epoch,
-    /// so that none of those batches is replayed after a crash. Returns what each chunk pruned.
-    /// On failure nothing changed: the batches stay in the write-ahead file and `pending`.
+    /// A checkpoint made here, for callers that wait for it: once the checkpointer's is over,
+    /// one durable commit that applies every batch not in the file yet, then `staged`, then
+    /// prunes one chunk as of each of `prunes`; it raises the write-ahead epoch past the current
+    /// one, so that none of those batches is replayed after a crash. Returns what each chunk
+    /// pruned. On failure nothing changed: the batches stay in the write-ahead file and `pending`.
     fn checkpoint(&mut self, staged: &Staged, prunes: &[u64]) -> Result<Vec<Pruned>> {
+        self.collect(true);
+        if self.pending.is_empty() && staged.is_empty() && prunes.is_empty() {
+            return Ok(Vec::new());
+        }
         let result = self.checkpoint_transaction(staged, prunes);
         match &result {
             Ok(_) => {
@@ -1048,10 +1227,11 @@ impl Writer {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "saga log could not read its file after a checkpoint");
+                        let epoch = self.wal.epoch();
                         let mut overlay = lock(&self.overlay);
                         for (request_id, at) in &staged.stored {
                             if let Some(Op::Stored { seq, record }) = staged.ops.get(*at) {
-                                overlay.insert(request_id.clone(), (*seq, Arc::from(record.as_slice())));
+                                overlay.insert(request_id.clone(), (*seq, Arc::from(record.as_slice()), epoch));
                             }
                         }
                     }
@@ -1073,7 +1253,7 @@ impl Writer {
             }
             pruned
         };
-        self.stamp_checkpoint(&mut txn)?;
+        stamp(&mut txn, self.wal.epoch() + 1)?;
         txn.commit()?;
         Ok(pruned)
     }
@@ -1101,20 +1281,12 @@ impl Writer {
         Ok(pruned)
     }
 
-    /// Makes `txn` a checkpoint: durable, and storing the next write-ahead epoch, so that the
-    /// entries written so far (all of them in this commit or earlier ones) are never replayed.
-    fn stamp_checkpoint(&self, txn: &mut WriteTransaction) -> Result<()> {
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| Error::Corrupt(format!("cannot make a durable commit: {e}")))?;
-        txn.open_table(META)?.insert(WAL_EPOCH, self.wal.epoch() + 1)?;
-        Ok(())
-    }
-
-    /// After a checkpoint's commit: new entries go to the start of the file, in the next epoch.
+    /// After a checkpoint's commit here: new entries go to the next epoch.
     fn checkpointed(&mut self) {
         self.wal.restart(self.wal.epoch() + 1);
         self.last_checkpoint = Instant::now();
         self.checkpoint_retry = None;
+        self.must_sync = false;
         self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -1191,12 +1363,16 @@ pub(crate) mod tests {
     fn idle_writer(dir: &Path) -> Writer {
         let db = Database::create(dir.join(crate::FILE_NAME)).unwrap();
         let txn = db.begin_write().unwrap();
-        drop(Tables::open(&txn).unwrap());
+        Tables::open(&txn).unwrap().meta.insert(WAL_SALT, 1).unwrap();
         txn.commit().unwrap();
         let (_tx, rx) = mpsc::channel();
         let snapshot = Snapshot::open(&db).unwrap();
+        let db = Arc::new(db);
         Writer {
-            db: Arc::new(db),
+            checkpointer: Checkpointer::spawn(db.clone()).unwrap(),
+            in_flight: None,
+            must_sync: false,
+            db,
             rx,
             counters: Arc::default(),
             retention: Retention::default(),
@@ -1470,6 +1646,46 @@ pub(crate) mod tests {
         assert_eq!(txn.open_table(ENDED).unwrap().len().unwrap(), 2);
         assert_eq!(txn.open_table(BY_CREATED).unwrap().len().unwrap(), 3);
         assert_eq!(found(&writer, "spans").1, answered["spans"], "and found in the file after");
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_runs_beside_the_writer_and_a_crash_during_it_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        let begin = |id: &str| request(|r| Request::Begin(new_saga(id), r)).0;
+        writer.commit(vec![begin("a"), begin("b")], false);
+        // The file as it is before the checkpoint of epoch 0 gets in.
+        let before = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join(crate::FILE_NAME), before.path().join(crate::FILE_NAME)).unwrap();
+
+        writer.start_checkpoint();
+        assert_eq!((writer.in_flight, writer.wal.epoch()), (Some(0), 1), "the writer went on in the next epoch");
+        let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
+        let (end_a, mut end_a_rx) = request(|r| Request::Append("a".into(), done, r));
+        writer.commit(vec![end_a, begin("c")], false);
+        let a = end_a_rx.try_recv().unwrap().unwrap();
+        // A crash now, with the checkpoint not in the file yet: both epochs are replayed.
+        let mid = crash_image(dir.path(), true);
+        std::fs::copy(before.path().join(crate::FILE_NAME), mid.path().join(crate::FILE_NAME)).unwrap();
+
+        writer.collect(true);
+        assert_eq!(writer.in_flight, None);
+        let mut fresh: Vec<String> = lock(&writer.overlay).keys().cloned().collect();
+        fresh.sort();
+        assert_eq!(fresh, ["a", "c"], "the overlay keeps only what epoch 1 stored");
+        assert_eq!(found(&writer, "b").1.request_id, "b", "found in the file now");
+        // A crash after the checkpoint: epoch 1 is replayed on top of it.
+        let after = crash_image(dir.path(), true);
+
+        // (The idle writer's file is 1 MiB, the log's default larger: the replay reads it with
+        // the halves it was written in, and only then is it resized.)
+        for image in [mid, after] {
+            let log = RedbSagaLog::open(RedbOptions::new(image.path()).prune_interval(Duration::MAX)).unwrap();
+            assert_eq!(log.get("a").await.unwrap(), Some(a.clone()));
+            let mut running: Vec<String> = log.unfinished().await.unwrap().into_iter().map(|r| r.request_id).collect();
+            running.sort();
+            assert_eq!(running, ["b", "c"]);
+        }
     }
 
     #[test]

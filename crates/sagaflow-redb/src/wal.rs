@@ -1,19 +1,24 @@
 //! The write-ahead file in front of redb.
 //!
-//! A durable redb commit costs about 200 µs of CPU besides its fsync (every page it touched is
-//! written on its own, the freed-page lists are rewritten), and under load the writer commits
-//! several hundred times a second. So most batches are committed to redb without an fsync
-//! (`Durability::None`: visible to readers at once, lost in a crash) after their changes were
-//! appended here as one entry with one `pwrite` and one `fdatasync`. Every so often, and whenever
-//! the file fills up, a batch is committed durably instead: a *checkpoint*, which also raises
-//! the epoch stored in the `meta` table. Entries carry the epoch they were written in, so a
-//! checkpoint retires every entry before it without touching this file; writing restarts at its
-//! start.
+//! A redb transaction costs tens of microseconds of CPU besides its fsync (every B-tree page it
+//! touches is copied, the page allocator and freed-page lists are rewritten), and under load the
+//! writer makes several hundred batches a second. So a batch is not applied to redb at all: its
+//! changes are appended here as one entry with one `pwrite` and one `fdatasync`, and kept in
+//! memory (the records in an overlay that lookups read before the file). Every 100 ms, or when
+//! half of the current epoch's room is used, the entries written so far are applied to redb in
+//! one durable transaction, a *checkpoint*, which also raises the epoch stored in the `meta`
+//! table: every entry of the epochs before it is retired without touching this file.
 //!
-//! Opening the log replays, in order, the entries of the stored epoch up to the first that is
-//! torn (length or checksum wrong) or older: those are the batches answered since the last
-//! checkpoint. The file is filled with zeros when created, so an `fdatasync` only ever flushes
-//! data blocks already allocated, never file-system metadata.
+//! The file has two halves, and epoch `e` writes in half `e % 2`: a checkpoint runs on a thread
+//! of its own while the writer goes on in the next epoch, in the other half, so callers never
+//! wait for one. The writer starts an epoch only once the checkpoint before the last one is in
+//! the file, so at most two epochs are ever live: the stored one (its checkpoint may have been
+//! running when the process died) and the next.
+//!
+//! Opening the log replays, in order, the entries of the stored epoch and then of the next, each
+//! up to the first that is torn (length or checksum wrong) or of another epoch: those are the
+//! batches answered since the last checkpoint. The file is filled with zeros when created, so an
+//! `fdatasync` only ever flushes data blocks already allocated, never file-system metadata.
 //!
 //! An entry is `epoch: u64 | length: u32 | crc32(salt, epoch, length, payload): u32 | payload`,
 //! all little-endian; its payload is a sequence of [`Op`]s, the table changes of one batch. The
@@ -37,8 +42,9 @@ const HEADER: usize = 16;
 pub(crate) struct Wal {
     file: File,
     path: PathBuf,
-    size: u64,
-    /// Where the next entry goes.
+    /// The size of one half: the room of one epoch.
+    half: u64,
+    /// Where the next entry goes, from the start of the current epoch's half.
     offset: u64,
     salt: u64,
     /// The epoch of the entries being written: the one stored by the last checkpoint.
@@ -46,41 +52,65 @@ pub(crate) struct Wal {
 }
 
 impl Wal {
-    /// Opens the file, creating it filled with zeros if it is missing or smaller than `size`
+    /// Opens the file, creating it filled with zeros, `size` bytes, if it is missing or empty
     /// (then there is nothing in it to replay: it only ever holds entries after a checkpoint
-    /// that its creation preceded).
+    /// that its creation preceded). An existing file keeps its size, which places its halves,
+    /// until [`resize`](Self::resize) after the replay.
     pub(crate) fn open(path: PathBuf, size: u64, salt: u64, epoch: u64) -> Result<Self> {
         let io = |source| Error::Wal { path: path.clone(), source };
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        let size = if len >= size {
+        let size = if len > 0 {
             len
         } else {
-            zero_fill(&file, len, size).map_err(io)?;
+            zero_fill(&file, 0, size).map_err(io)?;
             size
         };
-        Ok(Self { file, path, size, offset: 0, salt, epoch })
+        Ok(Self { file, path, half: size / 2, offset: 0, salt, epoch })
+    }
+
+    /// Gives the file `size` bytes, once nothing in it is to be replayed any more (the entries
+    /// of other epochs left in it never are, wherever the halves now fall).
+    pub(crate) fn resize(&mut self, size: u64) -> Result<()> {
+        let io = |source| Error::Wal { path: self.path.clone(), source };
+        let len = self.file.metadata().map_err(io)?.len();
+        if size > len {
+            zero_fill(&self.file, len, size).map_err(io)?;
+        } else if size < len {
+            self.file.set_len(size).map_err(io)?;
+            self.file.sync_all().map_err(io)?;
+        }
+        self.half = size / 2;
+        self.offset = 0;
+        Ok(())
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The payloads of the entries written in `epoch`, in order, up to the first torn or older one.
+    /// Where the half of `epoch` starts.
+    fn base(&self, epoch: u64) -> u64 {
+        (epoch % 2) * self.half
+    }
+
+    /// The payloads of the entries written in `epoch`, in order, up to the first torn one or
+    /// one of another epoch.
     pub(crate) fn entries(&self, epoch: u64) -> Result<Vec<Vec<u8>>> {
         let io = |source| Error::Wal { path: self.path.clone(), source };
+        let base = self.base(epoch);
         let mut out = Vec::new();
         let mut offset = 0u64;
         let mut header = [0u8; HEADER];
-        while offset + HEADER as u64 <= self.size {
-            self.file.read_exact_at(&mut header, offset).map_err(io)?;
+        while offset + HEADER as u64 <= self.half {
+            self.file.read_exact_at(&mut header, base + offset).map_err(io)?;
             let (entry_epoch, len, crc) = parse_header(&header);
             let end = offset + HEADER as u64 + u64::from(len);
-            if entry_epoch != epoch || len == 0 || end > self.size {
+            if entry_epoch != epoch || len == 0 || end > self.half {
                 break;
             }
             let mut payload = vec![0u8; len as usize];
-            self.file.read_exact_at(&mut payload, offset + HEADER as u64).map_err(io)?;
+            self.file.read_exact_at(&mut payload, base + offset + HEADER as u64).map_err(io)?;
             if checksum(self.salt, entry_epoch, len, &payload) != crc {
                 break;
             }
@@ -91,10 +121,10 @@ impl Wal {
     }
 
     /// Appends one entry and waits until it is on disk. `Ok(false)`: it does not fit in what is
-    /// left of the file, and nothing was written (the caller checkpoints instead).
+    /// left of the epoch's half, and nothing was written (the caller checkpoints instead).
     pub(crate) fn append(&mut self, payload: &[u8]) -> Result<bool> {
         let Ok(len) = u32::try_from(payload.len()) else { return Ok(false) };
-        if self.offset + HEADER as u64 + payload.len() as u64 > self.size {
+        if self.offset + HEADER as u64 + payload.len() as u64 > self.half {
             return Ok(false);
         }
         let mut entry = Vec::with_capacity(HEADER + payload.len());
@@ -103,13 +133,14 @@ impl Wal {
         entry.extend_from_slice(&checksum(self.salt, self.epoch, len, payload).to_le_bytes());
         entry.extend_from_slice(payload);
         let io = |source| Error::Wal { path: self.path.clone(), source };
-        self.file.write_all_at(&entry, self.offset).map_err(io)?;
+        self.file.write_all_at(&entry, self.base(self.epoch) + self.offset).map_err(io)?;
         self.file.sync_data().map_err(io)?;
         self.offset += entry.len() as u64;
         Ok(true)
     }
 
-    /// After a checkpoint that stored `epoch`: every entry written so far is retired.
+    /// Starts writing the entries of `epoch`, from the start of its half. The caller makes sure
+    /// that the entries there before (of `epoch - 2`) are in a checkpoint.
     pub(crate) fn restart(&mut self, epoch: u64) {
         self.epoch = epoch;
         self.offset = 0;
@@ -120,14 +151,14 @@ impl Wal {
         self.epoch
     }
 
-    /// Bytes written since the last checkpoint.
+    /// Bytes written in the current epoch.
     pub(crate) fn used(&self) -> u64 {
         self.offset
     }
 
-    /// The file's size; entries never wrap around it.
-    pub(crate) fn size(&self) -> u64 {
-        self.size
+    /// The room of one epoch: half the file.
+    pub(crate) fn room(&self) -> u64 {
+        self.half
     }
 }
 
@@ -310,18 +341,25 @@ mod tests {
         assert!(wal.entries(4).unwrap().is_empty());
 
         // A torn third entry: the first two still count.
-        wal.file.write_all_at(b"X", third + HEADER as u64 + 1).unwrap();
+        wal.file.write_all_at(b"X", wal.base(3) + third + HEADER as u64 + 1).unwrap();
         assert_eq!(wal.entries(3).unwrap(), vec![b"one".to_vec(), b"two".to_vec()]);
 
-        // After a checkpoint, the new epoch's entries overwrite the old from the start, and
-        // the old ones left beyond them are not replayed.
+        // The next epoch writes in the other half: both are there to replay.
         wal.restart(4);
         assert!(wal.append(b"four").unwrap());
         assert_eq!(wal.entries(4).unwrap(), vec![b"four".to_vec()]);
+        assert_eq!(wal.entries(3).unwrap(), vec![b"one".to_vec(), b"two".to_vec()]);
+        // The one after overwrites the first half from its start, and the old entries left
+        // beyond are not replayed.
+        wal.restart(5);
+        assert!(wal.append(b"five").unwrap());
+        assert_eq!(wal.entries(5).unwrap(), vec![b"five".to_vec()]);
+        assert!(wal.entries(3).unwrap().is_empty());
         drop(wal);
         let reopened = Wal::open(path.clone(), 1024, 9, 4).unwrap();
-        assert_eq!(reopened.size(), 4096, "an existing larger file is kept as it is");
+        assert_eq!(reopened.room(), 2048, "an existing larger file is kept as it is");
         assert_eq!(reopened.entries(4).unwrap(), vec![b"four".to_vec()]);
+        assert_eq!(reopened.entries(5).unwrap(), vec![b"five".to_vec()]);
         drop(reopened);
         // Beside another database file (another salt), nothing in it is replayed.
         let other = Wal::open(path, 4096, 10, 4).unwrap();
@@ -331,10 +369,14 @@ mod tests {
     #[test]
     fn an_entry_that_does_not_fit_is_not_written() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path().join(WAL_FILE_NAME), 64, 1, 0).unwrap();
+        let mut wal = Wal::open(dir.path().join(WAL_FILE_NAME), 128, 1, 0).unwrap();
         assert!(wal.append(&[1u8; 40]).unwrap());
-        assert!(!wal.append(&[2u8; 40]).unwrap());
+        assert!(!wal.append(&[2u8; 40]).unwrap(), "an epoch has half the file");
         assert_eq!(wal.used(), 56);
+        assert_eq!(wal.entries(0).unwrap(), vec![vec![1u8; 40]]);
+        // The next epoch has the other half, whatever the first left.
+        wal.restart(1);
+        assert!(wal.append(&[2u8; 40]).unwrap());
         assert_eq!(wal.entries(0).unwrap(), vec![vec![1u8; 40]]);
     }
 }

@@ -275,11 +275,22 @@ async fn run(backend: Backend, postgres_url: Option<String>) {
             }
         }));
     }
-    // Kill at random moments while the load runs.
+    // Kill at random moments while the load runs: the k-th kill once a random point of the k-th
+    // share of the bookings has been sent (a fast log gets through them all in about a second,
+    // so a kill on a timer alone may come after the last one).
     let mut kills = 0;
     while kills < KILLS {
-        let wait = rand::rng().random_range(800..2500);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let share = BOOKINGS / KILLS;
+        let at = kills * share + rand::rng().random_range(share / 5..share * 4 / 5);
+        let give_up = Instant::now() + Duration::from_secs(120);
+        while next.load(Ordering::Relaxed) < at {
+            assert!(
+                Instant::now() < give_up,
+                "the load stalled at {} of {BOOKINGS} bookings",
+                next.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let mut c = cluster.lock().await;
         c.kill_orchestrator();
         kills += 1;
