@@ -1,12 +1,13 @@
 //! The embedded [`SagaLog`](sagaflow::SagaLog): one redb file on local disk, durable across
 //! process and machine crashes, with group-committed writes.
 //!
-//! Every `begin` and `append` is queued to one writer thread, which applies everything waiting
-//! in a single transaction and makes it durable with a single fsync; each caller's call returns
-//! once the batch covering it is on disk. Many concurrent sagas thus share each fsync. The fsync
-//! is usually that of one entry in a write-ahead file beside the database (`sagas.wal`), redb
-//! committing the batch without one; every 100 ms a checkpoint commits redb durably and retires
-//! the entries, and opening the log replays those written since the last checkpoint. A queued
+//! Every `begin` and `append` is queued to one writer thread, which takes everything waiting
+//! as one batch and makes it durable with a single fsync, that of one entry appended to a
+//! write-ahead file beside the database (`sagas.wal`); each caller's call returns once the batch
+//! covering it is on disk. Many concurrent sagas thus share each fsync. The records a batch
+//! stores are kept in memory, where lookups find them, until a checkpoint thread applies the
+//! batches of the last 100 ms to redb in one durable commit; opening the log replays the
+//! entries written since the last checkpoint (the source of `wal.rs` has the details). A queued
 //! append ([`SagaLog::append_queued`](sagaflow::SagaLog::append_queued)) is not waited for: the
 //! saga's record is stored with its next awaited write, or within
 //! [`RedbOptions::defer_queued`] (100 ms). Ended sagas are pruned in the background after their

@@ -52,12 +52,12 @@ const WAL_SALT: &str = "wal_salt";
 
 /// The embedded saga log: one redb file, durable across process and machine crashes.
 ///
-/// Writes (`begin`, `append`) go to a single writer thread that applies everything queued in
-/// one transaction, makes it durable with one fsync, then answers each caller: many concurrent
-/// sagas share each fsync. The fsync is usually that of one entry appended to the write-ahead
-/// file beside the database, the redb commit itself being left unsynced until the next
-/// checkpoint ([`crate::wal`]). Dropping the log commits the queued writes, stops the writer and
-/// releases the file; the drop blocks for that last commit (a few milliseconds).
+/// Writes (`begin`, `append`) go to a single writer thread that takes everything queued as one
+/// batch, makes it durable with one fsync (of its entry in the write-ahead file), then answers
+/// each caller: many concurrent sagas share each fsync. The records stored wait in an overlay
+/// until a checkpoint thread applies them to the database file (see `wal.rs`). Dropping the log
+/// commits the queued writes and a last checkpoint, stops both threads and releases the file;
+/// the drop blocks for that (a few milliseconds).
 pub struct RedbSagaLog {
     db: Arc<Database>,
     /// The records the file does not hold yet: looked up first.
