@@ -531,8 +531,10 @@ struct Job {
 }
 
 /// What became of a [`Job`]: the file as of it (`None` if it could not be read after the
-/// commit), or its ops back with why it failed.
-type Done = std::result::Result<Option<Snapshot>, (Vec<Op>, Error)>;
+/// commit), or why it failed; with its ops back either way. The writer allocated them and frees
+/// them: blocks freed on another thread cost the allocator more (mimalloc hands them back to the
+/// allocating thread's pages, which it must then collect).
+type Done = (std::result::Result<Option<Snapshot>, Error>, Vec<Op>);
 
 /// The thread that makes checkpoints while the writer goes on writing the next epoch.
 struct Checkpointer {
@@ -550,11 +552,8 @@ impl Checkpointer {
             .name("sagaflow-redb-checkpoint".into())
             .spawn(move || {
                 for job in inbox {
-                    let outcome = match checkpoint_job(&db, &job) {
-                        Ok(committed) => Ok(committed),
-                        Err(e) => Err((job.ops, e)),
-                    };
-                    if outbox.send(outcome).is_err() {
+                    let outcome = checkpoint_job(&db, &job);
+                    if outbox.send((outcome, job.ops)).is_err() {
                         break;
                     }
                 }
@@ -925,16 +924,17 @@ impl Writer {
         };
         self.in_flight = None;
         let failed = match done {
-            Some(Ok(snapshot)) => {
+            Some((Ok(snapshot), ops)) => {
                 if let Some(snapshot) = snapshot {
                     self.snapshot = snapshot;
                     lock(&self.overlay).retain(|_, (_, _, stored_in)| *stored_in > epoch);
                 }
                 self.checkpoint_retry = None;
                 self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                drop(ops);
                 return;
             }
-            Some(Err((ops, e))) => {
+            Some((Err(e), ops)) => {
                 tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
                 ops
             }
