@@ -53,6 +53,16 @@ pub enum Error {
     /// The writer thread has stopped; the log is closed.
     #[error("saga log writer has stopped")]
     Closed,
+    /// The checkpoint thread stopped in the middle of a checkpoint: no later checkpoint may
+    /// retire that epoch's write-ahead entries, so writes that need one are refused until a
+    /// restart replays them.
+    #[error(
+        "saga log checkpoint thread stopped during the checkpoint of write-ahead epoch {epoch}; restart to replay the write-ahead file"
+    )]
+    CheckpointStopped {
+        /// The write-ahead epoch of that checkpoint.
+        epoch: u64,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

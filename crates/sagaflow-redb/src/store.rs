@@ -576,22 +576,38 @@ impl Drop for Checkpointer {
 
 /// Applies a job in one durable commit; then reads the file as of it.
 fn checkpoint_job(db: &Database, job: &Job) -> Result<Option<Snapshot>> {
-    let mut txn = db.begin_write()?;
-    Tables::open(&txn)?.apply_all(&[&job.ops])?;
-    stamp(&mut txn, job.stamp)?;
-    txn.commit()?;
-    Ok(Snapshot::open(db)
-        .inspect_err(|e| tracing::warn!(error = %e, "saga log could not read its file after a checkpoint"))
-        .ok())
+    commit_checkpoint(db, &[&job.ops], job.stamp, |_| Ok(()))?;
+    Ok(snapshot_after_checkpoint(db))
 }
 
-/// Makes `txn` a checkpoint: durable, and storing `epoch` as the first write-ahead epoch to
-/// replay, so that the entries of the epochs before it are never replayed.
-fn stamp(txn: &mut WriteTransaction, epoch: u64) -> Result<()> {
+/// A checkpoint's transaction: applies `runs`, then `more` (pruning), and commits durably with
+/// `epoch` stored as the first write-ahead epoch to replay, so that the entries of the epochs
+/// before it are never replayed.
+fn commit_checkpoint<T>(
+    db: &Database,
+    runs: &[&[Op]],
+    epoch: u64,
+    more: impl FnOnce(&mut Tables<'_>) -> Result<T>,
+) -> Result<T> {
+    let mut txn = db.begin_write()?;
+    let done = {
+        let mut tables = Tables::open(&txn)?;
+        tables.apply_all(runs)?;
+        tables.meta.insert(WAL_EPOCH, epoch)?;
+        more(&mut tables)?
+    };
     txn.set_durability(Durability::Immediate)
         .map_err(|e| Error::Corrupt(format!("cannot make a durable commit: {e}")))?;
-    txn.open_table(META)?.insert(WAL_EPOCH, epoch)?;
-    Ok(())
+    txn.commit()?;
+    Ok(done)
+}
+
+/// The file as a checkpoint left it; `None` (logged) if it cannot be read, in which case the
+/// caller keeps its overlay, which still covers everything since its snapshot.
+fn snapshot_after_checkpoint(db: &Database) -> Option<Snapshot> {
+    Snapshot::open(db)
+        .inspect_err(|e| tracing::warn!(error = %e, "saga log could not read its file after a checkpoint"))
+        .ok()
 }
 
 /// The records of the sagas the writer is working on: an append neither reads nor decodes the
@@ -793,7 +809,9 @@ impl Writer {
         let mut next_prune = schedulable.then(Instant::now);
         loop {
             // While a checkpoint is being made, look for its end every millisecond.
-            let poll = self.in_flight.and_then(|_| Instant::now().checked_add(Duration::from_millis(1)));
+            let alive = self.checkpointer.jobs.is_some();
+            let poll =
+                self.in_flight.filter(|_| alive).and_then(|_| Instant::now().checked_add(Duration::from_millis(1)));
             let wake = [next_prune, self.cache.next_due(), self.checkpoint_at(), poll].into_iter().flatten().min();
             let first = match wake {
                 Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
@@ -910,7 +928,9 @@ impl Writer {
 
     /// Takes the outcome of the checkpoint being made, if it is over (or, if `block`, once it
     /// is): the file as of it replaces the snapshot, and the overlay drops the records of its
-    /// epoch. A failed one gives its ops back, ahead of those written since.
+    /// epoch. A failed one gives its ops back, ahead of those written since. If the thread is
+    /// gone, the checkpoint stays in flight for good: its ops went with the thread, and only a
+    /// restart, replaying the write-ahead file, may retire its entries.
     fn collect(&mut self, block: bool) {
         let Some(epoch) = self.in_flight else { return };
         let done = if block {
@@ -922,9 +942,15 @@ impl Writer {
                 Err(mpsc::TryRecvError::Disconnected) => None,
             }
         };
+        let Some((outcome, ops)) = done else {
+            if self.checkpointer.jobs.take().is_some() {
+                tracing::error!("{}", Error::CheckpointStopped { epoch });
+            }
+            return;
+        };
         self.in_flight = None;
-        let failed = match done {
-            Some((Ok(snapshot), ops)) => {
+        match outcome {
+            Ok(snapshot) => {
                 if let Some(snapshot) = snapshot {
                     self.snapshot = snapshot;
                     lock(&self.overlay).retain(|_, (_, _, stored_in)| *stored_in > epoch);
@@ -932,35 +958,16 @@ impl Writer {
                 self.checkpoint_retry = None;
                 self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
                 drop(ops);
-                return;
             }
-            Some((Err(e), ops)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
-                ops
+                let mut ops = ops;
+                ops.append(&mut self.pending);
+                self.pending = ops;
+                self.must_sync = true;
+                self.checkpoint_retry = Instant::now().checked_add(Duration::from_millis(100));
             }
-            // The thread is gone with the ops: read them back from the write-ahead file.
-            None => {
-                self.checkpointer.jobs = None;
-                let read = self.wal.entries(epoch).and_then(|entries| {
-                    entries.iter().try_fold(Vec::new(), |mut ops, payload| {
-                        ops.extend(Op::decode_all(payload)?);
-                        Ok(ops)
-                    })
-                });
-                match read {
-                    Ok(ops) => ops,
-                    Err(e) => {
-                        tracing::error!(error = %e, "saga log checkpoint thread is gone and its batches cannot be read back; they are replayed at the next start");
-                        Vec::new()
-                    }
-                }
-            }
-        };
-        let mut ops = failed;
-        ops.append(&mut self.pending);
-        self.pending = ops;
-        self.must_sync = true;
-        self.checkpoint_retry = Instant::now().checked_add(Duration::from_millis(100));
+        }
     }
 
     /// The record of `request_id`, if it has one, and its sequence number: from the overlay,
@@ -1189,17 +1196,19 @@ impl Writer {
     /// After the batch's entry is durable: its ops wait for the next checkpoint, its records
     /// are found in the overlay meanwhile.
     fn publish(&mut self, staged: Staged) {
-        let Staged { ops, stored, .. } = staged;
+        self.add_to_overlay(&staged);
+        self.pending.extend(staged.ops);
+    }
+
+    /// Puts the records `staged` stores in the overlay, as of the current epoch.
+    fn add_to_overlay(&self, staged: &Staged) {
         let epoch = self.wal.epoch();
-        {
-            let mut overlay = lock(&self.overlay);
-            for (request_id, at) in stored {
-                if let Some(Op::Stored { seq, record }) = ops.get(at) {
-                    overlay.insert(request_id, (*seq, Arc::from(record.as_slice()), epoch));
-                }
+        let mut overlay = lock(&self.overlay);
+        for (request_id, at) in &staged.stored {
+            if let Some(Op::Stored { seq, record }) = staged.ops.get(*at) {
+                overlay.insert(request_id.clone(), (*seq, Arc::from(record.as_slice()), epoch));
             }
         }
-        self.pending.extend(ops);
     }
 
     /// A checkpoint made here, for callers that wait for it: once the checkpointer's is over,
@@ -1209,10 +1218,16 @@ impl Writer {
     /// pruned. On failure nothing changed: the batches stay in the write-ahead file and `pending`.
     fn checkpoint(&mut self, staged: &Staged, prunes: &[u64]) -> Result<Vec<Pruned>> {
         self.collect(true);
+        if let Some(epoch) = self.in_flight {
+            return Err(Error::CheckpointStopped { epoch });
+        }
         if self.pending.is_empty() && staged.is_empty() && prunes.is_empty() {
             return Ok(Vec::new());
         }
-        let result = self.checkpoint_transaction(staged, prunes);
+        let (retention, chunk) = (&self.retention, self.prune_chunk);
+        let result = commit_checkpoint(&self.db, &[&self.pending, &staged.ops], self.wal.epoch() + 1, |tables| {
+            prunes.iter().map(|&now| tables.prune(retention, now, chunk)).collect::<Result<Vec<_>>>()
+        });
         match &result {
             Ok(_) => {
                 self.pending.clear();
@@ -1220,42 +1235,17 @@ impl Writer {
                 // The file now holds the overlay's records; the writer's lookups and readers go
                 // there once the new snapshot is open. Until then, the overlay stays (and gets
                 // this batch's records), so no lookup misses an answered write.
-                match Snapshot::open(&self.db) {
-                    Ok(snapshot) => {
+                match snapshot_after_checkpoint(&self.db) {
+                    Some(snapshot) => {
                         self.snapshot = snapshot;
                         lock(&self.overlay).clear();
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "saga log could not read its file after a checkpoint");
-                        let epoch = self.wal.epoch();
-                        let mut overlay = lock(&self.overlay);
-                        for (request_id, at) in &staged.stored {
-                            if let Some(Op::Stored { seq, record }) = staged.ops.get(*at) {
-                                overlay.insert(request_id.clone(), (*seq, Arc::from(record.as_slice()), epoch));
-                            }
-                        }
-                    }
+                    None => self.add_to_overlay(staged),
                 }
             }
             Err(_) => self.checkpoint_retry = Instant::now().checked_add(Duration::from_millis(100)),
         }
         result
-    }
-
-    fn checkpoint_transaction(&mut self, staged: &Staged, prunes: &[u64]) -> Result<Vec<Pruned>> {
-        let mut txn = self.db.begin_write()?;
-        let pruned = {
-            let mut tables = Tables::open(&txn)?;
-            tables.apply_all(&[&self.pending, &staged.ops])?;
-            let mut pruned = Vec::with_capacity(prunes.len());
-            for &now in prunes {
-                pruned.push(tables.prune(&self.retention, now, self.prune_chunk)?);
-            }
-            pruned
-        };
-        stamp(&mut txn, self.wal.epoch() + 1)?;
-        txn.commit()?;
-        Ok(pruned)
     }
 
     /// One chunk of retention, in a checkpoint of its own.
@@ -1686,6 +1676,40 @@ pub(crate) mod tests {
             running.sort();
             assert_eq!(running, ["b", "c"]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_thread_lost_mid_checkpoint_retires_nothing_and_refuses_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = idle_writer(dir.path());
+        writer.commit(vec![request(|r| Request::Begin(new_saga("a"), r)).0], false);
+        writer.start_checkpoint();
+        // The thread is gone with the job, as far as the writer can tell.
+        let (jobs, _) = mpsc::channel();
+        let (_, done) = mpsc::channel();
+        drop(std::mem::replace(&mut writer.checkpointer, Checkpointer { jobs: Some(jobs), done, thread: None }));
+        writer.collect(false);
+        assert_eq!(writer.in_flight, Some(0), "still in flight: nothing may retire epoch 0");
+        assert!(writer.checkpointer.jobs.is_none());
+
+        // Batches still go to the write-ahead file; a checkpoint is refused, with why.
+        let (begin, mut begin_rx) = request(|r| Request::Begin(new_saga("b"), r));
+        writer.commit(vec![begin], false);
+        assert!(matches!(begin_rx.try_recv().unwrap(), Ok(Begin::Started(_))));
+        match writer.checkpoint(&Staged::default(), &[]) {
+            Err(e @ Error::CheckpointStopped { epoch: 0 }) => assert!(e.to_string().contains("restart"), "{e}"),
+            other => panic!("checkpoint: {other:?}"),
+        }
+        let (sync, mut sync_rx) = request(Request::Sync);
+        writer.commit(vec![sync], false);
+        assert!(matches!(sync_rx.try_recv().unwrap(), Err(LogError::Unavailable(_))));
+
+        // A restart replays both epochs.
+        let image = crash_image(dir.path(), true);
+        let log = RedbSagaLog::open(RedbOptions::new(image.path()).prune_interval(Duration::MAX)).unwrap();
+        let mut running: Vec<String> = log.unfinished().await.unwrap().into_iter().map(|r| r.request_id).collect();
+        running.sort();
+        assert_eq!(running, ["a", "b"]);
     }
 
     #[test]
