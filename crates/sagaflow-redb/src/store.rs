@@ -1448,7 +1448,13 @@ pub(crate) mod tests {
         for i in 0..5 {
             run_to_end(&log, &format!("r{i}")).await;
         }
-        assert!(log.stats().checkpoints >= 2, "{:?}", log.stats());
+        // Checkpoints run on their own thread and are counted when the writer collects them:
+        // wait (bounded) for the writer to get there rather than assume it has.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.stats().checkpoints < 2 {
+            assert!(Instant::now() < deadline, "no checkpoints by themselves: {:?}", log.stats());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut expected = Vec::new();
         for i in 0..5 {
             expected.push(log.get(&format!("r{i}")).await.unwrap().unwrap());
