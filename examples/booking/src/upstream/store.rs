@@ -2,6 +2,7 @@
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, RandomState},
     sync::{
         Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
@@ -103,13 +104,26 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// How many shards hold a mock's records.
+const SHARDS: usize = 64;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the map consistent, so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The records and counters of one mock service, keyed by request id.
 #[derive(Debug)]
 pub(crate) struct Store {
     /// "order" or "payment": names the service in error messages.
     kind: &'static str,
     config: MockConfig,
-    records: Mutex<HashMap<String, Record>>,
+    /// The records in shards by request id: a shard grows (rehashing every record it holds) a
+    /// few hundred records at a time, where one map would stall every call for tens of
+    /// milliseconds each time it doubled past tens of thousands of records (faulting in a
+    /// fresh table), and a benchmark's later legs would meet longer stalls than its first.
+    shards: Box<[Mutex<HashMap<String, Record>>]>,
+    hasher: RandomState,
     next_id: AtomicI64,
     in_flight: AtomicUsize,
     counters: Counters,
@@ -134,7 +148,8 @@ impl Store {
         Self {
             kind,
             config,
-            records: Mutex::default(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
             next_id: AtomicI64::new(1),
             in_flight: AtomicUsize::new(0),
             counters: Counters::default(),
@@ -180,9 +195,10 @@ impl Store {
         Ok(InFlight { store: self })
     }
 
-    fn records(&self) -> MutexGuard<'_, HashMap<String, Record>> {
-        // Every critical section leaves the map consistent, so a poisoned lock is still usable.
-        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The shard that holds `request_id`'s record.
+    fn records(&self, request_id: &str) -> MutexGuard<'_, HashMap<String, Record>> {
+        let shard = self.hasher.hash_one(request_id) as usize % self.shards.len();
+        lock(&self.shards[shard])
     }
 
     /// Creates the record for `request_id`, or returns the existing one.
@@ -195,7 +211,7 @@ impl Store {
         request_id: &str,
         precondition: impl FnOnce() -> Result<(), Status>,
     ) -> Result<Created, Status> {
-        let mut records = self.records();
+        let mut records = self.records(request_id);
         if let Some(record) = records.get(request_id) {
             return match record.state {
                 State::Active => {
@@ -236,7 +252,7 @@ impl Store {
             bump(&self.counters.injected_failures);
             return Err(Status::unavailable(format!("{} cancel unavailable (injected)", self.kind)));
         }
-        let mut records = self.records();
+        let mut records = self.records(request_id);
         bump(&self.counters.cancels);
         match records.get_mut(request_id) {
             Some(record) if record.state == State::Active => {
@@ -260,17 +276,16 @@ impl Store {
 
     /// Every record, sorted by request id, and the counters.
     pub(crate) fn snapshot(&self) -> pb::SnapshotReply {
-        let mut records: Vec<pb::Record> = self
-            .records()
-            .iter()
-            .map(|(request_id, record)| pb::Record {
+        let mut records = Vec::new();
+        for shard in &self.shards {
+            records.extend(lock(shard).iter().map(|(request_id, record)| pb::Record {
                 request_id: request_id.clone(),
                 id: record.id,
                 status: record.state.as_str().to_owned(),
                 created_at_ms: record.created_at_ms,
                 cancelled_at_ms: record.cancelled_at_ms,
-            })
-            .collect();
+            }));
+        }
         records.sort_unstable_by(|a, b| a.request_id.cmp(&b.request_id));
         let c = &self.counters;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
