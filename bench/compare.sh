@@ -45,7 +45,7 @@ done
 build release
 mkdir -p "$OUT"
 work=$(mktemp -d)
-trap 'stop_all; rm -rf "$work"' EXIT
+trap 'stop_all; keep_logs "$work"; rm -rf "$work"' EXIT
 name="compare-$flow-$broker-$log"
 start_stack "$work/$name" "$broker" "$log"
 {

@@ -66,6 +66,14 @@ wait_port() {
 }
 
 # Stops every process started here: SIGTERM, then SIGKILL after 10 s.
+# keep_logs DIR: with BENCH_KEEP_LOGS=1, copies the stacks' logs under DIR to $OUT/logs/ (for a
+# look at what the orchestrator said during a run: RUST_LOG=sagaflow_redb=debug,warn, say).
+keep_logs() {
+    [ "${BENCH_KEEP_LOGS:-}" = 1 ] || return 0
+    mkdir -p "$OUT/logs"
+    find "$1" -name '*.log' -exec sh -c 'for f; do cp "$f" "$0/$(basename "$(dirname "$f")")-$(basename "$f")"; done' "$OUT/logs" {} + 2>/dev/null || true
+}
+
 stop_all() {
     local pid
     for pid in "${STARTED[@]}"; do
@@ -153,7 +161,7 @@ start_orchestrator() {
         fi
         echo "${STACK_YAML:-}"
     } >"$dir/app.yaml"
-    start "$dir/orchestrator.log" env RUST_LOG="${RUST_LOG:-warn}" "$BIN/booking" --config "$dir/app.yaml" orchestrator
+    start "$dir/orchestrator.log" env RUST_LOG="${RUST_LOG:-warn}" ${ORCHESTRATOR_ENV:-} "$BIN/booking" --config "$dir/app.yaml" orchestrator
     ORCHESTRATOR_PID=$LAST_PID
     wait_port "$GRPC" "$ORCHESTRATOR_PID" "$dir/orchestrator.log" || return 1
 }

@@ -46,6 +46,8 @@ pub(crate) const ENDED_AT: TableDefinition<'static, u64, u64> = TableDefinition:
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 /// `META` key: the epoch of the write-ahead entries not yet in a durable commit.
 const WAL_EPOCH: &str = "wal_epoch";
+/// A checkpoint slower than this is logged as a warning (every one is, at debug level).
+const SLOW_CHECKPOINT: Duration = Duration::from_secs(1);
 /// `META` key: a number drawn when the file was made, in every write-ahead entry's checksum, so
 /// that a write-ahead file left beside another database file is never replayed into it.
 const WAL_SALT: &str = "wal_salt";
@@ -552,7 +554,15 @@ impl Checkpointer {
             .name("sagaflow-redb-checkpoint".into())
             .spawn(move || {
                 for job in inbox {
+                    let started = Instant::now();
                     let outcome = checkpoint_job(&db, &job);
+                    let took = started.elapsed();
+                    let (took_ms, ops) = (took.as_millis() as u64, job.ops.len());
+                    if took >= SLOW_CHECKPOINT {
+                        tracing::warn!(took_ms, ops, "slow saga log checkpoint");
+                    } else {
+                        tracing::debug!(took_ms, ops, "saga log checkpoint");
+                    }
                     if outbox.send((outcome, job.ops)).is_err() {
                         break;
                     }
@@ -1140,6 +1150,11 @@ impl Writer {
                 Ok(fits) => {
                     appended = fits;
                     checkpoint = !fits;
+                    if !fits {
+                        // The callers of this batch wait for a checkpoint: the last one is slower
+                        // than the epoch's half of the write-ahead file takes to fill.
+                        tracing::warn!(epoch = self.wal.epoch(), "write-ahead half full; checkpointing on the callers' path");
+                    }
                 }
                 Err(e) => {
                     appended = true;

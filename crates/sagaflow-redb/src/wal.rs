@@ -29,6 +29,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -36,6 +37,8 @@ use crate::error::{Error, Result};
 pub const WAL_FILE_NAME: &str = "sagas.wal";
 
 const HEADER: usize = 16;
+/// A write-ahead append (write and `fdatasync`) slower than this is logged.
+const SLOW_SYNC: Duration = Duration::from_millis(50);
 
 /// The write-ahead file, open for appending entries of one epoch.
 #[derive(Debug)]
@@ -133,8 +136,14 @@ impl Wal {
         entry.extend_from_slice(&checksum(self.salt, self.epoch, len, payload).to_le_bytes());
         entry.extend_from_slice(payload);
         let io = |source| Error::Wal { path: self.path.clone(), source };
+        let started = Instant::now();
         self.file.write_all_at(&entry, self.base(self.epoch) + self.offset).map_err(io)?;
         self.file.sync_data().map_err(io)?;
+        let took = started.elapsed();
+        if took >= SLOW_SYNC {
+            // Every caller in the batch waited this long: worth knowing when a tail is the disk's.
+            tracing::warn!(took_ms = took.as_millis() as u64, bytes = entry.len(), "slow write-ahead sync");
+        }
         self.offset += entry.len() as u64;
         Ok(true)
     }
