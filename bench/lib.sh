@@ -1,6 +1,11 @@
 # shellcheck shell=bash
 # Shared by the bench scripts: where the binaries are, free ports, and the processes a script
 # starts (all stopped on exit, whatever the exit). Source it; do not run it.
+#
+# Environment: BENCH_BIN_DIR (prebuilt binaries), BENCH_OUT (output directory), RUST_LOG (the
+# orchestrator's and proxy's log filter, default warn), ORCHESTRATOR_ENV (extra NAME=VALUE words
+# for the orchestrator's environment, e.g. TOKIO_WORKER_THREADS=1), BENCH_KEEP_LOGS=1 (scripts
+# that call keep_logs copy the stacks' logs to $OUT/logs/).
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)

@@ -1153,7 +1153,10 @@ impl Writer {
                     if !fits {
                         // The callers of this batch wait for a checkpoint: the last one is slower
                         // than the epoch's half of the write-ahead file takes to fill.
-                        tracing::warn!(epoch = self.wal.epoch(), "write-ahead half full; checkpointing on the callers' path");
+                        tracing::warn!(
+                            epoch = self.wal.epoch(),
+                            "write-ahead half full; checkpointing on the callers' path"
+                        );
                     }
                 }
                 Err(e) => {
