@@ -63,6 +63,23 @@ impl Default for Retention {
     }
 }
 
+/// Whether a saga log can take writes right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogHealth {
+    /// Writes are being accepted.
+    Serving,
+    /// Writes fail until the backend recovers; the text says why (disk full, database gone).
+    NotServing(String),
+}
+
+impl LogHealth {
+    /// Whether writes are being accepted.
+    pub fn is_serving(&self) -> bool {
+        matches!(self, LogHealth::Serving)
+    }
+}
+
 /// Durable record of each saga's state.
 ///
 /// `begin` and `append` return only once the change is stored as durably as
@@ -98,4 +115,11 @@ pub trait SagaLog: Send + Sync + 'static {
 
     /// The backend's name, for logs.
     fn name(&self) -> &'static str;
+
+    /// Whether the log can take writes now, for health checks and metrics. Backends that
+    /// recover from a failed store on their own (reopening, reconnecting) report
+    /// [`LogHealth::NotServing`] until they have.
+    fn health(&self) -> LogHealth {
+        LogHealth::Serving
+    }
 }
