@@ -162,13 +162,16 @@ mod tests {
         log.sync().await.unwrap();
         {
             let txn = log.db_for_tests().begin_write().unwrap();
-            let seq = txn.open_table(crate::store::IDS).unwrap().get("bad").unwrap().unwrap().value();
-            txn.open_table(crate::store::SAGAS).unwrap().insert(seq, b"{not json".as_slice()).unwrap();
+            let seq = txn.open_table(crate::store::tables::IDS).unwrap().get("bad").unwrap().unwrap().value();
+            txn.open_table(crate::store::tables::SAGAS).unwrap().insert(seq, b"{not json".as_slice()).unwrap();
             txn.commit().unwrap();
         }
         assert_eq!(log.prune_now().await.unwrap(), 2);
         let txn = redb::ReadableDatabase::begin_read(log.db_for_tests()).unwrap();
-        assert!(txn.open_table(crate::store::IDS).unwrap().is_empty().unwrap(), "no request id outlives its saga");
+        assert!(
+            txn.open_table(crate::store::tables::IDS).unwrap().is_empty().unwrap(),
+            "no request id outlives its saga"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,268 @@
+//! The handle callers hold: writes go to the writer thread, reads to the overlay, then the file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+
+use async_trait::async_trait;
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
+use sagaflow::log::{Begin, ListFilter, LogError};
+use sagaflow::{NewSaga, SagaEvent, SagaLog, SagaRecord};
+use tokio::sync::oneshot;
+
+use super::overlay::Overlay;
+use super::request::{Reply, Request};
+use super::tables::{BY_CREATED, IDS, SAGAS, UNFINISHED, decode};
+use super::writer::Writer;
+use crate::error::{Error, Result};
+use crate::options::RedbOptions;
+
+/// The embedded saga log: one redb file, durable across process and machine crashes.
+///
+/// Writes (`begin`, `append`) go to a single writer thread that takes everything queued as one
+/// batch, makes it durable with one fsync (of its entry in the write-ahead file), then answers
+/// each caller: many concurrent sagas share each fsync. The records stored wait in an overlay
+/// until a checkpoint thread applies them to the database file (see `wal.rs`). Dropping the log
+/// commits the queued writes and a last checkpoint, stops both threads and releases the file;
+/// the drop blocks for that (a few milliseconds).
+pub struct RedbSagaLog {
+    db: Arc<Database>,
+    /// The records the file does not hold yet: looked up first.
+    overlay: Overlay,
+    /// `None` only while dropping, so the writer sees the channel close.
+    pub(super) tx: Option<mpsc::Sender<Request>>,
+    writer: Option<thread::JoinHandle<()>>,
+    counters: Arc<Counters>,
+    path: PathBuf,
+}
+
+/// What the writer has done since the log was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Group commits of `begin`/`append` requests.
+    pub batches: u64,
+    /// `begin` and `append` requests committed (or refused) in those batches.
+    pub writes: u64,
+    /// Ended sagas deleted by retention.
+    pub pruned: u64,
+    /// Records encoded and stored: at most one per saga per commit, fewer when queued appends
+    /// wait for the saga's next awaited write.
+    pub stored: u64,
+    /// Durable redb commits (checkpoints, prunes); the other batches were made durable by the
+    /// write-ahead file.
+    pub checkpoints: u64,
+}
+
+impl WriteStats {
+    /// Writes per commit: how many callers shared each fsync.
+    pub fn average_batch(&self) -> f64 {
+        if self.batches == 0 { 0.0 } else { self.writes as f64 / self.batches as f64 }
+    }
+}
+
+/// The writer's counts behind [`WriteStats`].
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) batches: AtomicU64,
+    pub(super) writes: AtomicU64,
+    pub(super) pruned: AtomicU64,
+    pub(super) stored: AtomicU64,
+    pub(super) checkpoints: AtomicU64,
+}
+
+impl RedbSagaLog {
+    /// Opens (creating it if needed) the log in `<data_dir>/sagas.redb` and starts its writer.
+    ///
+    /// Fails with [`Error::AlreadyOpen`] if the file is open elsewhere, in this process or another.
+    pub fn open(options: RedbOptions) -> Result<Self> {
+        std::fs::create_dir_all(&options.data_dir)
+            .map_err(|source| Error::CreateDir { path: options.data_dir.clone(), source })?;
+        let path = options.path();
+        let opened = super::replay::open(&options)?;
+        let db = Arc::new(opened.db);
+        let overlay = Overlay::default();
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel();
+        let writer =
+            Writer::new(&options, db.clone(), opened.wal, opened.next_seq, rx, overlay.clone(), counters.clone())?;
+        let writer = thread::Builder::new()
+            .name("sagaflow-redb-writer".into())
+            .spawn(move || writer.run())
+            .map_err(Error::Spawn)?;
+        tracing::debug!(path = %path.display(), "saga log opened");
+        Ok(Self { db, overlay, tx: Some(tx), writer: Some(writer), counters, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    #[cfg(test)]
+    pub(crate) fn db_for_tests(&self) -> &Database {
+        &self.db
+    }
+
+    /// What the writer has done so far.
+    pub fn stats(&self) -> WriteStats {
+        WriteStats {
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            writes: self.counters.writes.load(Ordering::Relaxed),
+            pruned: self.counters.pruned.load(Ordering::Relaxed),
+            stored: self.counters.stored.load(Ordering::Relaxed),
+            checkpoints: self.counters.checkpoints.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues a write and waits until the commit that covers it.
+    pub(crate) async fn call<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, LogError> {
+        let closed = || LogError::from(Error::Closed);
+        let (reply, answer) = oneshot::channel();
+        self.tx.as_ref().ok_or_else(closed)?.send(request(reply)).map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Makes the file hold every write answered so far (a checkpoint, if any is due), for reads
+    /// that scan its indexes rather than look up one saga.
+    pub(crate) async fn sync(&self) -> Result<(), LogError> {
+        self.call(Request::Sync).await
+    }
+
+    /// Runs `read` in a read transaction on the blocking pool; it sees the file only, without
+    /// the overlay: as of the last checkpoint.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let db = self.db.clone();
+        let task = tokio::task::spawn_blocking(move || read(&db.begin_read()?));
+        task.await.map_err(|e| LogError::Unavailable(format!("saga log read task failed: {e}")))?.map_err(Into::into)
+    }
+}
+
+impl fmt::Debug for RedbSagaLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbSagaLog").field("path", &self.path).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Drop for RedbSagaLog {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer commit what is queued and stop; waiting for it
+        // releases the file lock before `drop` returns, so the file can be opened again at once.
+        drop(self.tx.take());
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "saga log writer panicked");
+        }
+    }
+}
+
+#[async_trait]
+impl SagaLog for RedbSagaLog {
+    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
+        self.call(|reply| Request::Begin(saga, reply)).await
+    }
+
+    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
+        self.call(|reply| Request::Append(request_id.to_owned(), event, reply)).await
+    }
+
+    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
+        // The writer takes requests in order and stores a saga's record whenever it commits an
+        // awaited write of that saga, so the saga's next awaited write covers this one.
+        let (reply, _ignored) = oneshot::channel();
+        let closed = || LogError::from(Error::Closed);
+        self.tx
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(Request::Append(request_id.to_owned(), event, reply))
+            .map_err(|_| closed())
+    }
+
+    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
+        // Cleared only once the file holds its records: a miss here finds them there.
+        if let Some(fresh) = self.overlay.get(request_id) {
+            return Ok(Some(decode(&fresh.bytes)?));
+        }
+        let id = request_id.to_owned();
+        self.read(move |txn| {
+            let Some(seq) = txn.open_table(IDS)?.get(id.as_str())?.map(|seq| seq.value()) else {
+                return Ok(None);
+            };
+            let found = txn.open_table(SAGAS)?.get(seq)?;
+            found.map(|bytes| decode(bytes.value())).transpose()
+        })
+        .await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
+        self.sync().await?;
+        self.read(|txn| {
+            let sagas = txn.open_table(SAGAS)?;
+            let mut out = Vec::new();
+            for entry in txn.open_table(UNFINISHED)?.iter()? {
+                let (seq, _) = entry?;
+                let seq = seq.value();
+                let Some(bytes) = sagas.get(seq)? else {
+                    return Err(Error::Corrupt(format!("unfinished saga number {seq} has no record")));
+                };
+                out.push(decode(bytes.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
+        self.sync().await?;
+        self.read(move |txn| list(txn, &filter)).await
+    }
+
+    fn name(&self) -> &'static str {
+        "redb"
+    }
+}
+
+/// Newest first, ties by request id ascending (as [`sagaflow::MemorySagaLog`] orders them).
+fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
+    let sagas = txn.open_table(SAGAS)?;
+    let limit = if filter.limit == 0 { usize::MAX } else { filter.limit };
+    let mut out = Vec::new();
+    // Ties are ordered by request id, which the index does not hold: read each
+    // same-millisecond group's records, then take them in request id order.
+    let mut group: Vec<u64> = Vec::new();
+    let mut group_ms = None;
+    let take_group = |group: &mut Vec<u64>, out: &mut Vec<SagaRecord>| -> Result<()> {
+        let mut records = Vec::with_capacity(group.len());
+        for seq in group.drain(..) {
+            let Some(bytes) = sagas.get(seq)? else { continue };
+            let record = decode(bytes.value())?;
+            if filter.facade.as_deref().is_none_or(|f| record.facade == f)
+                && filter.status.is_none_or(|s| record.status() == s)
+            {
+                records.push(record);
+            }
+        }
+        records.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+        out.extend(records.into_iter().take(limit.saturating_sub(out.len())));
+        Ok(())
+    };
+    for entry in txn.open_table(BY_CREATED)?.iter()?.rev() {
+        let (key, _) = entry?;
+        let (ms, seq) = key.value();
+        if group_ms != Some(ms) {
+            take_group(&mut group, &mut out)?;
+            if out.len() >= limit {
+                return Ok(out);
+            }
+            group_ms = Some(ms);
+        }
+        group.push(seq);
+    }
+    take_group(&mut group, &mut out)?;
+    Ok(out)
+}

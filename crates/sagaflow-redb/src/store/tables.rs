@@ -1,0 +1,144 @@
+//! The redb tables of the log, the record encoding, and the changes a batch makes to them.
+
+use std::collections::{HashMap, HashSet};
+
+use redb::{Database, ReadOnlyTable, ReadableDatabase, Table, TableDefinition, WriteTransaction};
+use sagaflow::SagaRecord;
+
+use crate::error::{Error, Result};
+use crate::wal::Op;
+
+// Every saga gets a sequence number at its start, in start order, and every table but `IDS` is
+// keyed by it: the sagas running at once then sit side by side at the right edge of each B-tree,
+// whatever their request ids look like, and a commit rewrites a few leaves there. Keyed by
+// request id, as before, random ids (UUIDv4) scattered each commit over as many leaves as it had
+// sagas: 0.47x the throughput of time-ordered ids (`examples/log_load.rs`). Files written with
+// the request-id keys are converted when opened ([`crate::migrate`]).
+
+/// request id → sequence number: the only table written at a random place, once per saga.
+pub(crate) const IDS: TableDefinition<'static, &str, u64> = TableDefinition::new("ids");
+/// sequence number → the record, as JSON.
+pub(crate) const SAGAS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("records");
+/// sequence numbers of the sagas not ended, for recovery.
+pub(crate) const UNFINISHED: TableDefinition<'static, u64, ()> = TableDefinition::new("running");
+/// (created ms, sequence number), for newest-first listing.
+pub(crate) const BY_CREATED: TableDefinition<'static, (u64, u64), ()> = TableDefinition::new("created");
+/// (ended ms, sequence number), oldest first, for pruning.
+pub(crate) const ENDED: TableDefinition<'static, (u64, u64), ()> = TableDefinition::new("ended_seq");
+/// sequence number → ended ms, to find a saga's `ENDED` key when a retry revives it.
+pub(crate) const ENDED_AT: TableDefinition<'static, u64, u64> = TableDefinition::new("ended_at_seq");
+/// Settings of the file itself: the write-ahead epoch ([`crate::wal`]).
+pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+/// `META` key: the epoch of the write-ahead entries not yet in a durable commit.
+pub(crate) const WAL_EPOCH: &str = "wal_epoch";
+/// `META` key: a number drawn when the file was made, in every write-ahead entry's checksum, so
+/// that a write-ahead file left beside another database file is never replayed into it.
+pub(crate) const WAL_SALT: &str = "wal_salt";
+
+/// A stored record, decoded.
+pub(crate) fn decode(bytes: &[u8]) -> Result<SagaRecord> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+/// A record, encoded for storing.
+pub(crate) fn encode(record: &SagaRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec(record).map_err(|e| Error::Corrupt(format!("cannot encode saga `{}`: {e}", record.request_id)))
+}
+
+/// Every table, open in one write transaction: a checkpoint, a replay, a prune.
+pub(crate) struct Tables<'txn> {
+    pub(crate) ids: Table<'txn, &'static str, u64>,
+    pub(crate) sagas: Table<'txn, u64, &'static [u8]>,
+    pub(crate) unfinished: Table<'txn, u64, ()>,
+    pub(crate) by_created: Table<'txn, (u64, u64), ()>,
+    pub(crate) ended: Table<'txn, (u64, u64), ()>,
+    pub(crate) ended_at: Table<'txn, u64, u64>,
+    pub(crate) meta: Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> Tables<'txn> {
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Self> {
+        Ok(Self {
+            ids: txn.open_table(IDS)?,
+            sagas: txn.open_table(SAGAS)?,
+            unfinished: txn.open_table(UNFINISHED)?,
+            by_created: txn.open_table(BY_CREATED)?,
+            ended: txn.open_table(ENDED)?,
+            ended_at: txn.open_table(ENDED_AT)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+
+    /// Makes the table changes of `runs`, in order: what a checkpoint does with the batches
+    /// written since the last one, and what opening the log does with the write-ahead entries
+    /// a crash left. A record stored again later in `runs` is stored only then, and a saga that
+    /// begins and ends in them (the common case: a sync saga lasts milliseconds, a checkpoint
+    /// comes every 100 ms) never enters `UNFINISHED`.
+    pub(crate) fn apply_all(&mut self, runs: &[&[Op]]) -> Result<()> {
+        let ops = || runs.iter().flat_map(|run| run.iter());
+        let mut last_stored: HashMap<u64, usize> = HashMap::new();
+        let (mut begun, mut revived, mut ended) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for (at, op) in ops().enumerate() {
+            match *op {
+                Op::Stored { seq, .. } => {
+                    last_stored.insert(seq, at);
+                }
+                Op::Begun { seq, .. } => {
+                    begun.insert(seq);
+                }
+                Op::Ended { seq, .. } => {
+                    ended.insert(seq);
+                }
+                Op::Revived { seq } => {
+                    revived.insert(seq);
+                }
+            }
+        }
+        let passing = |seq: &u64| begun.contains(seq) && ended.contains(seq) && !revived.contains(seq);
+        for (at, op) in ops().enumerate() {
+            match *op {
+                Op::Begun { ref request_id, seq, created_ms } => {
+                    self.ids.insert(request_id.as_str(), seq)?;
+                    if !passing(&seq) {
+                        self.unfinished.insert(seq, ())?;
+                    }
+                    self.by_created.insert((created_ms, seq), ())?;
+                }
+                Op::Ended { seq, ended_ms } => {
+                    if !passing(&seq) {
+                        self.unfinished.remove(seq)?;
+                    }
+                    self.ended.insert((ended_ms, seq), ())?;
+                    self.ended_at.insert(seq, ended_ms)?;
+                }
+                Op::Revived { seq } => {
+                    let at = self.ended_at.remove(seq)?.map(|at| at.value());
+                    if let Some(at) = at {
+                        self.ended.remove((at, seq))?;
+                    }
+                    self.unfinished.insert(seq, ())?;
+                }
+                Op::Stored { seq, ref record } => {
+                    if last_stored.get(&seq) == Some(&at) {
+                        self.sagas.insert(seq, record.as_slice())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The database file as of the last checkpoint, for the writer's lookups (with the overlay in
+/// front, the whole log as answered so far).
+pub(crate) struct Snapshot {
+    pub(crate) ids: ReadOnlyTable<&'static str, u64>,
+    pub(crate) sagas: ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl Snapshot {
+    pub(crate) fn open(db: &Database) -> Result<Self> {
+        let txn = db.begin_read()?;
+        Ok(Self { ids: txn.open_table(IDS)?, sagas: txn.open_table(SAGAS)? })
+    }
+}
