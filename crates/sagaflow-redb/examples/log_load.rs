@@ -6,7 +6,8 @@
 //!
 //! `gap-µs` (default 0) sleeps that long (at least a timer tick, 1 ms) around each step, as the
 //! upstream calls do: the queued writes then fall into other commits than the awaited ones.
-//! `DEFER_QUEUED_MS` sets [`RedbOptions::defer_queued`].
+//! `DEFER_QUEUED_MS` sets [`RedbOptions::defer_queued`], `CACHE_MB` [`RedbOptions::cache_size`].
+//! The peak resident memory (VmHWM) is printed at the end.
 //!
 //!   cargo run --release -p sagaflow-redb --example log_load -- [memory|embedded] [callers] [seconds] [random|sequential] [gap-µs]
 
@@ -114,6 +115,9 @@ fn main() {
     if let Some(ms) = std::env::var("DEFER_QUEUED_MS").ok().and_then(|v| v.parse().ok()) {
         options = options.defer_queued(Duration::from_millis(ms));
     }
+    if let Some(mb) = std::env::var("CACHE_MB").ok().and_then(|v| v.parse::<usize>().ok()) {
+        options = options.cache_size(mb << 20);
+    }
     let redb = (kind != "memory").then(|| Arc::new(RedbSagaLog::open(options).expect("open")));
     let log: Arc<dyn SagaLog> = match &redb {
         None => Arc::new(MemorySagaLog::with_retention(Retention::default())),
@@ -178,5 +182,8 @@ fn main() {
                 stats.stored as f64 / n
             );
         }
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak = status.lines().find(|line| line.starts_with("VmHWM")).unwrap_or("VmHWM: ?");
+        println!("  peak resident memory: {}", peak.trim_start_matches("VmHWM:").trim());
     });
 }

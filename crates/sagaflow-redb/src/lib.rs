@@ -47,6 +47,6 @@ mod store;
 mod wal;
 
 pub use error::{Error, Result};
-pub use options::{FILE_NAME, RedbOptions};
+pub use options::{DEFAULT_CACHE_SIZE, FILE_NAME, RedbOptions};
 pub use store::{RedbSagaLog, WriteStats};
 pub use wal::WAL_FILE_NAME;

@@ -21,11 +21,7 @@ pub(super) struct Opened {
 /// into it and starts a new epoch.
 pub(super) fn open(options: &RedbOptions) -> Result<Opened> {
     let path = options.path();
-    let mut builder = Database::builder();
-    if let Some(bytes) = options.cache_size {
-        builder.set_cache_size(bytes);
-    }
-    let db = builder.create(&path).map_err(|e| match e {
+    let db = Database::builder().set_cache_size(options.cache_size).create(&path).map_err(|e| match e {
         DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen { path: path.clone() },
         source => Error::Open { path: path.clone(), source },
     })?;

@@ -326,3 +326,35 @@ fn a_file_that_is_not_a_database_is_a_clear_error() {
         other => panic!("open: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_cache_size_option_bounds_the_pages_the_store_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || RedbOptions::new(dir.path()).prune_interval(Duration::MAX);
+    let blob = json!({ "blob": "x".repeat(4096) });
+    let log = RedbSagaLog::open(options()).unwrap();
+    for i in 0..400 {
+        let mut saga = new_saga(&format!("s{i}"));
+        saga.data = blob.clone();
+        log.begin(saga).await.unwrap();
+    }
+    drop(log);
+    // Every saga read back from the file (the overlay is empty after a reopen), under a cache
+    // of `bytes`: what the cache holds afterwards.
+    let held = |bytes: usize| {
+        let log = RedbSagaLog::open(options().cache_size(bytes)).unwrap();
+        async move {
+            for i in 0..400 {
+                assert!(log.get(&format!("s{i}")).await.unwrap().is_some());
+            }
+            log.db_for_tests().cache_stats().used_bytes()
+        }
+    };
+    let small = 256 << 10;
+    let under_small = held(small).await;
+    assert!(under_small <= small + (16 << 10), "{under_small} bytes held under a {small}-byte cache");
+    // The same reads fill a larger cache well past the small one: the bound above is the option's.
+    let under_default = held(crate::DEFAULT_CACHE_SIZE).await;
+    assert!(under_default > 4 * small, "{under_default} bytes held under the default cache");
+    assert!(under_default <= crate::DEFAULT_CACHE_SIZE);
+}
