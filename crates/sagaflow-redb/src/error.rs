@@ -41,6 +41,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The write-ahead file holds entries after damage: the sagas they record were answered, and
+    /// opening without them would lose them silently. Nothing was changed; opening with
+    /// [`RedbOptions::salvage_wal`](crate::RedbOptions::salvage_wal) replays every intact entry.
+    #[error(
+        "saga log write-ahead file {path} is damaged at byte {offset}: {detail}. Nothing was changed; keep a copy of the file, then open the log with write-ahead salvage on (RedbOptions::salvage_wal) to replay every intact entry"
+    )]
+    WalDamaged {
+        /// The file.
+        path: PathBuf,
+        /// Where the damage starts, in bytes from the start of the file.
+        offset: u64,
+        /// What was found there.
+        detail: String,
+    },
     /// The writer thread could not be started.
     #[error("cannot start the saga log writer thread: {0}")]
     Spawn(#[source] std::io::Error),

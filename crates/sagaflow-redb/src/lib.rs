@@ -7,7 +7,7 @@
 //! covering it is on disk. Many concurrent sagas thus share each fsync. The records a batch
 //! stores are kept in memory, where lookups find them, until a checkpoint thread applies the
 //! batches of the last 100 ms to redb in one durable commit; opening the log replays the
-//! entries written since the last checkpoint (the source of `wal.rs` has the details). A queued
+//! entries written since the last checkpoint (the source of `wal/mod.rs` has the details). A queued
 //! append ([`SagaLog::append_queued`](sagaflow::SagaLog::append_queued)) is not waited for: the
 //! saga's record is stored with its next awaited write, or within
 //! [`RedbOptions::defer_queued`] (100 ms). Ended sagas are pruned in the background after their

@@ -24,6 +24,7 @@ pub struct RedbOptions {
     pub(crate) cache_size: usize,
     pub(crate) checkpoint_interval: Duration,
     pub(crate) wal_size: u64,
+    pub(crate) salvage_wal: bool,
 }
 
 impl RedbOptions {
@@ -40,6 +41,7 @@ impl RedbOptions {
             cache_size: DEFAULT_CACHE_SIZE,
             checkpoint_interval: Duration::from_millis(100),
             wal_size: 16 << 20,
+            salvage_wal: false,
         }
     }
 
@@ -110,6 +112,20 @@ impl RedbOptions {
     /// soon as half of that is used; a batch that finds no room waits for a checkpoint.
     pub fn wal_size(mut self, bytes: u64) -> Self {
         self.wal_size = bytes.max(64 << 10);
+        self
+    }
+
+    /// Whether opening replays the intact entries of a damaged write-ahead file (default no:
+    /// the open fails with [`Error::WalDamaged`](crate::Error::WalDamaged), naming the file and
+    /// where the damage starts, and changes nothing).
+    ///
+    /// Salvaging replays every entry that passes its checksum, before and after the damage, and
+    /// rebuilds the indexes of the sagas they store from their records; what the damaged bytes
+    /// held is lost (a saga may come back at an earlier state, or not at all if it began there),
+    /// and each damaged stretch is logged. Once opened, the entries are in the database file,
+    /// and later opens need no salvage. Copy the write-ahead file aside first.
+    pub fn salvage_wal(mut self, salvage: bool) -> Self {
+        self.salvage_wal = salvage;
         self
     }
 

@@ -24,7 +24,7 @@ use crate::options::RedbOptions;
 /// Writes (`begin`, `append`) go to a single writer thread that takes everything queued as one
 /// batch, makes it durable with one fsync (of its entry in the write-ahead file), then answers
 /// each caller: many concurrent sagas share each fsync. The records stored wait in an overlay
-/// until a checkpoint thread applies them to the database file (see `wal.rs`). Dropping the log
+/// until a checkpoint thread applies them to the database file (see `wal/mod.rs`). Dropping the log
 /// commits the queued writes and a last checkpoint, stops both threads and releases the file;
 /// the drop blocks for that (a few milliseconds).
 pub struct RedbSagaLog {
@@ -80,7 +80,7 @@ impl RedbSagaLog {
         std::fs::create_dir_all(&options.data_dir)
             .map_err(|source| Error::CreateDir { path: options.data_dir.clone(), source })?;
         let path = options.path();
-        let opened = super::replay::open(&options)?;
+        let opened = super::replay::open(&options, None)?;
         let db = Arc::new(opened.db);
         let overlay = Overlay::default();
         let counters = Arc::new(Counters::default());

@@ -19,6 +19,8 @@ pub(crate) mod tables;
 mod writer;
 
 #[cfg(test)]
+mod damage_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 pub use handle::{RedbSagaLog, WriteStats};

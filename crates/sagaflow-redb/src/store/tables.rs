@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use redb::{Database, ReadOnlyTable, ReadableDatabase, Table, TableDefinition, WriteTransaction};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use sagaflow::SagaRecord;
 
 use crate::error::{Error, Result};
@@ -34,6 +34,9 @@ pub(crate) const WAL_EPOCH: &str = "wal_epoch";
 /// `META` key: a number drawn when the file was made, in every write-ahead entry's checksum, so
 /// that a write-ahead file left beside another database file is never replayed into it.
 pub(crate) const WAL_SALT: &str = "wal_salt";
+/// `META` key: the size the write-ahead file is written in, which places its halves; the file
+/// is never shorter than this.
+pub(crate) const WAL_SIZE: &str = "wal_size";
 
 /// A stored record, decoded.
 pub(crate) fn decode(bytes: &[u8]) -> Result<SagaRecord> {
@@ -92,6 +95,7 @@ impl<'txn> Tables<'txn> {
                 Op::Revived { seq } => {
                     revived.insert(seq);
                 }
+                Op::Sealed { .. } => {}
             }
         }
         let passing = |seq: &u64| begun.contains(seq) && ended.contains(seq) && !revived.contains(seq);
@@ -123,9 +127,50 @@ impl<'txn> Tables<'txn> {
                         self.sagas.insert(seq, record.as_slice())?;
                     }
                 }
+                Op::Sealed { .. } => {}
             }
         }
         Ok(())
+    }
+
+    /// Makes the index entries of every saga `ops` store agree with its record as stored now:
+    /// after a salvage, the ops of a damaged entry (a saga's start, its end) are missing while
+    /// later records of the same sagas are there. Returns how many sagas it went over.
+    pub(crate) fn reindex(&mut self, ops: &[Op]) -> Result<usize> {
+        let seqs: HashSet<u64> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Stored { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        for &seq in &seqs {
+            let record = match self.sagas.get(seq)?.map(|bytes| decode(bytes.value())) {
+                Some(Ok(record)) => record,
+                Some(Err(e)) => {
+                    tracing::warn!(seq, error = %e, "salvaged saga record cannot be read; its indexes are left as they are");
+                    continue;
+                }
+                None => continue,
+            };
+            self.ids.insert(record.request_id.as_str(), seq)?;
+            self.by_created.insert((record.created_ms, seq), ())?;
+            let ended_at = self.ended_at.get(seq)?.map(|at| at.value());
+            if record.state.is_ended() {
+                self.unfinished.remove(seq)?;
+                if ended_at.is_none() {
+                    self.ended.insert((record.updated_ms, seq), ())?;
+                    self.ended_at.insert(seq, record.updated_ms)?;
+                }
+            } else {
+                self.unfinished.insert(seq, ())?;
+                if let Some(at) = ended_at {
+                    self.ended.remove((at, seq))?;
+                    self.ended_at.remove(seq)?;
+                }
+            }
+        }
+        Ok(seqs.len())
     }
 }
 

@@ -22,7 +22,7 @@ fn idle_writer(dir: &Path) -> Writer {
     txn.commit().unwrap();
     let (_tx, rx) = mpsc::channel();
     let options = RedbOptions::new(dir).prune_interval(Duration::MAX).linger(Duration::ZERO);
-    let wal = Wal::open(dir.join(WAL_FILE_NAME), 1 << 20, 1, 0).unwrap();
+    let wal = Wal::open(dir.join(WAL_FILE_NAME), 1 << 20, 1, 0, None).unwrap();
     Writer::new(&options, Arc::new(db), wal, 0, rx, Overlay::default(), Arc::default()).unwrap()
 }
 
