@@ -64,6 +64,9 @@ pub enum Error {
     /// A stored record could not be decoded, or a record could not be encoded.
     #[error("saga log record corrupt: {0}")]
     Corrupt(String),
+    /// A write failed and the file is closed until it can be opened again; the text says why.
+    #[error("{0}")]
+    Outage(String),
     /// The writer thread has stopped; the log is closed.
     #[error("saga log writer has stopped")]
     Closed,

@@ -40,6 +40,8 @@
 //! ```
 
 mod error;
+#[cfg(test)]
+mod faults;
 mod migrate;
 mod options;
 mod prune;

@@ -25,6 +25,9 @@ pub struct RedbOptions {
     pub(crate) checkpoint_interval: Duration,
     pub(crate) wal_size: u64,
     pub(crate) salvage_wal: bool,
+    /// Failures to inject, in tests.
+    #[cfg(test)]
+    pub(crate) faults: Option<std::sync::Arc<crate::faults::Faults>>,
 }
 
 impl RedbOptions {
@@ -42,6 +45,8 @@ impl RedbOptions {
             checkpoint_interval: Duration::from_millis(100),
             wal_size: 16 << 20,
             salvage_wal: false,
+            #[cfg(test)]
+            faults: None,
         }
     }
 

@@ -167,7 +167,7 @@ mod tests {
             txn.commit().unwrap();
         }
         assert_eq!(log.prune_now().await.unwrap(), 2);
-        let txn = redb::ReadableDatabase::begin_read(log.db_for_tests()).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&*log.db_for_tests()).unwrap();
         assert!(
             txn.open_table(crate::store::tables::IDS).unwrap().is_empty().unwrap(),
             "no request id outlives its saga"

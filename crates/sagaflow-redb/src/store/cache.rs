@@ -8,8 +8,9 @@ use sagaflow::SagaRecord;
 /// The records of the sagas the writer is working on: an append neither reads nor decodes the
 /// stored record, and a saga changed several times in one batch (a step's start and its result)
 /// is encoded and stored once, at the end of the batch. Holds running sagas, and ended ones
-/// only until the flush that stores them; cleared when a batch fails, since the records in it
-/// may then be ahead of the file (which drops queued appends still waiting, as a crash would).
+/// only until the batch that stores them commits. When a batch fails, the records it changed
+/// are dropped, since they are then ahead of the file (which drops their queued appends still
+/// waiting, as a crash would); the others stay, to be stored by the next batch.
 ///
 /// A record changed only by queued appends (a step's start, an intermediate result) is not
 /// stored by the batch that takes them but by the one that takes the saga's next awaited write,
@@ -25,6 +26,8 @@ pub(crate) struct Cache {
     /// Request ids changed by queued appends only, with when they were first left unstored.
     pub(super) deferred: VecDeque<(Instant, String)>,
     pub(super) defer: Duration,
+    /// The number of the batch being taken.
+    generation: u64,
 }
 
 /// One saga's record in the [`Cache`].
@@ -37,6 +40,8 @@ pub(super) struct Cached {
     pub(super) unstored: bool,
     /// In `Cache::urgent`.
     pub(super) urgent: bool,
+    /// The number of the batch that last loaded or changed it.
+    touched: u64,
 }
 
 impl Cache {
@@ -45,13 +50,21 @@ impl Cache {
     const MAX_RECORDS: usize = 100_000;
 
     pub(crate) fn new(defer: Duration) -> Self {
-        Self { records: HashMap::new(), urgent: Vec::new(), deferred: VecDeque::new(), defer }
+        Self { records: HashMap::new(), urgent: Vec::new(), deferred: VecDeque::new(), defer, generation: 0 }
     }
 
+    /// Starts taking a batch: what it loads or changes is told from what earlier ones did.
+    pub(super) fn begin_batch(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Takes a record as stored.
     pub(super) fn load(&mut self, record: SagaRecord, seq: u64) {
-        self.records.insert(record.request_id.clone(), Cached { record, seq, unstored: false, urgent: false });
+        let cached = Cached { record, seq, unstored: false, urgent: false, touched: self.generation };
+        self.records.insert(cached.record.request_id.clone(), cached);
     }
 
+    /// Takes a new record, to be stored by this batch.
     pub(super) fn changed(&mut self, record: SagaRecord, seq: u64) {
         let id = record.request_id.clone();
         self.load(record, seq);
@@ -61,6 +74,7 @@ impl Cache {
     /// Notes that a record changed: to be stored by this batch if `urgent`, else within `defer`.
     pub(super) fn mark(&mut self, request_id: &str, urgent: bool) {
         let Some(cached) = self.records.get_mut(request_id) else { return };
+        cached.touched = self.generation;
         let urgent = urgent || self.defer.is_zero();
         if urgent && !cached.urgent {
             cached.urgent = true;
@@ -93,9 +107,32 @@ impl Cache {
         }
     }
 
-    pub(super) fn clear(&mut self) {
-        self.records.clear();
-        self.urgent.clear();
-        self.deferred.clear();
+    /// After the batch that stored it committed: an ended saga's record leaves the cache.
+    pub(super) fn forget_if_ended(&mut self, request_id: &str) {
+        if self.records.get(request_id).is_some_and(|cached| !cached.unstored && cached.record.state.is_ended()) {
+            self.records.remove(request_id);
+        }
+    }
+
+    /// After a batch failed: drops the records it loaded or changed (they may hold changes no
+    /// file has), and marks every other record with changes not in a file as due at the next
+    /// flush, those this batch meant to store (`stored`) among them.
+    pub(super) fn undo_batch<'a>(&mut self, stored: impl IntoIterator<Item = &'a str>) {
+        for id in stored {
+            if let Some(cached) = self.records.get_mut(id) {
+                cached.unstored = true;
+            }
+        }
+        let generation = self.generation;
+        self.records.retain(|_, cached| cached.touched != generation);
+        let Self { records, urgent, deferred, .. } = self;
+        urgent.clear();
+        deferred.clear();
+        for (id, cached) in records.iter_mut() {
+            cached.urgent = cached.unstored;
+            if cached.unstored {
+                urgent.push(id.clone());
+            }
+        }
     }
 }

@@ -2,18 +2,19 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::thread;
 
 use async_trait::async_trait;
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
-use sagaflow::log::{Begin, ListFilter, LogError};
+use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
+use sagaflow::log::{Begin, ListFilter, LogError, LogHealth};
 use sagaflow::{NewSaga, SagaEvent, SagaLog, SagaRecord};
 use tokio::sync::oneshot;
 
 use super::overlay::Overlay;
 use super::request::{Reply, Request};
+use super::shared::Shared;
 use super::tables::{BY_CREATED, IDS, SAGAS, UNFINISHED, decode};
 use super::writer::Writer;
 use crate::error::{Error, Result};
@@ -27,14 +28,19 @@ use crate::options::RedbOptions;
 /// until a checkpoint thread applies them to the database file (see `wal/mod.rs`). Dropping the log
 /// commits the queued writes and a last checkpoint, stops both threads and releases the file;
 /// the drop blocks for that (a few milliseconds).
+///
+/// When a write fails (a full disk, an I/O error), the batch it was in is refused
+/// ([`LogError::Unavailable`]), and so is every write after it while the file is closed and
+/// opened again, with backoff, as a restart would open it; [`SagaLog::health`] says
+/// [`LogHealth::NotServing`] meanwhile. Every write answered before stays: it is in the
+/// write-ahead file or the database file.
 pub struct RedbSagaLog {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     /// The records the file does not hold yet: looked up first.
     overlay: Overlay,
     /// `None` only while dropping, so the writer sees the channel close.
     pub(super) tx: Option<mpsc::Sender<Request>>,
     writer: Option<thread::JoinHandle<()>>,
-    counters: Arc<Counters>,
     path: PathBuf,
 }
 
@@ -53,6 +59,8 @@ pub struct WriteStats {
     /// Durable redb commits (checkpoints, prunes); the other batches were made durable by the
     /// write-ahead file.
     pub checkpoints: u64,
+    /// Times the file was closed and opened again after a write failed.
+    pub reopens: u64,
 }
 
 impl WriteStats {
@@ -60,16 +68,6 @@ impl WriteStats {
     pub fn average_batch(&self) -> f64 {
         if self.batches == 0 { 0.0 } else { self.writes as f64 / self.batches as f64 }
     }
-}
-
-/// The writer's counts behind [`WriteStats`].
-#[derive(Debug, Default)]
-pub(super) struct Counters {
-    pub(super) batches: AtomicU64,
-    pub(super) writes: AtomicU64,
-    pub(super) pruned: AtomicU64,
-    pub(super) stored: AtomicU64,
-    pub(super) checkpoints: AtomicU64,
 }
 
 impl RedbSagaLog {
@@ -83,16 +81,15 @@ impl RedbSagaLog {
         let opened = super::replay::open(&options, None)?;
         let db = Arc::new(opened.db);
         let overlay = Overlay::default();
-        let counters = Arc::new(Counters::default());
+        let shared = Arc::new(Shared::new(db.clone()));
         let (tx, rx) = mpsc::channel();
-        let writer =
-            Writer::new(&options, db.clone(), opened.wal, opened.next_seq, rx, overlay.clone(), counters.clone())?;
+        let writer = Writer::new(options, db, opened.wal, opened.next_seq, rx, overlay.clone(), shared.clone())?;
         let writer = thread::Builder::new()
             .name("sagaflow-redb-writer".into())
             .spawn(move || writer.run())
             .map_err(Error::Spawn)?;
         tracing::debug!(path = %path.display(), "saga log opened");
-        Ok(Self { db, overlay, tx: Some(tx), writer: Some(writer), counters, path })
+        Ok(Self { shared, overlay, tx: Some(tx), writer: Some(writer), path })
     }
 
     /// The database file.
@@ -101,18 +98,20 @@ impl RedbSagaLog {
     }
 
     #[cfg(test)]
-    pub(crate) fn db_for_tests(&self) -> &Database {
-        &self.db
+    pub(crate) fn db_for_tests(&self) -> Arc<redb::Database> {
+        self.shared.db().expect("the database file is open")
     }
 
     /// What the writer has done so far.
     pub fn stats(&self) -> WriteStats {
+        let counters = &self.shared.counters;
         WriteStats {
-            batches: self.counters.batches.load(Ordering::Relaxed),
-            writes: self.counters.writes.load(Ordering::Relaxed),
-            pruned: self.counters.pruned.load(Ordering::Relaxed),
-            stored: self.counters.stored.load(Ordering::Relaxed),
-            checkpoints: self.counters.checkpoints.load(Ordering::Relaxed),
+            batches: counters.batches.load(Ordering::Relaxed),
+            writes: counters.writes.load(Ordering::Relaxed),
+            pruned: counters.pruned.load(Ordering::Relaxed),
+            stored: counters.stored.load(Ordering::Relaxed),
+            checkpoints: counters.checkpoints.load(Ordering::Relaxed),
+            reopens: counters.reopens.load(Ordering::Relaxed),
         }
     }
 
@@ -136,7 +135,7 @@ impl RedbSagaLog {
         &self,
         read: impl FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
     ) -> Result<T, LogError> {
-        let db = self.db.clone();
+        let db = self.shared.db()?;
         let task = tokio::task::spawn_blocking(move || read(&db.begin_read()?));
         task.await.map_err(|e| LogError::Unavailable(format!("saga log read task failed: {e}")))?.map_err(Into::into)
     }
@@ -224,6 +223,10 @@ impl SagaLog for RedbSagaLog {
 
     fn name(&self) -> &'static str {
         "redb"
+    }
+
+    fn health(&self) -> LogHealth {
+        self.shared.health()
     }
 }
 

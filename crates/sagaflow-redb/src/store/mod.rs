@@ -3,6 +3,8 @@
 //!
 //! - [`handle`]: what callers hold; reads look in the [`overlay`], then the file.
 //! - [`request`]: what callers send the writer, and how answers get back.
+//! - [`shared`]: what the handle and the writer share (the open file, whether writes are
+//!   refused, counts).
 //! - [`writer`]: the writer thread, batching requests into write-ahead entries, with the
 //!   [`cache`] of the records it is working on.
 //! - [`checkpoint`]: applying those entries to the database file on a thread of its own.
@@ -15,11 +17,14 @@ mod handle;
 mod overlay;
 mod replay;
 mod request;
+mod shared;
 pub(crate) mod tables;
 mod writer;
 
 #[cfg(test)]
 mod damage_tests;
+#[cfg(test)]
+mod outage_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 

@@ -22,7 +22,7 @@ pub(super) struct Opened {
 /// offset in its half), so that what it left is not replayed.
 pub(super) fn open(options: &RedbOptions, refused: Option<(u64, u64)>) -> Result<Opened> {
     let path = options.path();
-    let db = Database::builder().set_cache_size(options.cache_size).create(&path).map_err(|e| match e {
+    let db = create(options).map_err(|e| match e {
         DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen { path: path.clone() },
         source => Error::Open { path: path.clone(), source },
     })?;
@@ -44,6 +44,10 @@ pub(super) fn open(options: &RedbOptions, refused: Option<(u64, u64)>) -> Result
         };
         let written = tables.meta.get(WAL_SIZE)?.map(|size| size.value());
         let mut wal = Wal::open(options.wal_path(), options.wal_size, salt, epoch, written)?.refused_at(refused);
+        #[cfg(test)]
+        {
+            wal.faults = options.faults.clone();
+        }
         let ops = read_entries(&wal, epoch, options.salvage_wal)?;
         // The file must be as large as recorded before it is recorded.
         wal.grow(options.wal_size)?;
@@ -64,6 +68,19 @@ pub(super) fn open(options: &RedbOptions, refused: Option<(u64, u64)>) -> Result
     wal.resize(options.wal_size)?;
     wal.restart(epoch);
     Ok(Opened { db, wal, next_seq })
+}
+
+/// Opens (creating it if needed) the database file.
+fn create(options: &RedbOptions) -> std::result::Result<Database, DatabaseError> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(options.cache_size);
+    #[cfg(test)]
+    if let Some(faults) = &options.faults {
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(options.path())?;
+        return builder.create_with_backend(crate::faults::FaultyBackend::new(file, faults.clone()));
+    }
+    builder.create(options.path())
 }
 
 /// The ops of the write-ahead entries to replay.

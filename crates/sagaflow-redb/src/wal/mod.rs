@@ -74,6 +74,9 @@ pub(crate) struct Wal {
     /// Where the entries of the previous epoch end, until the first entry of this one, which
     /// records it ([`Op::Sealed`]), is written.
     seal: Option<u64>,
+    /// Failures to inject, in tests.
+    #[cfg(test)]
+    pub(crate) faults: Option<std::sync::Arc<crate::faults::Faults>>,
 }
 
 impl Wal {
@@ -93,7 +96,19 @@ impl Wal {
         } else {
             written.unwrap_or(len)
         };
-        Ok(Self { file, path, half: size / 2, offset: 0, salt, epoch, created, refused: None, seal: None })
+        Ok(Self {
+            file,
+            path,
+            half: size / 2,
+            offset: 0,
+            salt,
+            epoch,
+            created,
+            refused: None,
+            seal: None,
+            #[cfg(test)]
+            faults: None,
+        })
     }
 
     /// Notes that an append of this process failed at `refused` (epoch, offset in its half):
@@ -101,6 +116,23 @@ impl Wal {
     pub(crate) fn refused_at(mut self, refused: Option<(u64, u64)>) -> Self {
         self.refused = refused;
         self
+    }
+
+    /// Where an append of this process failed, if one did in an epoch still to be replayed.
+    pub(crate) fn refused(&self) -> Option<(u64, u64)> {
+        self.refused
+    }
+
+    /// After a failed append: zeros where its entry starts, so that whatever it left of it is
+    /// not replayed after a crash either. Best effort: the disk that failed the append may fail
+    /// this too (then the entry, if whole, is replayed after a crash, as a write whose answer
+    /// was lost would be).
+    pub(crate) fn scrub_refused(&self) {
+        let Some((epoch, at)) = self.refused.filter(|&(epoch, _)| epoch == self.epoch) else { return };
+        let scrubbed = self.file.write_all_at(&[0; HEADER], self.base(epoch) + at).and_then(|()| self.file.sync_data());
+        if let Err(e) = scrubbed {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not clear a failed write-ahead entry");
+        }
     }
 
     /// Gives the file at least `size` bytes, leaving what it holds where it is, so that its
@@ -206,8 +238,11 @@ impl Wal {
         entry[12..HEADER].copy_from_slice(&crc.to_le_bytes());
         let io = |source| Error::Wal { path: self.path.clone(), source };
         let started = Instant::now();
-        let written =
-            self.file.write_all_at(&entry, self.base(self.epoch) + self.offset).and_then(|()| self.file.sync_data());
+        let written = self
+            .file
+            .write_all_at(&entry, self.base(self.epoch) + self.offset)
+            .and_then(|()| self.injected_fault())
+            .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             self.refused = Some((self.epoch, self.offset));
             return Err(io(e));
@@ -247,6 +282,23 @@ impl Wal {
     /// The room of one epoch: half the file.
     pub(crate) fn room(&self) -> u64 {
         self.half
+    }
+}
+
+impl Wal {
+    /// A failure injected by a test, after the entry is written and before it is synced.
+    #[cfg(test)]
+    fn injected_fault(&self) -> io::Result<()> {
+        match &self.faults {
+            Some(faults) if faults.wal.load(std::sync::atomic::Ordering::SeqCst) => Err(crate::faults::no_space()),
+            _ => Ok(()),
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn injected_fault(&self) -> io::Result<()> {
+        Ok(())
     }
 }
 

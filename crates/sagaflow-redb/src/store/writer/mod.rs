@@ -13,17 +13,20 @@ use sagaflow::{NewSaga, SagaEvent, SagaRecord};
 
 use super::cache::Cache;
 use super::checkpoint::{Checkpointer, Finished, Job, commit_checkpoint, snapshot_after_checkpoint};
-use super::handle::Counters;
 use super::overlay::Overlay;
 use super::request::{Answer, Outcome, Request, answer, settle};
+use super::shared::Shared;
 use super::tables::{Snapshot, decode, encode};
 use crate::error::{Error, Result};
 use crate::options::RedbOptions;
 use crate::prune::Pruned;
 use crate::wal::{Op, Wal};
 
+mod outage;
 #[cfg(test)]
 mod tests;
+
+use outage::Outage;
 
 /// One batch's changes, not yet durable: its [`Op`]s in order, their encoding (the batch's
 /// write-ahead entry), and which of them store a record, for the overlay.
@@ -63,11 +66,28 @@ enum Lookup {
     Found { seq: u64, record: Result<SagaRecord> },
 }
 
+/// The database file, open, with what reads it.
+struct Store {
+    db: Arc<Database>,
+    /// The file as of the last checkpoint, for the writer's lookups.
+    snapshot: Snapshot,
+    checkpointer: Checkpointer,
+}
+
+impl Store {
+    fn open(db: Arc<Database>) -> Result<Self> {
+        Ok(Self { snapshot: Snapshot::open(&db)?, checkpointer: Checkpointer::spawn(db.clone())?, db })
+    }
+}
+
 /// The writer thread: the only one that opens write transactions.
 pub(super) struct Writer {
-    db: Arc<Database>,
+    /// How the file was opened, to open it again after a failure.
+    options: RedbOptions,
+    /// `None` while the file is closed after a failure.
+    store: Option<Store>,
     rx: mpsc::Receiver<Request>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     retention: Retention,
     prune_interval: Duration,
     prune_chunk: usize,
@@ -81,37 +101,30 @@ pub(super) struct Writer {
     /// checkpoint applies.
     pending: Vec<Op>,
     overlay: Overlay,
-    snapshot: Snapshot,
-    checkpointer: Checkpointer,
     /// The epoch whose checkpoint the checkpointer is making.
     in_flight: Option<u64>,
-    /// A checkpoint failed: the next one is made by the writer, of every epoch not in the file,
-    /// before a new epoch starts (which would overwrite the failed one's entries).
-    must_sync: bool,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
-    /// After a checkpoint failed: not tried again before this.
-    checkpoint_retry: Option<Instant>,
+    /// Set while writes fail: they are refused until the file is open again.
+    outage: Option<Outage>,
 }
 
 impl Writer {
     /// A writer for the file `db` opened with `options`, taking requests from `rx`; `wal` is
     /// open in a new epoch and `next_seq` is the number of the next saga to begin.
     pub(super) fn new(
-        options: &RedbOptions,
+        options: RedbOptions,
         db: Arc<Database>,
         wal: Wal,
         next_seq: u64,
         rx: mpsc::Receiver<Request>,
         overlay: Overlay,
-        counters: Arc<Counters>,
+        shared: Arc<Shared>,
     ) -> Result<Self> {
         Ok(Self {
-            snapshot: Snapshot::open(&db)?,
-            checkpointer: Checkpointer::spawn(db.clone())?,
-            db,
+            store: Some(Store::open(db)?),
             rx,
-            counters,
+            shared,
             retention: options.retention,
             prune_interval: options.prune_interval,
             prune_chunk: options.prune_chunk,
@@ -123,11 +136,16 @@ impl Writer {
             pending: Vec::new(),
             overlay,
             in_flight: None,
-            must_sync: false,
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
-            checkpoint_retry: None,
+            outage: None,
+            options,
         })
+    }
+
+    /// The open file; an error while it is closed after a failure.
+    fn store(&self) -> Result<&Store> {
+        self.store.as_ref().ok_or_else(|| Error::Outage(self.shared.refusal()))
     }
 
     /// Takes requests until every sender is gone, then stores what is left and stops.
@@ -137,10 +155,14 @@ impl Writer {
         let schedulable = Instant::now().checked_add(self.prune_interval).is_some();
         let mut next_prune = schedulable.then(Instant::now);
         loop {
+            if self.outage.is_some() {
+                if self.wait_out_outage() {
+                    continue;
+                }
+                break;
+            }
             // While a checkpoint is being made, look for its end every millisecond.
-            let alive = self.checkpointer.jobs.is_some();
-            let poll =
-                self.in_flight.filter(|_| alive).and_then(|_| Instant::now().checked_add(Duration::from_millis(1)));
+            let poll = self.in_flight.and_then(|_| Instant::now().checked_add(Duration::from_millis(1)));
             let wake = [next_prune, self.cache.next_due(), self.checkpoint_at(), poll].into_iter().flatten().min();
             let first = match wake {
                 Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
@@ -188,25 +210,41 @@ impl Writer {
                 // Idle, with records of queued appends falling due: store them alone.
                 self.commit(Vec::new(), false);
             }
-            self.collect(false);
-            if self.checkpoint_at().is_some_and(|at| Instant::now() >= at) {
-                self.start_checkpoint();
+            if self.outage.is_some() {
+                continue;
+            }
+            let checkpointed = self.collect(false).and_then(|()| {
+                if self.checkpoint_at().is_some_and(|at| Instant::now() >= at) {
+                    self.start_checkpoint()?;
+                }
+                Ok(())
+            });
+            if let Err(e) = checkpointed {
+                self.enter_outage(e);
+                continue;
             }
             // Checked after every batch too, so a busy writer still prunes; one chunk at a
             // time, so queued writes wait for at most one chunk.
             if next_prune.is_some_and(|at| Instant::now() >= at) {
-                let more = match self.prune_once() {
-                    Ok(pruned) => pruned.more,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "saga log pruning failed");
-                        false
+                match self.prune_once() {
+                    Ok(pruned) => {
+                        next_prune = if pruned.more {
+                            Some(Instant::now())
+                        } else {
+                            Instant::now().checked_add(self.prune_interval)
+                        }
                     }
-                };
-                next_prune = if more { Some(Instant::now()) } else { Instant::now().checked_add(self.prune_interval) };
+                    Err(e) => self.enter_outage(e),
+                }
             }
         }
         // Closing: store what queued appends left unstored, in a checkpoint, so that nothing is
-        // left to replay.
+        // left to replay. After a failure, once more try to open the file for that; if that
+        // fails too, the write-ahead file still holds every write answered.
+        if self.outage.is_some() && !self.reopen() {
+            tracing::warn!("saga log closed while it could not write; the next open replays every write answered");
+            return;
+        }
         if self.cache.next_due().is_some() || !self.pending.is_empty() || self.in_flight.is_some() {
             self.commit(Vec::new(), true);
         }
@@ -214,89 +252,65 @@ impl Writer {
     }
 
     /// When the batches written since the last checkpoint are due to be applied to the file in
-    /// a checkpoint: at the interval, or at once when half of the epoch's room is used; after a
-    /// failed checkpoint, not before its retry time; never while one is being made.
+    /// a checkpoint: at the interval, or at once when half of the epoch's room is used; never
+    /// while one is being made.
     fn checkpoint_at(&self) -> Option<Instant> {
         if self.in_flight.is_some() || self.pending.is_empty() {
             return None;
         }
-        let at = if self.wal.used() >= self.wal.room() / 2 {
-            self.last_checkpoint
-        } else {
-            self.last_checkpoint.checked_add(self.checkpoint_interval)?
-        };
-        Some(self.checkpoint_retry.map_or(at, |retry| retry.max(at)))
+        if self.wal.used() >= self.wal.room() / 2 {
+            return Some(self.last_checkpoint);
+        }
+        self.last_checkpoint.checked_add(self.checkpoint_interval)
     }
 
     /// Hands the current epoch's batches to the checkpointer and starts the next epoch, in the
-    /// other half of the write-ahead file; after a failed checkpoint, makes one here instead.
-    fn start_checkpoint(&mut self) {
+    /// other half of the write-ahead file.
+    fn start_checkpoint(&mut self) -> Result<()> {
         let epoch = self.wal.epoch();
-        let sent = match (&self.checkpointer.jobs, self.must_sync) {
-            (Some(jobs), false) => jobs.send(Job { ops: std::mem::take(&mut self.pending), stamp: epoch + 1 }),
-            _ => {
-                if let Err(e) = self.checkpoint(&Staged::default(), &[]) {
-                    tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
-                }
-                return;
-            }
+        let job = Job { ops: std::mem::take(&mut self.pending), stamp: epoch + 1 };
+        let sent = match &self.store()?.checkpointer.jobs {
+            Some(jobs) => jobs.send(job),
+            None => Err(mpsc::SendError(job)),
         };
-        match sent {
-            Ok(()) => {
-                self.wal.restart(epoch + 1);
-                self.in_flight = Some(epoch);
-                self.last_checkpoint = Instant::now();
-            }
-            Err(mpsc::SendError(job)) => {
-                tracing::error!("saga log checkpoint thread is gone; the writer makes checkpoints itself");
-                self.pending = job.ops;
-                self.checkpointer.jobs = None;
-            }
+        if let Err(mpsc::SendError(job)) = sent {
+            self.pending = job.ops;
+            return Err(Error::CheckpointStopped { epoch });
         }
+        self.wal.restart(epoch + 1);
+        self.in_flight = Some(epoch);
+        self.last_checkpoint = Instant::now();
+        Ok(())
     }
 
     /// Takes the outcome of the checkpoint being made, if it is over (or, if `block`, once it
     /// is): the file as of it replaces the snapshot, and the overlay drops the records of its
-    /// epoch. A failed one gives its ops back, ahead of those written since. If the thread is
-    /// gone, the checkpoint stays in flight for good: its ops went with the thread, and only a
-    /// restart, replaying the write-ahead file, may retire its entries.
-    fn collect(&mut self, block: bool) {
-        let Some(epoch) = self.in_flight else { return };
+    /// epoch. A failed checkpoint, or a checkpoint thread gone, is an error: the write-ahead
+    /// file still holds its batches, for the file opened again to replay.
+    fn collect(&mut self, block: bool) -> Result<()> {
+        let Some(epoch) = self.in_flight else { return Ok(()) };
+        let store = self.store()?;
         let done = if block {
-            self.checkpointer.done.recv().ok()
+            store.checkpointer.done.recv().ok()
         } else {
-            match self.checkpointer.done.try_recv() {
+            match store.checkpointer.done.try_recv() {
                 Ok(done) => Some(done),
-                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Empty) => return Ok(()),
                 Err(mpsc::TryRecvError::Disconnected) => None,
             }
         };
-        let Some(Finished { outcome, ops }) = done else {
-            if self.checkpointer.jobs.take().is_some() {
-                tracing::error!("{}", Error::CheckpointStopped { epoch });
-            }
-            return;
-        };
         self.in_flight = None;
-        match outcome {
-            Ok(snapshot) => {
-                if let Some(snapshot) = snapshot {
-                    self.snapshot = snapshot;
-                    self.overlay.retire(epoch);
-                }
-                self.checkpoint_retry = None;
-                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-                drop(ops);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "saga log checkpoint failed; the write-ahead file keeps the batches meanwhile");
-                let mut ops = ops;
-                ops.append(&mut self.pending);
-                self.pending = ops;
-                self.must_sync = true;
-                self.checkpoint_retry = Instant::now().checked_add(Duration::from_millis(100));
-            }
+        let Some(Finished { outcome, ops }) = done else { return Err(Error::CheckpointStopped { epoch }) };
+        let snapshot = outcome?;
+        if let Some(snapshot) = snapshot
+            && let Some(store) = &mut self.store
+        {
+            store.snapshot = snapshot;
+            self.overlay.retire(epoch);
         }
+        self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        drop(ops);
+        Ok(())
     }
 
     /// What the log holds for `request_id`: from the overlay, else from the file as of the
@@ -305,8 +319,9 @@ impl Writer {
         if let Some(fresh) = self.overlay.get(request_id) {
             return Ok(Lookup::Found { seq: fresh.seq, record: decode(&fresh.bytes) });
         }
-        let Some(seq) = self.snapshot.ids.get(request_id)?.map(|seq| seq.value()) else { return Ok(Lookup::Unknown) };
-        Ok(match self.snapshot.sagas.get(seq)? {
+        let snapshot = &self.store()?.snapshot;
+        let Some(seq) = snapshot.ids.get(request_id)?.map(|seq| seq.value()) else { return Ok(Lookup::Unknown) };
+        Ok(match snapshot.sagas.get(seq)? {
             Some(bytes) => Lookup::Found { seq, record: decode(bytes.value()) },
             None => Lookup::NoRecord,
         })
@@ -379,9 +394,8 @@ impl Writer {
         Ok(Ok(answer))
     }
 
-    /// Stores every record changed since the last flush, once each, and forgets the ended ones;
-    /// a record changed only by queued appends waits (see [`Cache`]) unless `force`.
-    /// Returns how many records it stored.
+    /// Stores every record changed since the last flush, once each; a record changed only by
+    /// queued appends waits (see [`Cache`]) unless `force`. Returns how many records it stored.
     fn flush(&mut self, staged: &mut Staged, force: bool) -> Result<u64> {
         let cache = &mut self.cache;
         let now = Instant::now();
@@ -403,9 +417,6 @@ impl Writer {
             cached.unstored = false;
             staged.store(id.clone(), cached.seq, encode(&cached.record)?);
             stored += 1;
-            if cached.record.state.is_ended() {
-                cache.records.remove(&id);
-            }
         }
         Ok(stored)
     }
@@ -415,6 +426,7 @@ impl Writer {
     /// or, for a batch that prunes, syncs or is `force`d (every changed record stored, deferred
     /// or not), or whose entry does not fit, that of a checkpoint that applies it too.
     fn commit(&mut self, batch: Vec<Request>, force: bool) {
+        self.cache.begin_batch();
         let mut staged = Staged::default();
         let mut answers = Vec::with_capacity(batch.len());
         let mut prunes = Vec::new();
@@ -459,8 +471,6 @@ impl Writer {
             }
         }
         let mut checkpoint = force || !syncs.is_empty();
-        // Whether the batch's entry may be in the write-ahead file (also when writing it failed:
-        // it may have reached the disk).
         let mut appended = false;
         if fatal.is_none() && !checkpoint && !staged.is_empty() {
             match self.wal.append(&staged.redo) {
@@ -477,7 +487,9 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    appended = true;
+                    // Whatever it left in the file is not replayed by this process; a crash
+                    // before the next open is not to replay it either.
+                    self.wal.scrub_refused();
                     fatal = Some(e);
                 }
             }
@@ -490,41 +502,45 @@ impl Writer {
                 Err(e) => fatal = Some(e),
             }
         }
-        match fatal {
-            None => {
-                if appended {
-                    self.publish(staged);
-                }
-                self.cache.trim();
-                if writes > 0 && (appended || checkpoint) {
-                    self.counters.batches.fetch_add(1, Ordering::Relaxed);
-                }
-                self.counters.writes.fetch_add(writes, Ordering::Relaxed);
-                self.counters.stored.fetch_add(stored, Ordering::Relaxed);
-                let removed: usize = pruned.iter().map(|p| p.removed).sum();
-                self.counters.pruned.fetch_add(removed as u64, Ordering::Relaxed);
-                answers.into_iter().for_each(|a| a.send(None));
-                for ((_, reply), done) in prunes.into_iter().zip(pruned) {
-                    answer(reply, Ok(done), None);
-                }
-                for reply in syncs {
-                    answer(reply, Ok(()), None);
-                }
+        let Some(e) = fatal else {
+            if appended {
+                self.publish(staged);
+            } else {
+                self.forget_ended(&staged);
             }
-            Some(e) => {
-                // The cached records may hold this batch's changes, which no file does.
-                self.cache.clear();
-                tracing::error!(error = %e, "saga log batch failed; every write in it is refused");
-                if appended {
-                    // Its write-ahead entry must not be replayed after a crash: retire it.
-                    self.retire_wal();
-                }
-                let why = e.to_string();
-                answers.into_iter().for_each(|a| a.send(Some(&why)));
-                prunes.into_iter().for_each(|(now, reply)| Request::Prune(now, reply).fail(&why));
-                syncs.into_iter().for_each(|reply| Request::Sync(reply).fail(&why));
-                requests.for_each(|request| request.fail(&why));
+            self.cache.trim();
+            let counters = &self.shared.counters;
+            if writes > 0 && (appended || checkpoint) {
+                counters.batches.fetch_add(1, Ordering::Relaxed);
             }
+            counters.writes.fetch_add(writes, Ordering::Relaxed);
+            counters.stored.fetch_add(stored, Ordering::Relaxed);
+            let removed: usize = pruned.iter().map(|p| p.removed).sum();
+            counters.pruned.fetch_add(removed as u64, Ordering::Relaxed);
+            answers.into_iter().for_each(|a| a.send(None));
+            for ((_, reply), done) in prunes.into_iter().zip(pruned) {
+                answer(reply, Ok(done), None);
+            }
+            for reply in syncs {
+                answer(reply, Ok(()), None);
+            }
+            return;
+        };
+        // The records this batch changed hold changes no file has.
+        self.cache.undo_batch(staged.stored.iter().map(|(id, _)| id.as_str()));
+        let why = format!("saga log write failed: {e}");
+        // Refusing from now on, before anyone hears of this batch.
+        self.enter_outage(e);
+        answers.into_iter().for_each(|a| a.send(Some(&why)));
+        prunes.into_iter().for_each(|(now, reply)| Request::Prune(now, reply).fail(&why));
+        syncs.into_iter().for_each(|reply| Request::Sync(reply).fail(&why));
+        requests.for_each(|request| self.refuse_or_hold(request));
+    }
+
+    /// After a batch that stored records committed: the ended sagas' leave the cache.
+    fn forget_ended(&mut self, staged: &Staged) {
+        for (request_id, _) in &staged.stored {
+            self.cache.forget_if_ended(request_id);
         }
     }
 
@@ -532,6 +548,7 @@ impl Writer {
     /// are found in the overlay meanwhile.
     fn publish(&mut self, staged: Staged) {
         self.add_to_overlay(&staged);
+        self.forget_ended(&staged);
         self.pending.extend(staged.ops);
     }
 
@@ -548,41 +565,36 @@ impl Writer {
     /// one durable commit that applies every batch not in the file yet, then `staged`, then
     /// prunes one chunk as of each of `prunes`; it raises the write-ahead epoch past the current
     /// one, so that none of those batches is replayed after a crash. Returns what each chunk
-    /// pruned. On failure nothing changed: the batches stay in the write-ahead file and `pending`.
+    /// pruned. On failure nothing changed: the batches stay in the write-ahead file.
     fn checkpoint(&mut self, staged: &Staged, prunes: &[u64]) -> Result<Vec<Pruned>> {
-        self.collect(true);
-        if let Some(epoch) = self.in_flight {
-            return Err(Error::CheckpointStopped { epoch });
-        }
+        self.collect(true)?;
         if self.pending.is_empty() && staged.is_empty() && prunes.is_empty() {
             return Ok(Vec::new());
         }
         let (retention, chunk) = (&self.retention, self.prune_chunk);
-        let result = commit_checkpoint(&self.db, &[&self.pending, &staged.ops], self.wal.epoch() + 1, |tables| {
+        let db = &self.store()?.db;
+        let pruned = commit_checkpoint(db, &[&self.pending, &staged.ops], self.wal.epoch() + 1, |tables| {
             prunes.iter().map(|&now| tables.prune(retention, now, chunk)).collect::<Result<Vec<_>>>()
-        });
-        match &result {
-            Ok(_) => {
-                self.pending.clear();
-                self.checkpointed();
-                // The file now holds the overlay's records; the writer's lookups and readers go
-                // there once the new snapshot is open. Until then, the overlay stays (and gets
-                // this batch's records), so no lookup misses an answered write.
-                match snapshot_after_checkpoint(&self.db) {
-                    Some(snapshot) => {
-                        self.snapshot = snapshot;
-                        self.overlay.clear();
-                    }
-                    None => self.add_to_overlay(staged),
-                }
+        })?;
+        let snapshot = snapshot_after_checkpoint(db);
+        self.pending.clear();
+        self.checkpointed();
+        // The file now holds the overlay's records; the writer's lookups and readers go there
+        // once the new snapshot is open. Until then, the overlay stays (and gets this batch's
+        // records), so no lookup misses an answered write.
+        match (snapshot, &mut self.store) {
+            (Some(snapshot), Some(store)) => {
+                store.snapshot = snapshot;
+                self.overlay.clear();
             }
-            Err(_) => self.checkpoint_retry = Instant::now().checked_add(Duration::from_millis(100)),
+            _ => self.add_to_overlay(staged),
         }
-        result
+        Ok(pruned)
     }
 
     /// One chunk of retention, in a checkpoint of its own.
     fn prune_once(&mut self) -> Result<Pruned> {
+        self.cache.begin_batch();
         let mut staged = Staged::default();
         let done = self.flush(&mut staged, true).and_then(|stored| {
             let pruned = self.checkpoint(&staged, &[sagaflow::now_ms()])?;
@@ -591,13 +603,14 @@ impl Writer {
         let (pruned, stored) = match done {
             Ok((pruned, stored)) => (pruned.into_iter().next().unwrap_or(Pruned { removed: 0, more: false }), stored),
             Err(e) => {
-                // The cached records may be marked stored by the flush that did not commit.
-                self.cache.clear();
+                // The flush marked records stored that no file holds.
+                self.cache.undo_batch(staged.stored.iter().map(|(id, _)| id.as_str()));
                 return Err(e);
             }
         };
-        self.counters.stored.fetch_add(stored, Ordering::Relaxed);
-        self.counters.pruned.fetch_add(pruned.removed as u64, Ordering::Relaxed);
+        self.forget_ended(&staged);
+        self.shared.counters.stored.fetch_add(stored, Ordering::Relaxed);
+        self.shared.counters.pruned.fetch_add(pruned.removed as u64, Ordering::Relaxed);
         if pruned.removed > 0 {
             tracing::debug!(removed = pruned.removed, "saga log pruned ended sagas");
         }
@@ -608,20 +621,6 @@ impl Writer {
     fn checkpointed(&mut self) {
         self.wal.restart(self.wal.epoch() + 1);
         self.last_checkpoint = Instant::now();
-        self.checkpoint_retry = None;
-        self.must_sync = false;
-        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// After a batch failed with its write-ahead entry maybe on disk: a checkpoint of the
-    /// batches before it retires the entry (its epoch is left behind), so a crash cannot replay
-    /// it.
-    fn retire_wal(&mut self) {
-        if let Err(e) = self.checkpoint(&Staged::default(), &[]) {
-            tracing::error!(
-                error = %e,
-                "saga log could not retire the write-ahead entry of a failed batch; a crash before the next checkpoint would replay it"
-            );
-        }
+        self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
 }

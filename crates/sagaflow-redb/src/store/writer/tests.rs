@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::store::request::{Reply, Verdict};
+use crate::store::shared::Shared;
 use crate::store::tables::{BY_CREATED, ENDED, ENDED_AT, IDS, SAGAS, Tables, UNFINISHED, WAL_SALT};
 use crate::store::tests::{crash_image, new_saga, stored};
 use crate::{RedbSagaLog, WAL_FILE_NAME};
@@ -23,7 +24,9 @@ fn idle_writer(dir: &Path) -> Writer {
     let (_tx, rx) = mpsc::channel();
     let options = RedbOptions::new(dir).prune_interval(Duration::MAX).linger(Duration::ZERO);
     let wal = Wal::open(dir.join(WAL_FILE_NAME), 1 << 20, 1, 0, None).unwrap();
-    Writer::new(&options, Arc::new(db), wal, 0, rx, Overlay::default(), Arc::default()).unwrap()
+    let db = Arc::new(db);
+    let shared = Arc::new(Shared::new(db.clone()));
+    Writer::new(options, db, wal, 0, rx, Overlay::default(), shared).unwrap()
 }
 
 /// The record the writer finds for `id` (in its overlay or the file), and its number.
@@ -71,13 +74,15 @@ fn one_batch_answers_each_request_on_its_own_and_sees_its_own_writes() {
     assert_eq!(completed.state, SagaState::Completed);
     assert_eq!(completed.history.len(), 3, "the refused event left no trace");
 
-    assert_eq!(writer.counters.batches.load(Ordering::Relaxed), 1);
-    assert_eq!(writer.counters.writes.load(Ordering::Relaxed), 6);
+    assert_eq!(writer.shared.counters.batches.load(Ordering::Relaxed), 1);
+    assert_eq!(writer.shared.counters.writes.load(Ordering::Relaxed), 6);
     // What was committed is what was answered, and the indexes follow the state.
     assert_eq!(found(&writer, "a").1, completed, "found before a checkpoint");
-    assert!(writer.db.begin_read().unwrap().open_table(IDS).unwrap().get("a").unwrap().is_none());
+    assert!(
+        writer.store.as_ref().unwrap().db.begin_read().unwrap().open_table(IDS).unwrap().get("a").unwrap().is_none()
+    );
     checkpoint(&mut writer);
-    let txn = writer.db.begin_read().unwrap();
+    let txn = writer.store.as_ref().unwrap().db.begin_read().unwrap();
     let (seq, stored) = stored(&txn, "a").unwrap();
     assert_eq!(stored, completed);
     assert!(txn.open_table(UNFINISHED).unwrap().get(seq).unwrap().is_none());
@@ -112,7 +117,7 @@ fn a_running_saga_is_cached_as_stored_and_queued_appends_get_no_record() {
     assert_eq!(found(&writer, "r").1, after);
     assert_eq!(writer.cache.records.get("r").map(|c| &c.record), Some(&after));
     assert!(writer.cache.records.get("r").is_some_and(|c| !c.unstored), "nothing left to store");
-    assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 2, "once per commit");
+    assert_eq!(writer.shared.counters.stored.load(Ordering::Relaxed), 2, "once per commit");
 }
 
 /// Begins a two-step saga in a commit of its own.
@@ -142,8 +147,8 @@ fn queued_appends_wait_for_the_sagas_next_awaited_write() {
     let result = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
     writer.commit(vec![queued("q", result)], false);
     assert_eq!(stored_history(&writer, "q"), 1, "queued appends alone are not stored yet");
-    assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 1);
-    assert_eq!(writer.counters.batches.load(Ordering::Relaxed), 1, "nor committed: no fsync for them");
+    assert_eq!(writer.shared.counters.stored.load(Ordering::Relaxed), 1);
+    assert_eq!(writer.shared.counters.batches.load(Ordering::Relaxed), 1, "nor committed: no fsync for them");
 
     // Another saga's awaited write does not store them either: only this saga's does.
     begin_two_steps(&mut writer, "other");
@@ -153,7 +158,7 @@ fn queued_appends_wait_for_the_sagas_next_awaited_write() {
     let answered = start_rx.try_recv().unwrap().unwrap();
     assert_eq!(answered.history.len(), 4);
     assert_eq!(found(&writer, "q").1, answered);
-    assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 3, "q once more, other once");
+    assert_eq!(writer.shared.counters.stored.load(Ordering::Relaxed), 3, "q once more, other once");
 }
 
 #[test]
@@ -182,7 +187,7 @@ fn a_checkpoint_applies_the_batches_since_the_last_one_with_each_saga_stored_as_
     assert_eq!(found(&writer, "spans").1, answered["spans"], "found in the overlay meanwhile");
 
     checkpoint(&mut writer);
-    let txn = writer.db.begin_read().unwrap();
+    let txn = writer.store.as_ref().unwrap().db.begin_read().unwrap();
     for id in ["passing", "spans"] {
         let (_, record) = stored(&txn, id).unwrap();
         assert_eq!(record, answered[id], "{id}: the last record answered is the one stored");
@@ -206,7 +211,7 @@ async fn a_checkpoint_runs_beside_the_writer_and_a_crash_during_it_loses_nothing
     let before = tempfile::tempdir().unwrap();
     std::fs::copy(dir.path().join(crate::FILE_NAME), before.path().join(crate::FILE_NAME)).unwrap();
 
-    writer.start_checkpoint();
+    writer.start_checkpoint().unwrap();
     assert_eq!((writer.in_flight, writer.wal.epoch()), (Some(0), 1), "the writer went on in the next epoch");
     let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
     let (end_a, mut end_a_rx) = request(|r| Request::Append("a".into(), done, r));
@@ -216,7 +221,7 @@ async fn a_checkpoint_runs_beside_the_writer_and_a_crash_during_it_loses_nothing
     let mid = crash_image(dir.path(), true);
     std::fs::copy(before.path().join(crate::FILE_NAME), mid.path().join(crate::FILE_NAME)).unwrap();
 
-    writer.collect(true);
+    writer.collect(true).unwrap();
     assert_eq!(writer.in_flight, None);
     assert_eq!(writer.overlay.request_ids(), ["a", "c"], "the overlay keeps only what epoch 1 stored");
     assert_eq!(found(&writer, "b").1.request_id, "b", "found in the file now");
@@ -235,37 +240,53 @@ async fn a_checkpoint_runs_beside_the_writer_and_a_crash_during_it_loses_nothing
 }
 
 #[tokio::test]
-async fn a_checkpoint_thread_lost_mid_checkpoint_retires_nothing_and_refuses_checkpoints() {
+async fn a_checkpoint_thread_lost_mid_checkpoint_makes_the_writer_open_its_file_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut writer = idle_writer(dir.path());
     writer.commit(vec![request(|r| Request::Begin(new_saga("a"), r)).0], false);
-    writer.start_checkpoint();
+    writer.start_checkpoint().unwrap();
     // The thread is gone with the job, as far as the writer can tell.
     let (jobs, _) = mpsc::channel();
     let (_, done) = mpsc::channel();
-    drop(std::mem::replace(&mut writer.checkpointer, Checkpointer { jobs: Some(jobs), done, thread: None }));
-    writer.collect(false);
-    assert_eq!(writer.in_flight, Some(0), "still in flight: nothing may retire epoch 0");
-    assert!(writer.checkpointer.jobs.is_none());
+    let store = writer.store.as_mut().unwrap();
+    drop(std::mem::replace(&mut store.checkpointer, Checkpointer { jobs: Some(jobs), done, thread: None }));
+    let lost = writer.collect(false).unwrap_err();
+    assert!(matches!(lost, Error::CheckpointStopped { epoch: 0 }), "{lost}");
+    // Nothing retired epoch 0: a crash now replays it.
+    let image = crash_image(dir.path(), true);
 
-    // Batches still go to the write-ahead file; a checkpoint is refused, with why.
+    writer.enter_outage(lost);
+    assert!(!writer.shared.health().is_serving());
+    assert!(writer.shared.db().is_err(), "the file is closed");
+    // Meanwhile an awaited write is refused, a queued one held.
+    let (refused, mut refused_rx) = request(|r| Request::Begin(new_saga("c"), r));
+    writer.refuse_or_hold(refused);
+    match refused_rx.try_recv().unwrap() {
+        Err(LogError::Unavailable(why)) => assert!(why.contains("checkpoint"), "{why}"),
+        other => panic!("refused begin: {other:?}"),
+    }
+    writer.refuse_or_hold(queued("a", SagaEvent::StepStarted { index: 0 }));
+
+    assert!(writer.reopen());
+    assert!(writer.shared.health().is_serving());
+    assert_eq!(writer.shared.counters.reopens.load(Ordering::Relaxed), 1);
+    assert_eq!(stored_history(&writer, "a"), 1, "the held append is applied, and waits as a queued one does");
     let (begin, mut begin_rx) = request(|r| Request::Begin(new_saga("b"), r));
     writer.commit(vec![begin], false);
     assert!(matches!(begin_rx.try_recv().unwrap(), Ok(Begin::Started(_))));
-    match writer.checkpoint(&Staged::default(), &[]) {
-        Err(e @ Error::CheckpointStopped { epoch: 0 }) => assert!(e.to_string().contains("restart"), "{e}"),
-        other => panic!("checkpoint: {other:?}"),
-    }
-    let (sync, mut sync_rx) = request(Request::Sync);
-    writer.commit(vec![sync], false);
-    assert!(matches!(sync_rx.try_recv().unwrap(), Err(LogError::Unavailable(_))));
+    let started = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
+    let (end, mut end_rx) = request(|r| Request::Append("a".into(), started, r));
+    writer.commit(vec![end], false);
+    assert_eq!(end_rx.try_recv().unwrap().unwrap().history.len(), 3, "the held start came first");
+    drop(writer);
 
-    // A restart replays both epochs.
-    let image = crash_image(dir.path(), true);
     let log = RedbSagaLog::open(RedbOptions::new(image.path()).prune_interval(Duration::MAX)).unwrap();
-    let mut running: Vec<String> = log.unfinished().await.unwrap().into_iter().map(|r| r.request_id).collect();
-    running.sort();
-    assert_eq!(running, ["a", "b"]);
+    let running: Vec<String> = log.unfinished().await.unwrap().into_iter().map(|r| r.request_id).collect();
+    assert_eq!(running, ["a"], "the crash image replays the epoch the lost thread never retired");
+    let log = RedbSagaLog::open(RedbOptions::new(dir.path()).prune_interval(Duration::MAX)).unwrap();
+    assert!(log.get("a").await.unwrap().unwrap().state.is_ended());
+    assert!(log.get("b").await.unwrap().is_some());
+    assert_eq!(log.get("c").await.unwrap(), None, "refused");
 }
 
 #[test]
@@ -297,7 +318,7 @@ fn a_queued_append_that_ends_the_saga_is_stored_by_its_own_commit() {
     writer.commit(vec![queued("e", SagaEvent::StepStarted { index: 0 })], false);
     writer.commit(vec![queued("e", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
     checkpoint(&mut writer);
-    let txn = writer.db.begin_read().unwrap();
+    let txn = writer.store.as_ref().unwrap().db.begin_read().unwrap();
     let (seq, record) = stored(&txn, "e").unwrap();
     assert_eq!(record.state, SagaState::Completed);
     assert!(txn.open_table(UNFINISHED).unwrap().get(seq).unwrap().is_none(), "record and index agree");
@@ -323,8 +344,8 @@ fn a_queued_event_on_an_ended_saga_waits_and_pruning_stores_it_before_deleting_t
     assert_eq!(writer.prune_once().unwrap().removed, 1);
     assert!(writer.cache.next_due().is_none() && writer.cache.records.is_empty());
     writer.commit(Vec::new(), true);
-    let txn = writer.db.begin_read().unwrap();
+    let txn = writer.store.as_ref().unwrap().db.begin_read().unwrap();
     assert_eq!(txn.open_table(SAGAS).unwrap().len().unwrap(), 0, "no record left behind");
     assert_eq!(txn.open_table(IDS).unwrap().len().unwrap(), 0);
-    assert_eq!(writer.counters.stored.load(Ordering::Relaxed), 3);
+    assert_eq!(writer.shared.counters.stored.load(Ordering::Relaxed), 3);
 }
