@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sagaflow::log::Retention;
+use sagaflow::log::{LogHealth, Retention};
 use sagaflow::{Broker, MemoryBroker, MemorySagaLog, Orchestrator, SagaLog};
 use sagaflow_nats::{NatsBroker, NatsOptions};
 use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::callback::{CallbackPolicy, HttpCallbacks};
 use crate::config::{BrokerKind, Config, LogKind};
@@ -78,6 +79,16 @@ async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
     })
 }
 
+/// Set to `1` or `true`: the embedded saga log replays the intact entries of a damaged
+/// write-ahead file instead of refusing to open ([`RedbOptions::salvage_wal`]).
+pub const SALVAGE_WAL_ENV: &str = "SAGAFLOW_SALVAGE_WAL";
+
+/// Gauge, by `log`: 1 while the saga log takes writes, 0 while it refuses them.
+pub const LOG_SERVING_GAUGE: &str = "sagaflow_saga_log_serving";
+
+/// How often the saga log's health is looked at.
+const LOG_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The saga log the config names.
 async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
     let retention = Retention {
@@ -88,9 +99,10 @@ async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
         LogKind::Memory => Arc::new(MemorySagaLog::with_retention(retention)),
         LogKind::Embedded => {
             let dir = config.saga_log_url.as_deref().unwrap_or("./data");
-            tracing::info!(dir, "opening the embedded saga log");
+            let salvage = std::env::var(SALVAGE_WAL_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+            tracing::info!(dir, salvage, "opening the embedded saga log");
             Arc::new(
-                RedbSagaLog::open(RedbOptions::new(dir).retention(retention))
+                RedbSagaLog::open(RedbOptions::new(dir).retention(retention).salvage_wal(salvage))
                     .context("opening the embedded saga log")?,
             )
         }
@@ -168,7 +180,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let flow = facade::booking_flow(channel(order_addr)?, channel(payment_addr)?, &config.flow);
     let broker = broker(&config).await?;
-    let builder = Orchestrator::builder(broker.clone(), saga_log(&config).await?)
+    let saga_log = saga_log(&config).await?;
+    let builder = Orchestrator::builder(broker.clone(), saga_log.clone())
         .options(config.orchestrator_options())
         .callbacks(Arc::new(HttpCallbacks::new(&config.callbacks)?));
     let orchestrator = facade::register(builder, flow).start().await.context("starting the orchestrator")?;
@@ -183,6 +196,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .set_service_status(<BookingServiceServer<BookingHandler> as NamedService>::NAME, ServingStatus::Serving)
         .await;
     reporter.set_service_status("", ServingStatus::Serving).await;
+    servers.push(watch_log_health(saga_log, reporter, shutdown.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -212,6 +226,45 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )));
     tracing::info!(%grpc_addr, %http_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");
     Ok(Running { grpc_addr, http_addr, order_addr, payment_addr, orchestrator, broker, mocks, shutdown, servers })
+}
+
+/// Follows the saga log's health on the gRPC health service (the booking service and "") and on
+/// [`LOG_SERVING_GAUGE`], until `stop`: NOT_SERVING while the log refuses writes.
+fn watch_log_health(
+    log: Arc<dyn SagaLog>,
+    reporter: HealthReporter,
+    stop: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    metrics::describe_gauge!(LOG_SERVING_GAUGE, "1 while the saga log takes writes, 0 while it refuses them");
+    let service = <BookingServiceServer<BookingHandler> as NamedService>::NAME;
+    tokio::spawn(async move {
+        let mut serving = true;
+        let mut tick = tokio::time::interval(LOG_HEALTH_INTERVAL);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let health = log.health();
+            metrics::gauge!(LOG_SERVING_GAUGE, "log" => log.name()).set(if health.is_serving() { 1.0 } else { 0.0 });
+            if health.is_serving() == serving {
+                continue;
+            }
+            serving = health.is_serving();
+            let status = match &health {
+                LogHealth::NotServing(why) => {
+                    tracing::error!(why = %why, "the saga log refuses writes; health NOT_SERVING");
+                    ServingStatus::NotServing
+                }
+                _ => {
+                    tracing::info!("the saga log takes writes again; health SERVING");
+                    ServingStatus::Serving
+                }
+            };
+            reporter.set_service_status(service, status).await;
+            reporter.set_service_status("", status).await;
+        }
+    })
 }
 
 /// Every configured topic id must name a topic of a registered flow.
