@@ -69,6 +69,10 @@ pub enum Error {
     /// The orchestrator is shutting down and takes no new sagas.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
+    /// The task running the saga ended without an answer (a panic outside
+    /// any node); the saga stays in the log and is resumed by the sweep.
+    #[error("saga `{0}` lost its task; it is resumed from the log")]
+    TaskLost(String),
 }
 
 /// `Result` with the core's [`Error`] as its default error.

@@ -30,6 +30,10 @@ pub const DEAD_LETTERED: &str = "sagaflow_dead_lettered_total";
 pub const CALLBACKS: &str = "sagaflow_callbacks_total";
 /// Unfinished sagas picked up at start, by `facade`.
 pub const RECOVERED: &str = "sagaflow_recovered_total";
+/// Stale sagas resumed by the sweep (no progress for longer than their timeout), by `facade`.
+pub const RESUMED_STALE: &str = "sagaflow_resumed_stale_total";
+/// Saga log writes retried because the log was unavailable.
+pub const LOG_RETRIES: &str = "sagaflow_log_retries_total";
 
 /// Every histogram above, for exporters that need explicit buckets.
 pub const HISTOGRAMS: [&str; 3] = [STEP_SECONDS, PUBLISH_SECONDS, ACK_SECONDS];
@@ -54,6 +58,8 @@ pub(crate) fn describe() {
     describe_counter!(DEAD_LETTERED, "Messages dead-lettered");
     describe_counter!(CALLBACKS, "Callback deliveries, by result");
     describe_counter!(RECOVERED, "Unfinished sagas picked up at start");
+    describe_counter!(RESUMED_STALE, "Stale sagas resumed by the sweep");
+    describe_counter!(LOG_RETRIES, "Saga log writes retried while the log was unavailable");
 }
 
 pub(crate) fn seconds(d: Duration) -> f64 {

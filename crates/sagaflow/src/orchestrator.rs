@@ -13,11 +13,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::callback::CallbackSink;
-use crate::engine::{Engine, FlowRuntime, Registered, Stats};
+use crate::engine::{Engine, FlowRuntime, Registered, Resume, Stats};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 use crate::log::{ListFilter, LogError, SagaLog};
-use crate::saga::{Mode, Outcome, SagaEvent, SagaRecord, SagaState};
+use crate::saga::{Mode, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
 
 /// What flow data must be: a serde type that can cross threads.
 pub trait FlowData: Serialize + DeserializeOwned + Send + Sync + 'static {}
@@ -48,6 +48,12 @@ pub struct Options {
     pub redelivery_delay: Duration,
     /// How long sync and throttling callers wait for a saga's end.
     pub wait_timeout: Duration,
+    /// Sync sagas run at once in this process (fresh and recovered); callers
+    /// beyond it wait for a slot.
+    pub max_running_sagas: usize,
+    /// How often unfinished sagas are checked for having made no progress for
+    /// longer than their timeout (and resumed if nothing here drives them).
+    pub stale_sweep_interval: Duration,
 }
 
 impl Default for Options {
@@ -61,6 +67,8 @@ impl Default for Options {
             max_deliveries: 5,
             redelivery_delay: Duration::from_millis(200),
             wait_timeout: Duration::from_secs(30),
+            max_running_sagas: 4096,
+            stale_sweep_interval: Duration::from_secs(30),
         }
     }
 }
@@ -84,6 +92,12 @@ impl Options {
         }
         if self.default_concurrency == 0 || self.topic_concurrency.values().any(|&c| c == 0) {
             return Err(Error::Config("topic concurrency must be at least 1".into()));
+        }
+        if self.max_running_sagas == 0 {
+            return Err(Error::Config("max_running_sagas must be at least 1".into()));
+        }
+        if self.stale_sweep_interval.is_zero() {
+            return Err(Error::Config("stale_sweep_interval must be positive".into()));
         }
         if self.max_deliveries == 0 {
             return Err(Error::Config("max_deliveries must be at least 1".into()));
@@ -116,6 +130,10 @@ pub struct OrchestratorStats {
     pub dead_lettered: u64,
     /// Unfinished sagas picked up at start.
     pub recovered: u64,
+    /// Stale sagas resumed by the sweep.
+    pub resumed_stale: u64,
+    /// Sagas (steps or compensations) some task of this process works on right now.
+    pub working: usize,
     /// Request ids callers wait for right now.
     pub waiting: usize,
 }
@@ -200,8 +218,10 @@ impl OrchestratorBuilder {
         let engine = Arc::new(Engine {
             broker: self.broker,
             log: self.log,
-            options: self.options,
             completions: Arc::default(),
+            claims: Arc::default(),
+            running: Arc::new(tokio::sync::Semaphore::new(self.options.max_running_sagas)),
+            options: self.options,
             callbacks: self.callbacks,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -217,6 +237,7 @@ impl OrchestratorBuilder {
         }
         orchestrator.recover().await?;
         orchestrator.sample_queue_depths();
+        orchestrator.sweep_stale();
         Ok(orchestrator)
     }
 }
@@ -367,6 +388,8 @@ impl Orchestrator {
         OrchestratorStats {
             dead_lettered: self.engine.stats.dead_lettered.load(Ordering::Relaxed),
             recovered: self.engine.stats.recovered.load(Ordering::Relaxed),
+            resumed_stale: self.engine.stats.resumed_stale.load(Ordering::Relaxed),
+            working: self.engine.claims.len(),
             waiting: self.engine.completions.len(),
         }
     }
@@ -393,6 +416,46 @@ impl Orchestrator {
         });
     }
 
+    /// Every `stale_sweep_interval`, resumes the unfinished sagas that made no
+    /// progress for longer than their timeout and that nothing in this process
+    /// works on: a sync saga whose task was lost, a hop or a rollback that left
+    /// the broker without effect. Resuming is safe twice over: every step and
+    /// compensation is checked against the log before it runs.
+    fn sweep_stale(&self) {
+        let this = self.clone();
+        self.engine.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(this.engine.options.stale_sweep_interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = this.engine.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let unfinished = match this.engine.log.unfinished().await {
+                    Ok(unfinished) => unfinished,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stale-saga sweep could not read the log; next round retries");
+                        continue;
+                    }
+                };
+                let now = now_ms();
+                for record in unfinished {
+                    let timeout = record.deadline_ms.saturating_sub(record.created_ms);
+                    if now < record.updated_ms.saturating_add(timeout) || this.engine.claims.is_claimed(&record.request_id)
+                    {
+                        continue;
+                    }
+                    let Some(flow) = this.flows.get(&record.facade) else { continue };
+                    let id = record.request_id.clone();
+                    tracing::warn!(request_id = %id, status = %record.status(), "saga made no progress; resuming it");
+                    if let Err(e) = flow.clone().recover(record, Resume::Stale).await {
+                        tracing::warn!(request_id = %id, error = %e, "could not resume a stale saga; next round retries");
+                    }
+                }
+            }
+        });
+    }
+
     async fn recover(&self) -> Result<()> {
         let unfinished = self.engine.log.unfinished().await?;
         if unfinished.is_empty() {
@@ -403,7 +466,7 @@ impl Orchestrator {
             match self.flows.get(&record.facade) {
                 Some(flow) => {
                     let id = record.request_id.clone();
-                    if let Err(e) = flow.clone().recover(record).await {
+                    if let Err(e) = flow.clone().recover(record, Resume::Restart).await {
                         tracing::error!(request_id = %id, error = %e, "could not recover saga; it stays unfinished");
                     }
                 }

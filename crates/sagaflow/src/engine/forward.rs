@@ -1,0 +1,168 @@
+//! The forward part of a saga: each step's action with its timeouts and retries, run in-process (sync flows).
+
+use super::*;
+
+impl<D: FlowData> FlowRuntime<D> {
+    /// Runs steps `from..` in-process (sync flow and its recovery).
+    ///
+    /// A step's start and an intermediate step's result are queued, not awaited: nothing is
+    /// acked, published or answered between steps, and the awaited write that ends the saga
+    /// (the last result, or a failure) is stored no earlier. A crash can therefore lose the
+    /// tail of a running saga's record; its recovery ([`Run::Recovered`]) treats every step from
+    /// the recorded position on as possibly run.
+    pub(super) async fn drive_forward(
+        &self,
+        id: &Arc<str>,
+        mut data: D,
+        from: usize,
+        deadline: Instant,
+        run: Run,
+    ) -> Result<Outcome<D>> {
+        let last = self.flow.len().saturating_sub(1);
+        for index in from..self.flow.len() {
+            self.record_start(id, index).await?;
+            match self.run_action(id, index, &mut data, deadline, run == Run::Recovered).await {
+                Ok(attempts) => {
+                    let json = self.encode(id, &data)?;
+                    let event = SagaEvent::StepCompleted { index, attempts, data: json };
+                    if index < last {
+                        self.engine.durably(|| self.engine.log.append_queued(id, event.clone())).await?;
+                        continue;
+                    }
+                    let record = self.engine.durably(|| self.engine.log.append(id, event.clone())).await?;
+                    if record.state.is_ended() {
+                        self.finish(&record).await;
+                        return Ok(Outcome::Completed(data));
+                    }
+                }
+                Err(ActionError::Interrupted) => return Err(Error::ShuttingDown),
+                Err(ActionError::Failed { error, attempts, uncertain }) => {
+                    let mut waiter = self.engine.completions.register(id);
+                    // Recovered: steps after this one may have run before the crash, unless
+                    // this one was refused outright (an idempotent upstream would have
+                    // answered a replay of a call that took effect with its result).
+                    let later = run == Run::Recovered && uncertain && index < last;
+                    let record = self.record_failure(id, index, error, attempts, uncertain, later).await?;
+                    if !record.state.is_ended()
+                        && let Err(e) = self.publish_rollback(&record).await
+                    {
+                        tracing::warn!(error = %e, "could not queue the compensation; compensating here");
+                        self.compensate_here(id, record).await?;
+                    }
+                    let record = self.wait_end(&mut waiter, id).await?;
+                    return self.outcome(&record);
+                }
+            }
+        }
+        // Only reached when `from` was already past the last step.
+        let record = self.engine.durably(|| self.engine.log.get(id)).await?;
+        self.outcome(&record.ok_or_else(|| LogError::NotFound(id.to_string()))?)
+    }
+
+    /// Records a step's start without waiting for its commit: the step's
+    /// result, written next and awaited, is stored no earlier. A duplicate
+    /// delivery that finds the saga moved on is not an error here.
+    pub(super) async fn record_start(&self, id: &str, index: usize) -> Result<()> {
+        match self.engine.durably(|| self.engine.log.append_queued(id, SagaEvent::StepStarted { index })).await {
+            Ok(()) | Err(Error::Log(LogError::Transition(_))) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn record_failure(
+        &self,
+        id: &str,
+        index: usize,
+        error: NodeError,
+        attempts: u32,
+        uncertain: bool,
+        later_steps_in_doubt: bool,
+    ) -> Result<SagaRecord> {
+        let node = &self.flow.nodes[index];
+        tracing::warn!(step = index, node = node.name(), attempts, %error, "step failed; compensating");
+        let failure = Failure {
+            step: index,
+            node: node.name().to_owned(),
+            error: error.message().to_owned(),
+            code: error.code(),
+        };
+        let compensate_failed = uncertain && node.has_compensation();
+        let event = SagaEvent::StepFailed { failure, attempts, compensate_failed, later_steps_in_doubt };
+        let record = self.engine.durably(|| self.engine.log.append(id, event.clone())).await?;
+        if record.state.is_ended() {
+            self.finish(&record).await;
+        }
+        Ok(record)
+    }
+
+    pub(super) fn step(&self, id: &Arc<str>, index: usize, attempt: u32, phase: Phase, deadline: Instant) -> Step {
+        Step {
+            request_id: id.clone(),
+            facade: self.facade.clone(),
+            node: self.node_names[index].clone(),
+            index,
+            attempt,
+            phase,
+            deadline,
+            cancel: self.engine.shutdown.child_token(),
+        }
+    }
+
+    /// Calls step `index`'s action with timeouts and retries; a panic is a permanent error.
+    /// `in_doubt`: an earlier run (before a crash, or an earlier delivery) may have called it,
+    /// so a failure without a call of its own (the deadline passed first) is uncertain.
+    pub(super) async fn run_action(
+        &self,
+        id: &Arc<str>,
+        index: usize,
+        data: &mut D,
+        deadline: Instant,
+        in_doubt: bool,
+    ) -> Result<u32, ActionError> {
+        let node = &self.flow.nodes[index];
+        let policy = &self.flow.retry;
+        let mut uncertain = false;
+        let mut attempt = 1;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                let error = NodeError::permanent(format!("saga deadline passed before attempt {attempt}"));
+                return Err(ActionError::Failed { error, attempts: attempt - 1, uncertain: uncertain || in_doubt });
+            }
+            let budget = self.flow.step_timeout.min(deadline - now);
+            let step = self.step(id, index, attempt, Phase::Action, now + budget);
+            let span = tracing::debug_span!("step", node = node.name(), index, attempt, phase = "action");
+            let call = AssertUnwindSafe(node.action(&step, data)).catch_unwind().instrument(span);
+            let result = tokio::time::timeout(budget, call).await;
+            self.record_call(index, "action", now.elapsed(), attempt);
+            let error = match result {
+                Ok(Ok(Ok(()))) => return Ok(attempt),
+                Ok(Ok(Err(error))) => node.classify(error),
+                Ok(Err(panic)) => {
+                    uncertain = true;
+                    NodeError::permanent(format!("node panicked: {}", panic_message(&panic)))
+                }
+                Err(_) => NodeError::timeout(budget),
+            };
+            // A transient error may hide an effect (a timeout, a lost connection), so the
+            // failed step is compensated too; an explicit overload refusal
+            // (RESOURCE_EXHAUSTED) says the call was not taken, so it is not.
+            if error.is_retryable() && error.code() != Some(RESOURCE_EXHAUSTED) {
+                uncertain = true;
+            }
+            if !error.is_retryable() || attempt >= policy.max_attempts {
+                return Err(ActionError::Failed { error, attempts: attempt, uncertain });
+            }
+            let delay = policy.delay(attempt + 1);
+            if Instant::now() + delay >= deadline {
+                return Err(ActionError::Failed { error, attempts: attempt, uncertain });
+            }
+            tracing::debug!(step = index, attempt, %error, ?delay, "retrying step");
+            tokio::select! {
+                _ = self.engine.shutdown.cancelled() => return Err(ActionError::Interrupted),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            attempt += 1;
+        }
+    }
+}

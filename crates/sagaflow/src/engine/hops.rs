@@ -1,0 +1,241 @@
+//! The broker side: hops and rollback work published, consumed, settled.
+
+use super::*;
+
+impl<D: FlowData> FlowRuntime<D> {
+    pub(super) async fn publish_hop(&self, request_id: &str, step: usize, data: serde_json::Value) -> Result<()> {
+        let hop = HopMessage { request_id: request_id.to_owned(), facade: self.facade.to_string(), step, data };
+        let payload =
+            serde_json::to_vec(&hop).map_err(|source| Error::Data { request_id: request_id.into(), source })?;
+        let message = Message::new(self.topic(&self.hop_topic_id(step)), payload)
+            .header(REQUEST_ID_HEADER, request_id)
+            .header(MESSAGE_ID_HEADER, format!("{request_id}:step:{step}"));
+        self.publish(message).await
+    }
+
+    /// Publishes rollback work for the saga. Its message id is the same for
+    /// every re-publish of one compensation round (so a broker that
+    /// deduplicates drops the copies) and new after an operator's retry.
+    pub(super) async fn publish_rollback(&self, record: &SagaRecord) -> Result<()> {
+        let request_id = record.request_id.as_str();
+        let round = record.history.iter().filter(|h| h.event == "retry_compensation").count();
+        let msg = RollbackMessage { request_id: request_id.to_owned(), facade: self.facade.to_string() };
+        let payload =
+            serde_json::to_vec(&msg).map_err(|source| Error::Data { request_id: request_id.into(), source })?;
+        let message = Message::new(self.topic(&self.rollback_topic_id()), payload)
+            .header(REQUEST_ID_HEADER, request_id)
+            .header(MESSAGE_ID_HEADER, format!("{request_id}:rollback:{round}"));
+        self.publish(message).await
+    }
+
+    pub(super) async fn publish(&self, message: Message) -> Result<()> {
+        let started = Instant::now();
+        self.engine.broker.publish(message).await?;
+        metrics::histogram!(m::PUBLISH_SECONDS, "broker" => self.engine.broker.name())
+            .record(m::seconds(started.elapsed()));
+        Ok(())
+    }
+
+    pub(super) fn subscribe_options(&self, topic_id: &str) -> SubscribeOptions {
+        let o = &self.engine.options;
+        SubscribeOptions {
+            topic: self.topic(topic_id),
+            group: o.consumer_group.clone(),
+            concurrency: o.concurrency_of(topic_id),
+            max_deliveries: o.max_deliveries,
+        }
+    }
+
+    pub(super) async fn dead_letter(&self, delivery: Delivery, reason: String) {
+        self.engine.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::DEAD_LETTERED, "topic" => delivery.message.topic.clone()).increment(1);
+        tracing::warn!(topic = %delivery.message.topic, %reason, "poison message dead-lettered");
+        if let Err(e) = delivery.dead_letter(&reason).await {
+            tracing::error!(error = %e, "could not dead-letter a message");
+        }
+    }
+
+    /// Settles a delivery whose handling failed for a transient reason.
+    pub(super) async fn retry_later(&self, delivery: Delivery, error: &Error) {
+        tracing::warn!(topic = %delivery.message.topic, %error, "handling failed; message will be redelivered");
+        if let Err(e) = delivery.nack(self.engine.options.redelivery_delay).await {
+            tracing::error!(error = %e, "could not nack a message");
+        }
+    }
+
+    pub(super) async fn ack(&self, delivery: Delivery) {
+        let started = Instant::now();
+        let acked = delivery.ack().await;
+        metrics::histogram!(m::ACK_SECONDS, "broker" => self.engine.broker.name())
+            .record(m::seconds(started.elapsed()));
+        if let Err(e) = acked {
+            tracing::warn!(error = %e, "ack failed; the message may be redelivered (handled idempotently)");
+        }
+    }
+
+    /// Handles one rollback message: compensates the saga per its record.
+    pub(super) async fn on_rollback(self: Arc<Self>, delivery: Delivery) {
+        let msg: RollbackMessage = match serde_json::from_slice(&delivery.message.payload) {
+            Ok(msg) => msg,
+            Err(e) => return self.dead_letter(delivery, format!("not a rollback message: {e}")).await,
+        };
+        if msg.facade != *self.facade {
+            let reason = format!("rollback for facade `{}` on the topic of `{}`", msg.facade, self.facade);
+            return self.dead_letter(delivery, reason).await;
+        }
+        let span = self.span(&msg.request_id);
+        async {
+            let id: Arc<str> = msg.request_id.as_str().into();
+            // A second delivery of the compensation this process runs right now (a
+            // broker's redelivery beside a recovery's re-publish) is that same work.
+            let Ok(_claim) = self.engine.claims.claim(&id, Work::Compensation) else {
+                tracing::debug!("rollback already running here; duplicate settled");
+                return self.ack(delivery).await;
+            };
+            let record = match self.engine.durably(|| self.engine.log.get(&id)).await {
+                Ok(Some(record)) => record,
+                Ok(None) => return self.dead_letter(delivery, format!("no saga `{}`", msg.request_id)).await,
+                Err(Error::ShuttingDown) => return drop(delivery), // redelivered later
+                Err(e) => return self.retry_later(delivery, &e).await,
+            };
+            if record.state.is_ended() {
+                // A duplicate of work already done: wake any waiter, nothing more.
+                self.engine.completions.complete(&record);
+                return self.ack(delivery).await;
+            }
+            if !matches!(record.state, SagaState::Compensating { .. }) {
+                let reason = format!("saga `{}` is {} and has nothing to compensate", msg.request_id, record.status());
+                return self.dead_letter(delivery, reason).await;
+            }
+            match self.compensate(record).await {
+                Ok(Some(ended)) => {
+                    if ended.wrote_end {
+                        self.finish(&ended.record).await;
+                    } else {
+                        self.engine.completions.complete(&ended.record);
+                    }
+                    self.ack(delivery).await;
+                }
+                Ok(None) | Err(Error::ShuttingDown) => drop(delivery), // redelivered later
+                Err(e @ Error::Data { .. }) => self.dead_letter(delivery, e.to_string()).await,
+                Err(e) => self.retry_later(delivery, &e).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Handles one hop: runs step `index`, records it, publishes what follows, then acks.
+    pub(super) async fn on_hop(self: Arc<Self>, index: usize, delivery: Delivery) {
+        let hop: HopMessage = match serde_json::from_slice(&delivery.message.payload) {
+            Ok(hop) => hop,
+            Err(e) => return self.dead_letter(delivery, format!("not a hop message: {e}")).await,
+        };
+        if hop.facade != *self.facade {
+            let reason = format!("hop for facade `{}` on a topic of `{}`", hop.facade, self.facade);
+            return self.dead_letter(delivery, reason).await;
+        }
+        if hop.step != index {
+            let reason = format!("hop for step {} on the topic of step {index} of `{}`", hop.step, self.facade);
+            return self.dead_letter(delivery, reason).await;
+        }
+        let data: D = match serde_json::from_value(hop.data) {
+            Ok(data) => data,
+            Err(e) => {
+                return self.dead_letter(delivery, format!("flow data does not fit `{}`: {e}", self.facade)).await;
+            }
+        };
+        let span = self.span(&hop.request_id);
+        let id: Arc<str> = hop.request_id.into();
+        async {
+            let claim = match self.engine.claims.claim(&id, Work::Forward(index)) {
+                Ok(claim) => claim,
+                Err(Work::Forward(running)) if running == index => {
+                    tracing::debug!(step = index, "hop already running here; duplicate settled");
+                    return self.ack(delivery).await;
+                }
+                Err(_) => {
+                    let busy = Error::Config(format!("saga `{id}` is busy with another step here"));
+                    return self.retry_later(delivery, &busy).await;
+                }
+            };
+            match self.run_hop(&id, index, data, claim).await {
+                Ok(true) => self.ack(delivery).await,
+                Ok(false) | Err(Error::ShuttingDown) => drop(delivery), // redelivered later
+                Err(e @ (Error::Data { .. } | Error::Log(LogError::NotFound(_)))) => {
+                    self.dead_letter(delivery, e.to_string()).await
+                }
+                Err(e) => self.retry_later(delivery, &e).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Returns `Ok(true)` when the delivery can be acked, `Ok(false)` when
+    /// interrupted by shutdown.
+    /// The claim is released before the next hop is published, so that hop
+    /// is never mistaken for a duplicate of this one.
+    pub(super) async fn run_hop(&self, id: &Arc<str>, index: usize, mut data: D, claim: Claim) -> Result<bool> {
+        let record = self.engine.durably(|| self.engine.log.get(id)).await?;
+        let record = record.ok_or_else(|| LogError::NotFound(id.to_string()))?;
+        match &record.state {
+            SagaState::Running if record.completed == index => {}
+            SagaState::Running if record.completed > index => {
+                // A redelivery after the step was recorded: the next hop may
+                // not have reached the broker, so send it again (the next
+                // consumer ignores it if it did).
+                self.publish_hop(id, record.completed, record.data.clone()).await?;
+                return Ok(true);
+            }
+            SagaState::Running => {
+                return Err(Error::Config(format!(
+                    "hop for step {index} arrived while saga is at step {}",
+                    record.completed
+                )));
+            }
+            SagaState::Compensating { .. } => {
+                self.publish_rollback(&record).await?;
+                return Ok(true);
+            }
+            _ => {
+                self.engine.completions.complete(&record);
+                return Ok(true);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
+        self.record_start(id, index).await?;
+        // A hop may be a redelivery whose first delivery called the action.
+        match self.run_action(id, index, &mut data, deadline, true).await {
+            Ok(attempts) => {
+                let json = self.encode(id, &data)?;
+                let event = SagaEvent::StepCompleted { index, attempts, data: json.clone() };
+                let record = match self.engine.durably(|| self.engine.log.append(id, event.clone())).await {
+                    Ok(record) => record,
+                    Err(Error::Log(LogError::Transition(_))) => return Ok(true), // a duplicate recorded it first
+                    Err(e) => return Err(e),
+                };
+                drop(claim);
+                if record.state.is_ended() {
+                    self.finish(&record).await;
+                } else {
+                    self.publish_hop(id, index + 1, json).await?;
+                }
+                Ok(true)
+            }
+            Err(ActionError::Interrupted) => Ok(false),
+            Err(ActionError::Failed { error, attempts, uncertain }) => {
+                let record = match self.record_failure(id, index, error, attempts, uncertain, false).await {
+                    Ok(record) => record,
+                    Err(Error::Log(LogError::Transition(_))) => return Ok(true),
+                    Err(e) => return Err(e),
+                };
+                drop(claim);
+                if !record.state.is_ended() {
+                    self.publish_rollback(&record).await?;
+                }
+                Ok(true)
+            }
+        }
+    }
+}

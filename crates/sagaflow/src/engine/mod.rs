@@ -1,0 +1,504 @@
+//! The engine: runs a flow's steps and compensations for the three modes,
+//! writing every state change to the saga log before acting on it.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::{Broker, Delivery, MESSAGE_ID_HEADER, Message, REQUEST_ID_HEADER, SubscribeOptions, Subscription};
+use crate::callback::{CallbackSink, CallbackStatus, SagaCallback};
+use crate::error::{Error, Result};
+use crate::flow::Flow;
+use crate::log::{Begin, LogError, SagaLog};
+use crate::metrics as m;
+use crate::node::{NodeError, Phase, Step};
+use crate::orchestrator::{FlowData, FlowInfo, Options};
+use crate::saga::{Failure, Mode, NewSaga, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
+use crate::waiters::{Completions, Waiter};
+
+pub(crate) use claims::{Claim, Claims, Work};
+
+mod claims;
+mod compensation;
+mod effects;
+mod forward;
+mod hops;
+
+/// gRPC's RESOURCE_EXHAUSTED: the callee refused the call for load.
+const RESOURCE_EXHAUSTED: i32 = 8;
+
+/// What the engine shares across flows.
+pub(crate) struct Engine {
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) log: Arc<dyn SagaLog>,
+    pub(crate) options: Options,
+    pub(crate) completions: Arc<Completions>,
+    /// The sagas this process works on right now.
+    pub(crate) claims: Arc<Claims>,
+    /// Slots for sync sagas running here (see `Options::max_running_sagas`).
+    pub(crate) running: Arc<tokio::sync::Semaphore>,
+    pub(crate) callbacks: Option<Arc<dyn CallbackSink>>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) stats: Stats,
+}
+
+/// Counters the engine keeps.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) recovered: AtomicU64,
+    pub(crate) resumed_stale: AtomicU64,
+}
+
+/// A hop of an async or throttled saga: run step `step` with `data`.
+#[derive(Debug, Serialize, Deserialize)]
+struct HopMessage {
+    request_id: String,
+    facade: String,
+    step: usize,
+    data: serde_json::Value,
+}
+
+/// Rollback work: compensate the saga `request_id` per its record.
+#[derive(Debug, Serialize, Deserialize)]
+struct RollbackMessage {
+    request_id: String,
+    facade: String,
+}
+
+/// Whether a sync saga runs for its caller or is recovered after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Fresh,
+    Recovered,
+}
+
+/// Why an unfinished saga is picked up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// At start: the process that drove it is gone.
+    Restart,
+    /// By the sweep: it made no progress for longer than its timeout and
+    /// nothing in this process works on it.
+    Stale,
+}
+
+/// How one action ended after its retries.
+enum ActionError {
+    /// Failed for good; `uncertain` if an attempt may have taken effect.
+    Failed { error: NodeError, attempts: u32, uncertain: bool },
+    /// The orchestrator is shutting down; the saga stays where the log has it.
+    Interrupted,
+}
+
+/// How one compensation ended after its retries.
+enum CompensationError {
+    GaveUp { error: NodeError, attempts: u32 },
+    Interrupted,
+}
+
+/// What a registered flow offers the orchestrator, whatever its data type.
+#[async_trait]
+pub(crate) trait Registered: Send + Sync + 'static {
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+    fn data_type(&self) -> &'static str;
+    fn info(&self) -> FlowInfo;
+    fn mode(&self) -> Mode;
+    async fn start_consumers(self: Arc<Self>) -> Result<()>;
+    async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()>;
+    async fn resume_compensation(&self, record: &SagaRecord) -> Result<()>;
+}
+
+/// A flow registered under a facade, with its topics.
+pub(crate) struct FlowRuntime<D: FlowData> {
+    pub(crate) facade: Arc<str>,
+    pub(crate) mode: Mode,
+    pub(crate) flow: Flow<D>,
+    pub(crate) engine: Arc<Engine>,
+    node_names: Vec<Arc<str>>,
+}
+
+impl<D: FlowData> FlowRuntime<D> {
+    pub(crate) fn new(facade: &str, mode: Mode, flow: Flow<D>, engine: Arc<Engine>) -> Self {
+        let node_names = flow.nodes.iter().map(|n| Arc::from(n.name())).collect();
+        Self { facade: facade.into(), mode, flow, engine, node_names }
+    }
+
+    /// The topic id of step `index` (`<facade>.<node>`), as configured.
+    fn hop_topic_id(&self, index: usize) -> String {
+        format!("{}.{}", self.facade, self.node_names[index])
+    }
+
+    fn rollback_topic_id(&self) -> String {
+        format!("{}.rollback", self.facade)
+    }
+
+    /// The broker topic for a topic id: prefixed, and pod-suffixed where the
+    /// caller waits in this pod (sync and throttling).
+    fn topic(&self, id: &str) -> String {
+        let o = &self.engine.options;
+        match self.mode {
+            Mode::Async => format!("{}.{id}", o.topic_prefix),
+            Mode::Sync | Mode::Throttling => format!("{}.{id}.{}", o.topic_prefix, o.pod_id),
+        }
+    }
+
+    fn encode(&self, request_id: &str, data: &D) -> Result<serde_json::Value> {
+        serde_json::to_value(data).map_err(|source| Error::Data { request_id: request_id.to_owned(), source })
+    }
+
+    fn decode(&self, request_id: &str, value: serde_json::Value) -> Result<D> {
+        serde_json::from_value(value).map_err(|source| Error::Data { request_id: request_id.to_owned(), source })
+    }
+
+    pub(crate) fn outcome(&self, record: &SagaRecord) -> Result<Outcome<D>> {
+        match &record.state {
+            SagaState::Completed => Ok(Outcome::Completed(self.decode(&record.request_id, record.data.clone())?)),
+            SagaState::Compensated { failure } => Ok(Outcome::Compensated(failure.clone())),
+            SagaState::Stuck { failure, reason, .. } => {
+                Ok(Outcome::Stuck { failure: failure.clone(), reason: reason.clone() })
+            }
+            SagaState::Running | SagaState::Compensating { .. } => Err(Error::WaitTimeout(record.request_id.clone())),
+        }
+    }
+
+    fn new_saga(&self, request_id: &str, data: serde_json::Value, callback_url: Option<String>) -> NewSaga {
+        NewSaga {
+            request_id: request_id.to_owned(),
+            facade: self.facade.to_string(),
+            mode: self.mode,
+            steps: self.flow.len(),
+            data,
+            deadline_ms: now_ms() + self.flow.saga_timeout.as_millis() as u64,
+            callback_url,
+        }
+    }
+
+    fn span(&self, request_id: &str) -> tracing::Span {
+        tracing::info_span!("saga", request_id = %request_id, facade = %self.facade)
+    }
+
+    // ---------------------------------------------------------------- entry points
+
+    /// Sync flow: runs the saga in a task of its own, so that a caller who
+    /// gives up (a cancelled call, a passed deadline) does not cut it short;
+    /// the caller only waits for its outcome.
+    pub(crate) async fn run_sync(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
+        let json = self.encode(request_id, &data)?;
+        // The slot is taken while the caller still waits: one who gives up
+        // before a slot is free has started nothing.
+        let slot = self.engine.running.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
+        let this = self.clone();
+        let id: Arc<str> = request_id.into();
+        let span = self.span(request_id);
+        let saga = async move {
+            let _slot = slot;
+            let record = match this.engine.log.begin(this.new_saga(&id, json, None)).await? {
+                Begin::Exists(existing) => return Ok(Err(existing)),
+                Begin::Started(record) => record,
+            };
+            this.started();
+            let Ok(_claim) = this.engine.claims.claim(&id, Work::Forward(record.completed)) else {
+                return Ok(Err(record));
+            };
+            let deadline = Instant::now() + this.flow.saga_timeout;
+            this.drive_forward(&id, data, record.completed, deadline, Run::Fresh).await.map(Ok)
+        };
+        match self.detached(request_id, saga.instrument(span)).await? {
+            Ok(outcome) => Ok(outcome),
+            Err(existing) => self.await_existing(existing).await,
+        }
+    }
+
+    /// Throttling flow: queues the first hop on this pod and waits for the end.
+    pub(crate) async fn run_throttled(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
+        let json = self.encode(request_id, &data)?;
+        let mut waiter = self.engine.completions.register(request_id);
+        if let Some(existing) = self.start_queued(request_id, json, None).await? {
+            self.check_facade(&existing)?;
+        }
+        let record = self.wait_end(&mut waiter, request_id).await?;
+        self.outcome(&record)
+    }
+
+    /// Async flow: records the saga and hands its first hop to the broker.
+    pub(crate) async fn submit(
+        self: &Arc<Self>,
+        request_id: &str,
+        data: D,
+        callback_url: Option<String>,
+    ) -> Result<()> {
+        let json = self.encode(request_id, &data)?;
+        match self.start_queued(request_id, json, callback_url).await? {
+            Some(existing) => self.check_facade(&existing),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a throttling or async saga and publishes its first hop, in a
+    /// task of its own so that a caller who gives up halfway leaves no saga
+    /// recorded but never queued. `Some` with the saga that already has the id.
+    async fn start_queued(
+        self: &Arc<Self>,
+        request_id: &str,
+        json: serde_json::Value,
+        callback_url: Option<String>,
+    ) -> Result<Option<SagaRecord>> {
+        let this = self.clone();
+        let id = request_id.to_owned();
+        let start = async move {
+            match this.engine.log.begin(this.new_saga(&id, json.clone(), callback_url)).await? {
+                Begin::Exists(existing) => return Ok(Some(existing)),
+                Begin::Started(_) => this.started(),
+            }
+            if let Err(error) = this.publish_hop(&id, 0, json).await {
+                this.fail_unsent(&id, &error).await;
+                return Err(error);
+            }
+            Ok(None)
+        };
+        self.detached(request_id, start).await
+    }
+
+    /// Runs `work` as a task the orchestrator tracks (shutdown waits for it)
+    /// and waits for its result, at most `wait_timeout`. A caller who stops
+    /// waiting leaves the task running.
+    async fn detached<T: Send + 'static>(
+        &self,
+        request_id: &str,
+        work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let task = self.engine.tasks.spawn(work);
+        match tokio::time::timeout(self.engine.options.wait_timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => {
+                tracing::error!(request_id, error = %e, "a saga's task ended without an answer");
+                Err(Error::TaskLost(request_id.to_owned()))
+            }
+            Err(_) => Err(Error::WaitTimeout(request_id.to_owned())),
+        }
+    }
+
+    /// A first hop the broker did not confirm: the saga ends compensated at
+    /// once, and the caller gets the error. The hop may still have reached the
+    /// broker (a lost confirm), so step 0 counts as possibly run and is
+    /// compensated; a hop delivered after this finds the saga ended.
+    async fn fail_unsent(&self, request_id: &str, error: &Error) {
+        let failure = Failure {
+            step: 0,
+            node: self.node_names[0].to_string(),
+            error: format!("could not queue the first step: {error}"),
+            code: Some(14),
+        };
+        let compensate_failed = self.flow.nodes[0].has_compensation();
+        let event = SagaEvent::StepFailed { failure, attempts: 0, compensate_failed, later_steps_in_doubt: false };
+        let id: Arc<str> = request_id.into();
+        match self.engine.durably(|| self.engine.log.append(request_id, event.clone())).await {
+            Ok(record) if record.state.is_ended() => self.finish(&record).await,
+            Ok(record) => {
+                if let Err(e) = self.compensate_here(&id, record).await {
+                    tracing::error!(request_id, error = %e, "could not compensate a saga whose first hop was lost");
+                }
+            }
+            Err(e) => tracing::error!(request_id, error = %e, "could not record an unsent first hop"),
+        }
+    }
+
+    fn check_facade(&self, existing: &SagaRecord) -> Result<()> {
+        if existing.facade != *self.facade {
+            return Err(Error::RequestIdInUse {
+                request_id: existing.request_id.clone(),
+                facade: existing.facade.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A request id that already has a saga gets that saga's outcome.
+    async fn await_existing(&self, existing: SagaRecord) -> Result<Outcome<D>> {
+        self.check_facade(&existing)?;
+        if existing.state.is_ended() {
+            return self.outcome(&existing);
+        }
+        let mut waiter = self.engine.completions.register(&existing.request_id);
+        let record = self.wait_end(&mut waiter, &existing.request_id).await?;
+        self.outcome(&record)
+    }
+
+    /// Waits for the saga's end: the waiter is registered first, then the log
+    /// is read, so an end in between is not missed.
+    async fn wait_end(&self, waiter: &mut Waiter, request_id: &str) -> Result<SagaRecord> {
+        if let Some(record) = self.engine.log.get(request_id).await?
+            && record.state.is_ended()
+        {
+            return Ok(record);
+        }
+        match tokio::time::timeout(self.engine.options.wait_timeout, waiter.wait()).await {
+            Ok(Some(record)) => Ok(record),
+            Ok(None) => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::WaitTimeout(request_id.to_owned())),
+        }
+    }
+}
+
+#[async_trait]
+impl<D: FlowData> Registered for FlowRuntime<D> {
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+
+    fn data_type(&self) -> &'static str {
+        std::any::type_name::<D>()
+    }
+
+    fn info(&self) -> FlowInfo {
+        FlowInfo {
+            facade: self.facade.to_string(),
+            mode: self.mode,
+            nodes: self.flow.node_names(),
+            compensations: self.flow.nodes.iter().map(|n| n.has_compensation()).collect(),
+            topics: match self.mode {
+                Mode::Sync => Vec::new(),
+                _ => (0..self.flow.len()).map(|i| self.topic(&self.hop_topic_id(i))).collect(),
+            },
+            rollback_topic: self.topic(&self.rollback_topic_id()),
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    async fn start_consumers(self: Arc<Self>) -> Result<()> {
+        let rollback = self.engine.broker.subscribe(self.subscribe_options(&self.rollback_topic_id())).await?;
+        let this = self.clone();
+        spawn_consumer(
+            &self.engine,
+            rollback,
+            self.engine.options.concurrency_of(&self.rollback_topic_id()),
+            move |d| this.clone().on_rollback(d),
+        );
+        if self.mode == Mode::Sync {
+            return Ok(());
+        }
+        for index in 0..self.flow.len() {
+            let topic_id = self.hop_topic_id(index);
+            let subscription = self.engine.broker.subscribe(self.subscribe_options(&topic_id)).await?;
+            let this = self.clone();
+            spawn_consumer(&self.engine, subscription, self.engine.options.concurrency_of(&topic_id), move |d| {
+                this.clone().on_hop(index, d)
+            });
+        }
+        Ok(())
+    }
+
+    async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()> {
+        let id: Arc<str> = record.request_id.as_str().into();
+        match (&record.state, self.mode) {
+            (SagaState::Running, Mode::Sync) => {
+                let data = self.decode(&id, record.data.clone())?;
+                let this = self.clone();
+                let span = self.span(&id);
+                self.engine.tasks.spawn(
+                    async move {
+                        // Recovered sagas share the slots of fresh ones: ten thousand
+                        // unfinished at a restart do not all run at once.
+                        let Ok(_slot) = this.engine.running.clone().acquire_owned().await else { return };
+                        let Ok(_claim) = this.engine.claims.claim(&id, Work::Forward(record.completed)) else {
+                            return; // already driven here
+                        };
+                        let left = Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
+                        let run =
+                            this.drive_forward(&id, data, record.completed, Instant::now() + left, Run::Recovered);
+                        if let Err(e) = run.await {
+                            tracing::error!(error = %e, "recovered saga failed to run");
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            (SagaState::Running, _) => self.publish_hop(&id, record.completed, record.data.clone()).await?,
+            (SagaState::Compensating { .. }, _) => {
+                if let Err(e) = self.publish_rollback(&record).await {
+                    tracing::warn!(request_id = %id, error = %e, "could not queue a compensation; compensating here");
+                    let this = self.clone();
+                    self.engine.tasks.spawn(async move {
+                        if let Err(e) = this.compensate_here(&id, record).await {
+                            tracing::error!(request_id = %id, error = %e, "compensation failed; the sweep retries it");
+                        }
+                    });
+                }
+            }
+            _ => return Ok(()),
+        }
+        let facade = self.facade.to_string();
+        match why {
+            Resume::Restart => {
+                self.engine.stats.recovered.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::RECOVERED, "facade" => facade.clone()).increment(1);
+                metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).increment(1.0);
+            }
+            Resume::Stale => {
+                self.engine.stats.resumed_stale.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::RESUMED_STALE, "facade" => facade).increment(1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn resume_compensation(&self, record: &SagaRecord) -> Result<()> {
+        self.publish_rollback(record).await
+    }
+}
+
+/// Consumes a subscription with at most `concurrency` handlers at once,
+/// until shutdown; then lets the handlers in flight finish.
+fn spawn_consumer<F, Fut>(engine: &Arc<Engine>, mut subscription: Subscription, concurrency: usize, handler: F)
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let shutdown = engine.shutdown.clone();
+    let tasks = engine.tasks.clone();
+    engine.tasks.spawn(async move {
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                delivery = subscription.next() => match delivery { Some(d) => d, None => break },
+            };
+            let work = handler(delivery);
+            tasks.spawn(async move {
+                // A panic outside a node (nodes' panics are caught where they run)
+                // ends this task only; the unsettled delivery comes back.
+                let _permit = permit;
+                work.await;
+            });
+        }
+    });
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}

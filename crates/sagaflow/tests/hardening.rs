@@ -1,0 +1,320 @@
+//! Sagas outlive callers who give up, wait out an unavailable log, run each
+//! compensation and end-of-saga effect once, and are resumed when nothing
+//! drives them.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sagaflow::broker::{MESSAGE_ID_HEADER, Message, REQUEST_ID_HEADER};
+use sagaflow::log::{Begin, ListFilter, LogError};
+use sagaflow::{
+    Broker, CallbackReport, CallbackSink, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Node, NodeError, Options,
+    Orchestrator, Outcome, RetryPolicy, SagaCallback, SagaEvent, SagaLog, SagaRecord, SagaStatus, Step,
+};
+use support::{Act, Scripted, calls, refused, taken};
+
+const SYNC: &str = "Sync";
+const ASYNC: &str = "Async";
+const THROTTLED: &str = "Throttled";
+
+fn policy() -> RetryPolicy {
+    RetryPolicy::default().attempts(2).backoff(Duration::from_millis(5), Duration::from_millis(10)).jitter(0.0)
+}
+
+/// The in-memory log, with a switch that makes it unavailable.
+#[derive(Default)]
+struct Outage {
+    inner: MemorySagaLog,
+    down: AtomicBool,
+}
+
+impl Outage {
+    fn check(&self) -> Result<(), LogError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LogError::Unavailable("switched off by the test".into()));
+        }
+        Ok(())
+    }
+}
+
+#[sagaflow::async_trait]
+impl SagaLog for Outage {
+    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
+        self.check()?;
+        self.inner.begin(saga).await
+    }
+    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
+        self.check()?;
+        self.inner.append(request_id, event).await
+    }
+    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
+        self.check()?;
+        self.inner.append_queued(request_id, event).await
+    }
+    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
+        self.check()?;
+        self.inner.get(request_id).await
+    }
+    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
+        self.check()?;
+        self.inner.unfinished().await
+    }
+    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
+        self.inner.list(filter).await
+    }
+    fn name(&self) -> &'static str {
+        "outage"
+    }
+}
+
+/// Counts callbacks per request id.
+#[derive(Default)]
+struct Count(Mutex<Vec<String>>);
+
+#[sagaflow::async_trait]
+impl CallbackSink for Count {
+    async fn deliver(&self, _url: &str, callback: SagaCallback) -> CallbackReport {
+        self.0.lock().unwrap().push(callback.request_id);
+        CallbackReport { delivered: true, attempts: 1, error: None }
+    }
+}
+
+async fn wait_ended(o: &Orchestrator, id: &str) -> SagaRecord {
+    for _ in 0..3000 {
+        if let Some(record) = o.saga(id).await.unwrap()
+            && record.state.is_ended()
+        {
+            return record;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("saga {id} did not end: {:?}", o.saga(id).await.unwrap())
+}
+
+async fn wait_status(o: &Orchestrator, id: &str, status: SagaStatus) {
+    for _ in 0..1000 {
+        if o.saga(id).await.unwrap().is_some_and(|r| r.status() == status) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("saga {id} never reached {status}: {:?}", o.saga(id).await.unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_who_gives_up_leaves_the_saga_to_run_to_its_end() {
+    let c = calls();
+    let flow = Flow::new()
+        .node(Scripted::new("order", &c))
+        .node(Scripted::new("payment", &c).always(Act::Sleep(Duration::from_millis(500))))
+        .retry(policy());
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .sync(SYNC, flow)
+        .start()
+        .await
+        .unwrap();
+    for i in 0..200 {
+        // A 50 ms deadline: the caller is gone long before the payment answers.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), o.run(SYNC, &format!("r{i}"), Vec::<String>::new())).await;
+        assert!(gave_up.is_err(), "the caller was answered within 50 ms: {gave_up:?}");
+    }
+    for i in 0..200 {
+        let id = format!("r{i}");
+        assert_eq!(wait_ended(&o, &id).await.status(), SagaStatus::Completed, "{id}");
+        // Asking again gets the recorded outcome; no second saga runs.
+        let again = o.run(SYNC, &id, Vec::<String>::new()).await.unwrap();
+        assert_eq!(again, Outcome::Completed(vec!["order".into(), "payment".into()]));
+    }
+    assert_eq!(taken(&c).len(), 400, "each step ran once per saga");
+    assert_eq!(o.stats().working, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_saga_whose_caller_gives_up_at_once_is_still_queued() {
+    let c = calls();
+    let sink = Arc::new(Count::default());
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .callbacks(sink.clone())
+        .asynchronous(ASYNC, Flow::new().node(Scripted::new("a", &c)))
+        .throttling(THROTTLED, Flow::new().node(Scripted::new("t", &c)))
+        .start()
+        .await
+        .unwrap();
+    for i in 0..50 {
+        let id = format!("a{i}");
+        let submit = o.submit(ASYNC, &id, Vec::<String>::new(), Some("http://cb".into()));
+        let _ = tokio::time::timeout(Duration::ZERO, submit).await;
+        let _ = tokio::time::timeout(Duration::ZERO, o.run(THROTTLED, &format!("t{i}"), Vec::<String>::new())).await;
+    }
+    for i in 0..50 {
+        // Either the caller left before anything was recorded, or the saga runs to its end.
+        for id in [format!("a{i}"), format!("t{i}")] {
+            if o.saga(&id).await.unwrap().is_some() {
+                assert_eq!(wait_ended(&o, &id).await.status(), SagaStatus::Completed, "{id}");
+            }
+        }
+    }
+    assert!(o.sagas(ListFilter::default()).await.unwrap().iter().all(|r| r.state.is_ended()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_log_outage_mid_flow_delays_sagas_and_dead_letters_nothing() {
+    let c = calls();
+    let log = Arc::new(Outage::default());
+    let flow = Flow::new()
+        .node(Scripted::new("a", &c))
+        .node(Scripted::new("b", &c).always(Act::Sleep(Duration::from_millis(100))))
+        .node(Scripted::new("c", &c))
+        .retry(policy())
+        .deadline(Duration::from_secs(60));
+    let options = Options { max_deliveries: 3, redelivery_delay: Duration::from_millis(10), ..Options::default() };
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log.clone())
+        .options(options)
+        .callbacks(Arc::new(Count::default()))
+        .asynchronous(ASYNC, flow.clone())
+        .sync(SYNC, flow)
+        .start()
+        .await
+        .unwrap();
+    for i in 0..50 {
+        o.submit(ASYNC, &format!("a{i}"), Vec::<String>::new(), Some("http://cb".into())).await.unwrap();
+    }
+    let sync: Vec<_> = (0..20)
+        .map(|i| {
+            let o = o.clone();
+            tokio::spawn(async move { o.run(SYNC, &format!("s{i}"), Vec::<String>::new()).await })
+        })
+        .collect();
+    // The log goes away while step b runs, for far longer than the redelivery budget lasts.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    log.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    log.down.store(false, Ordering::SeqCst);
+    for i in 0..50 {
+        assert_eq!(wait_ended(&o, &format!("a{i}")).await.status(), SagaStatus::Completed);
+    }
+    for run in sync {
+        assert!(matches!(run.await.unwrap(), Ok(Outcome::Completed(_))));
+    }
+    assert_eq!(o.stats().dead_lettered, 0, "an unavailable log is not the message's fault");
+}
+
+#[tokio::test(start_paused = true)]
+async fn duplicate_rollback_deliveries_run_each_compensation_and_the_callback_once() {
+    let c = calls();
+    let broker = MemoryBroker::new();
+    let sink = Arc::new(Count::default());
+    let flow = Flow::new()
+        .node(Scripted::new("a", &c))
+        .node(Scripted::new("b", &c).compensation_always(Act::Sleep(Duration::from_millis(300))))
+        .node(Scripted::new("c", &c).always(Act::Fail(refused())))
+        .retry(policy())
+        .compensation_retry(policy());
+    let o = Orchestrator::builder(Arc::new(broker.clone()), Arc::new(MemorySagaLog::new()))
+        .callbacks(sink.clone())
+        .asynchronous(ASYNC, flow)
+        .start()
+        .await
+        .unwrap();
+    o.submit(ASYNC, "r1", Vec::<String>::new(), Some("http://cb".into())).await.unwrap();
+    wait_status(&o, "r1", SagaStatus::Compensating).await;
+    // What a restart's recovery and a broker's redelivery amount to: the same rollback
+    // work delivered again while the first delivery compensates.
+    let topic = o.flows()[0].rollback_topic.clone();
+    for copy in 0..3 {
+        let payload = serde_json::json!({ "request_id": "r1", "facade": ASYNC }).to_string();
+        let message = Message::new(topic.clone(), payload)
+            .header(REQUEST_ID_HEADER, "r1")
+            .header(MESSAGE_ID_HEADER, format!("r1:rollback:copy{copy}"));
+        broker.publish(message).await.unwrap();
+    }
+    assert_eq!(wait_ended(&o, "r1").await.status(), SagaStatus::Compensated);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(taken(&c), ["a#1", "b#1", "c#1", "undo b#1", "undo a#1"]);
+    assert_eq!(*sink.0.lock().unwrap(), ["r1"], "one callback");
+    assert_eq!(o.stats().dead_lettered, 0);
+}
+
+/// A node that counts how many of its calls run at once.
+#[derive(Default)]
+struct Counts {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+struct Gauge(Arc<Counts>);
+
+#[sagaflow::async_trait]
+impl Node<Vec<String>> for Gauge {
+    fn name(&self) -> &str {
+        "gauge"
+    }
+    async fn action(&self, _: &Step, data: &mut Vec<String>) -> Result<(), NodeError> {
+        let now = self.0.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+        data.push("gauge".into());
+        Ok(())
+    }
+}
+
+fn unfinished_sync(id: &str, deadline_ms: u64) -> NewSaga {
+    NewSaga {
+        request_id: id.into(),
+        facade: SYNC.into(),
+        mode: Mode::Sync,
+        steps: 1,
+        data: serde_json::json!([]),
+        deadline_ms,
+        callback_url: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn sagas_recovered_at_a_restart_share_the_running_slots() {
+    let log = Arc::new(MemorySagaLog::new());
+    for i in 0..500 {
+        log.begin(unfinished_sync(&format!("r{i}"), u64::MAX)).await.unwrap();
+    }
+    let gauge = Arc::new(Counts::default());
+    let options = Options { max_running_sagas: 8, ..Options::default() };
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log)
+        .options(options)
+        .sync(SYNC, Flow::new().node(Gauge(gauge.clone())))
+        .start()
+        .await
+        .unwrap();
+    for i in 0..500 {
+        assert_eq!(wait_ended(&o, &format!("r{i}")).await.status(), SagaStatus::Completed);
+    }
+    assert_eq!(o.stats().recovered, 500);
+    let most = gauge.most.load(Ordering::SeqCst);
+    assert!((1..=8).contains(&most), "{most} recovered sagas ran at once");
+}
+
+// Real time: the sweep compares the records' wall-clock timestamps.
+#[tokio::test]
+async fn a_saga_nothing_drives_is_resumed_by_the_sweep() {
+    let c = calls();
+    let log = Arc::new(MemorySagaLog::new());
+    let options = Options { stale_sweep_interval: Duration::from_millis(50), ..Options::default() };
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log.clone())
+        .options(options)
+        .sync(SYNC, Flow::new().node(Scripted::new("a", &c)).deadline(Duration::from_millis(300)))
+        .start()
+        .await
+        .unwrap();
+    // Begun after the start's recovery, and then left: what a lost task leaves behind.
+    let deadline = sagaflow::now_ms() + 300;
+    log.begin(unfinished_sync("orphan", deadline)).await.unwrap();
+    let record = wait_ended(&o, "orphan").await;
+    // Resumed past its deadline: its step is not called, and may have run, so it is undone.
+    assert_eq!(record.status(), SagaStatus::Compensated, "{record:?}");
+    assert_eq!(taken(&c), ["undo a#1"]);
+    assert_eq!(o.stats().resumed_stale, 1);
+}
