@@ -61,6 +61,7 @@ async fn run(name: &str, log: Arc<dyn SagaLog>, per_task: usize) -> Result<f64, 
                     data: json!({ "task": task, "i": i }),
                     deadline_ms: u64::MAX,
                     callback_url: None,
+                    owner: None,
                 };
                 let t = Instant::now();
                 log.begin(saga).await?;

@@ -18,9 +18,11 @@
 //! # }
 //! ```
 
+mod ends;
 mod error;
 mod options;
 mod prune;
+mod replicas;
 mod store;
 
 pub use error::{Error, Result};

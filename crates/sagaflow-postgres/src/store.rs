@@ -1,17 +1,20 @@
 //! The [`SagaLog`] over one PostgreSQL table.
 
 use std::fmt;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sagaflow::log::{Begin, ListFilter, LogError, Retention, SagaLog};
+use sagaflow::log::{Begin, Lease, ListFilter, LogError, Retention, SagaLog, check_owner};
 use sagaflow::{NewSaga, SagaEvent, SagaRecord};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
+use crate::ends::Ends;
 use crate::error::{Error, Result};
 use crate::options::PostgresOptions;
 use crate::prune::{self, Pruner};
+use crate::replicas;
 
 /// The schema, embedded at build time and applied on connect.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -29,6 +32,13 @@ pub struct PostgresSagaLog {
     pool: PgPool,
     target: String,
     retention: Retention,
+    /// The schema the table lives in, whose saga ends this log announces.
+    schema: String,
+    /// The replica this log writes as, once registered: its appends to a saga
+    /// another replica owns are refused.
+    replica: RwLock<Option<String>>,
+    /// Saga ends announced by the database, listened for once asked.
+    ends: OnceLock<Ends>,
     /// Stops the background pruning when the log is dropped.
     _pruner: Option<Pruner>,
 }
@@ -67,10 +77,25 @@ impl PostgresSagaLog {
             })?;
         }
         MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { target: target.clone(), source })?;
+        let schema = match schema {
+            Some(schema) => schema.to_owned(),
+            None => sqlx::query_scalar("SELECT current_schema()")
+                .fetch_one(&pool)
+                .await
+                .map_err(|source| Error::Database { target: target.clone(), what: "reading the schema", source })?,
+        };
         let pruner =
             options.prune_interval.map(|every| Pruner::spawn(pool.clone(), target.clone(), options.retention, every));
         tracing::debug!(target = %target, "postgres saga log ready");
-        Ok(Self { pool, target, retention: options.retention, _pruner: pruner })
+        Ok(Self {
+            pool,
+            target,
+            retention: options.retention,
+            schema,
+            replica: RwLock::new(None),
+            ends: OnceLock::new(),
+            _pruner: pruner,
+        })
     }
 
     /// Prunes ended sagas per the retention now, returning how many were dropped.
@@ -90,6 +115,10 @@ impl PostgresSagaLog {
     /// Closes every connection; later calls fail as unavailable.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    fn replica(&self) -> Option<String> {
+        self.replica.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn unavailable(&self, what: &str, error: sqlx::Error) -> LogError {
@@ -124,7 +153,7 @@ async fn create_schema(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
 }
 
 /// Reads a stored record back.
-fn decode(request_id: &str, text: &str) -> Result<SagaRecord, LogError> {
+pub(crate) fn decode(request_id: &str, text: &str) -> Result<SagaRecord, LogError> {
     serde_json::from_str(text).map_err(|e| LogError::Corrupt(format!("saga `{request_id}`: {e}")))
 }
 
@@ -175,9 +204,9 @@ impl SagaLog for PostgresSagaLog {
         // A concurrent prune may delete the row between the insert and the select; try again then.
         for _ in 0..3 {
             let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO sagaflow_sagas (request_id, facade, mode, status, record, created_at, updated_at) \
+                "INSERT INTO sagaflow_sagas (request_id, facade, mode, status, record, created_at, updated_at, owner) \
                  VALUES ($1, $2, $3, $4, $5::text::jsonb, to_timestamp($6::float8 / 1000), \
-                 to_timestamp($6::float8 / 1000)) \
+                 to_timestamp($6::float8 / 1000), $7) \
                  ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
             )
             .bind(&record.request_id)
@@ -186,6 +215,7 @@ impl SagaLog for PostgresSagaLog {
             .bind(record.status().to_string())
             .bind(&json)
             .bind(ms(record.created_ms))
+            .bind(&record.owner)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.unavailable("begin", e))?;
@@ -212,6 +242,7 @@ impl SagaLog for PostgresSagaLog {
         // On every early return the dropped transaction rolls back, releasing the row lock.
         let Some(text) = text else { return Err(LogError::NotFound(request_id.to_owned())) };
         let mut record = decode(request_id, &text)?;
+        check_owner(&record, self.replica().as_deref())?;
         record.apply(&event)?;
         let json = encode(&record)?;
         write(&mut tx, &record, json).await.map_err(|e| self.unavailable("append (update)", e))?;
@@ -256,5 +287,43 @@ impl SagaLog for PostgresSagaLog {
 
     fn name(&self) -> &'static str {
         "postgres"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn register(&self, replica: &str, now_ms: u64, ttl: Duration) -> Result<Lease, LogError> {
+        let lease =
+            replicas::register(&self.pool, replica, now_ms, ttl).await.map_err(|e| self.unavailable("register", e))?;
+        *self.replica.write().unwrap_or_else(|e| e.into_inner()) = Some(replica.to_owned());
+        Ok(lease)
+    }
+
+    async fn renew(&self, replica: &str, lease: Lease, now_ms: u64, ttl: Duration) -> Result<Lease, LogError> {
+        replicas::renew(&self.pool, replica, lease, now_ms, ttl)
+            .await
+            .map_err(|e| self.unavailable("renew", e))?
+            .ok_or_else(|| LogError::LeaseLost(replica.to_owned()))
+    }
+
+    async fn expired(&self, now_ms: u64) -> Result<Vec<String>, LogError> {
+        replicas::expired(&self.pool, now_ms).await.map_err(|e| self.unavailable("expired", e))
+    }
+
+    async fn claim(&self, dead: &str, by: &str, now_ms: u64) -> Result<Option<Vec<SagaRecord>>, LogError> {
+        let rows = replicas::claim(&self.pool, dead, by, now_ms).await.map_err(|e| self.unavailable("claim", e))?;
+        rows.map(|rows| replicas::records(&rows)).transpose()
+    }
+
+    async fn unfinished_of(&self, replica: &str) -> Result<Vec<SagaRecord>, LogError> {
+        let rows =
+            replicas::unfinished_of(&self.pool, replica).await.map_err(|e| self.unavailable("unfinished_of", e))?;
+        replicas::records(&rows)
+    }
+
+    fn ends(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        let ends = self.ends.get_or_init(|| Ends::listen(self.pool.clone(), self.schema.clone(), self.target.clone()));
+        Some(ends.subscribe())
     }
 }

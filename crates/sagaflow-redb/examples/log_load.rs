@@ -76,6 +76,7 @@ async fn saga(log: &dyn SagaLog, id: String, gap: Duration) -> [Duration; 2] {
         data: data.clone(),
         deadline_ms: u64::MAX,
         callback_url: None,
+        owner: None,
     };
     let began = Instant::now();
     log.begin(start).await.expect("begin");

@@ -71,5 +71,6 @@ fn new_saga(id: &str) -> NewSaga {
         data: json!({ "product_id": 1, "count": 2 }),
         deadline_ms: u64::MAX,
         callback_url: None,
+        owner: None,
     }
 }

@@ -30,6 +30,7 @@
 //!     data: serde_json::json!({}),
 //!     deadline_ms: u64::MAX,
 //!     callback_url: None,
+//!     owner: None,
 //! };
 //! assert!(matches!(log.begin(saga).await?, Begin::Started(_)));
 //! log.append("req-1", SagaEvent::StepStarted { index: 0 }).await?;

@@ -32,6 +32,8 @@ pub const CALLBACKS: &str = "sagaflow_callbacks_total";
 pub const RECOVERED: &str = "sagaflow_recovered_total";
 /// Stale sagas resumed by the sweep (no progress for longer than their timeout), by `facade`.
 pub const RESUMED_STALE: &str = "sagaflow_resumed_stale_total";
+/// Sagas taken over from a replica whose lease ran out, by `facade`.
+pub const TAKEN_OVER: &str = "sagaflow_taken_over_total";
 /// Saga log writes retried because the log was unavailable.
 pub const LOG_RETRIES: &str = "sagaflow_log_retries_total";
 
@@ -59,6 +61,7 @@ pub(crate) fn describe() {
     describe_counter!(CALLBACKS, "Callback deliveries, by result");
     describe_counter!(RECOVERED, "Unfinished sagas picked up at start");
     describe_counter!(RESUMED_STALE, "Stale sagas resumed by the sweep");
+    describe_counter!(TAKEN_OVER, "Sagas taken over from replicas whose lease ran out");
     describe_counter!(LOG_RETRIES, "Saga log writes retried while the log was unavailable");
 }
 

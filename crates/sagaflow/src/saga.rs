@@ -217,6 +217,9 @@ pub struct NewSaga {
     pub deadline_ms: u64,
     /// Where to POST the outcome (async flows).
     pub callback_url: Option<String>,
+    /// The replica that drives it, in a log several replicas share (sync and
+    /// throttling sagas run in their replica; async hops go to any).
+    pub owner: Option<String>,
 }
 
 /// One line of a saga's history.
@@ -259,6 +262,9 @@ pub struct SagaRecord {
     pub created_ms: u64,
     /// Unix ms of its last change.
     pub updated_ms: u64,
+    /// The replica that drives it (see [`NewSaga::owner`]); `None` for any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Every event applied, without data.
     pub history: Vec<HistoryEntry>,
 }
@@ -284,6 +290,7 @@ impl SagaRecord {
             callback_url: start.callback_url,
             created_ms: now,
             updated_ms: now,
+            owner: start.owner,
             history: vec![HistoryEntry {
                 at_ms: now,
                 event: "started".into(),
@@ -445,6 +452,7 @@ mod tests {
             data: json!({}),
             deadline_ms: u64::MAX,
             callback_url: None,
+            owner: None,
         })
     }
 

@@ -45,6 +45,11 @@ impl Completions {
         }
     }
 
+    /// Whether somebody in this process waits for the saga.
+    pub(crate) fn is_waiting(&self, request_id: &str) -> bool {
+        self.lock().contains_key(request_id)
+    }
+
     /// Number of request ids somebody waits for.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
@@ -101,6 +106,7 @@ mod tests {
             data: json!(null),
             deadline_ms: 0,
             callback_url: None,
+            owner: None,
         })
     }
 

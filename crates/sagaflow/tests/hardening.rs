@@ -272,6 +272,7 @@ fn unfinished_sync(id: &str, deadline_ms: u64) -> NewSaga {
         data: serde_json::json!([]),
         deadline_ms,
         callback_url: None,
+        owner: None,
     }
 }
 

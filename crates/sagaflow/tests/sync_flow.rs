@@ -296,6 +296,7 @@ async fn crashed_saga(log: &MemorySagaLog, deadline_ms: u64) {
         data: serde_json::json!([]),
         deadline_ms,
         callback_url: None,
+        owner: None,
     };
     log.begin(saga).await.unwrap();
     log.append("r1", SagaEvent::StepStarted { index: 0 }).await.unwrap();

@@ -581,6 +581,7 @@ mod tests {
             data: json!(null),
             deadline_ms: u64::MAX,
             callback_url: None,
+            owner: None,
         });
         record.created_ms = created_ms;
         record

@@ -24,6 +24,7 @@ pub(crate) fn new_saga(id: &str) -> NewSaga {
         data: json!(null),
         deadline_ms: u64::MAX,
         callback_url: None,
+        owner: None,
     }
 }
 

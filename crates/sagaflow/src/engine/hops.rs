@@ -98,6 +98,10 @@ impl<D: FlowData> FlowRuntime<D> {
                 Err(Error::ShuttingDown) => return drop(delivery), // redelivered later
                 Err(e) => return self.retry_later(delivery, &e).await,
             };
+            if self.foreign(&record) {
+                tracing::debug!("rollback of a saga another replica drives now; left to it");
+                return self.ack(delivery).await;
+            }
             if record.state.is_ended() {
                 // A duplicate of work already done: wake any waiter, nothing more.
                 self.engine.completions.complete(&record);
@@ -117,6 +121,10 @@ impl<D: FlowData> FlowRuntime<D> {
                     self.ack(delivery).await;
                 }
                 Ok(None) | Err(Error::ShuttingDown) => drop(delivery), // redelivered later
+                Err(Error::Log(LogError::NotOwner { owner, .. })) => {
+                    tracing::warn!(%owner, "saga taken over by another replica mid-compensation; left to it");
+                    self.ack(delivery).await;
+                }
                 Err(e @ Error::Data { .. }) => self.dead_letter(delivery, e.to_string()).await,
                 Err(e) => self.retry_later(delivery, &e).await,
             }
@@ -162,6 +170,10 @@ impl<D: FlowData> FlowRuntime<D> {
             match self.run_hop(&id, index, data, claim).await {
                 Ok(true) => self.ack(delivery).await,
                 Ok(false) | Err(Error::ShuttingDown) => drop(delivery), // redelivered later
+                Err(Error::Log(LogError::NotOwner { owner, .. })) => {
+                    tracing::warn!(%owner, "saga taken over by another replica mid-step; left to it");
+                    self.ack(delivery).await;
+                }
                 Err(e @ (Error::Data { .. } | Error::Log(LogError::NotFound(_)))) => {
                     self.dead_letter(delivery, e.to_string()).await
                 }
@@ -179,6 +191,9 @@ impl<D: FlowData> FlowRuntime<D> {
     pub(super) async fn run_hop(&self, id: &Arc<str>, index: usize, mut data: D, claim: Claim) -> Result<bool> {
         let record = self.engine.durably(|| self.engine.log.get(id)).await?;
         let record = record.ok_or_else(|| LogError::NotFound(id.to_string()))?;
+        if self.foreign(&record) {
+            return Ok(true); // taken over: its new owner queued this hop again on its own topics
+        }
         match &record.state {
             SagaState::Running if record.completed == index => {}
             SagaState::Running if record.completed > index => {

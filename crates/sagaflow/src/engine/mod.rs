@@ -37,6 +37,9 @@ mod hops;
 /// gRPC's RESOURCE_EXHAUSTED: the callee refused the call for load.
 const RESOURCE_EXHAUSTED: i32 = 8;
 
+/// How often a caller waiting for a saga on a shared log re-reads it.
+const REREAD: Duration = Duration::from_secs(1);
+
 /// What the engine shares across flows.
 pub(crate) struct Engine {
     pub(crate) broker: Arc<dyn Broker>,
@@ -59,6 +62,7 @@ pub(crate) struct Stats {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) recovered: AtomicU64,
     pub(crate) resumed_stale: AtomicU64,
+    pub(crate) taken_over: AtomicU64,
 }
 
 /// A hop of an async or throttled saga: run step `step` with `data`.
@@ -92,6 +96,8 @@ pub(crate) enum Resume {
     /// By the sweep: it made no progress for longer than its timeout and
     /// nothing in this process works on it.
     Stale,
+    /// Taken over from a replica whose lease ran out.
+    Takeover,
 }
 
 /// How one action ended after its retries.
@@ -118,6 +124,9 @@ pub(crate) trait Registered: Send + Sync + 'static {
     async fn start_consumers(self: Arc<Self>) -> Result<()>;
     async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()>;
     async fn resume_compensation(&self, record: &SagaRecord) -> Result<()>;
+    /// Consumes the per-pod topics of replica `pod` (gone; its sagas taken
+    /// over here), so nothing waits there for a pod that never comes back.
+    async fn drain(self: Arc<Self>, pod: &str) -> Result<()>;
 }
 
 /// A flow registered under a facade, with its topics.
@@ -147,10 +156,15 @@ impl<D: FlowData> FlowRuntime<D> {
     /// The broker topic for a topic id: prefixed, and pod-suffixed where the
     /// caller waits in this pod (sync and throttling).
     fn topic(&self, id: &str) -> String {
-        let o = &self.engine.options;
+        self.topic_of(id, &self.engine.options.pod_id)
+    }
+
+    /// The broker topic for a topic id in pod `pod`.
+    fn topic_of(&self, id: &str, pod: &str) -> String {
+        let prefix = &self.engine.options.topic_prefix;
         match self.mode {
-            Mode::Async => format!("{}.{id}", o.topic_prefix),
-            Mode::Sync | Mode::Throttling => format!("{}.{id}.{}", o.topic_prefix, o.pod_id),
+            Mode::Async => format!("{prefix}.{id}"),
+            Mode::Sync | Mode::Throttling => format!("{prefix}.{id}.{pod}"),
         }
     }
 
@@ -174,6 +188,9 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     fn new_saga(&self, request_id: &str, data: serde_json::Value, callback_url: Option<String>) -> NewSaga {
+        // On a shared log a sync or throttling saga belongs to this replica: its
+        // steps run here, its hops wait on this pod's topics. Async hops go to any.
+        let owner = (self.mode != Mode::Async && self.engine.log.shared()).then(|| self.engine.options.pod_id.clone());
         NewSaga {
             request_id: request_id.to_owned(),
             facade: self.facade.to_string(),
@@ -182,6 +199,7 @@ impl<D: FlowData> FlowRuntime<D> {
             data,
             deadline_ms: now_ms() + self.flow.saga_timeout.as_millis() as u64,
             callback_url,
+            owner,
         }
     }
 
@@ -215,9 +233,15 @@ impl<D: FlowData> FlowRuntime<D> {
             let deadline = Instant::now() + this.flow.saga_timeout;
             this.drive_forward(&id, data, record.completed, deadline, Run::Fresh).await.map(Ok)
         };
-        match self.detached(request_id, saga.instrument(span)).await? {
-            Ok(outcome) => Ok(outcome),
-            Err(existing) => self.await_existing(existing).await,
+        match self.detached(request_id, saga.instrument(span)).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(existing)) => self.await_existing(existing).await,
+            // Taken over by another replica while this one was cut off: it ends there.
+            Err(Error::Log(LogError::NotOwner { .. })) => {
+                let record = self.engine.log.get(request_id).await?;
+                self.await_existing(record.ok_or_else(|| LogError::NotFound(request_id.to_owned()))?).await
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -315,6 +339,12 @@ impl<D: FlowData> FlowRuntime<D> {
         }
     }
 
+    /// Whether the saga belongs to another replica of a shared log (taken
+    /// over from this one): this replica must leave it alone.
+    fn foreign(&self, record: &SagaRecord) -> bool {
+        self.engine.log.shared() && record.owner.as_deref().is_some_and(|o| o != self.engine.options.pod_id)
+    }
+
     fn check_facade(&self, existing: &SagaRecord) -> Result<()> {
         if existing.facade != *self.facade {
             return Err(Error::RequestIdInUse {
@@ -337,17 +367,28 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Waits for the saga's end: the waiter is registered first, then the log
-    /// is read, so an end in between is not missed.
+    /// is read, so an end in between is not missed. On a log that replicas
+    /// share, the saga may end in another replica: its announcement wakes the
+    /// waiter, and the log is re-read every [`REREAD`] in case one is missed.
     async fn wait_end(&self, waiter: &mut Waiter, request_id: &str) -> Result<SagaRecord> {
-        if let Some(record) = self.engine.log.get(request_id).await?
-            && record.state.is_ended()
-        {
-            return Ok(record);
-        }
-        match tokio::time::timeout(self.engine.options.wait_timeout, waiter.wait()).await {
-            Ok(Some(record)) => Ok(record),
-            Ok(None) => Err(Error::ShuttingDown),
-            Err(_) => Err(Error::WaitTimeout(request_id.to_owned())),
+        let until = Instant::now() + self.engine.options.wait_timeout;
+        let shared = self.engine.log.shared();
+        loop {
+            if let Some(record) = self.engine.log.get(request_id).await?
+                && record.state.is_ended()
+            {
+                return Ok(record);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Err(Error::WaitTimeout(request_id.to_owned()));
+            }
+            let wait = if shared { REREAD.min(until - now) } else { until - now };
+            match tokio::time::timeout(wait, waiter.wait()).await {
+                Ok(Some(record)) => return Ok(record),
+                Ok(None) => return Err(Error::ShuttingDown),
+                Err(_) => {}
+            }
         }
     }
 }
@@ -453,12 +494,42 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                 self.engine.stats.resumed_stale.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::RESUMED_STALE, "facade" => facade).increment(1);
             }
+            Resume::Takeover => {
+                self.engine.stats.taken_over.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::TAKEN_OVER, "facade" => facade.clone()).increment(1);
+                metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).increment(1.0);
+            }
         }
         Ok(())
     }
 
     async fn resume_compensation(&self, record: &SagaRecord) -> Result<()> {
         self.publish_rollback(record).await
+    }
+
+    async fn drain(self: Arc<Self>, pod: &str) -> Result<()> {
+        if self.mode == Mode::Async {
+            return Ok(()); // async topics are shared by every replica
+        }
+        // (topic id, step) of each per-pod topic; no step: the rollback topic.
+        let mut topics = vec![(self.rollback_topic_id(), None)];
+        if self.mode == Mode::Throttling {
+            topics.extend((0..self.flow.len()).map(|i| (self.hop_topic_id(i), Some(i))));
+        }
+        for (topic_id, step) in topics {
+            let mut options = self.subscribe_options(&topic_id);
+            options.topic = self.topic_of(&topic_id, pod);
+            let subscription = self.engine.broker.subscribe(options).await?;
+            let this = self.clone();
+            let concurrency = self.engine.options.concurrency_of(&topic_id);
+            match step {
+                Some(index) => {
+                    spawn_consumer(&self.engine, subscription, concurrency, move |d| this.clone().on_hop(index, d))
+                }
+                None => spawn_consumer(&self.engine, subscription, concurrency, move |d| this.clone().on_rollback(d)),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -172,6 +172,7 @@ mod tests {
             data: json!(null),
             deadline_ms: u64::MAX,
             callback_url: None,
+            owner: None,
         }
     }
 

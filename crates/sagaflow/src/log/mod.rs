@@ -1,12 +1,14 @@
 //! The saga log abstraction: every state change of a saga goes through it.
 
 mod memory;
+mod replicas;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub use memory::MemorySagaLog;
+pub use replicas::{Lease, check_owner};
 
 use crate::saga::{NewSaga, SagaEvent, SagaRecord, SagaStatus, TransitionError};
 
@@ -26,6 +28,18 @@ pub enum LogError {
     /// A stored record could not be read back.
     #[error("saga log record corrupt: {0}")]
     Corrupt(String),
+    /// The saga belongs to another replica now (it was taken over while this
+    /// one's lease had expired): this replica must stop driving it.
+    #[error("saga `{request_id}` is driven by replica `{owner}` now")]
+    NotOwner {
+        /// The saga.
+        request_id: String,
+        /// Its owner.
+        owner: String,
+    },
+    /// This replica's lease expired and its sagas were taken over.
+    #[error("replica `{0}` lost its lease; its sagas were taken over")]
+    LeaseLost(String),
 }
 
 /// What [`SagaLog::begin`] found.
@@ -121,5 +135,58 @@ pub trait SagaLog: Send + Sync + 'static {
     /// [`LogHealth::NotServing`] until they have.
     fn health(&self) -> LogHealth {
         LogHealth::Serving
+    }
+
+    /// Whether several orchestrator processes can share this log. The
+    /// embedded and in-memory logs belong to one process; the methods below
+    /// are then no-ops that make that process the owner of everything.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Registers `replica` as alive until `now_ms + ttl` under a new epoch.
+    /// A restarted replica (same id) keeps the unfinished sagas it still owns.
+    /// From then on this log instance writes as `replica`: appends to a saga
+    /// another replica owns fail with [`LogError::NotOwner`].
+    async fn register(&self, replica: &str, now_ms: u64, ttl: Duration) -> Result<Lease, LogError> {
+        let _ = (replica, now_ms, ttl);
+        Ok(Lease { epoch: 1, until_ms: u64::MAX })
+    }
+
+    /// Extends the lease of `replica` taken under `lease.epoch`;
+    /// [`LogError::LeaseLost`] if its sagas were taken over since.
+    async fn renew(&self, replica: &str, lease: Lease, now_ms: u64, ttl: Duration) -> Result<Lease, LogError> {
+        let _ = (replica, now_ms, ttl);
+        Ok(lease)
+    }
+
+    /// Replicas whose lease ran out before `now_ms` and whose sagas nobody
+    /// has taken over yet.
+    async fn expired(&self, now_ms: u64) -> Result<Vec<String>, LogError> {
+        let _ = now_ms;
+        Ok(Vec::new())
+    }
+
+    /// Takes over every unfinished saga of the expired replica `dead` for
+    /// `by`, atomically: of several replicas claiming at once exactly one gets
+    /// `Some` with the sagas (now owned by `by`); the others, and a claim on a
+    /// replica that renewed in the meantime, get `None`.
+    async fn claim(&self, dead: &str, by: &str, now_ms: u64) -> Result<Option<Vec<SagaRecord>>, LogError> {
+        let _ = (dead, by, now_ms);
+        Ok(None)
+    }
+
+    /// The unfinished sagas `replica` drives: its own and the unowned ones.
+    async fn unfinished_of(&self, replica: &str) -> Result<Vec<SagaRecord>, LogError> {
+        let mut records = self.unfinished().await?;
+        records.retain(|r| r.owner.as_deref().is_none_or(|o| o == replica));
+        Ok(records)
+    }
+
+    /// Request ids of sagas that ended, written by any process sharing the
+    /// log, as they end (best effort: a missed one is found by re-reading).
+    /// `None` when the log has no such feed.
+    fn ends(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
     }
 }

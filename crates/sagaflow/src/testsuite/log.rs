@@ -12,6 +12,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
+pub use super::replicas::{
+    claim_takes_over_exactly_once, ends_are_announced, leases_expire_and_renew, restart_keeps_own_sagas,
+};
 use super::{unique_name, within};
 use crate::log::{Begin, ListFilter, LogError, SagaLog};
 use crate::saga::{Failure, Mode, NewSaga, SagaEvent, SagaRecord, SagaState, SagaStatus, now_ms};
@@ -42,6 +45,7 @@ fn new_saga(request_id: &str, facade: &str, steps: usize) -> NewSaga {
         data: json!({ "request": request_id, "count": 2 }),
         deadline_ms: now_ms() + 3_600_000,
         callback_url: Some("http://127.0.0.1:9/callback?kind=conformance".to_owned()),
+        owner: None,
     }
 }
 

@@ -42,6 +42,7 @@
 
 pub mod broker;
 pub mod log;
+mod replicas;
 
 use std::fmt;
 use std::io::Write as _;
@@ -163,6 +164,10 @@ macro_rules! saga_log_conformance_tests {
             saga_log_conformance_concurrent_appends => concurrent_appends,
             saga_log_conformance_histories_round_trip => histories_round_trip,
             saga_log_conformance_durable_across_reopen => durable_across_reopen,
+            saga_log_conformance_leases_expire_and_renew => leases_expire_and_renew,
+            saga_log_conformance_claim_takes_over_exactly_once => claim_takes_over_exactly_once,
+            saga_log_conformance_restart_keeps_own_sagas => restart_keeps_own_sagas,
+            saga_log_conformance_ends_are_announced => ends_are_announced,
         );
     };
 }

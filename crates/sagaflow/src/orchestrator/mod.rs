@@ -13,11 +13,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::callback::CallbackSink;
-use crate::engine::{Engine, FlowRuntime, Registered, Resume, Stats};
+use crate::engine::{Engine, FlowRuntime, Registered, Stats};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 use crate::log::{ListFilter, LogError, SagaLog};
-use crate::saga::{Mode, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
+use crate::saga::{Mode, Outcome, SagaEvent, SagaRecord, SagaState};
+
+mod recovery;
+mod replicas;
 
 /// What flow data must be: a serde type that can cross threads.
 pub trait FlowData: Serialize + DeserializeOwned + Send + Sync + 'static {}
@@ -54,6 +57,12 @@ pub struct Options {
     /// How often unfinished sagas are checked for having made no progress for
     /// longer than their timeout (and resumed if nothing here drives them).
     pub stale_sweep_interval: Duration,
+    /// On a shared log: how long this replica counts as alive after each
+    /// renewal. Another replica takes its sagas over once it runs out.
+    pub lease_ttl: Duration,
+    /// On a shared log: how often the lease is renewed and expired replicas
+    /// looked for. Well under `lease_ttl`, so a slow renewal does not lose it.
+    pub lease_renew_interval: Duration,
 }
 
 impl Default for Options {
@@ -69,6 +78,8 @@ impl Default for Options {
             wait_timeout: Duration::from_secs(30),
             max_running_sagas: 4096,
             stale_sweep_interval: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(10),
+            lease_renew_interval: Duration::from_secs(3),
         }
     }
 }
@@ -98,6 +109,12 @@ impl Options {
         }
         if self.stale_sweep_interval.is_zero() {
             return Err(Error::Config("stale_sweep_interval must be positive".into()));
+        }
+        if self.lease_renew_interval.is_zero() || self.lease_renew_interval >= self.lease_ttl {
+            return Err(Error::Config(format!(
+                "lease_renew_interval ({:?}) must be positive and shorter than lease_ttl ({:?})",
+                self.lease_renew_interval, self.lease_ttl
+            )));
         }
         if self.max_deliveries == 0 {
             return Err(Error::Config("max_deliveries must be at least 1".into()));
@@ -132,6 +149,8 @@ pub struct OrchestratorStats {
     pub recovered: u64,
     /// Stale sagas resumed by the sweep.
     pub resumed_stale: u64,
+    /// Sagas taken over from replicas whose lease ran out.
+    pub taken_over: u64,
     /// Sagas (steps or compensations) some task of this process works on right now.
     pub working: usize,
     /// Request ids callers wait for right now.
@@ -235,9 +254,12 @@ impl OrchestratorBuilder {
         for flow in orchestrator.flows.values() {
             flow.clone().start_consumers().await?;
         }
+        let lease = orchestrator.join_replicas().await?;
         orchestrator.recover().await?;
         orchestrator.sample_queue_depths();
         orchestrator.sweep_stale();
+        orchestrator.keep_lease(lease);
+        orchestrator.relay_ends();
         Ok(orchestrator)
     }
 }
@@ -389,6 +411,7 @@ impl Orchestrator {
             dead_lettered: self.engine.stats.dead_lettered.load(Ordering::Relaxed),
             recovered: self.engine.stats.recovered.load(Ordering::Relaxed),
             resumed_stale: self.engine.stats.resumed_stale.load(Ordering::Relaxed),
+            taken_over: self.engine.stats.taken_over.load(Ordering::Relaxed),
             working: self.engine.claims.len(),
             waiting: self.engine.completions.len(),
         }
@@ -414,70 +437,6 @@ impl Orchestrator {
                 }
             }
         });
-    }
-
-    /// Every `stale_sweep_interval`, resumes the unfinished sagas that made no
-    /// progress for longer than their timeout and that nothing in this process
-    /// works on: a sync saga whose task was lost, a hop or a rollback that left
-    /// the broker without effect. Resuming is safe twice over: every step and
-    /// compensation is checked against the log before it runs.
-    fn sweep_stale(&self) {
-        let this = self.clone();
-        self.engine.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(this.engine.options.stale_sweep_interval);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = this.engine.shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let unfinished = match this.engine.log.unfinished().await {
-                    Ok(unfinished) => unfinished,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "stale-saga sweep could not read the log; next round retries");
-                        continue;
-                    }
-                };
-                let now = now_ms();
-                for record in unfinished {
-                    let timeout = record.deadline_ms.saturating_sub(record.created_ms);
-                    if now < record.updated_ms.saturating_add(timeout) || this.engine.claims.is_claimed(&record.request_id)
-                    {
-                        continue;
-                    }
-                    let Some(flow) = this.flows.get(&record.facade) else { continue };
-                    let id = record.request_id.clone();
-                    tracing::warn!(request_id = %id, status = %record.status(), "saga made no progress; resuming it");
-                    if let Err(e) = flow.clone().recover(record, Resume::Stale).await {
-                        tracing::warn!(request_id = %id, error = %e, "could not resume a stale saga; next round retries");
-                    }
-                }
-            }
-        });
-    }
-
-    async fn recover(&self) -> Result<()> {
-        let unfinished = self.engine.log.unfinished().await?;
-        if unfinished.is_empty() {
-            return Ok(());
-        }
-        tracing::info!(count = unfinished.len(), "recovering unfinished sagas");
-        for record in unfinished {
-            match self.flows.get(&record.facade) {
-                Some(flow) => {
-                    let id = record.request_id.clone();
-                    if let Err(e) = flow.clone().recover(record, Resume::Restart).await {
-                        tracing::error!(request_id = %id, error = %e, "could not recover saga; it stays unfinished");
-                    }
-                }
-                None => tracing::error!(
-                    request_id = %record.request_id,
-                    facade = %record.facade,
-                    "unfinished saga of a facade no longer registered; left as it is"
-                ),
-            }
-        }
-        Ok(())
     }
 
     /// Stops taking work, lets the handlers in flight finish, and closes the broker.

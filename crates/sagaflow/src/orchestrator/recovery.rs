@@ -1,0 +1,82 @@
+//! Picking up unfinished sagas: at start, and when they stall.
+
+use crate::engine::Resume;
+use crate::error::Result;
+use crate::saga::now_ms;
+
+use super::Orchestrator;
+
+impl Orchestrator {
+    /// Every `stale_sweep_interval`, resumes the unfinished sagas that made no
+    /// progress for longer than their timeout and that nothing in this process
+    /// works on: a sync saga whose task was lost, a hop or a rollback that left
+    /// the broker without effect. Resuming is safe twice over: every step and
+    /// compensation is checked against the log before it runs.
+    pub(super) fn sweep_stale(&self) {
+        let this = self.clone();
+        self.engine.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(this.engine.options.stale_sweep_interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = this.engine.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let unfinished = match this.engine.log.unfinished_of(&this.engine.options.pod_id).await {
+                    Ok(unfinished) => unfinished,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stale-saga sweep could not read the log; next round retries");
+                        continue;
+                    }
+                };
+                let now = now_ms();
+                for record in unfinished {
+                    let timeout = record.deadline_ms.saturating_sub(record.created_ms);
+                    if now < record.updated_ms.saturating_add(timeout) || this.engine.claims.is_claimed(&record.request_id)
+                    {
+                        continue;
+                    }
+                    let Some(flow) = this.flows.get(&record.facade) else { continue };
+                    let id = record.request_id.clone();
+                    tracing::warn!(request_id = %id, status = %record.status(), "saga made no progress; resuming it");
+                    if let Err(e) = flow.clone().recover(record, Resume::Stale).await {
+                        tracing::warn!(request_id = %id, error = %e, "could not resume a stale saga; next round retries");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Picks up the unfinished sagas this replica drives: all of them on a
+    /// log of its own; on a shared log only those it owns (a restart under the
+    /// same `pod_id`), as unowned async sagas may be in the hands of live
+    /// replicas (their hops come back from the broker, and the sweep finds
+    /// the ones that stall).
+    pub(super) async fn recover(&self) -> Result<()> {
+        let me = self.engine.options.pod_id.as_str();
+        let mut unfinished = self.engine.log.unfinished_of(me).await?;
+        if self.engine.log.shared() {
+            unfinished.retain(|r| r.owner.as_deref() == Some(me));
+        }
+        if unfinished.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(count = unfinished.len(), "recovering unfinished sagas");
+        for record in unfinished {
+            match self.flows.get(&record.facade) {
+                Some(flow) => {
+                    let id = record.request_id.clone();
+                    if let Err(e) = flow.clone().recover(record, Resume::Restart).await {
+                        tracing::error!(request_id = %id, error = %e, "could not recover saga; it stays unfinished");
+                    }
+                }
+                None => tracing::error!(
+                    request_id = %record.request_id,
+                    facade = %record.facade,
+                    "unfinished saga of a facade no longer registered; left as it is"
+                ),
+            }
+        }
+        Ok(())
+    }
+}

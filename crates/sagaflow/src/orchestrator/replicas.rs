@@ -1,0 +1,135 @@
+//! Several replicas over one shared saga log: this replica's lease, the
+//! takeover of sagas whose replica's lease ran out, and answers for sagas
+//! that another replica ends.
+
+use std::collections::HashSet;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::MissedTickBehavior;
+
+use crate::engine::Resume;
+use crate::error::Result;
+use crate::log::{Lease, LogError};
+use crate::saga::now_ms;
+
+use super::Orchestrator;
+
+impl Orchestrator {
+    /// Registers this replica in a shared log; `None` for a log of its own.
+    pub(super) async fn join_replicas(&self) -> Result<Option<Lease>> {
+        if !self.engine.log.shared() {
+            return Ok(None);
+        }
+        let o = &self.engine.options;
+        let lease = self.engine.log.register(&o.pod_id, now_ms(), o.lease_ttl).await?;
+        tracing::info!(replica = %o.pod_id, epoch = lease.epoch, "registered in the shared saga log");
+        Ok(Some(lease))
+    }
+
+    /// Renews the lease every `lease_renew_interval`, and takes over the
+    /// sagas of replicas whose lease ran out.
+    pub(super) fn keep_lease(&self, lease: Option<Lease>) {
+        let Some(mut lease) = lease else { return };
+        let this = self.clone();
+        self.engine.tasks.spawn(async move {
+            let (log, o) = (&this.engine.log, &this.engine.options);
+            let me = o.pod_id.as_str();
+            let mut tick = tokio::time::interval(o.lease_renew_interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut draining = HashSet::new();
+            loop {
+                tokio::select! {
+                    _ = this.engine.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match log.renew(me, lease, now_ms(), o.lease_ttl).await {
+                    Ok(renewed) => lease = renewed,
+                    Err(LogError::LeaseLost(_)) => {
+                        // Paused or cut off past the lease: the sagas it drove are another
+                        // replica's now (the log refuses this one's writes to them).
+                        tracing::warn!(replica = me, "lease ran out and this replica's sagas were taken over");
+                        match log.register(me, now_ms(), o.lease_ttl).await {
+                            Ok(fresh) => lease = fresh,
+                            Err(e) => tracing::warn!(error = %e, "could not register again; next round retries"),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not renew this replica's lease; next round retries");
+                        continue;
+                    }
+                }
+                this.take_over_expired(&mut draining).await;
+            }
+        });
+    }
+
+    /// Claims the sagas of every replica whose lease ran out, drives them
+    /// here, and consumes what waits on that replica's per-pod topics.
+    async fn take_over_expired(&self, draining: &mut HashSet<String>) {
+        let (log, me) = (&self.engine.log, self.engine.options.pod_id.as_str());
+        let expired = match log.expired(now_ms()).await {
+            Ok(expired) => expired,
+            Err(e) => return tracing::warn!(error = %e, "could not look for expired replicas"),
+        };
+        for dead in expired.into_iter().filter(|r| r != me) {
+            let records = match log.claim(&dead, me, now_ms()).await {
+                Ok(Some(records)) => records,
+                Ok(None) => continue, // another replica was first, or it came back
+                Err(e) => {
+                    tracing::warn!(replica = %dead, error = %e, "could not take over an expired replica");
+                    continue;
+                }
+            };
+            tracing::warn!(replica = %dead, sagas = records.len(), "took over the sagas of an expired replica");
+            for record in records {
+                let Some(flow) = self.flows.get(&record.facade) else {
+                    tracing::error!(request_id = %record.request_id, facade = %record.facade, "taken-over saga of a facade not registered here; left as it is");
+                    continue;
+                };
+                let id = record.request_id.clone();
+                if let Err(e) = flow.clone().recover(record, Resume::Takeover).await {
+                    tracing::warn!(request_id = %id, error = %e, "could not resume a taken-over saga; the sweep retries");
+                }
+            }
+            if draining.insert(dead.clone()) {
+                for flow in self.flows.values() {
+                    if let Err(e) = flow.clone().drain(&dead).await {
+                        tracing::warn!(replica = %dead, error = %e, "could not consume an expired replica's topics");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wakes the callers waiting here for sagas that another replica ends, as
+    /// the log announces the ends (callers also re-read the log now and then,
+    /// for an announcement that is missed).
+    pub(super) fn relay_ends(&self) {
+        let Some(mut ends) = self.engine.log.ends() else { return };
+        let engine = self.engine.clone();
+        self.engine.tasks.spawn(async move {
+            loop {
+                let id = tokio::select! {
+                    _ = engine.shutdown.cancelled() => return,
+                    end = ends.recv() => match end {
+                        Ok(id) => id,
+                        Err(RecvError::Lagged(missed)) => {
+                            tracing::debug!(missed, "saga ends missed; waiting callers re-read the log");
+                            continue;
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
+                };
+                if !engine.completions.is_waiting(&id) {
+                    continue;
+                }
+                match engine.log.get(&id).await {
+                    Ok(Some(record)) if record.state.is_ended() => engine.completions.complete(&record),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(request_id = %id, error = %e, "could not read an ended saga"),
+                }
+            }
+        });
+    }
+}
