@@ -57,6 +57,8 @@ pub struct Config {
     pub wait_timeout_ms: u64,
     /// The HTTP callbacks of async sagas.
     pub callbacks: CallbackConfig,
+    /// Several replicas sharing the PostgreSQL saga log: leases and takeover.
+    pub replicas: ReplicasConfig,
 }
 
 /// The broker drivers.
@@ -238,6 +240,27 @@ impl Default for CallbackConfig {
     }
 }
 
+/// How replicas sharing a PostgreSQL saga log watch each other.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicasConfig {
+    /// How long a replica counts as alive after renewing its lease, in ms;
+    /// another replica takes its sagas over once it runs out.
+    pub lease_ttl_ms: u64,
+    /// How often the lease is renewed and expired replicas looked for, in ms.
+    pub lease_renew_ms: u64,
+}
+
+impl Default for ReplicasConfig {
+    fn default() -> Self {
+        let options = sagaflow::Options::default();
+        Self {
+            lease_ttl_ms: options.lease_ttl.as_millis() as u64,
+            lease_renew_ms: options.lease_renew_interval.as_millis() as u64,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -259,6 +282,7 @@ impl Default for Config {
             flow: FlowConfig::default(),
             wait_timeout_ms: 30_000,
             callbacks: CallbackConfig::default(),
+            replicas: ReplicasConfig::default(),
         }
     }
 }
@@ -349,6 +373,15 @@ impl Config {
         if self.callbacks.attempts == 0 {
             bail!("callbacks.attempts must be at least 1");
         }
+        let r = &self.replicas;
+        if !(100..=3_600_000).contains(&r.lease_ttl_ms) || r.lease_renew_ms == 0 || r.lease_renew_ms >= r.lease_ttl_ms {
+            bail!(
+                "replicas.lease_ttl_ms must be between 100 and 3600000 and replicas.lease_renew_ms between 1 and below it \
+                 (got {} and {})",
+                r.lease_ttl_ms,
+                r.lease_renew_ms
+            );
+        }
         Ok(())
     }
 
@@ -366,6 +399,8 @@ impl Config {
                 .collect(),
             max_deliveries: self.message_queue.max_deliveries,
             wait_timeout: Duration::from_millis(self.wait_timeout_ms),
+            lease_ttl: Duration::from_millis(self.replicas.lease_ttl_ms),
+            lease_renew_interval: Duration::from_millis(self.replicas.lease_renew_ms),
             ..sagaflow::Options::default()
         }
     }
