@@ -188,9 +188,10 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     fn new_saga(&self, request_id: &str, data: serde_json::Value, callback_url: Option<String>) -> NewSaga {
-        // On a shared log a sync or throttling saga belongs to this replica: its
-        // steps run here, its hops wait on this pod's topics. Async hops go to any.
-        let owner = (self.mode != Mode::Async && self.engine.log.shared()).then(|| self.engine.options.pod_id.clone());
+        // On a shared log a saga belongs to the replica that began it: a sync or
+        // throttling saga's steps run there (its hops wait on that pod's topics); an
+        // async saga's hops go to any replica, and its owner answers for its recovery.
+        let owner = self.engine.log.shared().then(|| self.engine.options.pod_id.clone());
         NewSaga {
             request_id: request_id.to_owned(),
             facade: self.facade.to_string(),
@@ -342,7 +343,9 @@ impl<D: FlowData> FlowRuntime<D> {
     /// Whether the saga belongs to another replica of a shared log (taken
     /// over from this one): this replica must leave it alone.
     fn foreign(&self, record: &SagaRecord) -> bool {
-        self.engine.log.shared() && record.owner.as_deref().is_some_and(|o| o != self.engine.options.pod_id)
+        self.engine.log.shared()
+            && record.mode != Mode::Async
+            && record.owner.as_deref().is_some_and(|o| o != self.engine.options.pod_id)
     }
 
     fn check_facade(&self, existing: &SagaRecord) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Replicas sharing one saga log: leases, and who may write a saga.
 
 use super::LogError;
-use crate::saga::SagaRecord;
+use crate::saga::{Mode, SagaRecord};
 
 /// A replica's registration in a shared saga log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,8 +14,13 @@ pub struct Lease {
 }
 
 /// The fence a shared log applies under the saga's lock before each write:
-/// a saga owned by another replica is not this writer's to change.
+/// a sync or throttling saga owned by another replica is not this writer's to
+/// change. An async saga's owner only answers for its recovery: its hops go to
+/// whichever replica consumes them.
 pub fn check_owner(record: &SagaRecord, writer: Option<&str>) -> Result<(), LogError> {
+    if record.mode == Mode::Async {
+        return Ok(());
+    }
     match (record.owner.as_deref(), writer) {
         (Some(owner), Some(writer)) if owner != writer => {
             Err(LogError::NotOwner { request_id: record.request_id.clone(), owner: owner.to_owned() })

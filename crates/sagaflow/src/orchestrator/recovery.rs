@@ -47,11 +47,9 @@ impl Orchestrator {
         });
     }
 
-    /// Picks up the unfinished sagas this replica drives: all of them on a
-    /// log of its own; on a shared log only those it owns (a restart under the
-    /// same `pod_id`), as unowned async sagas may be in the hands of live
-    /// replicas (their hops come back from the broker, and the sweep finds
-    /// the ones that stall).
+    /// Picks up the unfinished sagas this replica answers for: all of them on
+    /// a log of its own; on a shared log those it owns (a restart under the
+    /// same `pod_id`), not the ones other live replicas drive.
     pub(super) async fn recover(&self) -> Result<()> {
         let me = self.engine.options.pod_id.as_str();
         let mut unfinished = self.engine.log.unfinished_of(me).await?;

@@ -21,7 +21,7 @@ fn owned_saga(request_id: &str, owner: Option<&str>) -> NewSaga {
     NewSaga {
         request_id: request_id.to_owned(),
         facade: "Replicas".to_owned(),
-        mode: if owner.is_some() { Mode::Sync } else { Mode::Async },
+        mode: Mode::Sync,
         steps: 2,
         data: json!({ "request": request_id }),
         deadline_ms: now_ms() + 3_600_000,
@@ -95,6 +95,13 @@ pub async fn claim_takes_over_exactly_once(harness: &dyn LogHarness) {
         owned.push(record.request_id);
     }
     let unowned = started(&*dead_log, owned_saga(&format!("{dead}-any"), None)).await.request_id;
+    // An async saga's owner answers for its recovery only: it is taken over too,
+    // and any replica may still write its hops.
+    let mut async_saga = owned_saga(&format!("{dead}-async"), Some(&dead));
+    async_saga.mode = Mode::Async;
+    let async_id = started(&*dead_log, async_saga).await.request_id;
+    owned.push(async_id.clone());
+    owned.sort();
     let ended = started(&*dead_log, owned_saga(&format!("{dead}-ended"), Some(&dead))).await.request_id;
     dead_log.append(&ended, SagaEvent::StepStarted { index: 0 }).await.expect("append");
     dead_log.append(&ended, SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!({}) }).await.unwrap();
@@ -130,6 +137,7 @@ pub async fn claim_takes_over_exactly_once(harness: &dyn LogHarness) {
         Err(LogError::NotOwner { owner, .. }) => assert_eq!(&owner, winner_name),
         other => panic!("a write by the replica the saga was taken from: {other:?}"),
     }
+    dead_log.append(&async_id, SagaEvent::StepStarted { index: 0 }).await.expect("any replica writes an async hop");
     let after = winner_log.append(&owned[0], SagaEvent::StepStarted { index: 0 }).await.expect("owner writes");
     assert_eq!(after.owner.as_deref(), Some(winner_name.as_str()));
     let theirs = winner_log.unfinished_of(winner_name).await.expect("unfinished_of");
