@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use sagaflow::log::{Begin, Lease, ListFilter, LogError, Retention, SagaLog, check_owner};
 use sagaflow::{NewSaga, SagaEvent, SagaRecord};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, QueryBuilder};
 
 use crate::ends::Ends;
 use crate::error::{Error, Result};
@@ -187,15 +187,6 @@ async fn write(conn: &mut PgConnection, record: &SagaRecord, json: String) -> Re
     Ok(())
 }
 
-const LIST_ALL: &str = "SELECT request_id, record::text FROM sagaflow_sagas \
-     ORDER BY created_at DESC, request_id LIMIT $1";
-const LIST_BY_FACADE: &str = "SELECT request_id, record::text FROM sagaflow_sagas WHERE facade = $2 \
-     ORDER BY created_at DESC, request_id LIMIT $1";
-const LIST_BY_STATUS: &str = "SELECT request_id, record::text FROM sagaflow_sagas WHERE status = $2 \
-     ORDER BY created_at DESC, request_id LIMIT $1";
-const LIST_BY_BOTH: &str = "SELECT request_id, record::text FROM sagaflow_sagas WHERE facade = $2 AND status = $3 \
-     ORDER BY created_at DESC, request_id LIMIT $1";
-
 #[async_trait]
 impl SagaLog for PostgresSagaLog {
     async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
@@ -271,17 +262,32 @@ impl SagaLog for PostgresSagaLog {
     }
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
-        // A NULL limit is no limit, as `limit: 0` means in the filter.
-        let limit = (filter.limit > 0).then(|| i64::try_from(filter.limit).unwrap_or(i64::MAX));
-        let status = filter.status.map(|s| s.to_string());
-        // One statement per shape rather than `$n IS NULL OR ...`, so each keeps its index plan.
-        let query = match (filter.facade, status) {
-            (None, None) => sqlx::query_as(LIST_ALL).bind(limit),
-            (Some(facade), None) => sqlx::query_as(LIST_BY_FACADE).bind(limit).bind(facade),
-            (None, Some(status)) => sqlx::query_as(LIST_BY_STATUS).bind(limit).bind(status),
-            (Some(facade), Some(status)) => sqlx::query_as(LIST_BY_BOTH).bind(limit).bind(facade).bind(status),
-        };
-        let rows: Vec<(String, String)> = query.fetch_all(&self.pool).await.map_err(|e| self.unavailable("list", e))?;
+        // Keyset paging: the cursor is a position in (created_at DESC, request_id), so a
+        // page deep in the list is one index range like the first.
+        let mut query = QueryBuilder::new("SELECT request_id, record::text FROM sagaflow_sagas WHERE true");
+        if let Some(facade) = &filter.facade {
+            query.push(" AND facade = ").push_bind(facade);
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.to_string());
+        }
+        if let Some(since) = filter.since_ms {
+            query.push(" AND created_at >= to_timestamp(").push_bind(ms(since)).push("::float8 / 1000)");
+        }
+        if let Some(until) = filter.until_ms {
+            query.push(" AND created_at < to_timestamp(").push_bind(ms(until)).push("::float8 / 1000)");
+        }
+        if let Some(after) = &filter.after {
+            query.push(" AND (created_at < to_timestamp(").push_bind(ms(after.created_ms));
+            query.push("::float8 / 1000) OR (created_at = to_timestamp(").push_bind(ms(after.created_ms));
+            query.push("::float8 / 1000) AND request_id > ").push_bind(&after.request_id).push("))");
+        }
+        query.push(" ORDER BY created_at DESC, request_id");
+        if filter.limit > 0 {
+            query.push(" LIMIT ").push_bind(i64::try_from(filter.limit).unwrap_or(i64::MAX));
+        }
+        let rows: Vec<(String, String)> =
+            query.build_query_as().fetch_all(&self.pool).await.map_err(|e| self.unavailable("list", e))?;
         rows.iter().map(|(id, text)| decode(id, text)).collect()
     }
 

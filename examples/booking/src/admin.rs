@@ -308,7 +308,7 @@ async fn list(State(state): State<AdminState>, Query(q): Query<ListQuery>) -> Re
     // Grow the batch until it holds the page: cheap for the recent pages operators look at.
     let mut fetch = (limit + 1).clamp(64, MAX_SCAN);
     let (page, truncated) = loop {
-        let filter = ListFilter { facade: q.facade.clone(), status: q.status, limit: fetch };
+        let filter = ListFilter { facade: q.facade.clone(), status: q.status, limit: fetch, ..ListFilter::default() };
         let batch = match state.orchestrator.sagas(filter).await {
             Ok(batch) => batch,
             Err(e) => return error(e),
@@ -420,7 +420,7 @@ async fn stats(State(state): State<AdminState>) -> Response {
     {
         return Json(stats.clone()).into_response();
     }
-    let filter = ListFilter { facade: None, status: None, limit: STATS_SCAN + 1 };
+    let filter = ListFilter { facade: None, status: None, limit: STATS_SCAN + 1, ..ListFilter::default() };
     let mut sagas = match state.orchestrator.sagas(filter).await {
         Ok(sagas) => sagas,
         Err(e) => return error(e),

@@ -230,11 +230,22 @@ impl SagaLog for RedbSagaLog {
     }
 }
 
-/// Newest first, ties by request id ascending (as [`sagaflow::MemorySagaLog`] orders them).
+/// Newest first, ties by request id ascending (as [`sagaflow::MemorySagaLog`] orders them),
+/// read from the creation index where the filter's window starts: a page deep in the list
+/// costs what the first one does.
 fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
     let sagas = txn.open_table(SAGAS)?;
     let limit = if filter.limit == 0 { usize::MAX } else { filter.limit };
     let mut out = Vec::new();
+    // The window in milliseconds, both ends inclusive.
+    let newest = match (filter.until_ms, &filter.after) {
+        (Some(0), _) => return Ok(out),
+        (until, after) => until.map_or(u64::MAX, |u| u - 1).min(after.as_ref().map_or(u64::MAX, |a| a.created_ms)),
+    };
+    let oldest = filter.since_ms.unwrap_or(0);
+    if oldest > newest {
+        return Ok(out);
+    }
     // Ties are ordered by request id, which the index does not hold: read each
     // same-millisecond group's records, then take them in request id order.
     let mut group: Vec<u64> = Vec::new();
@@ -244,9 +255,7 @@ fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
         for seq in group.drain(..) {
             let Some(bytes) = sagas.get(seq)? else { continue };
             let record = decode(bytes.value())?;
-            if filter.facade.as_deref().is_none_or(|f| record.facade == f)
-                && filter.status.is_none_or(|s| record.status() == s)
-            {
+            if filter.matches(&record) {
                 records.push(record);
             }
         }
@@ -254,7 +263,7 @@ fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
         out.extend(records.into_iter().take(limit.saturating_sub(out.len())));
         Ok(())
     };
-    for entry in txn.open_table(BY_CREATED)?.iter()?.rev() {
+    for entry in txn.open_table(BY_CREATED)?.range((oldest, 0)..=(newest, u64::MAX))?.rev() {
         let (key, _) = entry?;
         let (ms, seq) = key.value();
         if group_ms != Some(ms) {

@@ -135,13 +135,8 @@ impl SagaLog for MemorySagaLog {
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
         let state = self.lock();
-        let mut out: Vec<SagaRecord> = state
-            .sagas
-            .values()
-            .filter(|r| filter.facade.as_deref().is_none_or(|f| r.facade == f))
-            .filter(|r| filter.status.is_none_or(|s| r.status() == s))
-            .map(|r| SagaRecord::clone(r))
-            .collect();
+        let mut out: Vec<SagaRecord> =
+            state.sagas.values().filter(|r| filter.matches(r)).map(|r| SagaRecord::clone(r)).collect();
         out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.request_id.cmp(&b.request_id)));
         if filter.limit > 0 {
             out.truncate(filter.limit);

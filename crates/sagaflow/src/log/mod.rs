@@ -51,15 +51,61 @@ pub enum Begin {
     Exists(SagaRecord),
 }
 
-/// Which sagas [`SagaLog::list`] returns.
+/// Which sagas [`SagaLog::list`] returns, in the list order: newest first
+/// (by creation), ties by request id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListFilter {
     /// Only this facade.
     pub facade: Option<String>,
     /// Only this status.
     pub status: Option<SagaStatus>,
-    /// At most this many, newest first (0: no limit).
+    /// At most this many (0: no limit).
     pub limit: usize,
+    /// Only sagas created at or after this Unix ms.
+    pub since_ms: Option<u64>,
+    /// Only sagas created before this Unix ms.
+    pub until_ms: Option<u64>,
+    /// Only sagas after this position: the last saga of the previous page.
+    /// A backend reads from there on (an index range, a keyset query), so a
+    /// page costs the same wherever it is.
+    pub after: Option<ListCursor>,
+}
+
+/// A position in the list order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListCursor {
+    /// The creation time of the saga at the position.
+    pub created_ms: u64,
+    /// Its request id.
+    pub request_id: String,
+}
+
+impl ListCursor {
+    /// The position of `record`.
+    pub fn of(record: &SagaRecord) -> Self {
+        Self { created_ms: record.created_ms, request_id: record.request_id.clone() }
+    }
+
+    /// Whether a saga created at `created_ms` with `request_id` comes after this position.
+    pub fn precedes(&self, created_ms: u64, request_id: &str) -> bool {
+        created_ms < self.created_ms || (created_ms == self.created_ms && request_id > self.request_id.as_str())
+    }
+}
+
+impl ListFilter {
+    /// Whether `record` is one this filter asks for (the limit aside).
+    pub fn matches(&self, record: &SagaRecord) -> bool {
+        self.in_window(record.created_ms, &record.request_id)
+            && self.facade.as_deref().is_none_or(|f| record.facade == f)
+            && self.status.is_none_or(|s| record.status() == s)
+    }
+
+    /// Whether a saga created at `created_ms` falls in the time range and after the cursor.
+    pub fn in_window(&self, created_ms: u64, request_id: &str) -> bool {
+        self.since_ms.is_none_or(|since| created_ms >= since)
+            && self.until_ms.is_none_or(|until| created_ms < until)
+            && self.after.as_ref().is_none_or(|after| after.precedes(created_ms, request_id))
+    }
 }
 
 /// How long ended sagas are kept.

@@ -161,6 +161,7 @@ macro_rules! saga_log_conformance_tests {
             saga_log_conformance_get_returns_the_record => get_returns_the_record,
             saga_log_conformance_unfinished_is_running_and_compensating => unfinished_is_running_and_compensating,
             saga_log_conformance_list_filters_newest_first => list_filters_newest_first,
+            saga_log_conformance_list_pages_by_cursor_and_time => list_pages_by_cursor_and_time,
             saga_log_conformance_concurrent_appends => concurrent_appends,
             saga_log_conformance_histories_round_trip => histories_round_trip,
             saga_log_conformance_durable_across_reopen => durable_across_reopen,
