@@ -11,8 +11,8 @@ use std::time::Duration;
 use sagaflow::broker::{MESSAGE_ID_HEADER, Message, REQUEST_ID_HEADER};
 use sagaflow::log::{Begin, ListFilter, LogError};
 use sagaflow::{
-    Broker, CallbackReport, CallbackSink, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Node, NodeError, Options,
-    Orchestrator, Outcome, RetryPolicy, SagaCallback, SagaEvent, SagaLog, SagaRecord, SagaStatus, Step,
+    Broker, CallbackReport, CallbackSink, Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Node, NodeError,
+    Options, Orchestrator, Outcome, RetryPolicy, SagaCallback, SagaEvent, SagaLog, SagaRecord, SagaStatus, Step,
 };
 use support::{Act, Scripted, calls, refused, taken};
 
@@ -197,9 +197,22 @@ async fn a_log_outage_mid_flow_delays_sagas_and_dead_letters_nothing() {
     for i in 0..50 {
         assert_eq!(wait_ended(&o, &format!("a{i}")).await.status(), SagaStatus::Completed);
     }
-    for run in sync {
-        assert!(matches!(run.await.unwrap(), Ok(Outcome::Completed(_))));
+    // Sync callers are told the log is unavailable after a moment, not kept waiting; their
+    // sagas go on, and asking again gives the outcome.
+    let mut told = 0;
+    for (i, run) in sync.into_iter().enumerate() {
+        match run.await.unwrap() {
+            Ok(Outcome::Completed(_)) => {}
+            Err(Error::Log(LogError::Unavailable(reason))) => {
+                assert!(reason.contains("ask again"), "{reason}");
+                told += 1;
+            }
+            other => panic!("s{i}: {other:?}"),
+        }
+        let again = o.run(SYNC, &format!("s{i}"), Vec::<String>::new()).await.unwrap();
+        assert!(matches!(again, Outcome::Completed(_)), "s{i}: {again:?}");
     }
+    assert!(told > 0, "the outage outlasted the callers' patience: some were told");
     assert_eq!(o.stats().dead_lettered, 0, "an unavailable log is not the message's fault");
 }
 

@@ -16,6 +16,14 @@ use super::Engine;
 const LOG_RETRY_FIRST: Duration = Duration::from_millis(50);
 /// Longest pause between attempts while the saga log stays unavailable.
 const LOG_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a saga waits out an unavailable log before its waiting caller is
+/// told so (a blip shorter than this is only a delay).
+const OUTAGE_NOTICE: Duration = Duration::from_secs(1);
+
+tokio::task_local! {
+    /// Where a saga's task tells its waiting caller that the log is unavailable.
+    pub(crate) static OUTAGE: tokio::sync::watch::Sender<Option<String>>;
+}
 
 /// What a process does with a saga it holds a claim on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +118,16 @@ impl Engine {
         Fut: Future<Output = Result<T, LogError>>,
     {
         let mut delay = LOG_RETRY_FIRST;
+        let since = tokio::time::Instant::now();
         loop {
             match op().await {
                 Err(LogError::Unavailable(reason)) => {
                     metrics::counter!(m::LOG_RETRIES).increment(1);
                     if delay == LOG_RETRY_FIRST {
                         tracing::warn!(%reason, "saga log unavailable; retrying until it is back");
+                    }
+                    if since.elapsed() >= OUTAGE_NOTICE {
+                        let _ = OUTAGE.try_with(|caller| caller.send_replace(Some(reason.clone())));
                     }
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown),

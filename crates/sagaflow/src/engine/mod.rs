@@ -234,7 +234,20 @@ impl<D: FlowData> FlowRuntime<D> {
             let deadline = Instant::now() + this.flow.saga_timeout;
             this.drive_forward(&id, data, record.completed, deadline, Run::Fresh).await.map(Ok)
         };
-        match self.detached(request_id, saga.instrument(span)).await {
+        // A caller is not kept waiting on an outage of the log: told after a
+        // moment, it may ask again with the same request id; the saga goes on.
+        let (outage, mut told) = tokio::sync::watch::channel(None);
+        let saga = claims::OUTAGE.scope(outage, saga.instrument(span));
+        let answer = tokio::select! {
+            answer = self.detached(request_id, saga) => answer,
+            Ok(reason) = told.wait_for(Option::is_some) => {
+                let reason = reason.clone().unwrap_or_default();
+                return Err(Error::Log(LogError::Unavailable(format!(
+                    "{reason}; saga `{request_id}` goes on once the log is back: ask again with the same request id"
+                ))));
+            }
+        };
+        match answer {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(existing)) => self.await_existing(existing).await,
             // Taken over by another replica while this one was cut off: it ends there.
