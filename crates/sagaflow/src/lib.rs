@@ -71,6 +71,6 @@ pub use orchestrator::{
 };
 pub use policy::RetryPolicy;
 pub use saga::{
-    Failure, HistoryEntry, Mode, NewSaga, Outcome, SagaEvent, SagaRecord, SagaState, SagaStatus, TransitionError,
-    now_ms,
+    Failure, HistoryEntry, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, SagaStatus,
+    TransitionError, now_ms,
 };

@@ -388,11 +388,66 @@ impl SagaRecord {
 
     /// The next compensation to run, if compensating.
     pub fn next_compensation(&self) -> Option<usize> {
-        match &self.state {
-            SagaState::Compensating { pending, .. } => pending.first().copied(),
+        match self.next() {
+            Next::Compensate(index) => Some(index),
             _ => None,
         }
     }
+
+    /// What happens next to this saga, decided from its record alone. Every
+    /// path of the engine (a sync saga's loop, a delivered hop or rollback,
+    /// recovery, the sweep, a takeover) asks this and carries the answer out.
+    pub fn next(&self) -> Next {
+        match &self.state {
+            SagaState::Running if self.completed < self.steps => Next::Run(self.completed),
+            SagaState::Compensating { pending, .. } => match pending.first() {
+                Some(&index) => Next::Compensate(index),
+                None => Next::Wait,
+            },
+            SagaState::Stuck { .. } => Next::Wait,
+            SagaState::Running | SagaState::Completed | SagaState::Compensated { .. } => Next::End,
+        }
+    }
+
+    /// What a delivered hop for step `step` does, given this record.
+    pub fn on_hop(&self, step: usize) -> OnHop {
+        match self.next() {
+            Next::Run(index) if index == step => OnHop::Run,
+            // Recorded already: the hop that follows may not have reached the broker.
+            Next::Run(index) if index > step => OnHop::Resend(index),
+            Next::Run(index) => OnHop::Early(index),
+            Next::Compensate(_) => OnHop::Compensate,
+            Next::Wait | Next::End => OnHop::Ended,
+        }
+    }
+}
+
+/// What happens next to a saga (see [`SagaRecord::next`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Run step `0`'s action.
+    Run(usize),
+    /// Run step `0`'s compensation.
+    Compensate(usize),
+    /// Nothing until an operator acts (a stuck saga).
+    Wait,
+    /// Nothing: the saga has ended.
+    End,
+}
+
+/// What a delivered hop does (see [`SagaRecord::on_hop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnHop {
+    /// Its step is the saga's next: run it.
+    Run,
+    /// Its step is recorded: send the hop of step `0`, the saga's next.
+    Resend(usize),
+    /// It came before step `0`, the saga's next, was recorded: try again later.
+    Early(usize),
+    /// The saga is compensating: make sure its rollback is queued.
+    Compensate,
+    /// The saga has ended (or waits for an operator): nothing to run.
+    Ended,
 }
 
 fn event_name(event: &SagaEvent) -> &'static str {
@@ -475,6 +530,35 @@ mod tests {
         assert_eq!(r.state, SagaState::Completed);
         assert_eq!(r.data, json!({ "step": 1 }));
         assert_eq!(r.history.len(), 5);
+    }
+
+    #[test]
+    fn next_follows_the_record_through_every_state() {
+        let mut r = record(3);
+        assert_eq!(r.next(), Next::Run(0));
+        complete(&mut r, 0);
+        complete(&mut r, 1);
+        assert_eq!(r.next(), Next::Run(2));
+        assert_eq!((r.on_hop(2), r.on_hop(1), r.on_hop(0)), (OnHop::Run, OnHop::Resend(2), OnHop::Resend(2)));
+        r.apply(&SagaEvent::StepStarted { index: 2 }).unwrap();
+        let failed = SagaEvent::StepFailed {
+            failure: failure(2),
+            attempts: 1,
+            compensate_failed: false,
+            later_steps_in_doubt: false,
+        };
+        r.apply(&failed).unwrap();
+        assert_eq!(r.next(), Next::Compensate(1));
+        assert_eq!(r.on_hop(2), OnHop::Compensate);
+        r.apply(&SagaEvent::CompensationGaveUp { index: 1, attempts: 3, reason: "down".into() }).unwrap();
+        assert_eq!((r.next(), r.on_hop(2)), (Next::Wait, OnHop::Ended));
+        r.apply(&SagaEvent::RetryCompensation).unwrap();
+        r.apply(&SagaEvent::StepCompensated { index: 1, attempts: 1 }).unwrap();
+        assert_eq!(r.next(), Next::Compensate(0));
+        r.apply(&SagaEvent::StepCompensated { index: 0, attempts: 1 }).unwrap();
+        assert_eq!((r.next(), r.on_hop(0)), (Next::End, OnHop::Ended));
+        let fresh = record(2);
+        assert_eq!(fresh.on_hop(1), OnHop::Early(0), "a hop ahead of the record waits");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 use super::*;
 
 impl<D: FlowData> FlowRuntime<D> {
-    /// Runs steps `from..` in-process (sync flow and its recovery).
+    /// Runs the saga's steps in-process (sync flow and its recovery), from
+    /// where its record stands: the record is kept here as the log has it,
+    /// each event applied to it as it is written, and [`SagaRecord::next`]
+    /// says which step runs next.
     ///
     /// A step's start and an intermediate step's result are queued, not awaited: nothing is
     /// acked, published or answered between steps, and the awaited write that ends the saga
@@ -12,28 +15,36 @@ impl<D: FlowData> FlowRuntime<D> {
     /// the recorded position on as possibly run.
     pub(super) async fn drive_forward(
         &self,
-        id: &Arc<str>,
+        mut record: SagaRecord,
         mut data: D,
-        from: usize,
         deadline: Instant,
         run: Run,
     ) -> Result<Outcome<D>> {
+        let id: &Arc<str> = &record.request_id.as_str().into();
         let last = self.flow.len().saturating_sub(1);
-        for index in from..self.flow.len() {
+        loop {
+            let Next::Run(index) = record.next() else {
+                // Nothing to run here (recovered after its end, or while compensating): its outcome.
+                let mut waiter = self.engine.completions.register(id);
+                return self.outcome(&self.wait_end(&mut waiter, id).await?);
+            };
             self.record_start(id, index).await?;
+            record.apply(&SagaEvent::StepStarted { index }).map_err(LogError::from)?;
             match self.run_action(id, index, &mut data, deadline, run == Run::Recovered).await {
                 Ok(attempts) => {
                     let json = self.encode(id, &data)?;
                     let event = SagaEvent::StepCompleted { index, attempts, data: json };
-                    if index < last {
+                    record.apply(&event).map_err(LogError::from)?;
+                    if !record.state.is_ended() {
                         self.engine.durably(|| self.engine.log.append_queued(id, event.clone())).await?;
                         continue;
                     }
-                    let record = self.engine.durably(|| self.engine.log.append(id, event.clone())).await?;
-                    if record.state.is_ended() {
-                        self.finish(&record).await;
+                    let stored = self.engine.durably(|| self.engine.log.append(id, event.clone())).await?;
+                    if stored.state.is_ended() {
+                        self.finish(&stored).await;
                         return Ok(Outcome::Completed(data));
                     }
+                    record = stored;
                 }
                 Err(ActionError::Interrupted) => return Err(Error::ShuttingDown),
                 Err(ActionError::Failed { error, attempts, uncertain }) => {
@@ -54,9 +65,6 @@ impl<D: FlowData> FlowRuntime<D> {
                 }
             }
         }
-        // Only reached when `from` was already past the last step.
-        let record = self.engine.durably(|| self.engine.log.get(id)).await?;
-        self.outcome(&record.ok_or_else(|| LogError::NotFound(id.to_string()))?)
     }
 
     /// Records a step's start without waiting for its commit: the step's

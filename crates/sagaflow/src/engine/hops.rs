@@ -194,26 +194,23 @@ impl<D: FlowData> FlowRuntime<D> {
         if self.foreign(&record) {
             return Ok(true); // taken over: its new owner queued this hop again on its own topics
         }
-        match &record.state {
-            SagaState::Running if record.completed == index => {}
-            SagaState::Running if record.completed > index => {
-                // A redelivery after the step was recorded: the next hop may
-                // not have reached the broker, so send it again (the next
-                // consumer ignores it if it did).
-                self.publish_hop(id, record.completed, record.data.clone()).await?;
+        match record.on_hop(index) {
+            OnHop::Run => {}
+            OnHop::Resend(next) => {
+                // A redelivery after the step was recorded: the next hop may not
+                // have reached the broker, so send it again (the next consumer
+                // ignores it if it did).
+                self.publish_hop(id, next, record.data.clone()).await?;
                 return Ok(true);
             }
-            SagaState::Running => {
-                return Err(Error::Config(format!(
-                    "hop for step {index} arrived while saga is at step {}",
-                    record.completed
-                )));
+            OnHop::Early(next) => {
+                return Err(Error::Config(format!("hop for step {index} arrived while saga is at step {next}")));
             }
-            SagaState::Compensating { .. } => {
+            OnHop::Compensate => {
                 self.publish_rollback(&record).await?;
                 return Ok(true);
             }
-            _ => {
+            OnHop::Ended => {
                 self.engine.completions.complete(&record);
                 return Ok(true);
             }

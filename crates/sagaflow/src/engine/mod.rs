@@ -23,7 +23,7 @@ use crate::log::{Begin, LogError, SagaLog};
 use crate::metrics as m;
 use crate::node::{NodeError, Phase, Step};
 use crate::orchestrator::{FlowData, FlowInfo, Options};
-use crate::saga::{Failure, Mode, NewSaga, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
+use crate::saga::{Failure, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
 use crate::waiters::{Completions, Waiter};
 
 pub(crate) use claims::{Claim, Claims, Work};
@@ -228,11 +228,11 @@ impl<D: FlowData> FlowRuntime<D> {
                 Begin::Started(record) => record,
             };
             this.started();
-            let Ok(_claim) = this.engine.claims.claim(&id, Work::Forward(record.completed)) else {
+            let Ok(_claim) = this.engine.claims.claim(&id, Work::Forward(0)) else {
                 return Ok(Err(record));
             };
             let deadline = Instant::now() + this.flow.saga_timeout;
-            this.drive_forward(&id, data, record.completed, deadline, Run::Fresh).await.map(Ok)
+            this.drive_forward(record, data, deadline, Run::Fresh).await.map(Ok)
         };
         // A caller is not kept waiting on an outage of the log: told after a
         // moment, it may ask again with the same request id; the saga goes on.
@@ -462,8 +462,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
 
     async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()> {
         let id: Arc<str> = record.request_id.as_str().into();
-        match (&record.state, self.mode) {
-            (SagaState::Running, Mode::Sync) => {
+        match (record.next(), self.mode) {
+            (Next::Run(index), Mode::Sync) => {
                 let data = self.decode(&id, record.data.clone())?;
                 let this = self.clone();
                 let span = self.span(&id);
@@ -472,12 +472,11 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                         // Recovered sagas share the slots of fresh ones: ten thousand
                         // unfinished at a restart do not all run at once.
                         let Ok(_slot) = this.engine.running.clone().acquire_owned().await else { return };
-                        let Ok(_claim) = this.engine.claims.claim(&id, Work::Forward(record.completed)) else {
+                        let Ok(_claim) = this.engine.claims.claim(&id, Work::Forward(index)) else {
                             return; // already driven here
                         };
                         let left = Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
-                        let run =
-                            this.drive_forward(&id, data, record.completed, Instant::now() + left, Run::Recovered);
+                        let run = this.drive_forward(record, data, Instant::now() + left, Run::Recovered);
                         if let Err(e) = run.await {
                             tracing::error!(error = %e, "recovered saga failed to run");
                         }
@@ -485,8 +484,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                     .instrument(span),
                 );
             }
-            (SagaState::Running, _) => self.publish_hop(&id, record.completed, record.data.clone()).await?,
-            (SagaState::Compensating { .. }, _) => {
+            (Next::Run(index), _) => self.publish_hop(&id, index, record.data.clone()).await?,
+            (Next::Compensate(_), _) => {
                 if let Err(e) = self.publish_rollback(&record).await {
                     tracing::warn!(request_id = %id, error = %e, "could not queue a compensation; compensating here");
                     let this = self.clone();
