@@ -115,7 +115,7 @@ mod tests {
 
     #[tokio::test]
     async fn ended_sagas_beyond_the_count_are_dropped_oldest_first_but_running_ones_stay() {
-        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 3 });
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 3, ..Retention::default() });
         log.begin(new_saga("running")).await.unwrap();
         for i in 0..10 {
             run_to_end(&log, &format!("s{i}")).await;
@@ -135,7 +135,7 @@ mod tests {
 
     #[tokio::test]
     async fn ended_sagas_past_their_age_are_dropped_but_running_and_stuck_retried_ones_stay() {
-        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 1000 });
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 1000, ..Retention::default() });
         log.begin(new_saga("running")).await.unwrap();
         run_to_stuck(&log, "retried").await;
         log.append("retried", SagaEvent::RetryCompensation).await.unwrap();
@@ -156,7 +156,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_record_is_pruned_without_leaving_its_request_id_behind() {
-        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 0 });
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 0, ..Retention::default() });
         run_to_end(&log, "bad").await;
         run_to_end(&log, "good").await;
         log.sync().await.unwrap();
@@ -178,7 +178,7 @@ mod tests {
     async fn pruning_runs_in_bounded_chunks_until_done() {
         let dir = tempfile::tempdir().unwrap();
         let options = RedbOptions::new(dir.path())
-            .retention(Retention { max_age: HOUR, max_ended: 0 })
+            .retention(Retention { max_age: HOUR, max_ended: 0, ..Retention::default() })
             .prune_interval(Duration::MAX)
             .prune_chunk(3);
         let log = RedbSagaLog::open(options).unwrap();
@@ -195,7 +195,7 @@ mod tests {
     async fn the_writer_prunes_by_itself_every_interval() {
         let dir = tempfile::tempdir().unwrap();
         let options = RedbOptions::new(dir.path())
-            .retention(Retention { max_age: HOUR, max_ended: 0 })
+            .retention(Retention { max_age: HOUR, max_ended: 0, ..Retention::default() })
             .prune_interval(Duration::from_millis(20));
         let log = RedbSagaLog::open(options).unwrap();
         log.begin(new_saga("running")).await.unwrap();

@@ -173,6 +173,7 @@ impl<D: FlowData> FlowRuntime<D> {
         let json = self.encode(request_id, &data)?;
         let record = match self.engine.log.begin(self.new_saga(request_id, json, None)).await? {
             Begin::Exists(existing) => return self.await_existing(existing).await,
+            Begin::Pruned(tombstone) => return Err(tombstone.into()),
             Begin::Started(record) => record,
         };
         self.started();
@@ -191,6 +192,7 @@ impl<D: FlowData> FlowRuntime<D> {
                 let record = self.wait_end(&mut waiter, request_id).await?;
                 return self.outcome(&record);
             }
+            Begin::Pruned(tombstone) => return Err(tombstone.into()),
             Begin::Started(_) => self.started(),
         }
         if let Err(error) = self.publish_hop(request_id, 0, json).await {
@@ -211,6 +213,7 @@ impl<D: FlowData> FlowRuntime<D> {
         let json = self.encode(request_id, &data)?;
         match self.engine.log.begin(self.new_saga(request_id, json.clone(), callback_url)).await? {
             Begin::Exists(existing) => return self.check_facade(&existing),
+            Begin::Pruned(tombstone) => return Err(tombstone.into()),
             Begin::Started(_) => self.started(),
         }
         if let Err(error) = self.publish_hop(request_id, 0, json).await {

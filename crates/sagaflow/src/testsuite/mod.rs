@@ -163,6 +163,9 @@ macro_rules! saga_log_conformance_tests {
             saga_log_conformance_concurrent_appends => concurrent_appends,
             saga_log_conformance_histories_round_trip => histories_round_trip,
             saga_log_conformance_durable_across_reopen => durable_across_reopen,
+            saga_log_conformance_pruned_request_id_is_refused => pruned_request_id_is_refused,
+            saga_log_conformance_tombstones_age_out => tombstones_age_out,
+            saga_log_conformance_tombstones_survive_reopen => tombstones_survive_reopen,
         );
     };
 }
