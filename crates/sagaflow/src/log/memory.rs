@@ -71,8 +71,9 @@ impl MemorySagaLog {
         self.lock().tombstones.len()
     }
 
-    /// Drops the ended sagas, leaving their tombstones, and the tombstones past the retention
-    /// now; returns how many sagas it dropped. The log prunes whenever a saga ends too.
+    /// Drops the ended sagas past the retention now, each leaving a tombstone, and the
+    /// tombstones past theirs; returns how many sagas it dropped. The log prunes whenever a
+    /// saga ends too.
     pub fn prune_now(&self) -> usize {
         self.lock().prune(&self.retention, now_ms())
     }
@@ -269,6 +270,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         run_to_end(&log, "new").await;
         assert!(log.get("old").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn tombstones_are_bounded_by_their_count_and_none_are_kept_at_zero() {
+        let retention = Retention { max_ended: 0, max_tombstones: 3, ..Retention::default() };
+        let log = MemorySagaLog::with_retention(retention);
+        for i in 0..10 {
+            run_to_end(&log, &format!("s{i}")).await;
+        }
+        assert_eq!((log.len(), log.tombstones()), (0, 3));
+        assert!(matches!(log.begin(new_saga("s9")).await.unwrap(), Begin::Pruned(_)));
+        assert!(matches!(log.begin(new_saga("s6")).await.unwrap(), Begin::Started(_)));
+
+        let log = MemorySagaLog::with_retention(Retention { max_tombstones: 0, ..retention });
+        run_to_end(&log, "s0").await;
+        assert_eq!((log.len(), log.tombstones()), (0, 0));
+        assert!(matches!(log.begin(new_saga("s0")).await.unwrap(), Begin::Started(_)));
     }
 
     #[tokio::test]
