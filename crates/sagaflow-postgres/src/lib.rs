@@ -5,7 +5,8 @@
 //! connects. Appends to one saga lock its row, so replicas sharing the
 //! database apply events one after the other and the state machine refuses
 //! the loser's duplicate. Ended sagas are pruned in the background per the
-//! [`Retention`](sagaflow::log::Retention).
+//! [`Retention`](sagaflow::log::Retention), each moved to a row of `sagaflow_tombstones` that
+//! refuses its request id for the retention's `tombstone_age`.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -24,6 +25,7 @@ mod options;
 mod prune;
 mod replicas;
 mod store;
+mod tombstones;
 
 pub use error::{Error, Result};
 pub use options::PostgresOptions;

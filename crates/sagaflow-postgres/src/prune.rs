@@ -1,4 +1,6 @@
-//! Retention: dropping ended sagas past their age or beyond the count, in small chunks.
+//! Retention: dropping ended sagas past their age or beyond the count, in small chunks, each
+//! moved to a tombstone if the retention keeps them ([`crate::tombstones`]), then the tombstones
+//! past theirs.
 //!
 //! Each chunk is one short `DELETE` of at most [`CHUNK`] rows that skips rows
 //! an `append` holds locked, so pruning never stalls the hot path. One pass
@@ -11,6 +13,8 @@ use sagaflow::log::Retention;
 use sqlx::postgres::PgPool;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::tombstones;
 
 /// Rows deleted per statement.
 pub(crate) const CHUNK: i64 = 1000;
@@ -31,7 +35,8 @@ const DELETE_OLDEST: &str = "DELETE FROM sagaflow_sagas WHERE request_id IN ( \
      AND ended_at IS NOT NULL";
 
 /// Drops ended sagas that ended before `now_ms - max_age`, then the oldest
-/// ended ones beyond `max_ended`; returns how many rows went.
+/// ended ones beyond `max_ended`, leaving their tombstones, then the tombstones past
+/// the retention; returns how many sagas went.
 pub(crate) async fn prune(pool: &PgPool, retention: &Retention, now_ms: u64) -> Result<u64, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     // The advisory lock lives as long as the session: closing this connection
@@ -46,11 +51,17 @@ pub(crate) async fn prune(pool: &PgPool, retention: &Retention, now_ms: u64) -> 
         tracing::debug!("another replica is pruning the saga log");
         return Ok(0);
     }
-    let max_age_ms = u64::try_from(retention.max_age.as_millis()).unwrap_or(u64::MAX);
-    let cutoff_ms = now_ms.saturating_sub(max_age_ms) as f64;
+    let cutoff_ms = retention.ended_cutoff_ms(now_ms) as f64;
+    let tombs = retention.keeps_tombstones();
+    let (delete_old, delete_oldest) =
+        if tombs { (tombstones::MOVE_OLD, tombstones::MOVE_OLDEST) } else { (DELETE_OLD, DELETE_OLDEST) };
     let mut pruned = 0;
     loop {
-        let done = sqlx::query(DELETE_OLD).bind(cutoff_ms).bind(CHUNK).execute(&mut *conn).await?;
+        let mut query = sqlx::query(delete_old).bind(cutoff_ms).bind(CHUNK);
+        if tombs {
+            query = query.bind(now_ms as f64);
+        }
+        let done = query.execute(&mut *conn).await?;
         pruned += done.rows_affected();
         if done.rows_affected() < CHUNK as u64 {
             break;
@@ -60,13 +71,21 @@ pub(crate) async fn prune(pool: &PgPool, retention: &Retention, now_ms: u64) -> 
     let mut excess = u64::try_from(ended).unwrap_or(0).saturating_sub(retention.max_ended as u64);
     while excess > 0 {
         let chunk = excess.min(CHUNK as u64) as i64;
-        let deleted = sqlx::query(DELETE_OLDEST).bind(chunk).execute(&mut *conn).await?.rows_affected();
+        let mut query = sqlx::query(delete_oldest).bind(chunk);
+        if tombs {
+            query = query.bind(now_ms as f64);
+        }
+        let deleted = query.execute(&mut *conn).await?.rows_affected();
         if deleted == 0 {
             // The rest are locked by appends right now; the next pass gets them.
             break;
         }
         pruned += deleted;
         excess = excess.saturating_sub(deleted);
+    }
+    let expired = tombstones::expire(&mut conn, retention, now_ms).await?;
+    if expired > 0 {
+        tracing::debug!(expired, "pruned tombstones");
     }
     sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema()))")
         .bind(LOCK_CLASS)

@@ -216,6 +216,11 @@ impl SagaLog for PostgresSagaLog {
             if let Some(existing) = self.get(&record.request_id).await? {
                 return Ok(Begin::Exists(existing));
             }
+            // Not inserted and not there: a trigger skipped the insert over this tombstone.
+            let pruned = crate::tombstones::find(&self.pool, &record.request_id).await;
+            if let Some(tombstone) = pruned.map_err(|e| self.unavailable("begin (tombstone)", e))? {
+                return Ok(Begin::Pruned(tombstone));
+            }
         }
         Err(LogError::Unavailable(format!(
             "PostgreSQL at {}: saga `{}` kept appearing and vanishing during begin",

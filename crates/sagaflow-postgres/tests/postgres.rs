@@ -130,7 +130,7 @@ async fn many_writers_on_two_pools_lose_no_update() {
 async fn pruning_by_age_keeps_running_and_recent_sagas() {
     let Some(db) = TestDb::open().await else { return };
     let schema = db.new_schema();
-    let retention = Retention { max_age: Duration::from_secs(3600), max_ended: 1000 };
+    let retention = Retention { max_age: Duration::from_secs(3600), max_ended: 1000, ..Retention::default() };
     let log = db.connect_with_retention(&schema, retention).await;
     log.begin(new_saga("running", 2)).await.unwrap();
     run_to_end(&log, "old").await;
@@ -147,7 +147,7 @@ async fn pruning_by_age_keeps_running_and_recent_sagas() {
 async fn pruning_by_count_drops_the_oldest_ended_only() {
     let Some(db) = TestDb::open().await else { return };
     let schema = db.new_schema();
-    let retention = Retention { max_age: Duration::from_secs(3600), max_ended: 3 };
+    let retention = Retention { max_age: Duration::from_secs(3600), max_ended: 3, ..Retention::default() };
     let log = db.connect_with_retention(&schema, retention).await;
     log.begin(new_saga("running-1", 2)).await.unwrap();
     for i in 0..10 {
@@ -168,7 +168,7 @@ async fn pruning_by_count_drops_the_oldest_ended_only() {
 async fn pruning_goes_in_chunks_through_many_rows() {
     let Some(db) = TestDb::open().await else { return };
     let schema = db.new_schema();
-    let retention = Retention { max_age: Duration::from_secs(24 * 3600), max_ended: 100 };
+    let retention = Retention { max_age: Duration::from_secs(24 * 3600), max_ended: 100, ..Retention::default() };
     let log = db.connect_with_retention(&schema, retention).await;
     log.begin(new_saga("running", 2)).await.unwrap();
     // 2 500 ended rows (more than two chunks), `bulk-1` the newest; 300 of them past the age.
@@ -196,7 +196,7 @@ async fn pruning_goes_in_chunks_through_many_rows() {
 async fn a_retried_stuck_saga_is_not_pruned_while_it_runs_again() {
     let Some(db) = TestDb::open().await else { return };
     let schema = db.new_schema();
-    let retention = Retention { max_age: Duration::from_secs(60), max_ended: 0 };
+    let retention = Retention { max_age: Duration::from_secs(60), max_ended: 0, ..Retention::default() };
     let log = db.connect_with_retention(&schema, retention).await;
     let id = "stuck";
     log.begin(new_saga(id, 2)).await.unwrap();
@@ -226,7 +226,7 @@ async fn background_pruning_runs_on_its_own() {
     let Some(db) = TestDb::open().await else { return };
     let schema = db.new_schema();
     let options = support::options(&schema)
-        .retention(Retention { max_age: Duration::from_secs(3600), max_ended: 0 })
+        .retention(Retention { max_age: Duration::from_secs(3600), max_ended: 0, ..Retention::default() })
         .prune_interval(Some(Duration::from_millis(50)));
     let log = PostgresSagaLog::connect(options).await.unwrap();
     log.begin(new_saga("running", 2)).await.unwrap();

@@ -11,7 +11,8 @@
 //! append ([`SagaLog::append_queued`](sagaflow::SagaLog::append_queued)) is not waited for: the
 //! saga's record is stored with its next awaited write, or within
 //! [`RedbOptions::defer_queued`] (100 ms). Ended sagas are pruned in the background after their
-//! [`Retention`](sagaflow::log::Retention).
+//! [`Retention`](sagaflow::log::Retention), each leaving a tombstone that refuses its request id
+//! for the retention's `tombstone_age`.
 //!
 //! ```
 //! use sagaflow::log::Begin;
@@ -47,6 +48,7 @@ mod migrate;
 mod options;
 mod prune;
 mod store;
+mod tombstones;
 mod wal;
 
 pub use error::{Error, Result};

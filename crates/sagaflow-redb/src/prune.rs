@@ -1,8 +1,10 @@
-//! Retention: ended sagas past their age or beyond the count are deleted, a bounded chunk per
-//! transaction, by the writer thread (every `prune_interval`) or on demand.
+//! Retention: ended sagas past their age or beyond the count are deleted, each leaving a
+//! tombstone ([`crate::tombstones`]), and the tombstones past theirs after them, a bounded chunk
+//! per transaction, by the writer thread (every `prune_interval`) or on demand.
 
 use redb::{ReadableTable, ReadableTableMetadata};
-use sagaflow::log::{LogError, Retention};
+use sagaflow::SagaStatus;
+use sagaflow::log::{LogError, Retention, Tombstone};
 use serde::Deserialize;
 
 use crate::error::Result;
@@ -13,12 +15,15 @@ use crate::store::{RedbSagaLog, Request, Tables};
 pub(crate) struct Pruned {
     /// Sagas deleted.
     pub(crate) removed: usize,
-    /// Whether more may be due (the chunk was full).
+    /// Tombstones deleted.
+    pub(crate) expired: usize,
+    /// Whether more may be due (a chunk was full).
     pub(crate) more: bool,
 }
 
 impl RedbSagaLog {
-    /// Deletes every ended saga past the retention now, and returns how many.
+    /// Deletes every ended saga past the retention now, leaving its tombstone, and the
+    /// tombstones past theirs; returns how many sagas it deleted.
     ///
     /// The writer does this by itself every `prune_interval`; this is for tests and operators.
     pub async fn prune_now(&self) -> Result<usize, LogError> {
@@ -38,21 +43,29 @@ impl RedbSagaLog {
     }
 }
 
-/// The only parts of a record pruning needs, to find its `by_created` and `ids` keys.
+/// The only parts of a record pruning needs: its `by_created` and `ids` keys, and what its
+/// tombstone keeps.
 #[derive(Deserialize)]
 struct Keys {
     request_id: String,
     created_ms: u64,
+    facade: String,
+    state: State,
+}
+
+#[derive(Deserialize)]
+struct State {
+    status: SagaStatus,
 }
 
 impl Tables<'_> {
     /// Deletes up to `chunk` ended sagas, oldest first, that are beyond `max_ended` or ended
-    /// more than `max_age` before `now_ms`.
+    /// more than `max_age` before `now_ms`, each leaving a tombstone if the retention keeps
+    /// them; then up to `chunk` tombstones past theirs.
     pub(crate) fn prune(&mut self, retention: &Retention, now_ms: u64, chunk: usize) -> Result<Pruned> {
         let excess = usize::try_from(self.ended.len()?).unwrap_or(usize::MAX).saturating_sub(retention.max_ended);
-        let max_age = u64::try_from(retention.max_age.as_millis()).unwrap_or(u64::MAX);
         // Too old means `now - ended > max_age`, as in the in-memory log.
-        let cutoff = now_ms.saturating_sub(max_age);
+        let cutoff = retention.ended_cutoff_ms(now_ms);
         let mut doomed: Vec<(u64, u64)> = Vec::new();
         for entry in self.ended.iter()? {
             if doomed.len() >= chunk {
@@ -79,11 +92,15 @@ impl Tables<'_> {
                 None => None,
             };
             match keys {
-                Some(Keys { request_id, created_ms }) => {
+                Some(Keys { request_id, created_ms, facade, state }) => {
                     self.by_created.remove((created_ms, seq))?;
                     // Only if it still names this saga (it always should).
                     if self.ids.get(request_id.as_str())?.is_some_and(|s| s.value() == seq) {
                         self.ids.remove(request_id.as_str())?;
+                    }
+                    if retention.keeps_tombstones() {
+                        let status = state.status;
+                        self.bury(&Tombstone { request_id, facade, status, ended_ms, pruned_ms: now_ms })?;
                     }
                 }
                 // Its request id and creation time are unknown: a listing skips a `by_created`
@@ -96,7 +113,8 @@ impl Tables<'_> {
                 }
             }
         }
-        Ok(Pruned { removed: doomed.len(), more: doomed.len() >= chunk })
+        let (expired, more_tombstones) = self.expire_tombstones(retention, now_ms, chunk)?;
+        Ok(Pruned { removed: doomed.len(), expired, more: doomed.len() >= chunk || more_tombstones })
     }
 }
 
@@ -104,18 +122,18 @@ impl Tables<'_> {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use sagaflow::log::ListFilter;
+    use sagaflow::log::{Begin, ListFilter};
     use sagaflow::{SagaEvent, SagaLog};
 
     use super::*;
     use crate::RedbOptions;
-    use crate::store::tests::{new_saga, open, run_to_end, run_to_stuck};
+    use crate::store::tests::{crash_image, new_saga, open, run_to_end, run_to_stuck};
 
     const HOUR: Duration = Duration::from_secs(3600);
 
     #[tokio::test]
     async fn ended_sagas_beyond_the_count_are_dropped_oldest_first_but_running_ones_stay() {
-        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 3 });
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 3, ..Retention::default() });
         log.begin(new_saga("running")).await.unwrap();
         for i in 0..10 {
             run_to_end(&log, &format!("s{i}")).await;
@@ -135,7 +153,7 @@ mod tests {
 
     #[tokio::test]
     async fn ended_sagas_past_their_age_are_dropped_but_running_and_stuck_retried_ones_stay() {
-        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 1000 });
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 1000, ..Retention::default() });
         log.begin(new_saga("running")).await.unwrap();
         run_to_stuck(&log, "retried").await;
         log.append("retried", SagaEvent::RetryCompensation).await.unwrap();
@@ -156,7 +174,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_record_is_pruned_without_leaving_its_request_id_behind() {
-        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 0 });
+        let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 0, ..Retention::default() });
         run_to_end(&log, "bad").await;
         run_to_end(&log, "good").await;
         log.sync().await.unwrap();
@@ -178,7 +196,7 @@ mod tests {
     async fn pruning_runs_in_bounded_chunks_until_done() {
         let dir = tempfile::tempdir().unwrap();
         let options = RedbOptions::new(dir.path())
-            .retention(Retention { max_age: HOUR, max_ended: 0 })
+            .retention(Retention { max_age: HOUR, max_ended: 0, ..Retention::default() })
             .prune_interval(Duration::MAX)
             .prune_chunk(3);
         let log = RedbSagaLog::open(options).unwrap();
@@ -186,7 +204,7 @@ mod tests {
             run_to_end(&log, &format!("s{i}")).await;
         }
         let pruned = log.call(|reply| Request::Prune(sagaflow::now_ms(), reply)).await.unwrap();
-        assert_eq!(pruned, Pruned { removed: 3, more: true });
+        assert_eq!(pruned, Pruned { removed: 3, expired: 0, more: true });
         assert_eq!(log.prune_now().await.unwrap(), 7);
         assert!(log.list(ListFilter::default()).await.unwrap().is_empty());
     }
@@ -195,7 +213,7 @@ mod tests {
     async fn the_writer_prunes_by_itself_every_interval() {
         let dir = tempfile::tempdir().unwrap();
         let options = RedbOptions::new(dir.path())
-            .retention(Retention { max_age: HOUR, max_ended: 0 })
+            .retention(Retention { max_age: HOUR, max_ended: 0, ..Retention::default() })
             .prune_interval(Duration::from_millis(20));
         let log = RedbSagaLog::open(options).unwrap();
         log.begin(new_saga("running")).await.unwrap();
@@ -208,5 +226,61 @@ mod tests {
         }
         assert_eq!(log.stats().pruned, 1);
         assert!(log.get("running").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_pruning_keeps_the_tombstone_and_what_came_after() {
+        let options = |dir: &std::path::Path| {
+            RedbOptions::new(dir)
+                .retention(Retention { max_ended: 0, ..Retention::default() })
+                .prune_interval(Duration::MAX)
+                .checkpoint_interval(Duration::from_secs(3600))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = RedbSagaLog::open(options(dir.path())).unwrap();
+        let paid = run_to_end(&log, "paid").await;
+        assert_eq!(log.prune_now().await.unwrap(), 1);
+        // After the prune's commit, only in the write-ahead file: a new saga, and one that ends.
+        log.begin(new_saga("after")).await.unwrap();
+        run_to_end(&log, "ended-after").await;
+
+        let image = crash_image(dir.path(), true);
+        let reopened = RedbSagaLog::open(options(image.path())).unwrap();
+        match reopened.begin(new_saga("paid")).await.unwrap() {
+            Begin::Pruned(tombstone) => {
+                assert_eq!((tombstone.status, tombstone.ended_ms), (paid.status(), paid.updated_ms));
+            }
+            other => panic!("the pruned request id after a crash: {other:?}"),
+        }
+        assert_eq!(reopened.get("paid").await.unwrap(), None, "the replay brings no pruned saga back");
+        assert_eq!(reopened.get("after").await.unwrap(), log.get("after").await.unwrap());
+        assert!(matches!(reopened.begin(new_saga("after")).await.unwrap(), Begin::Exists(_)));
+        assert_eq!(reopened.prune_now().await.unwrap(), 1, "the saga that ended after the prune goes next");
+        assert!(matches!(reopened.begin(new_saga("ended-after")).await.unwrap(), Begin::Pruned(_)));
+    }
+
+    #[tokio::test]
+    async fn tombstones_beyond_the_count_go_oldest_first_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions::new(dir.path())
+            .retention(Retention { max_ended: 0, max_tombstones: 2, ..Retention::default() })
+            .prune_interval(Duration::MAX)
+            .prune_chunk(3);
+        let log = RedbSagaLog::open(options).unwrap();
+        for i in 0..10 {
+            run_to_end(&log, &format!("s{i}")).await;
+        }
+        let first = log.call(|reply| Request::Prune(sagaflow::now_ms(), reply)).await.unwrap();
+        assert_eq!(first, Pruned { removed: 3, expired: 1, more: true });
+        assert_eq!(log.prune_now().await.unwrap(), 7);
+        let txn = redb::ReadableDatabase::begin_read(&*log.db_for_tests()).unwrap();
+        let tombstones = txn.open_table(crate::store::tables::TOMBSTONES).unwrap();
+        let by_pruned = txn.open_table(crate::store::tables::TOMBSTONES_BY_PRUNED).unwrap();
+        assert_eq!((tombstones.len().unwrap(), by_pruned.len().unwrap()), (2, 2), "the count holds, in both tables");
+        drop((tombstones, by_pruned, txn));
+        for id in ["s8", "s9"] {
+            assert!(matches!(log.begin(new_saga(id)).await.unwrap(), Begin::Pruned(_)), "{id}");
+        }
+        assert!(matches!(log.begin(new_saga("s0")).await.unwrap(), Begin::Started(_)), "the oldest tombstone went");
     }
 }

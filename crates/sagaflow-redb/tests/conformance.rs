@@ -1,8 +1,10 @@
 //! The shared SagaLog conformance suite, run against the embedded log.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sagaflow::SagaLog;
+use sagaflow::log::Retention;
 use sagaflow::testsuite::LogHarness;
 use sagaflow_redb::{RedbOptions, RedbSagaLog};
 use tempfile::TempDir;
@@ -14,6 +16,8 @@ struct Harness {
 
 struct Last {
     dir: TempDir,
+    /// The retention it was opened with, without background pruning; `None`: the defaults.
+    retention: Option<Retention>,
     /// Held so `reopen` can close the log (its writer joined, its file unlocked) before opening it again.
     log: Option<Arc<RedbSagaLog>>,
 }
@@ -21,10 +25,16 @@ struct Last {
 #[sagaflow::async_trait]
 impl LogHarness for Harness {
     async fn fresh(&self) -> Arc<dyn SagaLog> {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let log = Arc::new(RedbSagaLog::open(RedbOptions::new(dir.path())).expect("a fresh saga log"));
-        *self.last.lock().unwrap() = Some(Last { dir, log: Some(log.clone()) });
-        log
+        self.open_fresh(None)
+    }
+
+    async fn fresh_with_retention(&self, retention: Retention) -> Arc<dyn SagaLog> {
+        self.open_fresh(Some(retention))
+    }
+
+    async fn prune(&self) {
+        let log = self.last.lock().unwrap().as_ref().and_then(|last| last.log.clone()).expect("prune after fresh");
+        log.prune_now().await.expect("pruning");
     }
 
     async fn reopen(&self) -> Option<Arc<dyn SagaLog>> {
@@ -35,9 +45,25 @@ impl LogHarness for Harness {
             assert_eq!(Arc::strong_count(&log), 1, "a handle to the first log is still alive");
             drop(log);
         }
-        let log = Arc::new(RedbSagaLog::open(RedbOptions::new(last.dir.path())).expect("the saga log reopened"));
+        let log = Arc::new(RedbSagaLog::open(options(last.dir.path(), last.retention)).expect("the saga log reopened"));
         last.log = Some(log.clone());
         Some(log)
+    }
+}
+
+impl Harness {
+    fn open_fresh(&self, retention: Option<Retention>) -> Arc<dyn SagaLog> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let log = Arc::new(RedbSagaLog::open(options(dir.path(), retention)).expect("a fresh saga log"));
+        *self.last.lock().unwrap() = Some(Last { dir, retention, log: Some(log.clone()) });
+        log
+    }
+}
+
+fn options(dir: &std::path::Path, retention: Option<Retention>) -> RedbOptions {
+    match retention {
+        Some(retention) => RedbOptions::new(dir).retention(retention).prune_interval(Duration::MAX),
+        None => RedbOptions::new(dir),
     }
 }
 

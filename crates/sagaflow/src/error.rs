@@ -1,7 +1,8 @@
 //! The core's error type.
 
 use crate::broker::BrokerError;
-use crate::log::LogError;
+use crate::log::{LogError, Tombstone};
+use crate::saga::SagaStatus;
 
 /// Everything that can go wrong when registering, starting or invoking a flow.
 ///
@@ -42,6 +43,20 @@ pub enum Error {
         /// The facade of the existing saga.
         facade: String,
     },
+    /// The request id belongs to a saga that ended and whose record retention has since pruned:
+    /// its outcome is known, its details (flow data, history) are not, and it is not run again.
+    #[error(
+        "request id `{request_id}` was already used by a saga of facade `{facade}` that ended {status}; \
+         its record has since been pruned, so its details are gone, and it is not run again"
+    )]
+    Pruned {
+        /// The request id given.
+        request_id: String,
+        /// The facade of the pruned saga.
+        facade: String,
+        /// How it ended.
+        status: SagaStatus,
+    },
     /// The request id is empty or too long to be a saga's identity.
     #[error("invalid request id: {0}")]
     InvalidRequestId(String),
@@ -73,6 +88,12 @@ pub enum Error {
     /// any node); the saga stays in the log and is resumed by the sweep.
     #[error("saga `{0}` lost its task; it is resumed from the log")]
     TaskLost(String),
+}
+
+impl From<Tombstone> for Error {
+    fn from(tombstone: Tombstone) -> Self {
+        Error::Pruned { request_id: tombstone.request_id, facade: tombstone.facade, status: tombstone.status }
+    }
 }
 
 /// `Result` with the core's [`Error`] as its default error.

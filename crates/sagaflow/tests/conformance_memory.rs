@@ -1,7 +1,8 @@
 //! The Broker and SagaLog conformance suites against the in-memory drivers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use sagaflow::log::Retention;
 use sagaflow::testsuite::{BrokerHarness, LogHarness};
 use sagaflow::{Broker, MemoryBroker, MemorySagaLog, SagaLog};
 
@@ -22,21 +23,41 @@ async fn broker() -> Option<Memory> {
 sagaflow::broker_conformance_tests!(broker());
 
 /// A new in-memory log per call; nothing survives, so there is nothing to reopen.
-struct MemoryLog;
+#[derive(Default)]
+struct MemoryLog {
+    last: Mutex<Option<Arc<MemorySagaLog>>>,
+}
+
+impl MemoryLog {
+    fn open(&self, log: MemorySagaLog) -> Arc<dyn SagaLog> {
+        let log = Arc::new(log);
+        *self.last.lock().unwrap() = Some(log.clone());
+        log
+    }
+}
 
 #[sagaflow::async_trait]
 impl LogHarness for MemoryLog {
     async fn fresh(&self) -> Arc<dyn SagaLog> {
-        Arc::new(MemorySagaLog::new())
+        self.open(MemorySagaLog::new())
     }
 
     async fn reopen(&self) -> Option<Arc<dyn SagaLog>> {
         None
     }
+
+    async fn fresh_with_retention(&self, retention: Retention) -> Arc<dyn SagaLog> {
+        self.open(MemorySagaLog::with_retention(retention))
+    }
+
+    async fn prune(&self) {
+        let log = self.last.lock().unwrap().clone().expect("prune after fresh");
+        log.prune_now();
+    }
 }
 
 async fn log() -> Option<MemoryLog> {
-    Some(MemoryLog)
+    Some(MemoryLog::default())
 }
 
 sagaflow::saga_log_conformance_tests!(log());

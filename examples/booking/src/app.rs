@@ -94,6 +94,8 @@ async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
     let retention = Retention {
         max_age: Duration::from_secs(config.retention.max_age_secs),
         max_ended: config.retention.max_ended,
+        tombstone_age: Duration::from_secs(config.retention.tombstone_age_secs),
+        max_tombstones: config.retention.max_tombstones,
     };
     Ok(match config.saga_log {
         LogKind::Memory => Arc::new(MemorySagaLog::with_retention(retention)),

@@ -85,7 +85,7 @@ pub enum LogKind {
     Postgres,
 }
 
-/// Retention of ended sagas.
+/// Retention of ended sagas, and of the tombstones that refuse their request ids once pruned.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
@@ -93,11 +93,21 @@ pub struct RetentionConfig {
     pub max_age_secs: u64,
     /// At most this many ended sagas are kept.
     pub max_ended: usize,
+    /// A dropped saga's tombstone is kept this many seconds after the drop.
+    pub tombstone_age_secs: u64,
+    /// At most this many tombstones are kept (0: none, a pruned request id starts anew).
+    pub max_tombstones: usize,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        Self { max_age_secs: 7 * 24 * 3600, max_ended: 100_000 }
+        let retention = sagaflow::log::Retention::default();
+        Self {
+            max_age_secs: retention.max_age.as_secs(),
+            max_ended: retention.max_ended,
+            tombstone_age_secs: retention.tombstone_age.as_secs(),
+            max_tombstones: retention.max_tombstones,
+        }
     }
 }
 

@@ -80,6 +80,9 @@ fn status(request_id: &str, error: Error) -> Status {
     match error {
         Error::InvalidRequestId(why) => Status::invalid_argument(format!("x-request-id is invalid: {why}")),
         Error::RequestIdInUse { .. } => Status::already_exists(error.to_string()),
+        // Not retriable with this request id: the caller must look the outcome up elsewhere, or
+        // send a new request id if it means a new booking.
+        Error::Pruned { .. } => Status::failed_precondition(error.to_string()),
         Error::WaitTimeout(_) => Status::deadline_exceeded(format!(
             "booking {request_id} did not finish in time; it goes on, and its outcome will be recorded"
         )),

@@ -27,6 +27,11 @@ pub(crate) const BY_CREATED: TableDefinition<'static, (u64, u64), ()> = TableDef
 pub(crate) const ENDED: TableDefinition<'static, (u64, u64), ()> = TableDefinition::new("ended_seq");
 /// sequence number → ended ms, to find a saga's `ENDED` key when a retry revives it.
 pub(crate) const ENDED_AT: TableDefinition<'static, u64, u64> = TableDefinition::new("ended_at_seq");
+/// request id → what is left of a pruned saga ([`sagaflow::log::Tombstone`], as JSON).
+pub(crate) const TOMBSTONES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("tombstones");
+/// (pruned ms, request id), oldest first, for pruning the tombstones in their turn.
+pub(crate) const TOMBSTONES_BY_PRUNED: TableDefinition<'static, (u64, &str), ()> =
+    TableDefinition::new("tombstones_by_pruned");
 /// Settings of the file itself: the write-ahead epoch ([`crate::wal`]).
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 /// `META` key: the epoch of the write-ahead entries not yet in a durable commit.
@@ -56,6 +61,8 @@ pub(crate) struct Tables<'txn> {
     pub(crate) by_created: Table<'txn, (u64, u64), ()>,
     pub(crate) ended: Table<'txn, (u64, u64), ()>,
     pub(crate) ended_at: Table<'txn, u64, u64>,
+    pub(crate) tombstones: Table<'txn, &'static str, &'static [u8]>,
+    pub(crate) tombstones_by_pruned: Table<'txn, (u64, &'static str), ()>,
     pub(crate) meta: Table<'txn, &'static str, u64>,
 }
 
@@ -68,6 +75,8 @@ impl<'txn> Tables<'txn> {
             by_created: txn.open_table(BY_CREATED)?,
             ended: txn.open_table(ENDED)?,
             ended_at: txn.open_table(ENDED_AT)?,
+            tombstones: txn.open_table(TOMBSTONES)?,
+            tombstones_by_pruned: txn.open_table(TOMBSTONES_BY_PRUNED)?,
             meta: txn.open_table(META)?,
         })
     }
@@ -179,11 +188,13 @@ impl<'txn> Tables<'txn> {
 pub(crate) struct Snapshot {
     pub(crate) ids: ReadOnlyTable<&'static str, u64>,
     pub(crate) sagas: ReadOnlyTable<u64, &'static [u8]>,
+    /// Only pruning writes them, in a checkpoint of the writer's own: never in the overlay.
+    pub(crate) tombstones: ReadOnlyTable<&'static str, &'static [u8]>,
 }
 
 impl Snapshot {
     pub(crate) fn open(db: &Database) -> Result<Self> {
         let txn = db.begin_read()?;
-        Ok(Self { ids: txn.open_table(IDS)?, sagas: txn.open_table(SAGAS)? })
+        Ok(Self { ids: txn.open_table(IDS)?, sagas: txn.open_table(SAGAS)?, tombstones: txn.open_table(TOMBSTONES)? })
     }
 }

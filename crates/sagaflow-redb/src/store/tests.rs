@@ -195,6 +195,7 @@ async fn concurrent_begins_of_one_request_id_start_it_once() {
                 records.push(r);
             }
             Begin::Exists(r) => records.push(r),
+            pruned @ Begin::Pruned(_) => panic!("a request id never pruned: {pruned:?}"),
         }
     }
     assert_eq!(started, 1);

@@ -225,6 +225,7 @@ impl<D: FlowData> FlowRuntime<D> {
             let _slot = slot;
             let record = match this.engine.log.begin(this.new_saga(&id, json, None)).await? {
                 Begin::Exists(existing) => return Ok(Err(existing)),
+                Begin::Pruned(tombstone) => return Err(tombstone.into()),
                 Begin::Started(record) => record,
             };
             this.started();
@@ -298,6 +299,7 @@ impl<D: FlowData> FlowRuntime<D> {
         let start = async move {
             match this.engine.log.begin(this.new_saga(&id, json.clone(), callback_url)).await? {
                 Begin::Exists(existing) => return Ok(Some(existing)),
+                Begin::Pruned(tombstone) => return Err(tombstone.into()),
                 Begin::Started(_) => this.started(),
             }
             if let Err(error) = this.publish_hop(&id, 0, json).await {

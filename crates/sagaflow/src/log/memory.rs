@@ -5,10 +5,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{Begin, ListFilter, LogError, Retention, SagaLog};
+use super::{Begin, ListFilter, LogError, Retention, SagaLog, Tombstone};
 use crate::saga::{NewSaga, SagaEvent, SagaRecord, now_ms};
 
-/// Keeps sagas in a map; ended ones only within the [`Retention`].
+/// Keeps sagas in a map; ended ones, and the tombstones of those pruned, only within the
+/// [`Retention`]. Pruning runs whenever a saga ends, and on [`prune_now`](Self::prune_now).
 #[derive(Debug)]
 pub struct MemorySagaLog {
     state: Mutex<State>,
@@ -22,6 +23,10 @@ struct State {
     sagas: HashMap<String, Box<SagaRecord>>,
     /// Ended sagas by the time they ended, oldest first.
     ended: VecDeque<(u64, String)>,
+    /// What is left of the pruned sagas, by request id.
+    tombstones: HashMap<String, Tombstone>,
+    /// Tombstones by the time their record was pruned, oldest first.
+    pruned: VecDeque<(u64, String)>,
 }
 
 impl Default for MemorySagaLog {
@@ -40,7 +45,11 @@ impl MemorySagaLog {
     pub fn with_retention(retention: Retention) -> Self {
         // A few MiB at the default retention (100,000 ended sagas): far less than the records.
         let ended = retention.max_ended.min(Self::PRESIZE_LIMIT);
-        let state = State { sagas: HashMap::with_capacity(ended + 1024), ended: VecDeque::with_capacity(ended) };
+        let state = State {
+            sagas: HashMap::with_capacity(ended + 1024),
+            ended: VecDeque::with_capacity(ended),
+            ..State::default()
+        };
         Self { state: Mutex::new(state), retention }
     }
 
@@ -55,6 +64,18 @@ impl MemorySagaLog {
     /// Whether the log holds no saga.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Number of tombstones held (see [`Tombstone`]).
+    pub fn tombstones(&self) -> usize {
+        self.lock().tombstones.len()
+    }
+
+    /// Drops the ended sagas past the retention now, each leaving a tombstone, and the
+    /// tombstones past theirs; returns how many sagas it dropped. The log prunes whenever a
+    /// saga ends too.
+    pub fn prune_now(&self) -> usize {
+        self.lock().prune(&self.retention, now_ms())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -78,30 +99,57 @@ impl MemorySagaLog {
         let ended = record.state.is_ended() && !was_ended;
         let answer = answer(record);
         if ended {
-            let now = now_ms();
-            state.ended.push_back((now, request_id.to_owned()));
-            state.prune(&self.retention, now);
+            let ended_ms = record.updated_ms;
+            state.ended.push_back((ended_ms, request_id.to_owned()));
+            state.prune(&self.retention, now_ms());
         }
         Ok(answer)
     }
 }
 
 impl State {
-    fn prune(&mut self, retention: &Retention, now: u64) {
-        let max_age = retention.max_age.as_millis() as u64;
-        while let Some((ended_at, _)) = self.ended.front() {
+    /// Drops the ended sagas past the retention, each leaving a tombstone, then the tombstones
+    /// past it; returns how many sagas it dropped.
+    fn prune(&mut self, retention: &Retention, now: u64) -> usize {
+        let cutoff = retention.ended_cutoff_ms(now);
+        let mut dropped = 0;
+        while let Some((ended_ms, _)) = self.ended.front() {
             let too_many = self.ended.len() > retention.max_ended;
-            let too_old = now.saturating_sub(*ended_at) > max_age;
+            let too_old = *ended_ms < cutoff;
             if !(too_many || too_old) {
                 break;
             }
-            if let Some((_, id)) = self.ended.pop_front() {
-                // Only drop it if it is still ended (a retried stuck saga may run again).
-                if self.sagas.get(&id).is_some_and(|r| r.state.is_ended()) {
-                    self.sagas.remove(&id);
-                }
+            let Some((ended_ms, id)) = self.ended.pop_front() else { break };
+            // Only drop it if it is still ended (a retried stuck saga may run again).
+            if !self.sagas.get(&id).is_some_and(|r| r.state.is_ended()) {
+                continue;
+            }
+            let Some(record) = self.sagas.remove(&id) else { continue };
+            dropped += 1;
+            if retention.keeps_tombstones() {
+                let tombstone = Tombstone {
+                    request_id: id.clone(),
+                    facade: record.facade,
+                    status: record.state.status(),
+                    ended_ms,
+                    pruned_ms: now,
+                };
+                self.pruned.push_back((now, id.clone()));
+                self.tombstones.insert(id, tombstone);
             }
         }
+        let cutoff = retention.tombstone_cutoff_ms(now);
+        while let Some((pruned_ms, _)) = self.pruned.front() {
+            if self.pruned.len() <= retention.max_tombstones && *pruned_ms >= cutoff {
+                break;
+            }
+            let Some((pruned_ms, id)) = self.pruned.pop_front() else { break };
+            // Only if it is still this tombstone (the request id may have been pruned again since).
+            if self.tombstones.get(&id).is_some_and(|t| t.pruned_ms == pruned_ms) {
+                self.tombstones.remove(&id);
+            }
+        }
+        dropped
     }
 }
 
@@ -111,6 +159,9 @@ impl SagaLog for MemorySagaLog {
         let mut state = self.lock();
         if let Some(existing) = state.sagas.get(&saga.request_id) {
             return Ok(Begin::Exists(SagaRecord::clone(existing)));
+        }
+        if let Some(tombstone) = state.tombstones.get(&saga.request_id) {
+            return Ok(Begin::Pruned(tombstone.clone()));
         }
         let record = SagaRecord::new(saga);
         state.sagas.insert(record.request_id.clone(), Box::new(record.clone()));
@@ -188,7 +239,11 @@ mod tests {
 
     #[tokio::test]
     async fn ended_sagas_beyond_the_count_are_dropped_but_running_ones_stay() {
-        let log = MemorySagaLog::with_retention(Retention { max_age: Duration::from_secs(3600), max_ended: 3 });
+        let log = MemorySagaLog::with_retention(Retention {
+            max_age: Duration::from_secs(3600),
+            max_ended: 3,
+            ..Retention::default()
+        });
         log.begin(new_saga("running")).await.unwrap();
         for i in 0..10 {
             run_to_end(&log, &format!("s{i}")).await;
@@ -202,11 +257,32 @@ mod tests {
 
     #[tokio::test]
     async fn ended_sagas_past_their_age_are_dropped() {
-        let log = MemorySagaLog::with_retention(Retention { max_age: Duration::ZERO, max_ended: 1000 });
+        let log = MemorySagaLog::with_retention(Retention {
+            max_age: Duration::ZERO,
+            max_ended: 1000,
+            ..Retention::default()
+        });
         run_to_end(&log, "old").await;
         std::thread::sleep(Duration::from_millis(5));
         run_to_end(&log, "new").await;
         assert!(log.get("old").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn tombstones_are_bounded_by_their_count_and_none_are_kept_at_zero() {
+        let retention = Retention { max_ended: 0, max_tombstones: 3, ..Retention::default() };
+        let log = MemorySagaLog::with_retention(retention);
+        for i in 0..10 {
+            run_to_end(&log, &format!("s{i}")).await;
+        }
+        assert_eq!((log.len(), log.tombstones()), (0, 3));
+        assert!(matches!(log.begin(new_saga("s9")).await.unwrap(), Begin::Pruned(_)));
+        assert!(matches!(log.begin(new_saga("s6")).await.unwrap(), Begin::Started(_)));
+
+        let log = MemorySagaLog::with_retention(Retention { max_tombstones: 0, ..retention });
+        run_to_end(&log, "s0").await;
+        assert_eq!((log.len(), log.tombstones()), (0, 0));
+        assert!(matches!(log.begin(new_saga("s0")).await.unwrap(), Begin::Started(_)));
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ mod replicas;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 pub use memory::MemorySagaLog;
 pub use replicas::{Lease, check_owner};
@@ -49,6 +50,25 @@ pub enum Begin {
     Started(SagaRecord),
     /// A saga with this request id already exists; here it is.
     Exists(SagaRecord),
+    /// A saga with this request id ended and its record was pruned; its tombstone says how it
+    /// ended. No saga was started: the request id stays used until the tombstone ages out.
+    Pruned(Tombstone),
+}
+
+/// What is left of an ended saga once retention has pruned its record: enough to refuse its
+/// request id, for [`Retention::tombstone_age`] after the pruning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The pruned saga's request id.
+    pub request_id: String,
+    /// The facade it ran under.
+    pub facade: String,
+    /// How it ended: completed, compensated or stuck.
+    pub status: SagaStatus,
+    /// Unix ms of its end.
+    pub ended_ms: u64,
+    /// Unix ms of its record's pruning, from which the tombstone's age counts.
+    pub pruned_ms: u64,
 }
 
 /// Which sagas [`SagaLog::list`] returns, in the list order: newest first
@@ -108,18 +128,57 @@ impl ListFilter {
     }
 }
 
-/// How long ended sagas are kept.
+/// How long ended sagas are kept, and their tombstones after them.
+///
+/// A pruned saga leaves a [`Tombstone`] (its request id, facade, outcome and times, about a
+/// hundred bytes), so that its request id is refused ([`Begin::Pruned`]) rather than started
+/// again: a retried payment must not run twice because its first run's record was pruned.
+/// The request id is thus known for `max_age` (or until `max_ended` pushes it out) with its
+/// whole record, then for `tombstone_age` (or until `max_tombstones` pushes it out) by its
+/// tombstone; after that it starts a new saga.
+///
+/// Build it from [`Retention::default`] to stay compatible with fields added later:
+/// `Retention { max_ended: 1000, ..Retention::default() }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     /// Ended sagas older than this are dropped.
     pub max_age: Duration,
     /// At most this many ended sagas are kept (oldest dropped first).
     pub max_ended: usize,
+    /// Tombstones older than this (counted from the pruning of their record) are dropped.
+    pub tombstone_age: Duration,
+    /// At most this many tombstones are kept (oldest dropped first); 0 keeps none, so a pruned
+    /// request id starts a new saga at once.
+    pub max_tombstones: usize,
+}
+
+impl Retention {
+    /// Whether pruning a record leaves a tombstone.
+    pub fn keeps_tombstones(&self) -> bool {
+        self.max_tombstones > 0
+    }
+
+    /// Unix ms before which a saga that ended is too old to keep, as of `now_ms`.
+    pub fn ended_cutoff_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(u64::try_from(self.max_age.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Unix ms before which a record pruned is too old to keep its tombstone, as of `now_ms`.
+    pub fn tombstone_cutoff_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(u64::try_from(self.tombstone_age.as_millis()).unwrap_or(u64::MAX))
+    }
 }
 
 impl Default for Retention {
+    /// Ended sagas for 7 days (at most 100 000), then their tombstones for 7 more (at most
+    /// 1 000 000).
     fn default() -> Self {
-        Self { max_age: Duration::from_secs(7 * 24 * 3600), max_ended: 100_000 }
+        Self {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_ended: 100_000,
+            tombstone_age: Duration::from_secs(7 * 24 * 3600),
+            max_tombstones: 1_000_000,
+        }
     }
 }
 
@@ -146,7 +205,9 @@ impl LogHealth {
 /// the backend can; the orchestrator acks, publishes and answers after them.
 #[async_trait]
 pub trait SagaLog: Send + Sync + 'static {
-    /// Records a new saga, unless one with the same request id exists.
+    /// Records a new saga, unless one with the same request id exists ([`Begin::Exists`]) or
+    /// ended and was pruned, leaving a tombstone ([`Begin::Pruned`]): a request id starts at
+    /// most one saga within the [`Retention`]'s window.
     async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError>;
 
     /// Applies one event to a saga (refusing transitions its state forbids)
@@ -164,7 +225,8 @@ pub trait SagaLog: Send + Sync + 'static {
         self.append(request_id, event).await.map(|_| ())
     }
 
-    /// The saga with this request id.
+    /// The saga with this request id; `None` also for a saga whose record was pruned, even
+    /// while its tombstone makes [`begin`](Self::begin) answer [`Begin::Pruned`].
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError>;
 
     /// Every saga that has not ended (running or compensating), for recovery.

@@ -5,6 +5,9 @@
 //! shared database may hold other sagas), so it filters what it reads by the
 //! ids it created. Records must round-trip exactly: what `begin` and `append`
 //! return is what `get`, `unfinished` and `list` return later.
+//!
+//! The retention checks open their log with [`LogHarness::fresh_with_retention`] and prune it
+//! only through [`LogHarness::prune`], so what is pruned when does not depend on timing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -16,7 +19,7 @@ pub use super::replicas::{
     claim_takes_over_exactly_once, ends_are_announced, leases_expire_and_renew, restart_keeps_own_sagas,
 };
 use super::{unique_name, within};
-use crate::log::{Begin, ListCursor, ListFilter, LogError, SagaLog};
+use crate::log::{Begin, ListCursor, ListFilter, LogError, Retention, SagaLog, Tombstone};
 use crate::saga::{Failure, Mode, NewSaga, SagaEvent, SagaRecord, SagaState, SagaStatus, now_ms};
 
 /// Opens the saga log under test.
@@ -28,8 +31,24 @@ pub trait LogHarness: Send + Sync + 'static {
     /// Opens again the log last returned by `fresh`, as after a process
     /// restart (data must still be there). Return None if the backend is not
     /// durable. The suite drops every handle it holds to the first log before
-    /// calling this.
+    /// calling this. A log opened by `fresh_with_retention` is reopened with the same
+    /// retention and still without background pruning.
     async fn reopen(&self) -> Option<Arc<dyn SagaLog>>;
+
+    /// Opens a fresh, empty log that keeps ended sagas and tombstones per `retention` and
+    /// prunes only when [`prune`](Self::prune) asks it to (no background pruning; a backend that
+    /// also prunes when a saga ends, as the in-memory one does, may).
+    async fn fresh_with_retention(&self, retention: Retention) -> Arc<dyn SagaLog>;
+
+    /// Prunes the log last opened now, as its background pruning would, returning once done.
+    async fn prune(&self);
+
+    /// Another handle on the log last returned by `fresh`, as a second
+    /// process sharing it holds (the first stays open). `None` for a log
+    /// that one process owns; only [`shared`](SagaLog::shared) logs need it.
+    async fn another(&self) -> Option<Arc<dyn SagaLog>> {
+        None
+    }
 }
 
 async fn fresh(harness: &dyn LogHarness) -> Arc<dyn SagaLog> {
@@ -235,6 +254,7 @@ pub async fn begin_is_idempotent(harness: &dyn LogHarness) {
         match joined {
             Ok(Ok(Begin::Started(record))) => started.push(record),
             Ok(Ok(Begin::Exists(record))) => existed.push(record),
+            Ok(Ok(other)) => panic!("a concurrent begin of a new request id: {other:?}"),
             Ok(Err(e)) => panic!("a concurrent begin failed: {e}"),
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
@@ -609,4 +629,193 @@ async fn compensating_then_stuck(log: &dyn SagaLog, id: &str, facade: &str) -> S
     let record = compensating(log, id, facade).await;
     let gave_up = SagaEvent::CompensationGaveUp { index: 1, attempts: 3, reason: "down".into() };
     append(log, &record, gave_up).await
+}
+
+/// Retention that prunes every ended saga at the next prune and keeps tombstones for an hour,
+/// at most `max_tombstones` of them.
+fn prune_all(max_tombstones: usize) -> Retention {
+    Retention {
+        max_age: std::time::Duration::from_secs(3600),
+        max_ended: 0,
+        tombstone_age: std::time::Duration::from_secs(3600),
+        max_tombstones,
+    }
+}
+
+/// A saga run to `status` (completed, compensated or stuck). The last append is checked by its
+/// answer alone: a backend may prune the saga as it ends.
+async fn ended(log: &dyn SagaLog, id: &str, facade: &str, status: SagaStatus) -> SagaRecord {
+    let (before, last) = match status {
+        SagaStatus::Completed => {
+            let record = begin(log, new_saga(id, facade, 1)).await;
+            let record = append(log, &record, SagaEvent::StepStarted { index: 0 }).await;
+            (record, SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!({ "done": id }) })
+        }
+        SagaStatus::Compensated => {
+            let record = compensating(log, id, facade).await;
+            let record = append(log, &record, SagaEvent::StepCompensated { index: 1, attempts: 1 }).await;
+            (record, SagaEvent::StepCompensated { index: 0, attempts: 1 })
+        }
+        SagaStatus::Stuck => {
+            let record = compensating(log, id, facade).await;
+            (record, SagaEvent::CompensationGaveUp { index: 1, attempts: 3, reason: "down".into() })
+        }
+        other => panic!("the check asked for a saga ended {other}"),
+    };
+    let what = format!("the append that ends `{id}`");
+    let after = match within(&what, log.append(id, last.clone())).await {
+        Ok(record) => record,
+        Err(e) => panic!("{what} failed: {e}"),
+    };
+    let mut expected = before.clone();
+    expected.apply(&last).unwrap_or_else(|e| panic!("the check's own event does not fit: {e}"));
+    expected.updated_ms = after.updated_ms;
+    if let Some(entry) = expected.history.last_mut() {
+        entry.at_ms = after.updated_ms;
+    }
+    assert_eq!(after, expected, "{what} must apply SagaRecord::apply");
+    assert_eq!(after.status(), status, "{what}");
+    after
+}
+
+async fn prune(harness: &dyn LogHarness) {
+    within("the harness to prune the log", harness.prune()).await;
+}
+
+/// Begins a saga whose request id must have been pruned, returning its tombstone.
+async fn begin_pruned(log: &dyn SagaLog, saga: NewSaga) -> Tombstone {
+    let what = format!("begin of the pruned `{}`", saga.request_id);
+    match within(&what, log.begin(saga)).await {
+        Ok(Begin::Pruned(tombstone)) => tombstone,
+        other => panic!("{what}: expected Pruned, got {other:?}"),
+    }
+}
+
+/// Checks `tombstone` is what pruning `record` (ended) at or before `pruned_by` leaves.
+fn assert_tombstone_of(tombstone: &Tombstone, record: &SagaRecord, pruned_by: u64) {
+    let expected = Tombstone {
+        request_id: record.request_id.clone(),
+        facade: record.facade.clone(),
+        status: record.status(),
+        ended_ms: record.updated_ms,
+        pruned_ms: tombstone.pruned_ms,
+    };
+    assert_eq!(tombstone, &expected, "the tombstone of `{}`", record.request_id);
+    assert!(
+        (record.updated_ms..=pruned_by).contains(&tombstone.pruned_ms),
+        "pruned at {} ms, after the saga ended ({} ms) and before the prune returned ({pruned_by} ms)",
+        tombstone.pruned_ms,
+        record.updated_ms
+    );
+}
+
+/// A pruned saga leaves a tombstone: `begin` of its request id (with any data) answers
+/// `Pruned` with the request id, facade, outcome (completed, compensated, stuck) and end time,
+/// and starts nothing, however often asked; `get` answers `None`. Running sagas are not pruned
+/// and new request ids still start.
+pub async fn pruned_request_id_is_refused(harness: &dyn LogHarness) {
+    let log = within("a log with retention from the harness", harness.fresh_with_retention(prune_all(1000))).await;
+    let facade = unique_name("Facade");
+    let done = ended(&*log, &unique_name("completed"), &facade, SagaStatus::Completed).await;
+    let compensated = ended(&*log, &unique_name("compensated"), &facade, SagaStatus::Compensated).await;
+    let stuck = ended(&*log, &unique_name("stuck"), &facade, SagaStatus::Stuck).await;
+    let running = begin(&*log, new_saga(&unique_name("running"), &facade, 2)).await;
+    prune(harness).await;
+    let pruned_by = now_ms();
+
+    for ended in [&done, &compensated, &stuck] {
+        let id = &ended.request_id;
+        assert_eq!(get(&*log, id).await, None, "get of the pruned `{id}`");
+        let tombstone = begin_pruned(&*log, new_saga(id, &facade, 2)).await;
+        assert_tombstone_of(&tombstone, ended, pruned_by);
+        let mut retried = new_saga(id, &unique_name("OtherFacade"), 1);
+        retried.data = json!("a retry with other data");
+        assert_eq!(begin_pruned(&*log, retried).await, tombstone, "a second retry of `{id}`");
+        assert_eq!(get(&*log, id).await, None, "no saga started for the pruned `{id}`");
+    }
+    let ours: BTreeSet<String> = [&done, &compensated, &stuck, &running].map(|r| r.request_id.clone()).into();
+    let unfinished = unfinished_of(&*log, &ours).await;
+    assert_eq!(unfinished.keys().collect::<Vec<_>>(), [&running.request_id], "only the running saga is unfinished");
+    let listed =
+        list(&*log, ListFilter { facade: Some(facade.clone()), status: None, limit: 0, ..ListFilter::default() }).await;
+    assert_eq!(listed, vec![running.clone()], "a listing holds no pruned saga");
+    match within("begin of the running saga", log.begin(new_saga(&running.request_id, &facade, 2))).await {
+        Ok(Begin::Exists(record)) => assert_eq!(record, running, "a running saga is never pruned"),
+        other => panic!("begin of the running `{}` must be Exists, got {other:?}", running.request_id),
+    }
+    begin(&*log, new_saga(&unique_name("new"), &facade, 1)).await;
+}
+
+/// Tombstones are pruned in their turn: past `tombstone_age` after their record's pruning, or
+/// oldest first beyond `max_tombstones`; the request id of a tombstone gone starts a new saga.
+/// With `max_tombstones` 0, pruning leaves none.
+pub async fn tombstones_age_out(harness: &dyn LogHarness) {
+    let retention = Retention { tombstone_age: std::time::Duration::ZERO, ..prune_all(1000) };
+    let log = within("a log with retention from the harness", harness.fresh_with_retention(retention)).await;
+    let facade = unique_name("Facade");
+    let id = unique_name("aged");
+    let done = ended(&*log, &id, &facade, SagaStatus::Completed).await;
+    prune(harness).await;
+    let tombstone = begin_pruned(&*log, new_saga(&id, &facade, 1)).await;
+    assert_tombstone_of(&tombstone, &done, now_ms());
+    // An age of zero: gone at the first prune a millisecond after its own.
+    past(tombstone.pruned_ms).await;
+    prune(harness).await;
+    let again = begin(&*log, new_saga(&id, &facade, 1)).await;
+    assert_eq!(get(&*log, &id).await, Some(again), "the request id starts a new saga once its tombstone is gone");
+    drop(log);
+
+    // At most two: the oldest goes first.
+    let log = within("a log with retention from the harness", harness.fresh_with_retention(prune_all(2))).await;
+    let mut sagas = Vec::new();
+    for name in ["first", "second", "third"] {
+        let record = ended(&*log, &unique_name(name), &facade, SagaStatus::Completed).await;
+        prune(harness).await;
+        let tombstone = begin_pruned(&*log, new_saga(&record.request_id, &facade, 1)).await;
+        past(tombstone.pruned_ms).await;
+        sagas.push(record);
+    }
+    prune(harness).await;
+    begin(&*log, new_saga(&sagas[0].request_id, &facade, 1)).await;
+    for kept in &sagas[1..] {
+        let tombstone = begin_pruned(&*log, new_saga(&kept.request_id, &facade, 1)).await;
+        assert_tombstone_of(&tombstone, kept, now_ms());
+    }
+    drop(log);
+
+    // None at all.
+    let log = within("a log with retention from the harness", harness.fresh_with_retention(prune_all(0))).await;
+    let id = unique_name("untombed");
+    ended(&*log, &id, &facade, SagaStatus::Compensated).await;
+    prune(harness).await;
+    assert_eq!(get(&*log, &id).await, None, "the saga was pruned");
+    begin(&*log, new_saga(&id, &facade, 1)).await;
+}
+
+/// Tombstones outlive the process: after [`LogHarness::reopen`] a pruned request id is still
+/// refused with the same tombstone. A backend that is not durable is checked up to the reopen.
+pub async fn tombstones_survive_reopen(harness: &dyn LogHarness) {
+    let log = within("a log with retention from the harness", harness.fresh_with_retention(prune_all(1000))).await;
+    let facade = unique_name("Facade");
+    let done = ended(&*log, &unique_name("completed"), &facade, SagaStatus::Completed).await;
+    let stuck = ended(&*log, &unique_name("stuck"), &facade, SagaStatus::Stuck).await;
+    prune(harness).await;
+    let pruned_by = now_ms();
+    let mut tombstones = Vec::new();
+    for ended in [&done, &stuck] {
+        let tombstone = begin_pruned(&*log, new_saga(&ended.request_id, &facade, 1)).await;
+        assert_tombstone_of(&tombstone, ended, pruned_by);
+        tombstones.push(tombstone);
+    }
+    drop(log);
+
+    let Some(log) = within("the harness to reopen the log", harness.reopen()).await else {
+        println!("the saga log under test is not durable: reopen skipped");
+        return;
+    };
+    for tombstone in tombstones {
+        let id = tombstone.request_id.clone();
+        assert_eq!(begin_pruned(&*log, new_saga(&id, &facade, 1)).await, tombstone, "after reopening");
+        assert_eq!(get(&*log, &id).await, None, "no saga started for `{id}` after reopening");
+    }
 }

@@ -169,6 +169,9 @@ macro_rules! saga_log_conformance_tests {
             saga_log_conformance_claim_takes_over_exactly_once => claim_takes_over_exactly_once,
             saga_log_conformance_restart_keeps_own_sagas => restart_keeps_own_sagas,
             saga_log_conformance_ends_are_announced => ends_are_announced,
+            saga_log_conformance_pruned_request_id_is_refused => pruned_request_id_is_refused,
+            saga_log_conformance_tombstones_age_out => tombstones_age_out,
+            saga_log_conformance_tombstones_survive_reopen => tombstones_survive_reopen,
         );
     };
 }

@@ -40,7 +40,7 @@ async fn started(log: &dyn SagaLog, saga: NewSaga) -> SagaRecord {
 
 /// A second handle on the same log, as another replica process would have.
 async fn another(harness: &dyn LogHarness) -> Arc<dyn SagaLog> {
-    within("another handle on the shared log", harness.reopen()).await.expect("a shared log can be opened again")
+    within("another handle on the shared log", harness.another()).await.expect("a shared log can be opened again")
 }
 
 /// A log of one process: registering works, nothing expires, nothing is
@@ -164,7 +164,7 @@ pub async fn restart_keeps_own_sagas(harness: &dyn LogHarness) {
     log.register(&me, now_ms(), TTL).await.expect("register");
     let id = started(&*log, owned_saga(&format!("{me}-1"), Some(&me))).await.request_id;
     drop(log);
-    let log = another(harness).await;
+    let log = within("the log after a restart", harness.reopen()).await.expect("a shared log can be reopened");
     log.register(&me, now_ms(), TTL).await.expect("register after a restart");
     assert!(log.unfinished_of(&me).await.expect("unfinished_of").iter().any(|r| r.request_id == id));
     log.append(&id, SagaEvent::StepStarted { index: 0 }).await.expect("its own saga");

@@ -337,7 +337,13 @@ impl Writer {
             Lookup::NoRecord => {
                 tracing::warn!(request_id = %saga.request_id, "request id without a record; starting anew")
             }
-            Lookup::Unknown => {}
+            Lookup::Unknown => {
+                if let Some(bytes) = self.store()?.snapshot.tombstones.get(saga.request_id.as_str())? {
+                    // An unreadable tombstone refuses the request id too: better than running it twice.
+                    let tombstone = crate::tombstones::decode(&saga.request_id, bytes.value());
+                    return Ok(tombstone.map(Begin::Pruned).map_err(Into::into));
+                }
+            }
         }
         let record = SagaRecord::new(saga);
         let seq = self.next_seq;
@@ -601,7 +607,9 @@ impl Writer {
             Ok((pruned, stored))
         });
         let (pruned, stored) = match done {
-            Ok((pruned, stored)) => (pruned.into_iter().next().unwrap_or(Pruned { removed: 0, more: false }), stored),
+            Ok((pruned, stored)) => {
+                (pruned.into_iter().next().unwrap_or(Pruned { removed: 0, expired: 0, more: false }), stored)
+            }
             Err(e) => {
                 // The flush marked records stored that no file holds.
                 self.cache.undo_batch(staged.stored.iter().map(|(id, _)| id.as_str()));
@@ -611,8 +619,12 @@ impl Writer {
         self.forget_ended(&staged);
         self.shared.counters.stored.fetch_add(stored, Ordering::Relaxed);
         self.shared.counters.pruned.fetch_add(pruned.removed as u64, Ordering::Relaxed);
-        if pruned.removed > 0 {
-            tracing::debug!(removed = pruned.removed, "saga log pruned ended sagas");
+        if pruned.removed > 0 || pruned.expired > 0 {
+            tracing::debug!(
+                removed = pruned.removed,
+                expired = pruned.expired,
+                "saga log pruned ended sagas and tombstones"
+            );
         }
         Ok(pruned)
     }

@@ -340,7 +340,7 @@ fn a_queued_event_on_an_ended_saga_waits_and_pruning_stores_it_before_deleting_t
 
     // Pruning this very saga: its waiting change is stored first, then deleted with it,
     // never written back after.
-    writer.retention = Retention { max_age: Duration::from_secs(3600), max_ended: 0 };
+    writer.retention = Retention { max_age: Duration::from_secs(3600), max_ended: 0, ..Retention::default() };
     assert_eq!(writer.prune_once().unwrap().removed, 1);
     assert!(writer.cache.next_due().is_none() && writer.cache.records.is_empty());
     writer.commit(Vec::new(), true);
