@@ -60,6 +60,18 @@ pub enum Error {
     /// The request id is empty or too long to be a saga's identity.
     #[error("invalid request id: {0}")]
     InvalidRequestId(String),
+    /// The saga is not in a state the operation applies to.
+    #[error("saga `{request_id}` is {status}: {operation} needs it {wanted}")]
+    WrongState {
+        /// The saga.
+        request_id: String,
+        /// Where it stands.
+        status: crate::SagaStatus,
+        /// What was asked.
+        operation: &'static str,
+        /// The state the operation needs.
+        wanted: &'static str,
+    },
     /// A flow or the orchestrator was configured wrongly.
     #[error("invalid configuration: {0}")]
     Config(String),

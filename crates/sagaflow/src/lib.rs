@@ -68,6 +68,7 @@ pub use log::{MemorySagaLog, SagaLog};
 pub use node::{ErrorKind, Node, NodeError, Phase, Step};
 pub use orchestrator::{
     FlowData, FlowInfo, MAX_REQUEST_ID_LEN, Options, Orchestrator, OrchestratorBuilder, OrchestratorStats,
+    RedriveFilter,
 };
 pub use policy::RetryPolicy;
 pub use saga::{

@@ -177,6 +177,25 @@ pub enum SagaEvent {
     },
     /// An operator asked to retry a stuck saga's compensation.
     RetryCompensation,
+    /// An operator aborted the running saga: no further step starts, and
+    /// every step that completed or may have (the one started last) is
+    /// compensated.
+    Aborted {
+        /// Who aborted it.
+        by: String,
+        /// Why.
+        reason: String,
+    },
+    /// An operator settled step `index`'s compensation by hand (the stuck
+    /// saga's next pending one): it counts as compensated.
+    Resolved {
+        /// The step.
+        index: usize,
+        /// Who settled it.
+        by: String,
+        /// How, in their words.
+        reason: String,
+    },
     /// The ended saga's callback was delivered, or given up on.
     CallbackDelivered {
         /// Whether the receiver accepted it.
@@ -379,6 +398,34 @@ impl SagaRecord {
             (SagaState::Stuck { failure, pending, .. }, SagaEvent::RetryCompensation) => {
                 self.state = SagaState::Compensating { failure: failure.clone(), pending: std::mem::take(pending) };
             }
+            (SagaState::Running, SagaEvent::Aborted { by, reason }) => {
+                let step = self.completed.min(self.steps.saturating_sub(1));
+                // The step started last may be in flight, its effect unknown: undone too.
+                let in_doubt = self.history.last().is_some_and(|h| h.event == "step_started" && h.step == Some(step));
+                let last = if in_doubt { step + 1 } else { self.completed };
+                let failure =
+                    Failure { step, node: String::new(), error: format!("aborted by {by}: {reason}"), code: None };
+                let pending: Vec<usize> = (0..last).rev().collect();
+                entry.step = Some(step);
+                entry.error = Some(failure.error.clone());
+                self.state = if pending.is_empty() {
+                    SagaState::Compensated { failure }
+                } else {
+                    SagaState::Compensating { failure, pending }
+                };
+            }
+            (SagaState::Stuck { failure, pending, .. }, SagaEvent::Resolved { index, by, reason })
+                if pending.first() == Some(index) =>
+            {
+                pending.remove(0);
+                entry.step = Some(*index);
+                entry.error = Some(format!("resolved by {by}: {reason}"));
+                self.state = if pending.is_empty() {
+                    SagaState::Compensated { failure: failure.clone() }
+                } else {
+                    SagaState::Compensating { failure: failure.clone(), pending: std::mem::take(pending) }
+                };
+            }
             _ => return Err(refuse(self)),
         }
         self.updated_ms = entry.at_ms;
@@ -458,6 +505,8 @@ fn event_name(event: &SagaEvent) -> &'static str {
         SagaEvent::StepCompensated { .. } => "step_compensated",
         SagaEvent::CompensationGaveUp { .. } => "compensation_gave_up",
         SagaEvent::RetryCompensation => "retry_compensation",
+        SagaEvent::Aborted { .. } => "aborted",
+        SagaEvent::Resolved { .. } => "resolved",
         SagaEvent::CallbackDelivered { delivered: true, .. } => "callback_delivered",
         SagaEvent::CallbackDelivered { delivered: false, .. } => "callback_failed",
     }
@@ -468,11 +517,15 @@ fn describe(event: &SagaEvent) -> String {
         SagaEvent::StepStarted { index } | SagaEvent::StepCompleted { index, .. } => {
             format!("{} of step {index}", event_name(event))
         }
-        SagaEvent::StepCompensated { index, .. } | SagaEvent::CompensationGaveUp { index, .. } => {
+        SagaEvent::StepCompensated { index, .. }
+        | SagaEvent::CompensationGaveUp { index, .. }
+        | SagaEvent::Resolved { index, .. } => {
             format!("{} of step {index}", event_name(event))
         }
         SagaEvent::StepFailed { failure, .. } => format!("step_failed of step {}", failure.step),
-        SagaEvent::RetryCompensation | SagaEvent::CallbackDelivered { .. } => event_name(event).into(),
+        SagaEvent::RetryCompensation | SagaEvent::CallbackDelivered { .. } | SagaEvent::Aborted { .. } => {
+            event_name(event).into()
+        }
     }
 }
 

@@ -170,7 +170,7 @@ fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
 fn error(error: Error) -> Response {
     let status = match &error {
         Error::Log(sagaflow::log::LogError::NotFound(_)) => StatusCode::NOT_FOUND,
-        Error::Config(_) => StatusCode::CONFLICT,
+        Error::Config(_) | Error::WrongState { .. } => StatusCode::CONFLICT,
         Error::Log(_) | Error::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };

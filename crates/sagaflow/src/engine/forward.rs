@@ -28,18 +28,36 @@ impl<D: FlowData> FlowRuntime<D> {
                 let mut waiter = self.engine.completions.register(id);
                 return self.outcome(&self.wait_end(&mut waiter, id).await?);
             };
-            self.record_start(id, index).await?;
-            record.apply(&SagaEvent::StepStarted { index }).map_err(LogError::from)?;
+            match self.record_start(id, index).await {
+                Ok(()) => record.apply(&SagaEvent::StepStarted { index }).map_err(LogError::from)?,
+                // Moved on without this driver (aborted by an operator): follow the log.
+                Err(Error::Log(LogError::Transition(_))) => {
+                    record = self.reread(id).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             match self.run_action(id, index, &mut data, deadline, run == Run::Recovered).await {
                 Ok(attempts) => {
                     let json = self.encode(id, &data)?;
                     let event = SagaEvent::StepCompleted { index, attempts, data: json };
                     record.apply(&event).map_err(LogError::from)?;
                     if !record.state.is_ended() {
-                        self.engine.durably(|| self.engine.log.append_queued(id, event.clone())).await?;
+                        match self.engine.durably(|| self.engine.log.append_queued(id, event.clone())).await {
+                            Ok(()) => {}
+                            Err(Error::Log(LogError::Transition(_))) => record = self.reread(id).await?,
+                            Err(e) => return Err(e),
+                        }
                         continue;
                     }
-                    let stored = self.engine.durably(|| self.engine.log.append(id, event.clone())).await?;
+                    let stored = match self.engine.durably(|| self.engine.log.append(id, event.clone())).await {
+                        Ok(stored) => stored,
+                        Err(Error::Log(LogError::Transition(_))) => {
+                            record = self.reread(id).await?;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     if stored.state.is_ended() {
                         self.finish(&stored).await;
                         return Ok(Outcome::Completed(data));
@@ -68,13 +86,17 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Records a step's start without waiting for its commit: the step's
-    /// result, written next and awaited, is stored no earlier. A duplicate
-    /// delivery that finds the saga moved on is not an error here.
+    /// result, written next and awaited, is stored no earlier. A
+    /// [`LogError::Transition`] says the saga moved on without the caller
+    /// (aborted, or a duplicate delivery got further): the step must not run.
     pub(super) async fn record_start(&self, id: &str, index: usize) -> Result<()> {
-        match self.engine.durably(|| self.engine.log.append_queued(id, SagaEvent::StepStarted { index })).await {
-            Ok(()) | Err(Error::Log(LogError::Transition(_))) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.engine.durably(|| self.engine.log.append_queued(id, SagaEvent::StepStarted { index })).await
+    }
+
+    /// The saga as the log has it now.
+    pub(super) async fn reread(&self, id: &str) -> Result<SagaRecord> {
+        let record = self.engine.durably(|| self.engine.log.get(id)).await?;
+        Ok(record.ok_or_else(|| LogError::NotFound(id.to_owned()))?)
     }
 
     pub(super) async fn record_failure(

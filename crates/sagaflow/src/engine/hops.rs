@@ -22,7 +22,9 @@ impl<D: FlowData> FlowRuntime<D> {
         let msg = RollbackMessage { request_id: request_id.to_owned(), facade: self.facade.to_string() };
         let payload =
             serde_json::to_vec(&msg).map_err(|source| Error::Data { request_id: request_id.into(), source })?;
-        let message = Message::new(self.topic(&self.rollback_topic_id()), payload)
+        // A sync or throttling saga is compensated in the replica that owns it.
+        let pod = record.owner.as_deref().filter(|_| self.engine.log.shared()).unwrap_or(&self.engine.options.pod_id);
+        let message = Message::new(self.topic_of(&self.rollback_topic_id(), pod), payload)
             .header(REQUEST_ID_HEADER, request_id)
             .header(MESSAGE_ID_HEADER, format!("{request_id}:rollback:{round}"));
         self.publish(message).await
@@ -216,7 +218,12 @@ impl<D: FlowData> FlowRuntime<D> {
             }
         }
         let deadline = Instant::now() + Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
-        self.record_start(id, index).await?;
+        match self.record_start(id, index).await {
+            Ok(()) => {}
+            // Moved on meanwhile (aborted, or another delivery got further): nothing to run.
+            Err(Error::Log(LogError::Transition(_))) => return Ok(true),
+            Err(e) => return Err(e),
+        }
         // A hop may be a redelivery whose first delivery called the action.
         match self.run_action(id, index, &mut data, deadline, true).await {
             Ok(attempts) => {

@@ -123,7 +123,9 @@ pub(crate) trait Registered: Send + Sync + 'static {
     fn mode(&self) -> Mode;
     async fn start_consumers(self: Arc<Self>) -> Result<()>;
     async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()>;
-    async fn resume_compensation(&self, record: &SagaRecord) -> Result<()>;
+    /// Carries out what an operator's event left to do: the end's effects if
+    /// it ended the saga (this writer ended it), its compensation if pending.
+    async fn carry_on(&self, record: &SagaRecord) -> Result<()>;
     /// Consumes the per-pod topics of replica `pod` (gone; its sagas taken
     /// over here), so nothing waits there for a pod that never comes back.
     async fn drain(self: Arc<Self>, pod: &str) -> Result<()>;
@@ -520,8 +522,15 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         Ok(())
     }
 
-    async fn resume_compensation(&self, record: &SagaRecord) -> Result<()> {
-        self.publish_rollback(record).await
+    async fn carry_on(&self, record: &SagaRecord) -> Result<()> {
+        match record.next() {
+            Next::Compensate(_) => self.publish_rollback(record).await,
+            Next::End => {
+                self.finish(record).await;
+                Ok(())
+            }
+            Next::Run(_) | Next::Wait => Ok(()),
+        }
     }
 
     async fn drain(self: Arc<Self>, pod: &str) -> Result<()> {

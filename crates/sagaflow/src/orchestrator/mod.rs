@@ -16,9 +16,12 @@ use crate::callback::CallbackSink;
 use crate::engine::{Engine, FlowRuntime, Registered, Stats};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
-use crate::log::{ListFilter, LogError, SagaLog};
-use crate::saga::{Mode, Outcome, SagaEvent, SagaRecord, SagaState};
+use crate::log::{ListFilter, SagaLog};
+use crate::saga::{Mode, Outcome, SagaRecord};
 
+mod operator;
+
+pub use operator::RedriveFilter;
 mod recovery;
 mod replicas;
 
@@ -384,18 +387,6 @@ impl Orchestrator {
     /// Sagas matching the filter, newest first.
     pub async fn sagas(&self, filter: ListFilter) -> Result<Vec<SagaRecord>> {
         Ok(self.engine.log.list(filter).await?)
-    }
-
-    /// Retries the compensation of a Stuck saga.
-    pub async fn retry_stuck(&self, request_id: &str) -> Result<SagaRecord> {
-        let record = self.engine.log.get(request_id).await?.ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
-        let flow = self.flows.get(&record.facade).ok_or_else(|| Error::UnknownFacade(record.facade.clone()))?;
-        if !matches!(record.state, SagaState::Stuck { .. }) {
-            return Err(Error::Config(format!("saga `{request_id}` is {}, not stuck", record.status())));
-        }
-        let record = self.engine.log.append(request_id, SagaEvent::RetryCompensation).await?;
-        flow.resume_compensation(&record).await?;
-        Ok(record)
     }
 
     /// Every registered flow.

@@ -1,0 +1,131 @@
+//! What an operator does to sagas by hand: abort a running one, settle a
+//! stuck compensation, retry stuck ones one by one or in bulk. Everything goes
+//! through the log, so it works whichever replica drives the saga.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::log::{ListCursor, ListFilter, LogError};
+use crate::saga::{SagaEvent, SagaRecord, SagaState, SagaStatus};
+
+use super::Orchestrator;
+
+/// Which stuck sagas [`Orchestrator::redrive`] retries.
+#[derive(Debug, Clone, Default)]
+pub struct RedriveFilter {
+    /// Only this facade.
+    pub facade: Option<String>,
+    /// Only sagas created at or after this Unix ms.
+    pub since_ms: Option<u64>,
+    /// Only sagas created before this Unix ms.
+    pub until_ms: Option<u64>,
+    /// Only sagas whose failed step is this one.
+    pub failed_step: Option<usize>,
+    /// Only sagas whose failure or give-up reason contains this text.
+    pub error_contains: Option<String>,
+}
+
+impl RedriveFilter {
+    fn matches(&self, record: &SagaRecord) -> bool {
+        let SagaState::Stuck { failure, reason, .. } = &record.state else { return false };
+        self.failed_step.is_none_or(|step| failure.step == step)
+            && self.error_contains.as_deref().is_none_or(|text| failure.error.contains(text) || reason.contains(text))
+    }
+}
+
+/// Sagas read per page while redriving.
+const REDRIVE_PAGE: usize = 500;
+
+impl Orchestrator {
+    /// Aborts a running saga: no further step starts (a step in flight
+    /// finishes or times out, and its result is refused), and what completed
+    /// (and the step in flight) is compensated; the saga ends `compensated`
+    /// with "aborted by `by`: `reason`" as its failure.
+    pub async fn abort(&self, request_id: &str, by: &str, reason: &str) -> Result<SagaRecord> {
+        let event = SagaEvent::Aborted { by: by.to_owned(), reason: reason.to_owned() };
+        let record = self.operate(request_id, event, "abort", "running").await?;
+        tracing::warn!(request_id, by, reason, "saga aborted by an operator");
+        Ok(record)
+    }
+
+    /// Settles the stuck saga's next pending compensation (step `index`) by
+    /// hand: it counts as compensated, and the saga goes on compensating (or
+    /// ends, its callback sent).
+    pub async fn resolve(&self, request_id: &str, index: usize, by: &str, reason: &str) -> Result<SagaRecord> {
+        let event = SagaEvent::Resolved { index, by: by.to_owned(), reason: reason.to_owned() };
+        let record = self.operate(request_id, event, "resolve", "stuck at that step").await?;
+        tracing::warn!(request_id, step = index, by, reason, "stuck compensation resolved by an operator");
+        Ok(record)
+    }
+
+    /// Retries the compensation of a stuck saga.
+    pub async fn retry_stuck(&self, request_id: &str) -> Result<SagaRecord> {
+        self.operate(request_id, SagaEvent::RetryCompensation, "retry", "stuck").await
+    }
+
+    /// Retries every stuck saga matching `filter`, at most `per_second` a
+    /// second (their compensations then run within each flow's concurrency),
+    /// returning how many matched. `dry_run` counts them and retries none.
+    pub async fn redrive(&self, filter: &RedriveFilter, per_second: u32, dry_run: bool) -> Result<usize> {
+        let pause = Duration::from_secs(1) / per_second.max(1);
+        let mut matched = 0;
+        let mut after: Option<ListCursor> = None;
+        loop {
+            let page = ListFilter {
+                facade: filter.facade.clone(),
+                status: Some(SagaStatus::Stuck),
+                limit: REDRIVE_PAGE,
+                since_ms: filter.since_ms,
+                until_ms: filter.until_ms,
+                after: after.take(),
+            };
+            let sagas = self.engine.log.list(page).await?;
+            let last = sagas.len() < REDRIVE_PAGE;
+            after = sagas.last().map(ListCursor::of);
+            for record in sagas.iter().filter(|r| filter.matches(r)) {
+                matched += 1;
+                if dry_run {
+                    continue;
+                }
+                match self.retry_stuck(&record.request_id).await {
+                    // Retried meanwhile by someone else: not an error of the batch.
+                    Ok(_) | Err(Error::WrongState { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                tokio::time::sleep(pause).await;
+            }
+            if last {
+                break;
+            }
+        }
+        tracing::info!(matched, dry_run, "redrive done");
+        Ok(matched)
+    }
+
+    /// Appends an operator's event and carries out what follows: the end's
+    /// effects if it ended the saga, its compensation if it left one to run.
+    async fn operate(
+        &self,
+        request_id: &str,
+        event: SagaEvent,
+        operation: &'static str,
+        wanted: &'static str,
+    ) -> Result<SagaRecord> {
+        let before = self.engine.log.get(request_id).await?.ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
+        let flow = self.flows.get(&before.facade).ok_or_else(|| Error::UnknownFacade(before.facade.clone()))?;
+        let record = match self.engine.log.append(request_id, event).await {
+            Ok(record) => record,
+            Err(LogError::Transition(e)) => {
+                return Err(Error::WrongState {
+                    request_id: request_id.to_owned(),
+                    status: e.state,
+                    operation,
+                    wanted,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        flow.carry_on(&record).await?;
+        Ok(record)
+    }
+}
