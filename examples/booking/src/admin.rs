@@ -53,8 +53,8 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 #[derive(Clone)]
-struct AdminState {
-    orchestrator: Orchestrator,
+pub(crate) struct AdminState {
+    pub(crate) orchestrator: Orchestrator,
     token: Option<String>,
     stats: Arc<Mutex<Option<(Instant, Stats)>>>,
 }
@@ -98,6 +98,7 @@ pub fn router(orchestrator: Orchestrator, token: Option<String>, public_metrics:
         .route("/api/sagas", get(list))
         .route("/api/sagas/{id}", get(saga))
         .route("/api/sagas/{id}/retry", post(retry))
+        .merge(crate::operator::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -163,11 +164,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-fn error(error: Error) -> Response {
+pub(crate) fn error(error: Error) -> Response {
     let status = match &error {
         Error::Log(sagaflow::log::LogError::NotFound(_)) => StatusCode::NOT_FOUND,
         Error::Config(_) | Error::WrongState { .. } => StatusCode::CONFLICT,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod facade;
 pub mod handler;
 pub mod node;
+pub mod operator;
 pub mod proto;
 pub mod proxy;
 pub mod topic;
