@@ -9,6 +9,7 @@
 //! sagaflow-ctl abort 0193a6c1-... --reason "the customer cancelled"
 //! sagaflow-ctl resolve 0193a6c1-... --step 1 --reason "refunded in the payment console"
 //! sagaflow-ctl redrive --facade CreateBooking --failed-step 1 --dry-run
+//! sagaflow-ctl pause CreateBooking
 //! ```
 
 use std::process::ExitCode;
@@ -74,6 +75,10 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Refuse new calls of a facade (every replica, across restarts) until resumed.
+    Pause { facade: String },
+    /// Take new calls of a paused facade again.
+    Resume { facade: String },
     /// Retry every stuck saga matching the filter, at a bounded rate.
     Redrive {
         #[arg(long)]
@@ -169,6 +174,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let body = json!({ "step": step, "reason": reason });
             api.send(api.request(post, &saga_path(request_id, "/resolve")).json(&body)).await?
         }
+        Command::Pause { facade } => {
+            api.send(api.request(post, &format!("/api/flows/{}/pause", escape(facade)))).await?
+        }
+        Command::Resume { facade } => {
+            api.send(api.request(post, &format!("/api/flows/{}/resume", escape(facade)))).await?
+        }
         Command::Redrive { facade, failed_step, error_contains, since_ms, until_ms, per_second, dry_run } => {
             let body = json!({
                 "facade": facade, "failed_step": failed_step, "error_contains": error_contains,
@@ -193,6 +204,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let verb = if *dry_run { "would be retried" } else { "retried" };
             println!("{matched} stuck sagas {verb}");
         }
+        Command::Pause { facade } | Command::Resume { facade } => {
+            let state = if body["paused"].as_bool() == Some(true) { "paused" } else { "resumed" };
+            println!("{facade} {state} by {}", body["by"].as_str().unwrap_or("?"));
+        }
         _ => print_saga(&body),
     }
     Ok(())
@@ -200,15 +215,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `/api/sagas/<id><rest>`, the id escaped for a path.
 fn saga_path(request_id: &str, rest: &str) -> String {
+    format!("/api/sagas/{}{rest}", escape(request_id))
+}
+
+/// `text` escaped for one path segment.
+fn escape(text: &str) -> String {
     let mut escaped = String::new();
-    for byte in request_id.bytes() {
+    for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
             escaped.push(byte as char);
         } else {
             escaped.push_str(&format!("%{byte:02X}"));
         }
     }
-    format!("/api/sagas/{escaped}{rest}")
+    escaped
 }
 
 fn status(saga: &Value) -> &str {

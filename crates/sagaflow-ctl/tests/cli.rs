@@ -161,6 +161,25 @@ async fn every_command_against_a_live_admin_api() {
     let missing = ctl(&url, token, &["show", "nope"]).await;
     assert!(String::from_utf8_lossy(&missing.stderr).contains("404"), "{missing:?}");
 
+    // Paused: new calls refused, on this replica at once; resumed: taken again.
+    let paused = stdout(&ctl(&url, token, &["pause", "Ship"]).await);
+    assert_eq!(paused.trim(), "Ship paused by alice");
+    assert!(matches!(o.submit("Ship", "late", 1u32, None).await, Err(sagaflow::Error::Paused { .. })));
+    let flows: Value = reqwest::Client::new()
+        .get(format!("{url}/api/flows"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(flows.as_array().unwrap().iter().any(|f| f["facade"] == "Ship" && f["paused"] == true), "{flows}");
+    assert_eq!(stdout(&ctl(&url, token, &["resume", "Ship"]).await).trim(), "Ship resumed by alice");
+    o.submit("Ship", "late", 1u32, None).await.unwrap();
+    let unknown = ctl(&url, token, &["pause", "Nope"]).await;
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"), "{unknown:?}");
+
     stop.cancel();
     server.await.unwrap().unwrap();
     o.shutdown().await;

@@ -304,6 +304,27 @@ impl SagaLog for PostgresSagaLog {
         true
     }
 
+    async fn controls(&self) -> Result<Vec<(String, String)>, LogError> {
+        sqlx::query_as("SELECT key, value FROM sagaflow_controls ORDER BY key")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.unavailable("controls", e))
+    }
+
+    async fn set_control(&self, key: &str, value: Option<&str>) -> Result<(), LogError> {
+        let query = match value {
+            Some(value) => sqlx::query(
+                "INSERT INTO sagaflow_controls (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+            )
+            .bind(key)
+            .bind(value),
+            None => sqlx::query("DELETE FROM sagaflow_controls WHERE key = $1").bind(key),
+        };
+        query.execute(&self.pool).await.map_err(|e| self.unavailable("set_control", e))?;
+        Ok(())
+    }
+
     async fn register(&self, replica: &str, now_ms: u64, ttl: Duration) -> Result<Lease, LogError> {
         let lease =
             replicas::register(&self.pool, replica, now_ms, ttl).await.map_err(|e| self.unavailable("register", e))?;

@@ -132,3 +132,35 @@ async fn a_caller_on_another_replica_gets_the_outcome_when_it_ends() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_facade_paused_on_one_replica_is_refused_on_the_other_and_after_a_restart() {
+    let Some(db) = TestDb::open().await else { return };
+    let schema = db.new_schema();
+    let broker = MemoryBroker::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let a = replica("a", &broker, Arc::new(db.connect(&schema).await), Duration::ZERO, &calls).await;
+    let b = replica("b", &broker, Arc::new(db.connect(&schema).await), Duration::ZERO, &calls).await;
+    a.pause(F, "alice").await.unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        match b.run(F, &format!("on-b-{}", sagaflow::now_ms()), Vec::<String>::new()).await {
+            Err(sagaflow::Error::Paused { by, .. }) => {
+                assert_eq!(by, "alice");
+                refused = true;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused, "replica b never saw the pause");
+    // Restarted (its shutdown closed the in-memory broker: a new one, as a new process has).
+    b.shutdown().await;
+    let b = replica("b", &MemoryBroker::new(), Arc::new(db.connect(&schema).await), Duration::ZERO, &calls).await;
+    assert!(matches!(b.run(F, "after-restart", Vec::<String>::new()).await, Err(sagaflow::Error::Paused { .. })));
+    b.resume(F, "alice").await.unwrap();
+    assert!(b.run(F, "resumed", Vec::<String>::new()).await.is_ok());
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -41,6 +41,7 @@
 //! # }
 //! ```
 
+mod controls;
 mod error;
 #[cfg(test)]
 mod faults;

@@ -60,6 +60,14 @@ pub enum Error {
     /// The request id is empty or too long to be a saga's identity.
     #[error("invalid request id: {0}")]
     InvalidRequestId(String),
+    /// An operator paused the facade: new calls are refused until it is resumed.
+    #[error("facade `{facade}` is paused (by {by}): new calls are refused until an operator resumes it")]
+    Paused {
+        /// The facade.
+        facade: String,
+        /// Who paused it.
+        by: String,
+    },
     /// The saga is not in a state the operation applies to.
     #[error("saga `{request_id}` is {status}: {operation} needs it {wanted}")]
     WrongState {

@@ -170,7 +170,7 @@ pub(crate) fn json_error(status: StatusCode, message: impl Into<String>) -> Resp
 
 pub(crate) fn error(error: Error) -> Response {
     let status = match &error {
-        Error::Log(sagaflow::log::LogError::NotFound(_)) => StatusCode::NOT_FOUND,
+        Error::Log(sagaflow::log::LogError::NotFound(_)) | Error::UnknownFacade(_) => StatusCode::NOT_FOUND,
         Error::Config(_) | Error::WrongState { .. } => StatusCode::CONFLICT,
         Error::Log(_) | Error::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -87,6 +87,10 @@ fn status(request_id: &str, error: Error) -> Status {
             "booking {request_id} did not finish in time; it goes on, and its outcome will be recorded"
         )),
         Error::ShuttingDown => Status::unavailable("the orchestrator is shutting down; retry on another replica"),
+        Error::Paused { .. } => Status::unavailable(error.to_string()),
+        Error::TaskLost(_) => {
+            Status::unavailable(format!("booking {request_id}: {error}; ask again with the same x-request-id"))
+        }
         Error::Broker(e) => Status::unavailable(format!("booking {request_id}: message broker: {e}")),
         Error::Log(e) => Status::unavailable(format!("booking {request_id}: saga log: {e}")),
         other => Status::internal(format!("booking {request_id}: {other}")),

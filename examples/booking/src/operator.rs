@@ -1,5 +1,5 @@
 //! The admin API's operator actions: abort a running saga, settle a stuck
-//! compensation by hand, redrive stuck sagas in bulk. Each names who acts
+//! compensation by hand, redrive stuck sagas in bulk, pause and resume a facade. Each names who acts
 //! (the `x-sagaflow-operator` header, else `admin`), which lands in the
 //! saga's history and in a log line.
 
@@ -27,6 +27,8 @@ pub(crate) fn routes() -> Router<AdminState> {
         .route("/api/sagas/{id}/abort", post(abort))
         .route("/api/sagas/{id}/resolve", post(resolve))
         .route("/api/redrive", post(redrive))
+        .route("/api/flows/{facade}/pause", post(pause))
+        .route("/api/flows/{facade}/resume", post(resume))
 }
 
 /// Body of an abort.
@@ -137,6 +139,30 @@ async fn redrive(State(state): State<AdminState>, headers: HeaderMap, raw: Bytes
     tracing::info!(operator = %who, ?filter, dry_run = body.dry_run, per_second, "redrive asked");
     Ok(match state.orchestrator.redrive(&filter, per_second, body.dry_run).await {
         Ok(matched) => Json(serde_json::json!({ "matched": matched, "dry_run": body.dry_run })).into_response(),
+        Err(e) => error(e),
+    })
+}
+
+async fn pause(
+    State(state): State<AdminState>,
+    Path(facade): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, BadRequest> {
+    let who = operator(&headers)?;
+    Ok(match state.orchestrator.pause(&facade, &who).await {
+        Ok(()) => Json(serde_json::json!({ "facade": facade, "paused": true, "by": who })).into_response(),
+        Err(e) => error(e),
+    })
+}
+
+async fn resume(
+    State(state): State<AdminState>,
+    Path(facade): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, BadRequest> {
+    let who = operator(&headers)?;
+    Ok(match state.orchestrator.resume(&facade, &who).await {
+        Ok(()) => Json(serde_json::json!({ "facade": facade, "paused": false, "by": who })).into_response(),
         Err(e) => error(e),
     })
 }

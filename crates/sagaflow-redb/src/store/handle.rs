@@ -42,6 +42,8 @@ pub struct RedbSagaLog {
     pub(super) tx: Option<mpsc::Sender<Request>>,
     writer: Option<thread::JoinHandle<()>>,
     path: PathBuf,
+    /// One operator's switch written at a time.
+    controls: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What the writer has done since the log was opened.
@@ -89,7 +91,7 @@ impl RedbSagaLog {
             .spawn(move || writer.run())
             .map_err(Error::Spawn)?;
         tracing::debug!(path = %path.display(), "saga log opened");
-        Ok(Self { shared, overlay, tx: Some(tx), writer: Some(writer), path })
+        Ok(Self { shared, overlay, tx: Some(tx), writer: Some(writer), path, controls: Arc::default() })
     }
 
     /// The database file.
@@ -223,6 +225,20 @@ impl SagaLog for RedbSagaLog {
 
     fn name(&self) -> &'static str {
         "redb"
+    }
+
+    async fn controls(&self) -> Result<Vec<(String, String)>, LogError> {
+        let file = crate::controls::path(&self.path);
+        let read = tokio::task::spawn_blocking(move || crate::controls::read(&file));
+        let controls = read.await.map_err(|e| LogError::Unavailable(format!("reading switches failed: {e}")))??;
+        Ok(controls.into_iter().collect())
+    }
+
+    async fn set_control(&self, key: &str, value: Option<&str>) -> Result<(), LogError> {
+        let _one_at_a_time = self.controls.lock().await;
+        let (file, key, value) = (crate::controls::path(&self.path), key.to_owned(), value.map(str::to_owned));
+        let write = tokio::task::spawn_blocking(move || crate::controls::set(&file, &key, value.as_deref()));
+        write.await.map_err(|e| LogError::Unavailable(format!("writing a switch failed: {e}")))?
     }
 
     fn health(&self) -> LogHealth {

@@ -2,6 +2,7 @@
 //! writing every state change to the saga log before acting on it.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,8 @@ pub(crate) struct Engine {
     pub(crate) completions: Arc<Completions>,
     /// The sagas this process works on right now.
     pub(crate) claims: Arc<Claims>,
+    /// Facades an operator paused, with who paused them, as the log last said.
+    pub(crate) paused: std::sync::RwLock<HashMap<String, String>>,
     /// Slots for sync sagas running here (see `Options::max_running_sagas`).
     pub(crate) running: Arc<tokio::sync::Semaphore>,
     pub(crate) callbacks: Option<Arc<dyn CallbackSink>>,
@@ -434,6 +437,7 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                 _ => (0..self.flow.len()).map(|i| self.topic(&self.hop_topic_id(i))).collect(),
             },
             rollback_topic: self.topic(&self.rollback_topic_id()),
+            paused: self.engine.paused.read().unwrap_or_else(|e| e.into_inner()).contains_key(&*self.facade),
         }
     }
 

@@ -14,6 +14,8 @@ use crate::saga::{NewSaga, SagaEvent, SagaRecord, now_ms};
 pub struct MemorySagaLog {
     state: Mutex<State>,
     retention: Retention,
+    /// Operators' switches, sorted by key.
+    controls: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default)]
@@ -50,7 +52,7 @@ impl MemorySagaLog {
             ended: VecDeque::with_capacity(ended),
             ..State::default()
         };
-        Self { state: Mutex::new(state), retention }
+        Self { state: Mutex::new(state), retention, controls: Mutex::default() }
     }
 
     /// Above this many ended sagas, the maps grow on demand rather than up front.
@@ -197,6 +199,20 @@ impl SagaLog for MemorySagaLog {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    async fn controls(&self) -> Result<Vec<(String, String)>, LogError> {
+        let controls = self.controls.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(controls.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    async fn set_control(&self, key: &str, value: Option<&str>) -> Result<(), LogError> {
+        let mut controls = self.controls.lock().unwrap_or_else(|e| e.into_inner());
+        match value {
+            Some(value) => controls.insert(key.to_owned(), value.to_owned()),
+            None => controls.remove(key),
+        };
+        Ok(())
     }
 }
 

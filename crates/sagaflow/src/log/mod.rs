@@ -291,6 +291,19 @@ pub trait SagaLog: Send + Sync + 'static {
         Ok(records)
     }
 
+    /// The operators' switches kept in the log (a paused facade is
+    /// `pause:<facade>`), so that every replica obeys them and they survive
+    /// restarts. A log without storage of its own for them keeps them in memory.
+    async fn controls(&self) -> Result<Vec<(String, String)>, LogError> {
+        Ok(Vec::new())
+    }
+
+    /// Sets (`Some`) or clears (`None`) an operator's switch.
+    async fn set_control(&self, key: &str, value: Option<&str>) -> Result<(), LogError> {
+        let _ = (key, value);
+        Err(LogError::Unavailable(format!("the {} saga log keeps no operator switches", self.name())))
+    }
+
     /// Request ids of sagas that ended, written by any process sharing the
     /// log, as they end (best effort: a missed one is found by re-reading).
     /// `None` when the log has no such feed.

@@ -141,6 +141,8 @@ pub struct FlowInfo {
     pub topics: Vec<String>,
     /// Its rollback topic.
     pub rollback_topic: String,
+    /// Whether an operator paused it (new calls refused).
+    pub paused: bool,
 }
 
 /// Engine counters, for tests and metrics.
@@ -242,6 +244,7 @@ impl OrchestratorBuilder {
             log: self.log,
             completions: Arc::default(),
             claims: Arc::default(),
+            paused: Default::default(),
             running: Arc::new(tokio::sync::Semaphore::new(self.options.max_running_sagas)),
             options: self.options,
             callbacks: self.callbacks,
@@ -257,12 +260,14 @@ impl OrchestratorBuilder {
         for flow in orchestrator.flows.values() {
             flow.clone().start_consumers().await?;
         }
+        orchestrator.read_controls().await?;
         let lease = orchestrator.join_replicas().await?;
         orchestrator.recover().await?;
         orchestrator.sample_queue_depths();
         orchestrator.sweep_stale();
         orchestrator.keep_lease(lease);
         orchestrator.relay_ends();
+        orchestrator.follow_controls();
         Ok(orchestrator)
     }
 }
@@ -352,6 +357,7 @@ impl Orchestrator {
             return Err(Error::ShuttingDown);
         }
         let (flow, mode) = self.flow::<D>(facade)?;
+        self.check_paused(facade)?;
         match mode {
             Mode::Sync => flow.run_sync(request_id, data).await,
             Mode::Throttling => flow.run_throttled(request_id, data).await,
@@ -373,6 +379,7 @@ impl Orchestrator {
             return Err(Error::ShuttingDown);
         }
         let (flow, mode) = self.flow::<D>(facade)?;
+        self.check_paused(facade)?;
         match mode {
             Mode::Async => flow.submit(request_id, data, callback_url).await,
             _ => Err(Error::WrongMode { facade: facade.to_owned(), registered: mode, called: "submit" }),

@@ -33,6 +33,15 @@ impl RedriveFilter {
     }
 }
 
+/// The key of a paused facade's switch.
+const PAUSE_PREFIX: &str = "pause:";
+/// How often the switches are read again from the log.
+const CONTROLS_REFRESH: Duration = Duration::from_secs(1);
+
+fn pause_key(facade: &str) -> String {
+    format!("{PAUSE_PREFIX}{facade}")
+}
+
 /// Sagas read per page while redriving.
 const REDRIVE_PAGE: usize = 500;
 
@@ -100,6 +109,65 @@ impl Orchestrator {
         }
         tracing::info!(matched, dry_run, "redrive done");
         Ok(matched)
+    }
+
+    /// Pauses a facade: new calls are refused ([`Error::Paused`]) on every
+    /// replica (within a second) and after restarts, until it is resumed;
+    /// sagas in flight go on.
+    pub async fn pause(&self, facade: &str, by: &str) -> Result<()> {
+        self.flows.get(facade).ok_or_else(|| Error::UnknownFacade(facade.to_owned()))?;
+        self.engine.log.set_control(&pause_key(facade), Some(by)).await?;
+        self.engine.paused.write().unwrap_or_else(|e| e.into_inner()).insert(facade.to_owned(), by.to_owned());
+        tracing::warn!(facade, by, "facade paused by an operator");
+        Ok(())
+    }
+
+    /// Resumes a paused facade.
+    pub async fn resume(&self, facade: &str, by: &str) -> Result<()> {
+        self.flows.get(facade).ok_or_else(|| Error::UnknownFacade(facade.to_owned()))?;
+        self.engine.log.set_control(&pause_key(facade), None).await?;
+        self.engine.paused.write().unwrap_or_else(|e| e.into_inner()).remove(facade);
+        tracing::warn!(facade, by, "facade resumed by an operator");
+        Ok(())
+    }
+
+    pub(super) fn check_paused(&self, facade: &str) -> Result<()> {
+        match self.engine.paused.read().unwrap_or_else(|e| e.into_inner()).get(facade) {
+            Some(by) => Err(Error::Paused { facade: facade.to_owned(), by: by.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the switches from the log (at start: a paused facade stays paused).
+    pub(super) async fn read_controls(&self) -> Result<()> {
+        let paused = self
+            .engine
+            .log
+            .controls()
+            .await?
+            .into_iter()
+            .filter_map(|(key, by)| key.strip_prefix(PAUSE_PREFIX).map(|facade| (facade.to_owned(), by)))
+            .collect();
+        *self.engine.paused.write().unwrap_or_else(|e| e.into_inner()) = paused;
+        Ok(())
+    }
+
+    /// Reads the switches again every [`CONTROLS_REFRESH`], so what an
+    /// operator set through another replica holds here too.
+    pub(super) fn follow_controls(&self) {
+        let this = self.clone();
+        self.engine.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(CONTROLS_REFRESH);
+            loop {
+                tokio::select! {
+                    _ = this.engine.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = this.read_controls().await {
+                    tracing::debug!(error = %e, "could not read the operators' switches; next round retries");
+                }
+            }
+        });
     }
 
     /// Appends an operator's event and carries out what follows: the end's

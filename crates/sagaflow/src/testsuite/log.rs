@@ -223,6 +223,26 @@ pub async fn list_pages_by_cursor_and_time(harness: &dyn LogHarness) {
     assert!(newer.iter().all(|r| r.created_ms > middle) && !newer.is_empty());
 }
 
+/// Operators' switches are set, cleared and read back, and a durable log
+/// keeps them across a restart.
+pub async fn controls_are_kept(harness: &dyn LogHarness) {
+    let log = fresh(harness).await;
+    let (a, b) = (unique_name("pause:A"), unique_name("pause:B"));
+    within("set_control", log.set_control(&a, Some("alice"))).await.expect("set a switch");
+    within("set_control", log.set_control(&b, Some("bob"))).await.expect("set a switch");
+    within("set_control", log.set_control(&a, Some("carol"))).await.expect("set it again");
+    within("set_control", log.set_control(&b, None)).await.expect("clear a switch");
+    let ours = |controls: Vec<(String, String)>| -> Vec<(String, String)> {
+        controls.into_iter().filter(|(k, _)| *k == a || *k == b).collect()
+    };
+    let expected = vec![(a.clone(), "carol".to_owned())];
+    assert_eq!(ours(within("controls", log.controls()).await.expect("controls")), expected);
+    drop(log);
+    if let Some(log) = within("reopen", harness.reopen()).await {
+        assert_eq!(ours(within("controls", log.controls()).await.expect("controls")), expected, "after a restart");
+    }
+}
+
 /// `begin` records a new saga once: a second `begin` with the same request id
 /// (even with other data) returns `Exists` with the stored record, also after
 /// appends and when 8 tasks begin the same saga at once.
