@@ -65,7 +65,7 @@ pub use callback::{CallbackReport, CallbackSink, CallbackStatus, SagaCallback};
 pub use error::{Error, Result};
 pub use flow::Flow;
 pub use log::{MemorySagaLog, SagaLog};
-pub use node::{ErrorKind, Node, NodeError, Phase, Step};
+pub use node::{ErrorKind, Node, NodeError, Phase, SAGA_METADATA, Step};
 pub use orchestrator::{
     FlowData, FlowInfo, MAX_REQUEST_ID_LEN, Options, Orchestrator, OrchestratorBuilder, OrchestratorStats,
     RedriveFilter,

@@ -278,6 +278,43 @@ impl Step {
     }
 }
 
+/// The gRPC metadata every upstream call of a saga carries, so the
+/// upstream's logs say what a call is for: the saga's request id (the key
+/// upstreams deduplicate on), facade, node, phase and attempt, and the W3C
+/// trace context.
+pub const SAGA_METADATA: [&str; 6] =
+    ["x-request-id", "x-saga-facade", "x-saga-node", "x-saga-phase", "x-saga-attempt", "traceparent"];
+
+#[cfg(feature = "tonic")]
+impl Step {
+    /// A gRPC request for this step's upstream call: `message` with the
+    /// [`SAGA_METADATA`] and the step's deadline as the call's timeout.
+    pub fn grpc_request<T>(&self, message: T) -> Result<tonic::Request<T>, NodeError> {
+        use tonic::metadata::MetadataValue;
+        let mut request = tonic::Request::new(message);
+        let phase = match self.phase {
+            Phase::Action => "forward",
+            Phase::Compensation => "compensation",
+        };
+        let values = [
+            self.request_id().to_owned(),
+            self.facade().to_owned(),
+            self.node().to_owned(),
+            phase.to_owned(),
+            self.attempt.to_string(),
+            self.traceparent(),
+        ];
+        for (name, value) in SAGA_METADATA.into_iter().zip(values) {
+            let value: MetadataValue<_> = value
+                .parse()
+                .map_err(|_| NodeError::permanent(format!("{name} `{value}` is not valid gRPC metadata")))?;
+            request.metadata_mut().insert(name, value);
+        }
+        request.set_timeout(self.remaining());
+        Ok(request)
+    }
+}
+
 /// 64-bit FNV-1a: stable across processes and versions, unlike std's hasher.
 fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(seed, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
@@ -286,6 +323,31 @@ fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "tonic")]
+    #[test]
+    fn a_grpc_request_carries_the_saga_metadata() {
+        let step = Step {
+            request_id: "req-1".into(),
+            facade: "CreateBooking".into(),
+            node: "CreatePayment".into(),
+            index: 1,
+            attempt: 3,
+            phase: Phase::Compensation,
+            deadline: Instant::now() + Duration::from_secs(2),
+            cancel: CancellationToken::new(),
+        };
+        let request = step.grpc_request(()).unwrap();
+        let get = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        assert_eq!(
+            [get("x-request-id"), get("x-saga-facade"), get("x-saga-node"), get("x-saga-phase"), get("x-saga-attempt")],
+            ["req-1", "CreateBooking", "CreatePayment", "compensation", "3"]
+        );
+        assert_eq!(get("traceparent"), step.traceparent());
+        assert!(!get("grpc-timeout").is_empty(), "the step's deadline is the call's timeout");
+        let bad = Step::detached("line\nbreak", "N", Duration::from_secs(1));
+        assert!(bad.grpc_request(()).unwrap_err().to_string().contains("x-request-id"));
+    }
 
     #[test]
     fn traceparent_is_w3c_shaped_and_shared_by_the_saga() {

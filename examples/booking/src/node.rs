@@ -27,20 +27,11 @@ pub struct Booking {
     pub payment_id: i64,
 }
 
-/// Builds an upstream request carrying the saga's request id, its W3C
-/// `traceparent` and the step's deadline.
+/// Builds an upstream request carrying the saga's metadata
+/// ([`sagaflow::SAGA_METADATA`]: request id, facade, node, phase, attempt,
+/// `traceparent`) and the step's deadline.
 pub(crate) fn request<T>(step: &Step, message: T) -> Result<tonic::Request<T>, NodeError> {
-    let mut request = tonic::Request::new(message);
-    let id = step
-        .request_id()
-        .parse()
-        .map_err(|_| NodeError::permanent(format!("request id `{}` is not valid metadata", step.request_id())))?;
-    request.metadata_mut().insert("x-request-id", id);
-    if let Ok(traceparent) = step.traceparent().parse() {
-        request.metadata_mut().insert("traceparent", traceparent);
-    }
-    request.set_timeout(step.remaining());
-    Ok(request)
+    step.grpc_request(message)
 }
 
 /// Creates the order; its compensation cancels it.
