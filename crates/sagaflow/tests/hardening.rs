@@ -332,3 +332,52 @@ async fn a_saga_nothing_drives_is_resumed_by_the_sweep() {
     assert_eq!(taken(&c), ["undo a#1"]);
     assert_eq!(o.stats().resumed_stale, 1);
 }
+
+/// The in-memory broker, with publishes that fail while switched off.
+#[derive(Clone, Default)]
+struct Unconfirmed {
+    inner: MemoryBroker,
+    refuse: Arc<AtomicBool>,
+}
+
+#[sagaflow::async_trait]
+impl Broker for Unconfirmed {
+    async fn publish(&self, message: Message) -> Result<(), sagaflow::broker::BrokerError> {
+        if self.refuse.load(Ordering::SeqCst) {
+            let topic = message.topic.clone();
+            return Err(sagaflow::broker::BrokerError::NotConfirmed { topic, reason: "switched off".into() });
+        }
+        self.inner.publish(message).await
+    }
+    async fn subscribe(
+        &self,
+        options: sagaflow::broker::SubscribeOptions,
+    ) -> Result<sagaflow::broker::Subscription, sagaflow::broker::BrokerError> {
+        self.inner.subscribe(options).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+    fn name(&self) -> &'static str {
+        "unconfirmed"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_hop_the_broker_did_not_confirm_ends_compensated_with_step_0_undone() {
+    let c = calls();
+    let broker = Unconfirmed::default();
+    let o = Orchestrator::builder(Arc::new(broker.clone()), Arc::new(MemorySagaLog::new()))
+        .callbacks(Arc::new(Count::default()))
+        .asynchronous(ASYNC, Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c)))
+        .start()
+        .await
+        .unwrap();
+    broker.refuse.store(true, Ordering::SeqCst);
+    let refused = o.submit(ASYNC, "r1", Vec::<String>::new(), Some("http://cb".into())).await;
+    assert!(matches!(refused, Err(Error::Broker(_))), "{refused:?}");
+    // The unconfirmed hop may have reached the broker and run step 0: it is undone.
+    let record = wait_ended(&o, "r1").await;
+    assert_eq!(record.status(), SagaStatus::Compensated);
+    assert_eq!(taken(&c), ["undo a#1"]);
+}
