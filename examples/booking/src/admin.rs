@@ -1,4 +1,4 @@
-//! The operator's HTTP side on `http_listen` (default 127.0.0.1:10080): health,
+//! The operator's HTTP side on `http_listen` (default 127.0.0.1:10090): health,
 //! Prometheus metrics, the dashboard at `/`, and the admin API — flows, live
 //! counts, sagas by request id or filter (facade, status, time range, paging),
 //! and retrying a stuck saga.

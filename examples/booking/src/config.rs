@@ -243,7 +243,7 @@ impl Default for Config {
         Self {
             pod_id: "local".into(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 10000)),
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 10080)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 10090)),
             admin_token: None,
             public_metrics: true,
             otlp_endpoint: None,

@@ -121,6 +121,15 @@ fn run_bounded(mut command: Command, limit: Duration) -> (bool, String) {
     (success, text)
 }
 
+/// Waits (at most 120 s) until `addr` can be bound: another run of this test on the machine may hold it.
+async fn wait_until_free(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while let Err(e) = std::net::TcpListener::bind(addr) {
+        assert!(Instant::now() < deadline, "{addr} stayed busy for 120 s: {e}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_finds_the_flows_retries_a_stuck_saga_and_shows_a_timeline() {
     let chromium = std::env::var("CHROMIUM").ok().and_then(|c| which(&c)).or_else(|| which("chromium"));
@@ -134,6 +143,9 @@ async fn chromium_finds_the_flows_retries_a_stuck_saga_and_shows_a_timeline() {
 
     let mut config = quick_to_stick(test_config());
     config.admin_token = Some(TOKEN.into());
+    // The default admin port, as a person opens it: a browser must not refuse it as unsafe.
+    config.http_listen = Config::default().http_listen;
+    wait_until_free(config.http_listen).await;
     let mut s = start(config).await;
     // A little of everything, so the counts and the screenshot show each outcome.
     for _ in 0..3 {
