@@ -224,7 +224,9 @@ impl RetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackConfig {
-    /// Hosts a callback URL may name (no server-side request forgery through us).
+    /// Hosts a callback URL may name (no server-side request forgery through us): `host`
+    /// for any port, `host:port` for that port only (IPv6: `::1`, `[::1]:8080`). The
+    /// orchestrator's own listeners are refused whatever this allows.
     pub allow: Vec<String>,
     /// Delivery attempts per callback.
     pub attempts: u32,
