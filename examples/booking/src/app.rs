@@ -166,6 +166,7 @@ pub async fn start_proxy(
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     crate::admin::prometheus();
     let callbacks = CallbackPolicy::new(&config.callbacks).map_err(anyhow::Error::msg)?;
+    let admin_hosts = crate::admin::AdminHosts::new(config.http_listen, &config.admin_hosts)?;
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
     let (order_addr, payment_addr, mocks) = if config.upstream.in_process {
@@ -228,6 +229,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         orchestrator.clone(),
         config.admin_token.clone(),
         config.public_metrics,
+        admin_hosts.bound_to(http_addr),
         shutdown.clone(),
     )));
     tracing::info!(%grpc_addr, %http_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");

@@ -213,7 +213,7 @@ impl CallbackPolicy {
 
 /// Whether connecting to `target` may reach a listener bound to `bound` (same port assumed).
 /// Errs on the side of yes: a refused callback is an error the caller sees, a wrong one is not.
-fn reaches(target: IpAddr, bound: IpAddr) -> bool {
+pub(crate) fn reaches(target: IpAddr, bound: IpAddr) -> bool {
     if target == bound {
         return true;
     }

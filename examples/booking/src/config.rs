@@ -57,6 +57,9 @@ pub struct Config {
     pub wait_timeout_ms: u64,
     /// The HTTP callbacks of async sagas.
     pub callbacks: CallbackConfig,
+    /// Further `Host` names the admin API answers to without the token (`name` for any port,
+    /// `name:port`), e.g. a reverse proxy's; its bound address always is one.
+    pub admin_hosts: Vec<String>,
 }
 
 /// The broker drivers.
@@ -261,6 +264,7 @@ impl Default for Config {
             flow: FlowConfig::default(),
             wait_timeout_ms: 30_000,
             callbacks: CallbackConfig::default(),
+            admin_hosts: Vec::new(),
         }
     }
 }
