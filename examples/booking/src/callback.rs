@@ -193,7 +193,7 @@ impl CallbackPolicy {
         }
         if let Some(own) = self.own_target(&host, port) {
             return Err(format!(
-                "CallbackURL `{url}`: {host}:{port} is this orchestrator's own {} ({}); a callback may not target the orchestrator itself",
+                "CallbackURL `{url}`: {host}:{port} is this orchestrator's own {}, bound to {}; a callback may not target the orchestrator itself",
                 own.what, own.addr
             ));
         }

@@ -126,11 +126,12 @@ impl AdminHosts {
         if self.bound.ip().is_unspecified() {
             names.push(format!("any address of this machine on port {port}"));
         }
-        names.dedup();
         names.extend(self.extra.iter().map(|e| match e.port {
             Some(p) => format!("{}:{p}", e.name),
             None => e.name.to_string(),
         }));
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|name| seen.insert(name.clone()));
         names.join(", ")
     }
 
@@ -214,6 +215,8 @@ mod tests {
             let err = check(&h, Some(host), None).unwrap_err();
             assert!(err.contains(&format!("Host `{host}`")) && err.contains("127.0.0.1:10090"), "{host}: {err}");
         }
+        let err = check(&h, Some("evil.example:10090"), None).unwrap_err();
+        assert!(err.contains("(127.0.0.1:10090, localhost:10090, [::1]:10090)"), "{err}");
         assert!(check(&h, None, None).unwrap_err().contains("names no Host"));
         assert!(check(&h, Some("a@127.0.0.1:10090"), None).unwrap_err().contains("host[:port]"));
     }
