@@ -103,7 +103,9 @@ async fn every_command_against_a_live_admin_api() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(booking::admin::serve(listener, o.clone(), Some(TOKEN.into()), true, stop.clone()));
+    let hosts = booking::admin::AdminHosts::new(listener.local_addr().unwrap(), &[]).unwrap();
+    let admin = booking::admin::serve(listener, o.clone(), Some(TOKEN.into()), true, hosts, stop.clone());
+    let server = tokio::spawn(admin);
     for i in 0..5 {
         o.submit("Ship", &format!("ship-{i}"), 1u32, None).await.unwrap();
     }

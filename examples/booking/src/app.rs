@@ -167,6 +167,8 @@ pub async fn start_proxy(
 /// Starts the orchestrator (and, if configured, the mocks) and serves the booking API.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     crate::admin::prometheus();
+    let callbacks = CallbackPolicy::new(&config.callbacks).map_err(anyhow::Error::msg)?;
+    let admin_hosts = crate::admin::AdminHosts::new(config.http_listen, &config.admin_hosts)?;
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
     let (order_addr, payment_addr, mocks) = if config.upstream.in_process {
@@ -191,7 +193,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let listener = bind(config.grpc_listen, "orchestrator gRPC API").await?;
     let grpc_addr = listener.local_addr()?;
-    let handler = BookingHandler::new(orchestrator.clone(), CallbackPolicy::new(&config.callbacks));
+    let admin_listener = bind(config.http_listen, "admin HTTP API").await?;
+    let http_addr = admin_listener.local_addr()?;
+    let callbacks = callbacks
+        .deny_own(grpc_addr, "gRPC API (grpc_listen)")
+        .deny_own(http_addr, "admin HTTP API (http_listen)")
+        .resolve_names()
+        .await;
+    let handler = BookingHandler::new(orchestrator.clone(), callbacks);
     let service = BookingServiceServer::new(handler);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -217,13 +226,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .await
             .context("orchestrator gRPC server failed")
     }));
-    let admin_listener = bind(config.http_listen, "admin HTTP API").await?;
-    let http_addr = admin_listener.local_addr()?;
     servers.push(tokio::spawn(crate::admin::serve(
         admin_listener,
         orchestrator.clone(),
         config.admin_token.clone(),
         config.public_metrics,
+        admin_hosts.bound_to(http_addr),
         shutdown.clone(),
     )));
     tracing::info!(%grpc_addr, %http_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");

@@ -59,6 +59,9 @@ pub struct Config {
     pub callbacks: CallbackConfig,
     /// Several replicas sharing the PostgreSQL saga log: leases and takeover.
     pub replicas: ReplicasConfig,
+    /// Further `Host` names the admin API answers to without the token (`name` for any port,
+    /// `name:port`), e.g. a reverse proxy's; its bound address always is one.
+    pub admin_hosts: Vec<String>,
 }
 
 /// The broker drivers.
@@ -236,7 +239,9 @@ impl RetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackConfig {
-    /// Hosts a callback URL may name (no server-side request forgery through us).
+    /// Hosts a callback URL may name (no server-side request forgery through us): `host`
+    /// for any port, `host:port` for that port only (IPv6: `::1`, `[::1]:8080`). The
+    /// orchestrator's own listeners are refused whatever this allows.
     pub allow: Vec<String>,
     /// Delivery attempts per callback.
     pub attempts: u32,
@@ -276,7 +281,7 @@ impl Default for Config {
         Self {
             pod_id: "local".into(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 10000)),
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 10080)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 10090)),
             admin_token: None,
             public_metrics: true,
             otlp_endpoint: None,
@@ -293,6 +298,7 @@ impl Default for Config {
             wait_timeout_ms: 30_000,
             callbacks: CallbackConfig::default(),
             replicas: ReplicasConfig::default(),
+            admin_hosts: Vec::new(),
         }
     }
 }

@@ -11,7 +11,6 @@ pub mod config;
 pub mod facade;
 pub mod handler;
 pub mod node;
-pub mod operator;
 pub mod proto;
 pub mod proxy;
 pub mod topic;

@@ -38,7 +38,7 @@ async fn sagas_are_found_by_request_id_and_status() {
 
 #[test]
 fn a_non_loopback_admin_bind_needs_a_token() {
-    let mut config = Config { http_listen: SocketAddr::from(([0, 0, 0, 0], 10080)), ..Config::default() };
+    let mut config = Config { http_listen: SocketAddr::from(([0, 0, 0, 0], 10090)), ..Config::default() };
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("admin_token"), "{err}");
     config.admin_token = Some("s3cret".into());
@@ -59,4 +59,22 @@ async fn with_a_token_requests_without_it_are_refused() {
     assert_eq!(right.status(), 200);
     assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
     s.running.shutdown().await.unwrap();
+}
+
+/// The Fetch standard's bad ports (<https://fetch.spec.whatwg.org/#port-blocking>), which
+/// Chromium and Firefox refuse to open with `ERR_UNSAFE_PORT`.
+const BROWSER_BLOCKED_PORTS: [u16; 82] = [
+    1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87, 95, 101, 102, 103, 104, 109, 110,
+    111, 113, 115, 117, 119, 123, 135, 137, 139, 143, 161, 179, 389, 427, 465, 512, 513, 514, 515, 526, 530, 531, 532,
+    540, 548, 554, 556, 563, 587, 601, 636, 989, 990, 993, 995, 1719, 1720, 1723, 2049, 3659, 4045, 4190, 5060, 5061,
+    6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080,
+];
+
+#[test]
+fn the_default_admin_port_is_one_browsers_open() {
+    let default = Config::default().http_listen;
+    assert_eq!(default, SocketAddr::from(([127, 0, 0, 1], 10090)));
+    assert!(!BROWSER_BLOCKED_PORTS.contains(&default.port()), "{default} is on the browsers' blocked list");
+    let sample = Config::from_yaml(include_str!("../../../deployment/local/app.yaml")).unwrap();
+    assert_eq!(sample.http_listen, default, "deployment/local/app.yaml and the built-in default differ");
 }

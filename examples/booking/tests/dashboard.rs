@@ -121,8 +121,18 @@ fn run_bounded(mut command: Command, limit: Duration) -> (bool, String) {
     (success, text)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_finds_the_flows_retries_a_stuck_saga_and_shows_a_timeline() {
+/// Waits (at most 120 s) until `addr` can be bound: another run of this test on the machine may hold it.
+async fn wait_until_free(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while let Err(e) = std::net::TcpListener::bind(addr) {
+        assert!(Instant::now() < deadline, "{addr} stayed busy for 120 s: {e}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Makes a little of everything (a stuck saga among it), then has `dashboard_test.py` drive
+/// Chromium through the dashboard at `http://{host}:{port}/`, giving `token` when the page asks.
+async fn drive_the_dashboard(config: Config, host: &str, token: Option<&str>, screenshot: &str) {
     let chromium = std::env::var("CHROMIUM").ok().and_then(|c| which(&c)).or_else(|| which("chromium"));
     let python = which(&std::env::var("SAGAFLOW_PYTHON").unwrap_or_else(|_| "python3".into()));
     let (Some(chromium), Some(python)) = (chromium, python) else {
@@ -132,9 +142,7 @@ async fn chromium_finds_the_flows_retries_a_stuck_saga_and_shows_a_timeline() {
         return;
     };
 
-    let mut config = quick_to_stick(test_config());
-    config.admin_token = Some(TOKEN.into());
-    let mut s = start(config).await;
+    let mut s = start(quick_to_stick(config)).await;
     // A little of everything, so the counts and the screenshot show each outcome.
     for _ in 0..3 {
         s.client.handle_sync_booking(with_id(Some(&id("sync")), booking(3, 1, false))).await.unwrap();
@@ -144,23 +152,24 @@ async fn chromium_finds_the_flows_retries_a_stuck_saga_and_shows_a_timeline() {
     }
     let queued = id("async");
     s.client.handle_async_booking(with_id(Some(&queued), booking(5, 1, false))).await.unwrap();
-    saga_until(&s.running, &queued, Some(TOKEN), ended).await;
+    saga_until(&s.running, &queued, token, ended).await;
     let (order, _) = s.running.mocks.clone().expect("in-process mocks");
     order.set_fail_cancels(true);
     let stuck = id("stuck");
     s.client.handle_throttling_booking(with_id(Some(&stuck), booking(6, 1, true))).await.unwrap_err();
-    saga_until(&s.running, &stuck, Some(TOKEN), |s| s["status"] == "stuck").await;
+    saga_until(&s.running, &stuck, token, |s| s["status"] == "stuck").await;
     // Healed: the driver retries the stuck saga from the dashboard.
     order.set_fail_cancels(false);
     let (ok, fault) = completed_and_compensated(&mut s).await;
 
-    let screenshot = target_dir().join("dashboard.png");
+    let screenshot = target_dir().join(screenshot);
     let _ = std::fs::remove_file(&screenshot);
     let mut driver = Command::new(python);
     driver
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/dashboard_test.py"))
-        .args(["--url", &format!("{}/", base(&s.running))])
-        .args(["--token", TOKEN, "--completed", &ok, "--compensated", &fault, "--stuck", &stuck])
+        .args(["--url", &format!("http://{host}:{}/", s.running.http_addr.port())])
+        .args(["--token", token.unwrap_or_default()])
+        .args(["--completed", &ok, "--compensated", &fault, "--stuck", &stuck])
         .arg("--screenshot")
         .arg(&screenshot)
         .arg("--chromium")
@@ -169,11 +178,28 @@ async fn chromium_finds_the_flows_retries_a_stuck_saga_and_shows_a_timeline() {
         tokio::task::spawn_blocking(move || run_bounded(driver, Duration::from_secs(150))).await.unwrap();
     println!("{output}");
     assert!(passed, "the dashboard check failed:\n{output}");
-    let retried = get_json(&format!("{}/api/sagas/{stuck}", base(&s.running)), Some(TOKEN)).await;
+    let retried = get_json(&format!("{}/api/sagas/{stuck}", base(&s.running)), token).await;
     assert_eq!(retried["status"], "compensated", "{retried:#}");
     let png = std::fs::read(&screenshot).expect("a screenshot was saved");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{} bytes of screenshot", png.len());
     s.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_finds_the_flows_retries_a_stuck_saga_and_shows_a_timeline() {
+    let mut config = test_config();
+    config.admin_token = Some(TOKEN.into());
+    // The default admin port, as a person opens it: a browser must not refuse it as unsafe.
+    config.http_listen = Config::default().http_listen;
+    wait_until_free(config.http_listen).await;
+    drive_the_dashboard(config, "127.0.0.1", Some(TOKEN), "dashboard.png").await;
+}
+
+/// Without a token, the page's retry is a same-origin POST (its `Origin` is the page's), which
+/// the admin API takes; opened as `localhost`, the name a person types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_retries_without_a_token_as_a_same_origin_page() {
+    drive_the_dashboard(test_config(), "localhost", None, "dashboard-no-token.png").await;
 }
 
 // ------------------------------------------------------------------ access

@@ -7,7 +7,7 @@ as Puppeteer does), so nothing but the Python standard library and Debian's
 
 The service must already run, with the sagas named on the command line made:
 
-    python3 dashboard_test.py --url http://127.0.0.1:10080/ --token s3cret \\
+    python3 dashboard_test.py --url http://127.0.0.1:10090/ --token s3cret \\
         --completed ok-1 --compensated fault-1 --screenshot target/dashboard.png
 
 It opens the page, gives the token when asked, finds every booking flow drawn
@@ -390,7 +390,7 @@ def find_chromium(given: str | None) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", required=True, help="the dashboard's URL, e.g. http://127.0.0.1:10080/")
+    parser.add_argument("--url", required=True, help="the dashboard's URL, e.g. http://127.0.0.1:10090/")
     parser.add_argument("--token", default="", help="the admin token, when the service has one")
     parser.add_argument("--completed", required=True, help="request id of a completed saga")
     parser.add_argument("--compensated", required=True, help="request id of a compensated (fault-injected) saga")

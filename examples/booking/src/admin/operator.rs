@@ -12,17 +12,17 @@ use axum::{Router, body::Bytes};
 use sagaflow::RedriveFilter;
 use serde::Deserialize;
 
-use crate::admin::{AdminState, error, json_error};
+use super::{AdminState, error, json_error};
 
 /// The request header naming the operator.
-pub const OPERATOR_HEADER: &str = "x-sagaflow-operator";
+pub(super) const OPERATOR_HEADER: &str = "x-sagaflow-operator";
 /// Longest operator name and reason accepted.
 const MAX_TEXT: usize = 512;
 /// Redrive rate when none is asked for, sagas per second.
 const DEFAULT_REDRIVE_RATE: u32 = 50;
 
 /// The operator routes, guarded like the rest of the API.
-pub(crate) fn routes() -> Router<AdminState> {
+pub(super) fn routes() -> Router<AdminState> {
     Router::new()
         .route("/api/sagas/{id}/abort", post(abort))
         .route("/api/sagas/{id}/resolve", post(resolve))

@@ -1,33 +1,30 @@
-//! The operator's HTTP side on `http_listen` (default 127.0.0.1:10080): health,
-//! Prometheus metrics, the dashboard at `/`, and the admin API — flows, live
-//! counts, sagas by request id or filter (facade, status, time range, paging),
-//! and retrying a stuck saga.
-//!
-//! With a token configured, everything but `/healthz`, the dashboard's static
-//! files and (when `public_metrics`) `/metrics` needs `Authorization: Bearer`.
-//! The dashboard page itself holds no data: it asks for the token and sends it
-//! on its API calls.
+//! The admin API's views of the saga log: listing with paging and filters, counts per
+//! facade and status, one saga's detail, and retrying a stuck one.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sagaflow::log::ListFilter;
-use sagaflow::{Error, Failure, Orchestrator, SagaRecord, SagaState, SagaStatus};
+use sagaflow::{Failure, Orchestrator, SagaRecord, SagaState, SagaStatus};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
-use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
+
+use super::{AdminState, NEXT_CURSOR_HEADER, SCAN_TRUNCATED_HEADER, error, json_error};
+
+/// The routes of the saga views.
+pub(super) fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/api/stats", get(stats))
+        .route("/api/sagas", get(list))
+        .route("/api/sagas/{id}", get(saga))
+        .route("/api/sagas/{id}/retry", post(retry))
+}
 
 /// Sagas per page of `GET /api/sagas` unless `limit` says otherwise.
 const DEFAULT_PAGE: usize = 100;
@@ -39,150 +36,6 @@ const MAX_SCAN: usize = 10_000;
 const STATS_SCAN: usize = 10_000;
 /// How long counts are reused, so many open dashboards cost one scan per interval.
 const STATS_TTL: Duration = Duration::from_secs(1);
-
-/// Response header naming the cursor of the next page, when there is one.
-pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
-/// Response header set to `true` when the scan limit cut a listing short.
-pub const SCAN_TRUNCATED_HEADER: &str = "x-scan-truncated";
-
-const INDEX_HTML: &str = include_str!("dashboard/index.html");
-const APP_JS: &str = include_str!("dashboard/app.js");
-const STYLE_CSS: &str = include_str!("dashboard/style.css");
-/// The dashboard loads only its own files and talks only to this origin.
-const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-     connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-#[derive(Clone)]
-pub(crate) struct AdminState {
-    pub(crate) orchestrator: Orchestrator,
-    token: Option<String>,
-    stats: Arc<Mutex<Option<(Instant, Stats)>>>,
-}
-
-/// The process's Prometheus recorder, installed on first use (one per process).
-pub fn prometheus() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            // Explicit buckets for every histogram; they are non-empty, so this cannot fail.
-            let builder = PrometheusBuilder::new()
-                .set_buckets(&sagaflow::metrics::LATENCY_BUCKETS)
-                .unwrap_or_else(|_| PrometheusBuilder::new());
-            let recorder = builder.build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (a test harness); then ours only renders nothing new.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
-}
-
-/// Refuses a non-loopback bind without a token: the API can retry sagas.
-pub fn check_access(listen: SocketAddr, token: Option<&str>) -> anyhow::Result<()> {
-    if !listen.ip().is_loopback() && token.is_none_or(str::is_empty) {
-        anyhow::bail!(
-            "http_listen {listen} is not a loopback address: set admin_token (or SAGAFLOW_ADMIN_TOKEN) so the admin API is not open to the network"
-        );
-    }
-    Ok(())
-}
-
-/// The admin router; `/metrics` stays open without a token when `public_metrics`.
-pub fn router(orchestrator: Orchestrator, token: Option<String>, public_metrics: bool) -> Router {
-    let state = AdminState { orchestrator, token: token.filter(|t| !t.is_empty()), stats: Arc::new(Mutex::new(None)) };
-    let metrics_route = Router::new().route("/metrics", get(|| async { prometheus().render() }));
-    let (open, guarded) = if public_metrics { (metrics_route, Router::new()) } else { (Router::new(), metrics_route) };
-    let api = guarded
-        .route("/api/flows", get(flows))
-        .route("/api/stats", get(stats))
-        .route("/api/sagas", get(list))
-        .route("/api/sagas/{id}", get(saga))
-        .route("/api/sagas/{id}/retry", post(retry))
-        .merge(crate::operator::routes())
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/dashboard/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
-        .route("/dashboard/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
-        .merge(open)
-        .merge(api)
-        .layer(middleware::map_response(security_headers))
-        .with_state(state)
-}
-
-/// Serves the admin API on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    orchestrator: Orchestrator,
-    token: Option<String>,
-    public_metrics: bool,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    axum::serve(listener, router(orchestrator, token, public_metrics))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    Ok(())
-}
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    let mut response = body.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    // The files change with the binary; revalidating them is cheap.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
-}
-
-async fn security_headers(mut response: Response) -> Response {
-    let headers = response.headers_mut();
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
-    response
-}
-
-async fn authorize(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|given| same(given.as_bytes(), token.as_bytes())) {
-            let mut response = (StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
-    }
-    next.run(request).await
-}
-
-/// Compares in time independent of where the first difference is.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub(crate) fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
-}
-
-pub(crate) fn error(error: Error) -> Response {
-    let status = match &error {
-        Error::Log(sagaflow::log::LogError::NotFound(_)) | Error::UnknownFacade(_) => StatusCode::NOT_FOUND,
-        Error::Config(_) | Error::WrongState { .. } => StatusCode::CONFLICT,
-        Error::Log(_) | Error::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    json_error(status, error.to_string())
-}
-
-async fn flows(State(state): State<AdminState>) -> Response {
-    Json(state.orchestrator.flows()).into_response()
-}
-
-// ---------------------------------------------------------------- listing
 
 /// Query of `GET /api/sagas`.
 #[derive(Debug, Deserialize)]
@@ -362,7 +215,7 @@ impl Counts {
 
 /// The body of `GET /api/stats`.
 #[derive(Debug, Clone, Serialize)]
-struct Stats {
+pub(super) struct Stats {
     /// Unix ms the counts were taken.
     at_ms: u64,
     /// Sagas counted: the newest of the saga log, at most `scan_limit`.
@@ -691,12 +544,5 @@ mod tests {
         assert_eq!(json["steps"], 2);
         assert_eq!(json["step_details"][0]["node"], Value::Null);
         assert!(json["history"].as_array().is_some_and(|h| h.len() == 8));
-    }
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(same(b"s3cret", b"s3cret"));
-        assert!(!same(b"s3cret", b"s3cre"));
-        assert!(!same(b"s3cret", b"s3creT"));
     }
 }

@@ -1,0 +1,207 @@
+//! The operator's HTTP side on `http_listen` (default 127.0.0.1:10090): health,
+//! Prometheus metrics, the dashboard at `/`, and the admin API — flows, live
+//! counts, sagas by request id or filter (facade, status, time range, paging),
+//! and retrying a stuck saga.
+//!
+//! With a token configured, everything but `/healthz`, the dashboard's static
+//! files and (when `public_metrics`) `/metrics` needs `Authorization: Bearer`.
+//! The dashboard page itself holds no data: it asks for the token and sends it
+//! on its API calls.
+//!
+//! A request without the right token, token or not configured, must also be
+//! same-origin ([`AdminHosts`]): its `Host` one this server answers to and its
+//! `Origin`, if any, that host; else `403`. Only `/healthz` is exempt.
+
+mod hosts;
+mod operator;
+mod sagas;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+pub use hosts::AdminHosts;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sagaflow::{Error, Orchestrator};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// Response header naming the cursor of the next page, when there is one.
+pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
+/// Response header set to `true` when the scan limit cut a listing short.
+pub const SCAN_TRUNCATED_HEADER: &str = "x-scan-truncated";
+
+const INDEX_HTML: &str = include_str!("../dashboard/index.html");
+const APP_JS: &str = include_str!("../dashboard/app.js");
+const STYLE_CSS: &str = include_str!("../dashboard/style.css");
+/// The dashboard loads only its own files and talks only to this origin.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+     connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+#[derive(Clone)]
+struct AdminState {
+    orchestrator: Orchestrator,
+    token: Option<String>,
+    hosts: AdminHosts,
+    stats: Arc<Mutex<Option<(Instant, sagas::Stats)>>>,
+}
+
+/// The process's Prometheus recorder, installed on first use (one per process).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Explicit buckets for every histogram; they are non-empty, so this cannot fail.
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&sagaflow::metrics::LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); then ours only renders nothing new.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Refuses a non-loopback bind without a token: the API can retry sagas.
+pub fn check_access(listen: SocketAddr, token: Option<&str>) -> anyhow::Result<()> {
+    if !listen.ip().is_loopback() && token.is_none_or(str::is_empty) {
+        anyhow::bail!(
+            "http_listen {listen} is not a loopback address: set admin_token (or SAGAFLOW_ADMIN_TOKEN) so the admin API is not open to the network"
+        );
+    }
+    Ok(())
+}
+
+/// The admin router for a server answering to `hosts`; `/metrics` stays open without a
+/// token when `public_metrics`.
+pub fn router(orchestrator: Orchestrator, token: Option<String>, public_metrics: bool, hosts: AdminHosts) -> Router {
+    let state =
+        AdminState { orchestrator, token: token.filter(|t| !t.is_empty()), hosts, stats: Arc::new(Mutex::new(None)) };
+    let metrics_route = Router::new().route("/metrics", get(|| async { prometheus().render() }));
+    let (open, guarded) = if public_metrics { (metrics_route, Router::new()) } else { (Router::new(), metrics_route) };
+    let api = guarded
+        .route("/api/flows", get(flows))
+        .merge(sagas::routes())
+        .merge(operator::routes())
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/dashboard/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/dashboard/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .merge(open)
+        .merge(api)
+        .route_layer(middleware::from_fn_with_state(state.clone(), same_origin))
+        // Probes reach the pod by whatever name; the answer is a constant.
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+/// Serves the admin API on `listener`, answering to `hosts`, until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    orchestrator: Orchestrator,
+    token: Option<String>,
+    public_metrics: bool,
+    hosts: AdminHosts,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(orchestrator, token, public_metrics, hosts))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // The files change with the binary; revalidating them is cheap.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    response
+}
+
+/// Whether `request` carries the configured token (never, when none is configured).
+fn has_token(state: &AdminState, request: &Request) -> bool {
+    let Some(token) = &state.token else { return false };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|given| same(given.as_bytes(), token.as_bytes()))
+}
+
+async fn authorize(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if state.token.is_some() && !has_token(&state, &request) {
+        let mut response = (StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    next.run(request).await
+}
+
+/// Refuses a request without the token unless it is same-origin: no cross-site form or
+/// script, and no DNS-rebound name, can use the API of a browser's machine.
+async fn same_origin(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if !has_token(&state, &request)
+        && let Err(why) = state.hosts.check(request.headers(), request.uri())
+    {
+        return json_error(StatusCode::FORBIDDEN, why);
+    }
+    next.run(request).await
+}
+
+/// Compares in time independent of where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+fn error(error: Error) -> Response {
+    let status = match &error {
+        Error::Log(sagaflow::log::LogError::NotFound(_)) | Error::UnknownFacade(_) => StatusCode::NOT_FOUND,
+        Error::Config(_) | Error::WrongState { .. } => StatusCode::CONFLICT,
+        Error::Log(_) | Error::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_error(status, error.to_string())
+}
+
+async fn flows(State(state): State<AdminState>) -> Response {
+    Json(state.orchestrator.flows()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3cre"));
+        assert!(!same(b"s3cret", b"s3creT"));
+    }
+}
