@@ -36,8 +36,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Response header naming the cursor of the next page, when there is one.
 pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
-/// Response header set to `true` when the scan limit cut a listing short.
-pub const SCAN_TRUNCATED_HEADER: &str = "x-scan-truncated";
 
 const INDEX_HTML: &str = include_str!("../dashboard/index.html");
 const APP_JS: &str = include_str!("../dashboard/app.js");

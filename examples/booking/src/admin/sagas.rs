@@ -1,7 +1,6 @@
 //! The admin API's views of the saga log: listing with paging and filters, counts per
 //! facade and status, one saga's detail, and retrying a stuck one.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -11,11 +10,11 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sagaflow::log::ListFilter;
+use sagaflow::log::{ListCursor, ListFilter};
 use sagaflow::{Failure, Orchestrator, SagaRecord, SagaState, SagaStatus};
 use serde::{Deserialize, Serialize};
 
-use super::{AdminState, NEXT_CURSOR_HEADER, SCAN_TRUNCATED_HEADER, error, json_error};
+use super::{AdminState, NEXT_CURSOR_HEADER, error, json_error};
 
 /// The routes of the saga views.
 pub(super) fn routes() -> Router<AdminState> {
@@ -30,8 +29,6 @@ pub(super) fn routes() -> Router<AdminState> {
 const DEFAULT_PAGE: usize = 100;
 /// Largest page of `GET /api/sagas`.
 const MAX_PAGE: usize = 1_000;
-/// Newest sagas (of the facade/status asked) that paging and the time range reach back over.
-const MAX_SCAN: usize = 10_000;
 /// Newest sagas that `GET /api/stats` counts.
 const STATS_SCAN: usize = 10_000;
 /// How long counts are reused, so many open dashboards cost one scan per interval.
@@ -83,107 +80,37 @@ impl Cursor {
             (0..id.len()).step_by(2).map(|i| u8::from_str_radix(&id[i..i + 2], 16).ok()).collect();
         Some(Self { created_ms, request_id: String::from_utf8(bytes?).ok()? })
     }
-
-    /// Whether `record` comes after this position.
-    fn precedes(&self, record: &SagaRecord) -> bool {
-        record.created_ms < self.created_ms
-            || (record.created_ms == self.created_ms && record.request_id > self.request_id)
-    }
-}
-
-fn list_order(a: &SagaRecord, b: &SagaRecord) -> Ordering {
-    b.created_ms.cmp(&a.created_ms).then_with(|| a.request_id.cmp(&b.request_id))
-}
-
-/// The part of the list order a request asks for.
-#[derive(Debug, Default)]
-struct Window {
-    since_ms: Option<u64>,
-    until_ms: Option<u64>,
-    after: Option<Cursor>,
-}
-
-impl Window {
-    fn contains(&self, record: &SagaRecord) -> bool {
-        self.since_ms.is_none_or(|since| record.created_ms >= since)
-            && self.until_ms.is_none_or(|until| record.created_ms < until)
-            && self.after.as_ref().is_none_or(|after| after.precedes(record))
-    }
-}
-
-/// One page cut out of a batch of the newest sagas.
-#[derive(Debug)]
-struct Page {
-    sagas: Vec<SagaRecord>,
-    next: Option<Cursor>,
-    /// The batch ended before the page was known: fetch a bigger one.
-    need_more: bool,
-}
-
-/// Cuts the page of `limit` sagas in `window` out of `batch`, the newest sagas
-/// of the log (all of them when `exhausted`).
-fn cut(mut batch: Vec<SagaRecord>, exhausted: bool, window: &Window, limit: usize) -> Page {
-    batch.sort_by(list_order);
-    // Without the whole log, sagas created in the batch's oldest millisecond may
-    // have peers outside it, so the page stops before them — unless the time
-    // range ends before that millisecond anyway.
-    let boundary = batch.last().map(|r| r.created_ms).filter(|_| !exhausted);
-    let boundary = boundary.filter(|b| window.since_ms.is_none_or(|since| *b >= since));
-    let mut sagas = Vec::new();
-    let mut more = false;
-    for record in batch {
-        if !window.contains(&record) {
-            continue;
-        }
-        if sagas.len() == limit {
-            // A full page, and this one comes after it: there is a next page.
-            more = true;
-            break;
-        }
-        if boundary.is_some_and(|b| record.created_ms <= b) {
-            break;
-        }
-        sagas.push(record);
-    }
-    let next = if more { sagas.last().map(Cursor::of) } else { None };
-    Page { sagas, next, need_more: !more && boundary.is_some() }
 }
 
 async fn list(State(state): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
     let after = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
         Some(text) => match Cursor::decode(text) {
-            Some(cursor) => Some(cursor),
+            Some(cursor) => Some(ListCursor { created_ms: cursor.created_ms, request_id: cursor.request_id }),
             None => return json_error(StatusCode::BAD_REQUEST, format!("cursor `{text}` is not one this API gave")),
         },
         None => None,
     };
-    let window = Window { since_ms: q.since_ms, until_ms: q.until_ms, after };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    // Grow the batch until it holds the page: cheap for the recent pages operators look at.
-    let mut fetch = (limit + 1).clamp(64, MAX_SCAN);
-    let (page, truncated) = loop {
-        let filter = ListFilter { facade: q.facade.clone(), status: q.status, limit: fetch, ..ListFilter::default() };
-        let batch = match state.orchestrator.sagas(filter).await {
-            Ok(batch) => batch,
-            Err(e) => return error(e),
-        };
-        let exhausted = batch.len() < fetch;
-        let page = cut(batch, exhausted, &window, limit);
-        if !page.need_more {
-            break (page, false);
-        }
-        if fetch >= MAX_SCAN {
-            break (page, true);
-        }
-        fetch = (fetch * 4).min(MAX_SCAN);
+    // The log reads the page from where it starts (one more saga says whether a next page exists).
+    let filter = ListFilter {
+        facade: q.facade,
+        status: q.status,
+        limit: limit + 1,
+        since_ms: q.since_ms,
+        until_ms: q.until_ms,
+        after,
     };
-    let mut response = Json(page.sagas).into_response();
-    let headers = response.headers_mut();
-    if let Some(next) = page.next.and_then(|c| HeaderValue::from_str(&c.encode()).ok()) {
-        headers.insert(NEXT_CURSOR_HEADER, next);
-    }
-    if truncated {
-        headers.insert(SCAN_TRUNCATED_HEADER, HeaderValue::from_static("true"));
+    let mut sagas = match state.orchestrator.sagas(filter).await {
+        Ok(sagas) => sagas,
+        Err(e) => return error(e),
+    };
+    let next = (sagas.len() > limit).then(|| {
+        sagas.truncate(limit);
+        sagas.last().map(Cursor::of)
+    });
+    let mut response = Json(sagas).into_response();
+    if let Some(next) = next.flatten().and_then(|c| HeaderValue::from_str(&c.encode()).ok()) {
+        response.headers_mut().insert(NEXT_CURSOR_HEADER, next);
     }
     response
 }
@@ -441,10 +368,6 @@ mod tests {
         record
     }
 
-    fn ids(page: &Page) -> Vec<&str> {
-        page.sagas.iter().map(|s| s.request_id.as_str()).collect()
-    }
-
     #[test]
     fn cursors_round_trip_any_request_id() {
         for id in ["a", "with.dots and spaces", "ünïcode/?&=", ""] {
@@ -456,49 +379,6 @@ mod tests {
         for bad in ["", "zz.00", "10.0", "10.zz", "10"] {
             assert_eq!(Cursor::decode(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn pages_follow_each_other_without_gaps_or_repeats() {
-        let all: Vec<SagaRecord> = vec![saga("a", 30), saga("b", 20), saga("c", 20), saga("d", 10), saga("e", 5)];
-        let mut seen = Vec::new();
-        let mut window = Window::default();
-        loop {
-            let page = cut(all.clone(), true, &window, 2);
-            assert!(!page.need_more);
-            seen.extend(ids(&page).into_iter().map(str::to_owned));
-            match page.next {
-                Some(next) => window.after = Some(next),
-                None => break,
-            }
-        }
-        assert_eq!(seen, ["a", "b", "c", "d", "e"]);
-    }
-
-    #[test]
-    fn the_time_range_is_since_inclusive_until_exclusive() {
-        let all = vec![saga("a", 30), saga("b", 20), saga("c", 10)];
-        let window = Window { since_ms: Some(10), until_ms: Some(30), after: None };
-        let page = cut(all, true, &window, 10);
-        assert_eq!(ids(&page), ["b", "c"]);
-        assert!(page.next.is_none());
-    }
-
-    #[test]
-    fn a_partial_batch_asks_for_more_rather_than_cutting_a_millisecond() {
-        // The batch holds the newest three; more sagas of ms 20 may exist beyond it.
-        let batch = vec![saga("a", 30), saga("b", 20), saga("c", 20)];
-        let page = cut(batch.clone(), false, &Window::default(), 5);
-        assert_eq!(ids(&page), ["a"]);
-        assert!(page.need_more);
-        // A full page before the boundary needs nothing more.
-        let page = cut(batch.clone(), false, &Window::default(), 1);
-        assert_eq!((ids(&page), page.need_more), (vec!["a"], false));
-        assert_eq!(page.next, Some(Cursor { created_ms: 30, request_id: "a".into() }));
-        // A time range that ends above the boundary is complete.
-        let window = Window { since_ms: Some(25), ..Window::default() };
-        let page = cut(batch, false, &window, 5);
-        assert_eq!((ids(&page), page.need_more), (vec!["a"], false));
     }
 
     #[test]
