@@ -349,15 +349,22 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Runs a sync or throttling flow and waits for its outcome. A request id
-    /// that already has a saga gets that saga's outcome; no second saga starts.
-    pub async fn run<D: FlowData>(&self, facade: &str, request_id: &str, data: D) -> Result<Outcome<D>> {
+    /// The flow a new call may start a saga of: a valid request id, an
+    /// orchestrator not shutting down, a registered facade not paused.
+    fn admit<D: FlowData>(&self, facade: &str, request_id: &str) -> Result<(Arc<FlowRuntime<D>>, Mode)> {
         Self::check_request_id(request_id)?;
         if self.engine.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let (flow, mode) = self.flow::<D>(facade)?;
+        let flow = self.flow::<D>(facade)?;
         self.check_paused(facade)?;
+        Ok(flow)
+    }
+
+    /// Runs a sync or throttling flow and waits for its outcome. A request id
+    /// that already has a saga gets that saga's outcome; no second saga starts.
+    pub async fn run<D: FlowData>(&self, facade: &str, request_id: &str, data: D) -> Result<Outcome<D>> {
+        let (flow, mode) = self.admit::<D>(facade, request_id)?;
         match mode {
             Mode::Sync => flow.run_sync(request_id, data).await,
             Mode::Throttling => flow.run_throttled(request_id, data).await,
@@ -374,12 +381,7 @@ impl Orchestrator {
         data: D,
         callback_url: Option<String>,
     ) -> Result<()> {
-        Self::check_request_id(request_id)?;
-        if self.engine.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        let (flow, mode) = self.flow::<D>(facade)?;
-        self.check_paused(facade)?;
+        let (flow, mode) = self.admit::<D>(facade, request_id)?;
         match mode {
             Mode::Async => flow.submit(request_id, data, callback_url).await,
             _ => Err(Error::WrongMode { facade: facade.to_owned(), registered: mode, called: "submit" }),
