@@ -170,7 +170,7 @@ impl<D: FlowData> FlowRuntime<D> {
 
     /// Sync flow: runs the saga here while the caller waits.
     pub(crate) async fn run_sync(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
-        let json = self.encode(request_id, &data)?;
+        let json = self.flow.encode_new(request_id, &data)?;
         let record = match self.engine.log.begin(self.new_saga(request_id, json, None)).await? {
             Begin::Exists(existing) => return self.await_existing(existing).await,
             Begin::Started(record) => record,
@@ -183,7 +183,7 @@ impl<D: FlowData> FlowRuntime<D> {
 
     /// Throttling flow: queues the first hop on this pod and waits for the end.
     pub(crate) async fn run_throttled(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
-        let json = self.encode(request_id, &data)?;
+        let json = self.flow.encode_new(request_id, &data)?;
         let mut waiter = self.engine.completions.register(request_id);
         match self.engine.log.begin(self.new_saga(request_id, json.clone(), None)).await? {
             Begin::Exists(existing) => {
@@ -208,7 +208,7 @@ impl<D: FlowData> FlowRuntime<D> {
         data: D,
         callback_url: Option<String>,
     ) -> Result<()> {
-        let json = self.encode(request_id, &data)?;
+        let json = self.flow.encode_new(request_id, &data)?;
         match self.engine.log.begin(self.new_saga(request_id, json.clone(), callback_url)).await? {
             Begin::Exists(existing) => return self.check_facade(&existing),
             Begin::Started(_) => self.started(),
@@ -405,7 +405,13 @@ impl<D: FlowData> FlowRuntime<D> {
             let result = tokio::time::timeout(budget, call).await;
             self.record_call(index, "action", now.elapsed(), attempt);
             let error = match result {
-                Ok(Ok(Ok(()))) => return Ok(attempt),
+                Ok(Ok(Ok(()))) => match self.flow.oversize(data) {
+                    None => return Ok(attempt),
+                    Some(error) => {
+                        uncertain = true;
+                        error
+                    }
+                },
                 Ok(Ok(Err(error))) => node.classify(error),
                 Ok(Err(panic)) => {
                     uncertain = true;
