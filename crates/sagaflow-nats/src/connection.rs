@@ -26,7 +26,7 @@ use async_nats::connection::State;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
 use futures::StreamExt;
 use sagaflow::broker::{Broker, BrokerError, Message, SubscribeOptions, Subscription};
@@ -81,7 +81,15 @@ impl NatsBroker {
         let (connected_tx, connections) = watch::channel(0u64);
         let max_delay = options.reconnect_max_delay;
         let redacted = options.redacted_url();
-        let client = ConnectOptions::new()
+        let (servers, credentials) = split_credentials(options.url())?;
+        let connect = match credentials {
+            Some(Credentials { user, password: Some(password) }) => {
+                ConnectOptions::with_user_and_password(user, password)
+            }
+            Some(Credentials { user: token, password: None }) => ConnectOptions::with_token(token),
+            None => ConnectOptions::new(),
+        };
+        let client = connect
             .name(&options.connection_name)
             .connection_timeout(options.request_timeout)
             .request_timeout(Some(options.request_timeout))
@@ -103,7 +111,7 @@ impl NatsBroker {
                     }
                 }
             })
-            .connect(options.url())
+            .connect(servers)
             .await
             .map_err(|e| Error::Connect(format!("{redacted}: {e}")))?;
         let jetstream = jetstream::ContextBuilder::new().timeout(options.request_timeout).build(client.clone());
@@ -344,6 +352,58 @@ impl Shared {
     }
 }
 
+/// A user and password, or a token (a user without a password), from a server URL.
+#[derive(PartialEq, Eq)]
+struct Credentials {
+    user: String,
+    password: Option<String>,
+}
+
+/// The servers of `url` (comma-separated) without user information, and the credentials they
+/// carried. async-nats authenticates only with credentials given as options, never with a
+/// URL's, and logs the server URLs it dials at debug level: credentials must leave the URLs.
+fn split_credentials(url: &str) -> Result<(Vec<ServerAddr>, Option<Credentials>)> {
+    let mut servers = Vec::new();
+    let mut credentials: Option<Credentials> = None;
+    for server in url.split(',').map(str::trim) {
+        let addr: ServerAddr = server.parse().map_err(|e| Error::InvalidOptions(format!("{e}")))?;
+        if let Some(user) = addr.username() {
+            let found = Credentials { user: percent_decoded(user), password: addr.password().map(percent_decoded) };
+            if credentials.as_ref().is_some_and(|c| *c != found) {
+                return Err(Error::InvalidOptions("every NATS server URL must carry the same credentials".into()));
+            }
+            credentials = Some(found);
+        }
+        let mut bare = addr.into_inner();
+        // Only fails for URLs that cannot have user information, which then have none.
+        let _ = bare.set_username("");
+        let _ = bare.set_password(None);
+        servers.push(ServerAddr::from_url(bare).map_err(|e| Error::InvalidOptions(format!("{e}")))?);
+    }
+    Ok((servers, credentials))
+}
+
+/// `%XX` escapes of a URL's user information decoded (`p%40ss` → `p@ss`).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn is_not_found(error: &jetstream::stream::ConsumerError) -> bool {
     matches!(
         error.kind(),
@@ -405,6 +465,24 @@ mod tests {
         let long = sanitized_with_hash(&"x.".repeat(500));
         assert!(long.len() <= 64 + 9, "{long}");
         assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+    }
+
+    #[test]
+    fn credentials_leave_the_server_urls() {
+        let (servers, credentials) =
+            split_credentials("nats://alice:p%40ss@127.0.0.1:4222, nats://alice:p%40ss@[::1]:4223").unwrap();
+        let shown: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
+        assert!(shown.iter().all(|s| !s.contains("alice") && !s.contains("p%40ss")), "{shown:?}");
+        assert_eq!((servers[0].host(), servers[0].port(), servers[1].host()), ("127.0.0.1", 4222, "::1"));
+        let credentials = credentials.unwrap();
+        assert_eq!((credentials.user.as_str(), credentials.password.as_deref()), ("alice", Some("p@ss")));
+
+        let (_, token) = split_credentials("nats://s3cr3t-token@localhost:4222").unwrap();
+        assert!(token.is_some_and(|t| t.user == "s3cr3t-token" && t.password.is_none()));
+        let (_, none) = split_credentials("nats://127.0.0.1:4222").unwrap();
+        assert!(none.is_none());
+        let err = split_credentials("nats://a:b@h1:4222,nats://c:d@h2:4222").err().unwrap().to_string();
+        assert!(err.contains("same credentials") && !err.contains("a:b"), "{err}");
     }
 
     #[test]

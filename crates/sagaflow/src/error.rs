@@ -95,6 +95,17 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// The flow data is larger than the flow's [`max_data_bytes`](crate::Flow::max_data_bytes);
+    /// no saga was started.
+    #[error("flow data of saga `{request_id}` is {size} bytes of JSON, over the limit of {limit} bytes")]
+    DataTooLarge {
+        /// The saga's request id.
+        request_id: String,
+        /// The data's size, in bytes of JSON.
+        size: usize,
+        /// The flow's limit.
+        limit: usize,
+    },
     /// The message broker failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),

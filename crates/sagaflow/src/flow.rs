@@ -4,8 +4,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::node::Node;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::node::{Node, NodeError};
 use crate::policy::RetryPolicy;
+
+/// The default of [`Flow::max_data_bytes`]: 64 KiB of JSON.
+pub const DEFAULT_MAX_DATA_BYTES: usize = 64 * 1024;
 
 /// An ordered list of nodes and the policies they run under.
 ///
@@ -36,6 +42,7 @@ pub struct Flow<D: Send + Sync + 'static> {
     pub(crate) compensation_retry: RetryPolicy,
     pub(crate) step_timeout: Duration,
     pub(crate) saga_timeout: Duration,
+    pub(crate) max_data_bytes: usize,
 }
 
 impl<D: Send + Sync + 'static> Clone for Flow<D> {
@@ -46,6 +53,7 @@ impl<D: Send + Sync + 'static> Clone for Flow<D> {
             compensation_retry: self.compensation_retry,
             step_timeout: self.step_timeout,
             saga_timeout: self.saga_timeout,
+            max_data_bytes: self.max_data_bytes,
         }
     }
 }
@@ -64,6 +72,7 @@ impl<D: Send + Sync + 'static> Default for Flow<D> {
             },
             step_timeout: Duration::from_secs(5),
             saga_timeout: Duration::from_secs(60),
+            max_data_bytes: DEFAULT_MAX_DATA_BYTES,
         }
     }
 }
@@ -76,6 +85,7 @@ impl<D: Send + Sync + 'static> fmt::Debug for Flow<D> {
             .field("compensation_retry", &self.compensation_retry)
             .field("step_timeout", &self.step_timeout)
             .field("saga_timeout", &self.saga_timeout)
+            .field("max_data_bytes", &self.max_data_bytes)
             .finish()
     }
 }
@@ -125,6 +135,15 @@ impl<D: Send + Sync + 'static> Flow<D> {
         self
     }
 
+    /// Sets the largest flow data a saga may carry, in bytes of JSON (default
+    /// [`DEFAULT_MAX_DATA_BYTES`]): the data is stored with every step and travels in every
+    /// hop. Larger data is refused when the saga starts ([`Error::DataTooLarge`]); a node
+    /// whose action grows it past the limit fails for good, and the saga compensates.
+    pub fn max_data_bytes(mut self, limit: usize) -> Self {
+        self.max_data_bytes = limit;
+        self
+    }
+
     /// The number of nodes.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -159,7 +178,112 @@ impl<D: Send + Sync + 'static> Flow<D> {
         if self.step_timeout.is_zero() || self.saga_timeout.is_zero() {
             return Err(format!("flow `{facade}`: timeouts must be above zero"));
         }
+        if self.max_data_bytes == 0 {
+            return Err(format!("flow `{facade}`: max_data_bytes must be above zero"));
+        }
         self.retry.validate(&format!("flow `{facade}` retry"))?;
         self.compensation_retry.validate(&format!("flow `{facade}` compensation retry"))
+    }
+}
+
+impl<D: Serialize + Send + Sync + 'static> Flow<D> {
+    /// The data a saga starts with, as stored; refused when over [`Flow::max_data_bytes`].
+    pub(crate) fn encode_new(&self, request_id: &str, data: &D) -> Result<serde_json::Value, Error> {
+        let data_error = |source| Error::Data { request_id: request_id.to_owned(), source };
+        let size = json_size(data).map_err(data_error)?;
+        if size > self.max_data_bytes {
+            return Err(Error::DataTooLarge { request_id: request_id.to_owned(), size, limit: self.max_data_bytes });
+        }
+        serde_json::to_value(data).map_err(data_error)
+    }
+
+    /// Why the data a node left behind cannot be stored (too large), if it cannot.
+    pub(crate) fn oversize(&self, data: &D) -> Option<NodeError> {
+        match json_size(data) {
+            Ok(size) if size <= self.max_data_bytes => None,
+            Ok(size) => Some(NodeError::permanent(format!(
+                "the action grew the flow data to {size} bytes of JSON, over the flow's limit of {} bytes",
+                self.max_data_bytes
+            ))),
+            // Not serializable: the engine's own encoding reports it.
+            Err(_) => None,
+        }
+    }
+}
+
+/// The length of `value` as JSON, counted without building the text.
+fn json_size<T: Serialize + ?Sized>(value: &T) -> Result<usize, serde_json::Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    Ok(count.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::node::Step;
+    use crate::{MemoryBroker, MemorySagaLog, Orchestrator, Outcome, SagaStatus};
+
+    /// A node named `.0` that appends `.1` bytes of text to the data.
+    struct Grow(&'static str, usize);
+
+    #[async_trait::async_trait]
+    impl Node<Vec<String>> for Grow {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn action(&self, _: &Step, data: &mut Vec<String>) -> Result<(), NodeError> {
+            data.push("x".repeat(self.1));
+            Ok(())
+        }
+    }
+
+    async fn orchestrator(flow: Flow<Vec<String>>) -> Orchestrator {
+        Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+            .sync("Sync", flow.clone())
+            .asynchronous("Async", flow)
+            .start()
+            .await
+            .expect("orchestrator starts")
+    }
+
+    #[tokio::test]
+    async fn data_over_the_limit_is_refused_before_a_saga_starts() {
+        let o = orchestrator(Flow::new().node(Grow("a", 1)).max_data_bytes(100)).await;
+        let big = vec!["y".repeat(200)];
+        let err = o.run("Sync", "r1", big.clone()).await.unwrap_err();
+        assert!(matches!(err, Error::DataTooLarge { size: 204, limit: 100, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "flow data of saga `r1` is 204 bytes of JSON, over the limit of 100 bytes");
+        let err = o.submit("Async", "r2", big, None).await.unwrap_err();
+        assert!(matches!(err, Error::DataTooLarge { .. }), "{err:?}");
+        assert!(o.saga("r1").await.unwrap().is_none() && o.saga("r2").await.unwrap().is_none());
+        // Exactly at the limit (`["` + 96 + `"]`) starts.
+        assert!(o.run("Sync", "r3", vec!["y".repeat(96)]).await.is_ok());
+        assert!(o.saga("r3").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_node_growing_the_data_past_the_limit_fails_and_compensates() {
+        let o = orchestrator(Flow::new().node(Grow("small", 10)).node(Grow("big", 500)).max_data_bytes(256)).await;
+        let Outcome::Compensated(failure) = o.run("Sync", "r1", Vec::<String>::new()).await.unwrap() else {
+            panic!("not compensated")
+        };
+        assert_eq!(failure.node, "big");
+        assert!(failure.error.contains("over the flow's limit of 256 bytes"), "{failure}");
+        let record = o.saga("r1").await.unwrap().unwrap();
+        assert_eq!(record.status(), SagaStatus::Compensated);
+        assert!(serde_json::to_vec(&record.data).unwrap().len() <= 256);
     }
 }

@@ -233,36 +233,104 @@ fn is_local(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
-/// POSTs outcomes as JSON, retrying with backoff.
-#[derive(Debug, Clone)]
+/// The header carrying a callback's idempotency key: the saga's request id, the same on
+/// every attempt, so the receiver can drop a repeat.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+/// The header carrying a callback's signature when `callbacks.secret` is set:
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+pub const SIGNATURE_HEADER: &str = "Sagaflow-Signature";
+
+/// POSTs outcomes as JSON, retrying with backoff; keyed for deduplication, signed when a
+/// secret is configured.
+#[derive(Clone)]
 pub struct HttpCallbacks {
     client: reqwest::Client,
     attempts: u32,
+    secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for HttpCallbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCallbacks")
+            .field("attempts", &self.attempts)
+            .field("signed", &self.secret.is_some())
+            .finish()
+    }
 }
 
 impl HttpCallbacks {
-    /// A sink with the attempts and timeout of `config`.
+    /// A sink with the attempts, timeout and secret of `config`.
     pub fn new(config: &CallbackConfig) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Self { client, attempts: config.attempts })
+        let secret = config.secret.as_ref().map(|s| s.as_bytes().to_vec());
+        Ok(Self { client, attempts: config.attempts, secret })
     }
+}
+
+/// The `Sagaflow-Signature` value of `body` sent at `timestamp` (Unix seconds).
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={timestamp},v1={hex}")
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What went wrong with a request: its error and their causes, without the URL (it may
+/// carry credentials; the saga record names the callback already).
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&crate::redact::url(&cause.to_string()));
+        source = cause.source();
+    }
+    text
 }
 
 #[sagaflow::async_trait]
 impl CallbackSink for HttpCallbacks {
     async fn deliver(&self, url: &str, callback: SagaCallback) -> CallbackReport {
+        let body = match serde_json::to_vec(&callback) {
+            Ok(body) => body,
+            Err(e) => {
+                let error = Some(format!("the callback body could not be encoded: {e}"));
+                return CallbackReport { delivered: false, attempts: 0, error };
+            }
+        };
         let mut last_error = String::new();
         for attempt in 1..=self.attempts {
-            match self.client.post(url).json(&callback).send().await {
+            let mut request = self
+                .client
+                .post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(IDEMPOTENCY_KEY_HEADER, &callback.request_id)
+                .body(body.clone());
+            // Signed per attempt: a retry is not refused as stale by a receiver checking the age.
+            if let Some(secret) = &self.secret {
+                request = request.header(SIGNATURE_HEADER, signature(secret, unix_seconds(), &body));
+            }
+            match request.send().await {
                 Ok(response) if response.status().is_success() => {
                     return CallbackReport { delivered: true, attempts: attempt, error: None };
                 }
                 Ok(response) => last_error = format!("HTTP {}", response.status()),
-                Err(e) => last_error = e.to_string(),
+                Err(e) => last_error = describe(e),
             }
+            tracing::debug!(url = %crate::redact::url(url), attempt, error = %last_error, "callback attempt failed");
             if attempt < self.attempts {
                 tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt.min(6) - 1))).await;
             }
@@ -427,5 +495,12 @@ mod tests {
         // (its delivery fails later).
         assert!(policy.resolved.is_empty(), "{:?}", policy.resolved);
         assert!(policy.check("http://no-such-host.invalid:10090/").is_ok());
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // Expected value from Python: hmac.new(b"Jefe", b'1700000000.{"request_id":"r1"}', sha256).
+        let sig = signature(b"Jefe", 1_700_000_000, br#"{"request_id":"r1"}"#);
+        assert_eq!(sig, "t=1700000000,v1=4de70a60f4dd6bbfc5ce099b742347a732a2886c99c1dfab231f80e1b8cc846f");
     }
 }

@@ -2,11 +2,14 @@
 //!
 //! The file comes from `--config`, else `$OCH_PATH/app.yaml`, else the
 //! built-in defaults; then `POD_ID`, `SAGAFLOW_BROKER`, `SAGAFLOW_BROKER_URL`,
-//! `SAGAFLOW_LOG`, `SAGAFLOW_LOG_URL`, `SAGAFLOW_GRPC_LISTEN`, `SAGAFLOW_HTTP_LISTEN`
-//! and `SAGAFLOW_ADMIN_TOKEN` override it.
-//! Unknown keys are an error that names the key.
+//! `SAGAFLOW_LOG`, `SAGAFLOW_LOG_URL`, `SAGAFLOW_GRPC_LISTEN`, `SAGAFLOW_HTTP_LISTEN`,
+//! `SAGAFLOW_ADMIN_TOKEN` and `SAGAFLOW_CALLBACK_SECRET` override it.
+//! Unknown keys are an error that names the key, and so is a duration or count out of its
+//! range ([`Config::validate`]).
 
+use std::fmt::Display;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +18,21 @@ use sagaflow::RetryPolicy;
 use serde::Deserialize;
 
 use crate::upstream::MockConfig;
+
+const HOUR_MS: u64 = 3_600_000;
+const WEEK_MS: u64 = 7 * 24 * HOUR_MS;
+/// Most consumers of one topic in one pod.
+const MAX_CONSUMERS: usize = 4_096;
+/// Shortest `callbacks.secret`: an HMAC key shorter than this is guessable.
+const MIN_SECRET_LEN: usize = 16;
+
+/// `value` if it lies in `range`, else an error naming `key`, the range and the value.
+fn within<T: PartialOrd + Display>(key: &str, value: T, range: RangeInclusive<T>) -> anyhow::Result<()> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    bail!("{key} must be between {} and {}, got {value}", range.start(), range.end())
+}
 
 /// The whole configuration of the booking service.
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +205,8 @@ pub struct FlowConfig {
     pub retry: RetryConfig,
     /// Retries of compensations; past them a saga is Stuck.
     pub compensation_retry: RetryConfig,
+    /// Largest flow data a saga may carry, in bytes of JSON; a larger request is refused.
+    pub max_data_bytes: usize,
 }
 
 impl Default for FlowConfig {
@@ -196,6 +216,7 @@ impl Default for FlowConfig {
             deadline_ms: 30_000,
             retry: RetryConfig::default(),
             compensation_retry: RetryConfig { max_attempts: 10, initial_backoff_ms: 100, ..RetryConfig::default() },
+            max_data_bytes: sagaflow::DEFAULT_MAX_DATA_BYTES,
         }
     }
 }
@@ -223,6 +244,15 @@ impl Default for RetryConfig {
 }
 
 impl RetryConfig {
+    /// Checks the ranges; `key` names this section in the error (`flow.retry`).
+    fn validate(&self, key: &str) -> anyhow::Result<()> {
+        within(&format!("{key}.max_attempts"), self.max_attempts, 1..=1_000)?;
+        within(&format!("{key}.initial_backoff_ms"), self.initial_backoff_ms, 0..=HOUR_MS)?;
+        within(&format!("{key}.max_backoff_ms"), self.max_backoff_ms, 0..=HOUR_MS)?;
+        within(&format!("{key}.multiplier"), self.multiplier, 1.0..=100.0)?;
+        within(&format!("{key}.jitter"), self.jitter, 0.0..=1.0)
+    }
+
     /// The policy these settings describe.
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -236,7 +266,7 @@ impl RetryConfig {
 }
 
 /// HTTP callbacks of async sagas.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackConfig {
     /// Hosts a callback URL may name (no server-side request forgery through us): `host`
@@ -247,11 +277,29 @@ pub struct CallbackConfig {
     pub attempts: u32,
     /// Timeout of one delivery attempt, in ms.
     pub timeout_ms: u64,
+    /// Key of the `Sagaflow-Signature` HMAC; unsigned callbacks when unset.
+    pub secret: Option<String>,
 }
 
 impl Default for CallbackConfig {
     fn default() -> Self {
-        Self { allow: vec!["127.0.0.1".into(), "localhost".into(), "::1".into()], attempts: 5, timeout_ms: 5_000 }
+        Self {
+            allow: vec!["127.0.0.1".into(), "localhost".into(), "::1".into()],
+            attempts: 5,
+            timeout_ms: 5_000,
+            secret: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for CallbackConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackConfig")
+            .field("allow", &self.allow)
+            .field("attempts", &self.attempts)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .finish()
     }
 }
 
@@ -356,6 +404,9 @@ impl Config {
         if let Some(token) = var("SAGAFLOW_ADMIN_TOKEN").filter(|v| !v.is_empty()) {
             self.admin_token = Some(token);
         }
+        if let Some(secret) = var("SAGAFLOW_CALLBACK_SECRET").filter(|v| !v.is_empty()) {
+            self.callbacks.secret = Some(secret);
+        }
         if let Some(addr) = var("SAGAFLOW_HTTP_LISTEN").filter(|v| !v.is_empty()) {
             self.http_listen = addr.parse().with_context(|| format!("SAGAFLOW_HTTP_LISTEN=`{addr}`"))?;
         }
@@ -365,29 +416,40 @@ impl Config {
         Ok(())
     }
 
-    /// Checks what the types cannot.
+    /// Checks what the types cannot: every duration and count lies in its range (the error
+    /// names the key: `callbacks.timeout_ms must be between 1 and 600000, got 0`).
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.pod_id.is_empty() || !self.pod_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             bail!("pod_id `{}` must be ASCII letters, digits, `-` or `_`", self.pod_id);
         }
+        if let Some(ms) = self.broker_queue_expiry_ms {
+            within("broker_queue_expiry_ms", ms, 1_000..=WEEK_MS)?;
+        }
+        within("retention.max_age_secs", self.retention.max_age_secs, 1..=10 * 365 * 24 * 3600)?;
+        within("retention.max_ended", self.retention.max_ended, 0..=100_000_000)?;
+        within("message_queue.default_concurrency", self.message_queue.default_concurrency, 1..=MAX_CONSUMERS)?;
+        within("message_queue.max_deliveries", self.message_queue.max_deliveries, 1..=1_000)?;
         for (i, topic) in self.message_queue.topics.iter().enumerate() {
             match topic.concurrency {
                 None => bail!("message_queue.topics[{i}] (`{}`): `concurrency` is required", topic.id),
-                Some(0) => bail!("message_queue.topics[{i}] (`{}`): `concurrency` must be at least 1", topic.id),
-                Some(_) => {}
+                Some(n) => within(&format!("message_queue.topics[{i}].concurrency"), n, 1..=MAX_CONSUMERS)?,
             }
         }
-        if self.message_queue.default_concurrency == 0 {
-            bail!("message_queue.default_concurrency must be at least 1");
-        }
-        self.upstream.order.validate().map_err(|e| anyhow::anyhow!("upstream.order: {e}"))?;
-        self.upstream.payment.validate().map_err(|e| anyhow::anyhow!("upstream.payment: {e}"))?;
-        if self.flow.step_timeout_ms == 0 || self.flow.deadline_ms == 0 || self.wait_timeout_ms == 0 {
-            bail!("flow.step_timeout_ms, flow.deadline_ms and wait_timeout_ms must be above zero");
-        }
+        self.upstream.order.validate().map_err(|e| anyhow::anyhow!("upstream.order.{e}"))?;
+        self.upstream.payment.validate().map_err(|e| anyhow::anyhow!("upstream.payment.{e}"))?;
+        within("flow.step_timeout_ms", self.flow.step_timeout_ms, 1..=HOUR_MS)?;
+        within("flow.deadline_ms", self.flow.deadline_ms, 1..=WEEK_MS)?;
+        within("flow.max_data_bytes", self.flow.max_data_bytes, 64..=16 << 20)?;
+        self.flow.retry.validate("flow.retry")?;
+        self.flow.compensation_retry.validate("flow.compensation_retry")?;
+        within("wait_timeout_ms", self.wait_timeout_ms, 1..=HOUR_MS)?;
         crate::admin::check_access(self.http_listen, self.admin_token.as_deref())?;
-        if self.callbacks.attempts == 0 {
-            bail!("callbacks.attempts must be at least 1");
+        within("callbacks.attempts", self.callbacks.attempts, 1..=20)?;
+        within("callbacks.timeout_ms", self.callbacks.timeout_ms, 1..=600_000)?;
+        if let Some(secret) = &self.callbacks.secret
+            && secret.len() < MIN_SECRET_LEN
+        {
+            bail!("callbacks.secret must be at least {MIN_SECRET_LEN} bytes, got {}", secret.len());
         }
         let r = &self.replicas;
         if !(100..=3_600_000).contains(&r.lease_ttl_ms) || r.lease_renew_ms == 0 || r.lease_renew_ms >= r.lease_ttl_ms {
@@ -450,6 +512,63 @@ mod tests {
         .unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("concurrency") && err.contains("ThrottlingBooking.CreateOrder"), "{err}");
+    }
+
+    fn invalid(yaml: &str) -> String {
+        Config::from_yaml(yaml).unwrap().validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn durations_and_counts_out_of_range_are_named() {
+        let cases = [
+            ("callbacks:\n  timeout_ms: 0\n", "callbacks.timeout_ms must be between 1 and 600000, got 0"),
+            ("callbacks:\n  attempts: 0\n", "callbacks.attempts must be between 1 and 20, got 0"),
+            (
+                "flow:\n  deadline_ms: 18446744073709551615\n",
+                "flow.deadline_ms must be between 1 and 604800000, got 18446744073709551615",
+            ),
+            ("flow:\n  step_timeout_ms: 0\n", "flow.step_timeout_ms must be between 1 and 3600000, got 0"),
+            ("flow:\n  max_data_bytes: 10\n", "flow.max_data_bytes must be between 64 and 16777216, got 10"),
+            ("flow:\n  retry:\n    max_attempts: 0\n", "flow.retry.max_attempts must be between 1 and 1000, got 0"),
+            (
+                "flow:\n  compensation_retry:\n    max_backoff_ms: 99999999999\n",
+                "flow.compensation_retry.max_backoff_ms must be between 0 and 3600000, got 99999999999",
+            ),
+            ("flow:\n  retry:\n    multiplier: .nan\n", "flow.retry.multiplier must be between 1 and 100, got NaN"),
+            ("flow:\n  retry:\n    jitter: 2\n", "flow.retry.jitter must be between 0 and 1, got 2"),
+            ("wait_timeout_ms: 0\n", "wait_timeout_ms must be between 1 and 3600000, got 0"),
+            ("broker_queue_expiry_ms: 5\n", "broker_queue_expiry_ms must be between 1000 and 604800000, got 5"),
+            ("retention:\n  max_age_secs: 0\n", "retention.max_age_secs must be between 1 and 315360000, got 0"),
+            ("retention:\n  max_ended: 100000001\n", "retention.max_ended must be between 0 and 100000000, got 100000001"),
+            (
+                "message_queue:\n  default_concurrency: 100000\n",
+                "message_queue.default_concurrency must be between 1 and 4096, got 100000",
+            ),
+            ("message_queue:\n  max_deliveries: 0\n", "message_queue.max_deliveries must be between 1 and 1000, got 0"),
+            (
+                "message_queue:\n  topics:\n    - {id: AsyncBooking.rollback, concurrency: 0}\n",
+                "message_queue.topics[0].concurrency must be between 1 and 4096, got 0",
+            ),
+            (
+                "upstream:\n  payment:\n    latency_ms: 18446744073709551615\n",
+                "upstream.payment.latency_ms must be between 0 and 600000, got 18446744073709551615",
+            ),
+            ("callbacks:\n  secret: short\n", "callbacks.secret must be at least 16 bytes, got 5"),
+        ];
+        for (yaml, expected) in cases {
+            assert_eq!(invalid(yaml), expected, "for {yaml:?}");
+        }
+    }
+
+    #[test]
+    fn the_callback_secret_comes_from_the_environment_and_is_not_shown() {
+        let mut config = Config::default();
+        config
+            .apply_env(|name| (name == "SAGAFLOW_CALLBACK_SECRET").then(|| "0123456789abcdef-secret".into()))
+            .unwrap();
+        assert_eq!(config.callbacks.secret.as_deref(), Some("0123456789abcdef-secret"));
+        config.validate().unwrap();
+        assert!(!format!("{config:?}").contains("0123456789abcdef-secret"));
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub fn booking_flow(orders: Channel, payments: Channel, policies: &FlowConfig) -
         .compensation_retry(policies.compensation_retry.policy())
         .step_timeout(Duration::from_millis(policies.step_timeout_ms))
         .deadline(Duration::from_millis(policies.deadline_ms))
+        .max_data_bytes(policies.max_data_bytes)
 }
 
 /// Registers the three booking facades.

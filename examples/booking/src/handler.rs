@@ -6,13 +6,16 @@ use tracing::Instrument;
 
 use crate::callback::CallbackPolicy;
 use crate::facade::{ASYNC_BOOKING, SYNC_BOOKING, THROTTLING_BOOKING};
-use crate::node::Booking;
+use crate::node::{Booking, UNIT_PRICE, amount};
 use crate::proto::pb::{
     BookingASyncResponse, BookingRequest, BookingSyncResponse, booking_service_server::BookingService,
 };
 
 /// The metadata key carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Longest `CallbackURL` accepted, in bytes: it is stored with the saga.
+pub const MAX_CALLBACK_URL_LEN: usize = 2048;
 
 /// Serves `pb.BookingService` over an [`Orchestrator`].
 #[derive(Debug, Clone)]
@@ -67,12 +70,14 @@ fn booking(request: &BookingRequest) -> Result<Booking, Status> {
     if request.count < 0 {
         return Err(Status::invalid_argument(format!("Count must not be negative, got {}", request.count)));
     }
-    Ok(Booking {
-        product_id: request.product_id,
-        count: request.count.max(1),
-        fault_inject: request.fault_inject,
-        ..Booking::default()
-    })
+    let count = request.count.max(1);
+    if amount(count).is_none() {
+        return Err(Status::invalid_argument(format!(
+            "Count {count} is too large: its price overflows (at most {} items at {UNIT_PRICE} each)",
+            i64::MAX / UNIT_PRICE
+        )));
+    }
+    Ok(Booking { product_id: request.product_id, count, fault_inject: request.fault_inject, ..Booking::default() })
 }
 
 /// The gRPC status for an orchestrator error.
@@ -83,6 +88,7 @@ fn status(request_id: &str, error: Error) -> Status {
         // Not retriable with this request id: the caller must look the outcome up elsewhere, or
         // send a new request id if it means a new booking.
         Error::Pruned { .. } => Status::failed_precondition(error.to_string()),
+        Error::DataTooLarge { .. } => Status::invalid_argument(format!("{error} (flow.max_data_bytes)")),
         Error::WaitTimeout(_) => Status::deadline_exceeded(format!(
             "booking {request_id} did not finish in time; it goes on, and its outcome will be recorded"
         )),
@@ -138,7 +144,14 @@ impl BookingService for BookingHandler {
     ) -> Result<Response<BookingASyncResponse>, Status> {
         let id = request_id(&request)?;
         let data = booking(request.get_ref())?;
-        let callback = match request.get_ref().callback_url.trim() {
+        let url = &request.get_ref().callback_url;
+        if url.len() > MAX_CALLBACK_URL_LEN {
+            return Err(Status::invalid_argument(format!(
+                "CallbackURL is {} bytes, over the limit of {MAX_CALLBACK_URL_LEN} bytes",
+                url.len()
+            )));
+        }
+        let callback = match url.trim() {
             "" => None,
             url => Some(self.callbacks.check(url).map_err(Status::invalid_argument)?),
         };
@@ -175,6 +188,20 @@ mod tests {
         assert!(err.message().contains("ProductID"));
         let err = booking(&BookingRequest { product_id: 1, count: -2, ..Default::default() }).unwrap_err();
         assert!(err.message().contains("Count"));
+    }
+
+    #[test]
+    fn a_count_whose_price_overflows_is_refused() {
+        let largest = i64::MAX / UNIT_PRICE;
+        assert_eq!(
+            booking(&BookingRequest { product_id: 1, count: largest, ..Default::default() }).unwrap().count,
+            largest
+        );
+        for count in [largest + 1, i64::MAX] {
+            let err = booking(&BookingRequest { product_id: 1, count, ..Default::default() }).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(&format!("Count {count} is too large")), "{}", err.message());
+        }
     }
 
     #[test]

@@ -13,5 +13,6 @@ pub mod handler;
 pub mod node;
 pub mod proto;
 pub mod proxy;
+pub mod redact;
 pub mod topic;
 pub mod upstream;

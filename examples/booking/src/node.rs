@@ -10,7 +10,12 @@ use crate::proto::upstream::{
 };
 
 /// Price of one item, for the payment's amount.
-const UNIT_PRICE: i64 = 100;
+pub const UNIT_PRICE: i64 = 100;
+
+/// What `count` items cost, or `None` when that does not fit an `i64`.
+pub fn amount(count: i64) -> Option<i64> {
+    count.checked_mul(UNIT_PRICE)
+}
 
 /// The flow data of a booking: the request, and what each node adds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,11 +91,10 @@ impl Node<Booking> for CreatePayment {
     }
 
     async fn action(&self, step: &Step, booking: &mut Booking) -> Result<(), NodeError> {
-        let message = CreatePaymentRequest {
-            order_id: booking.order_id,
-            amount: booking.count * UNIT_PRICE,
-            fault_inject: booking.fault_inject,
-        };
+        // The handler refuses such a count; data from elsewhere (a replayed hop) is checked too.
+        let amount = amount(booking.count)
+            .ok_or_else(|| NodeError::permanent(format!("the price of {} items overflows", booking.count)))?;
+        let message = CreatePaymentRequest { order_id: booking.order_id, amount, fault_inject: booking.fault_inject };
         let payment = self.payments.clone().create_payment(request(step, message)?).await?.into_inner();
         booking.payment_id = payment.id;
         Ok(())

@@ -22,9 +22,6 @@ use crate::proto::upstream::order_service_client::OrderServiceClient;
 use crate::proto::upstream::payment_service_client::PaymentServiceClient;
 use crate::proto::upstream::{CancelRequest, CreateOrderRequest, CreatePaymentRequest};
 
-/// Price of one item, as the saga's CreatePayment node computes it.
-const UNIT_PRICE: i64 = 100;
-
 /// Serves `HandleSyncBooking` by calling the upstreams directly.
 #[derive(Debug, Clone)]
 pub struct Proxy {
@@ -60,14 +57,15 @@ impl BookingService for Proxy {
         let booking = request.into_inner();
         // As the booking handler reads it: a Count of 0 means 1.
         let count = booking.count.max(1);
+        let amount = crate::node::amount(count)
+            .ok_or_else(|| Status::invalid_argument(format!("Count {count} is too large: its price overflows")))?;
         let order = self
             .orders
             .clone()
             .create_order(forward(&id, CreateOrderRequest { product_id: booking.product_id, count }))
             .await?
             .into_inner();
-        let payment =
-            CreatePaymentRequest { order_id: order.id, amount: count * UNIT_PRICE, fault_inject: booking.fault_inject };
+        let payment = CreatePaymentRequest { order_id: order.id, amount, fault_inject: booking.fault_inject };
         match self.payments.clone().create_payment(forward(&id, payment)).await {
             Ok(payment) => Ok(Response::new(BookingSyncResponse {
                 request_id: id.to_str().unwrap_or_default().to_owned(),

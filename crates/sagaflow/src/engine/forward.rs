@@ -166,7 +166,13 @@ impl<D: FlowData> FlowRuntime<D> {
             let result = tokio::time::timeout(budget, call).await;
             self.record_call(index, "action", now.elapsed(), attempt);
             let error = match result {
-                Ok(Ok(Ok(()))) => return Ok(attempt),
+                Ok(Ok(Ok(()))) => match self.flow.oversize(data) {
+                    None => return Ok(attempt),
+                    Some(error) => {
+                        uncertain = true;
+                        error
+                    }
+                },
                 Ok(Ok(Err(error))) => node.classify(error),
                 Ok(Err(panic)) => {
                     uncertain = true;

@@ -219,7 +219,7 @@ impl<D: FlowData> FlowRuntime<D> {
     /// gives up (a cancelled call, a passed deadline) does not cut it short;
     /// the caller only waits for its outcome.
     pub(crate) async fn run_sync(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
-        let json = self.encode(request_id, &data)?;
+        let json = self.flow.encode_new(request_id, &data)?;
         // The slot is taken while the caller still waits: one who gives up
         // before a slot is free has started nothing.
         let slot = self.engine.running.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
@@ -267,7 +267,7 @@ impl<D: FlowData> FlowRuntime<D> {
 
     /// Throttling flow: queues the first hop on this pod and waits for the end.
     pub(crate) async fn run_throttled(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
-        let json = self.encode(request_id, &data)?;
+        let json = self.flow.encode_new(request_id, &data)?;
         let mut waiter = self.engine.completions.register(request_id);
         if let Some(existing) = self.start_queued(request_id, json, None).await? {
             self.check_facade(&existing)?;
@@ -283,7 +283,7 @@ impl<D: FlowData> FlowRuntime<D> {
         data: D,
         callback_url: Option<String>,
     ) -> Result<()> {
-        let json = self.encode(request_id, &data)?;
+        let json = self.flow.encode_new(request_id, &data)?;
         match self.start_queued(request_id, json, callback_url).await? {
             Some(existing) => self.check_facade(&existing),
             None => Ok(()),

@@ -108,7 +108,7 @@ async fn list(State(state): State<AdminState>, Query(q): Query<ListQuery>) -> Re
         sagas.truncate(limit);
         sagas.last().map(Cursor::of)
     });
-    let mut response = Json(sagas).into_response();
+    let mut response = Json(sagas.into_iter().map(shown).collect::<Vec<_>>()).into_response();
     if let Some(next) = next.flatten().and_then(|c| HeaderValue::from_str(&c.encode()).ok()) {
         response.headers_mut().insert(NEXT_CURSOR_HEADER, next);
     }
@@ -332,7 +332,7 @@ async fn saga(State(state): State<AdminState>, Path(id): Path<String>) -> Respon
         Ok(Some(record)) => {
             let flow = state.orchestrator.flows().into_iter().find(|f| f.facade == record.facade);
             let nodes = flow.as_ref().map(|f| (f.nodes.as_slice(), f.compensations.as_slice()));
-            Json(detail(record, nodes)).into_response()
+            Json(detail(shown(record), nodes)).into_response()
         }
         Ok(None) => json_error(StatusCode::NOT_FOUND, format!("no saga `{id}`")),
         Err(e) => error(e),
@@ -341,9 +341,15 @@ async fn saga(State(state): State<AdminState>, Path(id): Path<String>) -> Respon
 
 async fn retry(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     match state.orchestrator.retry_stuck(&id).await {
-        Ok(record) => Json(record).into_response(),
+        Ok(record) => Json(shown(record)).into_response(),
         Err(e) => error(e),
     }
+}
+
+/// A record as the API shows it: the callback URL without its credentials.
+fn shown(mut record: SagaRecord) -> SagaRecord {
+    record.callback_url = record.callback_url.map(|url| crate::redact::url(&url));
+    record
 }
 
 #[cfg(test)]

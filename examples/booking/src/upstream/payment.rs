@@ -43,6 +43,9 @@ impl PaymentMock {
 impl PaymentService for PaymentMock {
     async fn create_payment(&self, request: Request<CreatePaymentRequest>) -> Result<Response<Payment>, Status> {
         let (request_id, _slot) = self.store.enter(request.metadata()).await?;
+        if request.get_ref().amount <= 0 {
+            return Err(Status::invalid_argument(format!("amount must be positive, got {}", request.get_ref().amount)));
+        }
         // A repeat of a payment already taken returns it; only a new one can be refused.
         let created = self.store.create(&request_id, || {
             if request.get_ref().fault_inject { Err(self.store.injected_refusal()) } else { Ok(()) }
@@ -143,6 +146,18 @@ mod tests {
         let mock = PaymentMock::new(MockConfig { failure_rate: 1.0, ..MockConfig::default() });
         let err = mock.create_payment(with_id("r1", payment(false))).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
+        assert!(mock.snapshot().records.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_non_positive_amount_is_invalid() {
+        let mock = PaymentMock::new(MockConfig::default());
+        for amount in [0, -100, i64::MIN] {
+            let request = CreatePaymentRequest { order_id: 1, amount, fault_inject: false };
+            let err = mock.create_payment(with_id("r1", request)).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert_eq!(err.message(), format!("amount must be positive, got {amount}"));
+        }
         assert!(mock.snapshot().records.is_empty());
     }
 

@@ -40,13 +40,24 @@ impl Default for MockConfig {
 }
 
 impl MockConfig {
-    /// Checks the values a deserializer cannot: `failure_rate` must lie in 0..=1.
+    /// Longest latency a mock may be configured with, in ms.
+    pub const MAX_LATENCY_MS: u64 = 600_000;
+    /// Largest capacity a mock may be configured with.
+    pub const MAX_CAPACITY: usize = 1_000_000;
+
+    /// Checks the values a deserializer cannot; the error names the key (`latency_ms`, ...).
     pub fn validate(&self) -> Result<(), String> {
-        if (0.0..=1.0).contains(&self.failure_rate) {
-            Ok(())
-        } else {
-            Err(format!("failure_rate must be between 0 and 1, got {}", self.failure_rate))
+        if !(0.0..=1.0).contains(&self.failure_rate) {
+            return Err(format!("failure_rate must be between 0 and 1, got {}", self.failure_rate));
         }
+        let latency_ms = self.latency.as_millis();
+        if latency_ms > u128::from(Self::MAX_LATENCY_MS) {
+            return Err(format!("latency_ms must be between 0 and {}, got {latency_ms}", Self::MAX_LATENCY_MS));
+        }
+        if self.capacity > Self::MAX_CAPACITY {
+            return Err(format!("capacity must be between 0 and {}, got {}", Self::MAX_CAPACITY, self.capacity));
+        }
+        Ok(())
     }
 }
 
@@ -353,6 +364,17 @@ pub(crate) mod tests {
         assert!(cfg.validate().unwrap_err().contains("failure_rate"));
         cfg.failure_rate = f64::NAN;
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn validate_bounds_latency_and_capacity() {
+        let cfg: MockConfig = serde_norway::from_str("latency_ms: 18446744073709551615\n").unwrap();
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err, "latency_ms must be between 0 and 600000, got 18446744073709551615");
+        let cfg = MockConfig { capacity: usize::MAX, ..MockConfig::default() };
+        assert!(cfg.validate().unwrap_err().starts_with("capacity must be between 0 and 1000000"));
+        let edge = MockConfig { latency: Duration::from_millis(600_000), capacity: 1_000_000, failure_rate: 0.0 };
+        assert!(edge.validate().is_ok());
     }
 
     #[tokio::test]
