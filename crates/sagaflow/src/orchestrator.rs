@@ -484,6 +484,8 @@ impl Orchestrator {
     /// Sagas cut short stay unfinished in the log and are recovered at the next start.
     pub async fn shutdown(&self) {
         self.engine.shutdown.cancel();
+        // Callers waiting for a slot start nothing more.
+        self.engine.running.close();
         self.engine.tasks.close();
         self.engine.tasks.wait().await;
         self.engine.broker.close().await;

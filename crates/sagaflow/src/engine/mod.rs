@@ -337,14 +337,21 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Waits for the saga's end: the waiter is registered first, then the log
-    /// is read, so an end in between is not missed.
+    /// is read, so an end in between is not missed. Stops waiting when the
+    /// orchestrator shuts down: the work left (a queued hop or rollback) is
+    /// the next start's, and a caller held until its timeout would hold the
+    /// shutdown up as long.
     async fn wait_end(&self, waiter: &mut Waiter, request_id: &str) -> Result<SagaRecord> {
         if let Some(record) = self.engine.log.get(request_id).await?
             && record.state.is_ended()
         {
             return Ok(record);
         }
-        match tokio::time::timeout(self.engine.options.wait_timeout, waiter.wait()).await {
+        let ended = tokio::select! {
+            _ = self.engine.shutdown.cancelled() => return Err(Error::ShuttingDown),
+            ended = tokio::time::timeout(self.engine.options.wait_timeout, waiter.wait()) => ended,
+        };
+        match ended {
             Ok(Some(record)) => Ok(record),
             Ok(None) => Err(Error::ShuttingDown),
             Err(_) => Err(Error::WaitTimeout(request_id.to_owned())),
