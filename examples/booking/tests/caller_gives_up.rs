@@ -3,6 +3,9 @@
 //! still ends (completed, or compensated when fault-injected) without a restart; asking again
 //! with the same request id returns that outcome and books nothing more; and the upstreams hold
 //! no order without its payment or its cancellation.
+//!
+//! Verified to fail on 76014b4 (before sagas ran detached from their callers): the sagas stay
+//! `running` with their order taken and no payment.
 
 mod support;
 

@@ -8,6 +8,10 @@
 //! The kill lands between the ends of two waves of compensations, not as a saga ends: a saga
 //! whose end is recorded but whose callback is not yet POSTed when the process dies never gets
 //! its callback (see the ignored test below, which kills right then).
+//!
+//! Verified to fail on 76014b4 (before in-process claims and end effects run by the terminal
+//! record's writer only): the redelivered rollback and the recovery's re-publish both
+//! compensated, and the callback was POSTed twice.
 
 mod support;
 

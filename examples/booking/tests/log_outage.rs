@@ -5,6 +5,9 @@
 //! answers "unavailable", and a hop that gave up on it would use up its deliveries within the
 //! outage). Every booking gets its answer, every saga ends, nothing is dead-lettered, and every
 //! async booking's callback arrives, once.
+//!
+//! Verified to fail on 76014b4 (before log writes waited out an unavailable log): hops nacked
+//! during the stop used up their deliveries and were dead-lettered, their sagas never ended.
 
 mod support;
 
