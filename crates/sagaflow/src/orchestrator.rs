@@ -54,6 +54,10 @@ pub struct Options {
     /// How often unfinished sagas are checked for having made no progress for
     /// longer than their timeout (and resumed if nothing here drives them).
     pub stale_sweep_interval: Duration,
+    /// Callbacks delivered at once. An ended async saga waits for a slot before its
+    /// callback is sent, holding its broker delivery: a slow receiver backs work up in
+    /// the broker, not in this process's tasks and sockets.
+    pub max_callback_deliveries: usize,
 }
 
 impl Default for Options {
@@ -69,6 +73,7 @@ impl Default for Options {
             wait_timeout: Duration::from_secs(30),
             max_running_sagas: 4096,
             stale_sweep_interval: Duration::from_secs(30),
+            max_callback_deliveries: 256,
         }
     }
 }
@@ -95,6 +100,9 @@ impl Options {
         }
         if self.max_running_sagas == 0 {
             return Err(Error::Config("max_running_sagas must be at least 1".into()));
+        }
+        if self.max_callback_deliveries == 0 {
+            return Err(Error::Config("max_callback_deliveries must be at least 1".into()));
         }
         if self.stale_sweep_interval.is_zero() {
             return Err(Error::Config("stale_sweep_interval must be positive".into()));
@@ -221,6 +229,7 @@ impl OrchestratorBuilder {
             completions: Arc::default(),
             claims: Arc::default(),
             running: Arc::new(tokio::sync::Semaphore::new(self.options.max_running_sagas)),
+            callback_slots: Arc::new(tokio::sync::Semaphore::new(self.options.max_callback_deliveries)),
             options: self.options,
             callbacks: self.callbacks,
             shutdown: CancellationToken::new(),

@@ -47,6 +47,8 @@ pub(crate) struct Engine {
     pub(crate) claims: Arc<Claims>,
     /// Slots for sync sagas running here (see `Options::max_running_sagas`).
     pub(crate) running: Arc<tokio::sync::Semaphore>,
+    /// Slots for callbacks being delivered (see `Options::max_callback_deliveries`).
+    pub(crate) callback_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) callbacks: Option<Arc<dyn CallbackSink>>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
