@@ -539,7 +539,10 @@ mod tests {
             ("wait_timeout_ms: 0\n", "wait_timeout_ms must be between 1 and 3600000, got 0"),
             ("broker_queue_expiry_ms: 5\n", "broker_queue_expiry_ms must be between 1000 and 604800000, got 5"),
             ("retention:\n  max_age_secs: 0\n", "retention.max_age_secs must be between 1 and 315360000, got 0"),
-            ("retention:\n  max_ended: 100000001\n", "retention.max_ended must be between 0 and 100000000, got 100000001"),
+            (
+                "retention:\n  max_ended: 100000001\n",
+                "retention.max_ended must be between 0 and 100000000, got 100000001",
+            ),
             (
                 "message_queue:\n  default_concurrency: 100000\n",
                 "message_queue.default_concurrency must be between 1 and 4096, got 100000",

@@ -62,6 +62,9 @@ struct MockArgs {
     /// Latency of each call, in ms.
     #[arg(long)]
     latency_ms: Option<u64>,
+    /// Further latency of each cancel (a slow compensation), in ms.
+    #[arg(long)]
+    cancel_latency_ms: Option<u64>,
     /// Most calls in flight (0 = unlimited); above it RESOURCE_EXHAUSTED.
     #[arg(long)]
     capacity: Option<usize>,
@@ -74,6 +77,9 @@ impl MockArgs {
     fn apply(&self, mock: &mut booking::upstream::MockConfig) -> anyhow::Result<()> {
         if let Some(ms) = self.latency_ms {
             mock.latency = std::time::Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.cancel_latency_ms {
+            mock.cancel_latency = std::time::Duration::from_millis(ms);
         }
         if let Some(capacity) = self.capacity {
             mock.capacity = capacity;

@@ -18,9 +18,19 @@ use super::{
 const DEAD_LETTER_BACKLOG: usize = 10_000;
 
 /// A broker inside the process: nothing survives a restart.
-#[derive(Clone, Default)]
+///
+/// Each queue holds a bounded backlog, as a real broker's disk does: a publish to a full queue
+/// waits until a consumer takes a message (or the broker closes), so a caller that submits
+/// faster than the consumers work is slowed down rather than filling the process's memory.
+#[derive(Clone)]
 pub struct MemoryBroker {
     inner: Arc<Inner>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::with_capacity(Self::DEFAULT_CAPACITY)
+    }
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -29,11 +39,15 @@ impl std::fmt::Debug for MemoryBroker {
     }
 }
 
-#[derive(Default)]
 struct Inner {
     topics: Mutex<HashMap<String, TopicState>>,
     closed: AtomicBool,
     close_notify: Notify,
+    /// Waiting messages a queue holds before publishers wait.
+    capacity: usize,
+    /// Publishers waiting for room; a consumer taking a message wakes them only when any wait.
+    waiting: AtomicUsize,
+    room: Notify,
 }
 
 #[derive(Default)]
@@ -60,9 +74,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MemoryBroker {
-    /// A new, empty broker.
+    /// Waiting messages each queue holds unless set ([`with_capacity`](Self::with_capacity)).
+    pub const DEFAULT_CAPACITY: usize = 10_000;
+
+    /// A new, empty broker whose queues hold [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) messages.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A new, empty broker whose queues hold at most `capacity` waiting messages each (at least 1);
+    /// a publish to a full queue waits for room.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                topics: Mutex::default(),
+                closed: AtomicBool::new(false),
+                close_notify: Notify::new(),
+                capacity: capacity.max(1),
+                waiting: AtomicUsize::new(0),
+                room: Notify::new(),
+            }),
+        }
     }
 
     /// Messages waiting (not in flight) on `topic` for `group`.
@@ -79,8 +111,34 @@ impl MemoryBroker {
 }
 
 impl Inner {
-    fn enqueue(&self, entry: Entry) {
+    /// Enqueues unless a queue of the topic is full; then hands the entry back.
+    fn try_enqueue(&self, entry: Entry) -> Result<(), Entry> {
         let mut topics = lock(&self.topics);
+        let full = match topics.get(&entry.message.topic) {
+            None => false,
+            Some(t) if t.groups.is_empty() => t.unbound.len() >= self.capacity,
+            Some(t) => t.groups.values().any(|q| lock(&q.ready).len() >= self.capacity),
+        };
+        if full {
+            return Err(entry);
+        }
+        Self::push(&mut topics, entry);
+        Ok(())
+    }
+
+    /// A message left a queue: wakes publishers waiting for room, if any.
+    fn made_room(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Enqueues whatever the queues hold (dead letters are never refused).
+    fn enqueue(&self, entry: Entry) {
+        Self::push(&mut lock(&self.topics), entry);
+    }
+
+    fn push(topics: &mut HashMap<String, TopicState>, entry: Entry) {
         let is_dead_letter = entry.message.topic.ends_with(".dead-letter");
         let topic = topics.entry(entry.message.topic.clone()).or_default();
         if topic.groups.is_empty() {
@@ -113,8 +171,33 @@ impl Broker for MemoryBroker {
         if message.topic.is_empty() {
             return Err(BrokerError::Invalid("empty topic name".into()));
         }
-        self.inner.enqueue(Entry { message, deliveries: 0 });
-        Ok(())
+        let mut entry = match self.inner.try_enqueue(Entry { message, deliveries: 0 }) {
+            Ok(()) => return Ok(()),
+            Err(full) => full,
+        };
+        // Full: wait for room. Counted as waiting and registered before looking again, so a
+        // consumer taking a message after that look wakes this publisher.
+        self.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            let room = self.inner.room.notified();
+            let closed = self.inner.close_notify.notified();
+            tokio::pin!(room, closed);
+            room.as_mut().enable();
+            closed.as_mut().enable();
+            if self.inner.closed.load(Ordering::Acquire) {
+                break Err(BrokerError::Closed);
+            }
+            match self.inner.try_enqueue(entry) {
+                Ok(()) => break Ok(()),
+                Err(full) => entry = full,
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = closed => {}
+            }
+        };
+        self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription, BrokerError> {
@@ -141,6 +224,7 @@ impl Broker for MemoryBroker {
             }
             queue
         };
+        self.inner.made_room();
         Ok(Subscription::new(MemorySource {
             broker: self.inner.clone(),
             queue,
@@ -192,6 +276,7 @@ impl SubscriptionSource for MemorySource {
             if self.slots.in_flight.load(Ordering::Acquire) < self.options.concurrency {
                 let popped = lock(&self.queue.ready).pop_front();
                 if let Some(mut entry) = popped {
+                    self.broker.made_room();
                     entry.deliveries += 1;
                     self.slots.in_flight.fetch_add(1, Ordering::AcqRel);
                     let count = entry.deliveries;
@@ -301,5 +386,43 @@ mod tests {
         assert_eq!(Broker::depth(&broker, "t", "g").await, Some(2));
         delivery.ack().await.unwrap();
         assert_eq!(Broker::depth(&broker, "other", "g").await, Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_makes_publishers_wait_until_a_message_is_taken() {
+        let broker = MemoryBroker::with_capacity(2);
+        let mut sub = broker.subscribe(SubscribeOptions::new("t", "g").concurrency(1)).await.unwrap();
+        broker.publish(Message::new("t", vec![0])).await.unwrap();
+        broker.publish(Message::new("t", vec![1])).await.unwrap();
+        let third = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.publish(Message::new("t", vec![2])).await }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!third.is_finished(), "a publish to a full queue went through");
+        assert_eq!(broker.depth("t", "g"), 2);
+        let first = sub.next().await.unwrap();
+        third.await.unwrap().unwrap();
+        assert_eq!(broker.depth("t", "g"), 2);
+        first.ack().await.unwrap();
+        for expected in 1..=2u8 {
+            let delivery = sub.next().await.unwrap();
+            assert_eq!(delivery.message.payload.as_ref(), &[expected]);
+            delivery.ack().await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_releases_a_publisher_waiting_for_room() {
+        let broker = MemoryBroker::with_capacity(1);
+        broker.publish(Message::new("nobody-listens", vec![0])).await.unwrap();
+        let waiting = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.publish(Message::new("nobody-listens", vec![1])).await }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!waiting.is_finished());
+        broker.close().await;
+        assert!(matches!(waiting.await.unwrap(), Err(BrokerError::Closed)));
     }
 }

@@ -34,6 +34,8 @@ impl<D: FlowData> FlowRuntime<D> {
         metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).decrement(1.0);
         self.engine.completions.complete(record);
         if let (Some(url), Some(sink)) = (&record.callback_url, &self.engine.callbacks) {
+            // Never closed, so always a slot in the end.
+            let Ok(slot) = self.engine.callback_slots.clone().acquire_owned().await else { return };
             let callback = SagaCallback {
                 request_id: record.request_id.clone(),
                 facade: record.facade.clone(),
@@ -54,6 +56,7 @@ impl<D: FlowData> FlowRuntime<D> {
             let log = self.engine.log.clone();
             let id = record.request_id.clone();
             let deliver = async move {
+                let _slot = slot;
                 let report = sink.deliver(&url, callback).await;
                 let result = if report.delivered { "delivered" } else { "failed" };
                 metrics::counter!(m::CALLBACKS, "result" => result).increment(1);

@@ -53,6 +53,8 @@ pub(crate) struct Engine {
     pub(crate) paused: std::sync::RwLock<HashMap<String, String>>,
     /// Slots for sync sagas running here (see `Options::max_running_sagas`).
     pub(crate) running: Arc<tokio::sync::Semaphore>,
+    /// Slots for callbacks being delivered (see `Options::max_callback_deliveries`).
+    pub(crate) callback_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) callbacks: Option<Arc<dyn CallbackSink>>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
@@ -393,6 +395,9 @@ impl<D: FlowData> FlowRuntime<D> {
     /// is read, so an end in between is not missed. On a log that replicas
     /// share, the saga may end in another replica: its announcement wakes the
     /// waiter, and the log is re-read every [`REREAD`] in case one is missed.
+    /// Stops waiting when the orchestrator shuts down: the work left (a queued
+    /// hop or rollback) is the next start's, and a caller held until its
+    /// timeout would hold the shutdown up as long.
     async fn wait_end(&self, waiter: &mut Waiter, request_id: &str) -> Result<SagaRecord> {
         let until = Instant::now() + self.engine.options.wait_timeout;
         let shared = self.engine.log.shared();
@@ -407,7 +412,11 @@ impl<D: FlowData> FlowRuntime<D> {
                 return Err(Error::WaitTimeout(request_id.to_owned()));
             }
             let wait = if shared { REREAD.min(until - now) } else { until - now };
-            match tokio::time::timeout(wait, waiter.wait()).await {
+            let ended = tokio::select! {
+                _ = self.engine.shutdown.cancelled() => return Err(Error::ShuttingDown),
+                ended = tokio::time::timeout(wait, waiter.wait()) => ended,
+            };
+            match ended {
                 Ok(Some(record)) => return Ok(record),
                 Ok(None) => return Err(Error::ShuttingDown),
                 Err(_) => {}

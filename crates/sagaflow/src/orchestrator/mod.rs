@@ -66,6 +66,10 @@ pub struct Options {
     /// On a shared log: how often the lease is renewed and expired replicas
     /// looked for. Well under `lease_ttl`, so a slow renewal does not lose it.
     pub lease_renew_interval: Duration,
+    /// Callbacks delivered at once. An ended async saga waits for a slot before its
+    /// callback is sent, holding its broker delivery: a slow receiver backs work up in
+    /// the broker, not in this process's tasks and sockets.
+    pub max_callback_deliveries: usize,
 }
 
 impl Default for Options {
@@ -83,6 +87,7 @@ impl Default for Options {
             stale_sweep_interval: Duration::from_secs(30),
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(3),
+            max_callback_deliveries: 256,
         }
     }
 }
@@ -109,6 +114,9 @@ impl Options {
         }
         if self.max_running_sagas == 0 {
             return Err(Error::Config("max_running_sagas must be at least 1".into()));
+        }
+        if self.max_callback_deliveries == 0 {
+            return Err(Error::Config("max_callback_deliveries must be at least 1".into()));
         }
         if self.stale_sweep_interval.is_zero() {
             return Err(Error::Config("stale_sweep_interval must be positive".into()));
@@ -246,6 +254,7 @@ impl OrchestratorBuilder {
             claims: Arc::default(),
             paused: Default::default(),
             running: Arc::new(tokio::sync::Semaphore::new(self.options.max_running_sagas)),
+            callback_slots: Arc::new(tokio::sync::Semaphore::new(self.options.max_callback_deliveries)),
             options: self.options,
             callbacks: self.callbacks,
             shutdown: CancellationToken::new(),
@@ -443,6 +452,8 @@ impl Orchestrator {
     /// Sagas cut short stay unfinished in the log and are recovered at the next start.
     pub async fn shutdown(&self) {
         self.engine.shutdown.cancel();
+        // Callers waiting for a slot start nothing more.
+        self.engine.running.close();
         self.engine.tasks.close();
         self.engine.tasks.wait().await;
         self.engine.broker.close().await;

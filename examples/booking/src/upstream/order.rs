@@ -55,7 +55,7 @@ impl OrderService for OrderMock {
     }
 
     async fn cancel_order(&self, request: Request<CancelRequest>) -> Result<Response<CancelReply>, Status> {
-        let (request_id, _slot) = self.store.enter(request.metadata()).await?;
+        let (request_id, _slot) = self.store.enter_cancel(request.metadata()).await?;
         Ok(Response::new(self.store.cancel(&request_id)?))
     }
 
@@ -157,6 +157,23 @@ mod tests {
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(4), "{elapsed:?}");
         assert_eq!(counters(&mock).peak_in_flight, 2);
+    }
+
+    #[tokio::test]
+    async fn cancel_latency_slows_cancels_only_and_repeats_are_counted() {
+        tokio::time::pause();
+        let mock = OrderMock::new(MockConfig { cancel_latency: Duration::from_secs(2), ..MockConfig::default() });
+        let start = tokio::time::Instant::now();
+        mock.create_order(with_id("r1", order())).await.unwrap();
+        assert!(start.elapsed() < Duration::from_millis(1), "{:?}", start.elapsed());
+        mock.cancel_order(with_id("r1", CancelRequest {})).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(2), "{:?}", start.elapsed());
+        mock.cancel_order(with_id("r1", CancelRequest {})).await.unwrap();
+        mock.cancel_order(with_id("r2", CancelRequest {})).await.unwrap();
+        let records = mock.snapshot().records;
+        let calls: Vec<_> =
+            records.iter().map(|r| (r.request_id.as_str(), r.status.as_str(), r.cancel_calls)).collect();
+        assert_eq!(calls, [("r1", "cancelled", 2), ("r2", "tombstone", 1)]);
     }
 
     #[tokio::test]

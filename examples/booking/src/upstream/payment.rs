@@ -54,7 +54,7 @@ impl PaymentService for PaymentMock {
     }
 
     async fn cancel_payment(&self, request: Request<CancelRequest>) -> Result<Response<CancelReply>, Status> {
-        let (request_id, _slot) = self.store.enter(request.metadata()).await?;
+        let (request_id, _slot) = self.store.enter_cancel(request.metadata()).await?;
         Ok(Response::new(self.store.cancel(&request_id)?))
     }
 

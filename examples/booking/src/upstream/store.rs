@@ -20,13 +20,16 @@ pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// How a mock service misbehaves: its latency, capacity and transient failure rate.
 ///
-/// In yaml: `latency_ms`, `capacity` and `failure_rate`; every key is optional.
+/// In yaml: `latency_ms`, `cancel_latency_ms`, `capacity` and `failure_rate`; every key is optional.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MockConfig {
     /// Time each call (except `Snapshot`) takes while holding its in-flight slot.
     #[serde(rename = "latency_ms", deserialize_with = "millis")]
     pub latency: Duration,
+    /// Further time each cancel takes (a slow compensation), on top of `latency`.
+    #[serde(rename = "cancel_latency_ms", deserialize_with = "millis")]
+    pub cancel_latency: Duration,
     /// Most calls in flight at once; above it calls fail with `RESOURCE_EXHAUSTED`. 0 = unlimited.
     pub capacity: usize,
     /// Share of calls (0..=1) that fail with `UNAVAILABLE` before doing anything.
@@ -35,7 +38,7 @@ pub struct MockConfig {
 
 impl Default for MockConfig {
     fn default() -> Self {
-        Self { latency: Duration::ZERO, capacity: 0, failure_rate: 0.0 }
+        Self { latency: Duration::ZERO, cancel_latency: Duration::ZERO, capacity: 0, failure_rate: 0.0 }
     }
 }
 
@@ -90,6 +93,7 @@ struct Record {
     state: State,
     created_at_ms: i64,
     cancelled_at_ms: i64,
+    cancel_calls: u64,
 }
 
 /// A successful create: the record's id, and whether it already existed.
@@ -184,6 +188,15 @@ impl Store {
         Ok((request_id, slot))
     }
 
+    /// Admits one cancel as [`enter`](Self::enter) does, then waits out `cancel_latency` too.
+    pub(crate) async fn enter_cancel(&self, metadata: &MetadataMap) -> Result<(String, InFlight<'_>), Status> {
+        let admitted = self.enter(metadata).await?;
+        if !self.config.cancel_latency.is_zero() {
+            tokio::time::sleep(self.config.cancel_latency).await;
+        }
+        Ok(admitted)
+    }
+
     fn admit(&self) -> Result<InFlight<'_>, Status> {
         let capacity = self.config.capacity;
         // A CAS loop rather than add-then-check, so a rejected call never
@@ -239,7 +252,7 @@ impl Store {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         records.insert(
             request_id.to_owned(),
-            Record { id, state: State::Active, created_at_ms: now_ms(), cancelled_at_ms: 0 },
+            Record { id, state: State::Active, created_at_ms: now_ms(), cancelled_at_ms: 0, cancel_calls: 0 },
         );
         bump(&self.counters.creates);
         Ok(Created { id, duplicate: false })
@@ -266,19 +279,27 @@ impl Store {
         let mut records = self.records(request_id);
         bump(&self.counters.cancels);
         match records.get_mut(request_id) {
-            Some(record) if record.state == State::Active => {
-                record.state = State::Cancelled;
-                record.cancelled_at_ms = now_ms();
-                Ok(pb::CancelReply { id: record.id, already_cancelled: false })
-            }
             Some(record) => {
-                bump(&self.counters.duplicates_absorbed);
-                Ok(pb::CancelReply { id: record.id, already_cancelled: true })
+                record.cancel_calls += 1;
+                if record.state == State::Active {
+                    record.state = State::Cancelled;
+                    record.cancelled_at_ms = now_ms();
+                    Ok(pb::CancelReply { id: record.id, already_cancelled: false })
+                } else {
+                    bump(&self.counters.duplicates_absorbed);
+                    Ok(pb::CancelReply { id: record.id, already_cancelled: true })
+                }
             }
             None => {
                 records.insert(
                     request_id.to_owned(),
-                    Record { id: 0, state: State::Tombstone, created_at_ms: 0, cancelled_at_ms: now_ms() },
+                    Record {
+                        id: 0,
+                        state: State::Tombstone,
+                        created_at_ms: 0,
+                        cancelled_at_ms: now_ms(),
+                        cancel_calls: 1,
+                    },
                 );
                 Ok(pb::CancelReply { id: 0, already_cancelled: false })
             }
@@ -295,6 +316,7 @@ impl Store {
                 status: record.state.as_str().to_owned(),
                 created_at_ms: record.created_at_ms,
                 cancelled_at_ms: record.cancelled_at_ms,
+                cancel_calls: record.cancel_calls,
             }));
         }
         records.sort_unstable_by(|a, b| a.request_id.cmp(&b.request_id));
@@ -347,7 +369,10 @@ pub(crate) mod tests {
     #[test]
     fn config_reads_yaml_keys_and_rejects_unknown_ones() {
         let cfg: MockConfig = serde_norway::from_str("latency_ms: 25\ncapacity: 4\nfailure_rate: 0.5\n").unwrap();
-        assert_eq!(cfg, MockConfig { latency: Duration::from_millis(25), capacity: 4, failure_rate: 0.5 });
+        assert_eq!(
+            cfg,
+            MockConfig { latency: Duration::from_millis(25), capacity: 4, failure_rate: 0.5, ..MockConfig::default() }
+        );
         let partial: MockConfig = serde_norway::from_str("capacity: 2\n").unwrap();
         assert_eq!(partial.latency, Duration::ZERO);
         assert_eq!(partial.capacity, 2);
@@ -373,7 +398,12 @@ pub(crate) mod tests {
         assert_eq!(err, "latency_ms must be between 0 and 600000, got 18446744073709551615");
         let cfg = MockConfig { capacity: usize::MAX, ..MockConfig::default() };
         assert!(cfg.validate().unwrap_err().starts_with("capacity must be between 0 and 1000000"));
-        let edge = MockConfig { latency: Duration::from_millis(600_000), capacity: 1_000_000, failure_rate: 0.0 };
+        let edge = MockConfig {
+            latency: Duration::from_millis(600_000),
+            capacity: 1_000_000,
+            failure_rate: 0.0,
+            ..MockConfig::default()
+        };
         assert!(edge.validate().is_ok());
     }
 
