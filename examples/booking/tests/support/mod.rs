@@ -1,6 +1,8 @@
 //! Shared helpers of the booking service's end-to-end tests.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod replicas;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
