@@ -76,7 +76,8 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Handles one rollback message: compensates the saga per its record.
-    pub(super) async fn on_rollback(self: Arc<Self>, delivery: Delivery) {
+    /// `drain`: the message came from the topic of a replica whose sagas were taken over here.
+    pub(super) async fn on_rollback(self: Arc<Self>, delivery: Delivery, drain: Option<Arc<Drain>>) {
         let msg: RollbackMessage = match serde_json::from_slice(&delivery.message.payload) {
             Ok(msg) => msg,
             Err(e) => return self.dead_letter(delivery, format!("not a rollback message: {e}")).await,
@@ -101,6 +102,9 @@ impl<D: FlowData> FlowRuntime<D> {
                 Err(e) => return self.retry_later(delivery, &e).await,
             };
             if self.foreign(&record) {
+                if drain.is_some_and(|d| d.hand_back(&record)) {
+                    return drop(delivery); // redelivered, to its replica
+                }
                 tracing::debug!("rollback of a saga another replica drives now; left to it");
                 return self.ack(delivery).await;
             }
@@ -136,7 +140,8 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Handles one hop: runs step `index`, records it, publishes what follows, then acks.
-    pub(super) async fn on_hop(self: Arc<Self>, index: usize, delivery: Delivery) {
+    /// `drain`: the hop came from the topic of a replica whose sagas were taken over here.
+    pub(super) async fn on_hop(self: Arc<Self>, index: usize, delivery: Delivery, drain: Option<Arc<Drain>>) {
         let hop: HopMessage = match serde_json::from_slice(&delivery.message.payload) {
             Ok(hop) => hop,
             Err(e) => return self.dead_letter(delivery, format!("not a hop message: {e}")).await,
@@ -169,7 +174,7 @@ impl<D: FlowData> FlowRuntime<D> {
                     return self.retry_later(delivery, &busy).await;
                 }
             };
-            match self.run_hop(&id, index, data, claim).await {
+            match self.run_hop(&id, index, data, claim, drain.as_deref()).await {
                 Ok(true) => self.ack(delivery).await,
                 Ok(false) | Err(Error::ShuttingDown) => drop(delivery), // redelivered later
                 Err(Error::Log(LogError::NotOwner { owner, .. })) => {
@@ -187,13 +192,24 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Returns `Ok(true)` when the delivery can be acked, `Ok(false)` when
-    /// interrupted by shutdown.
+    /// interrupted by shutdown or to be delivered elsewhere.
     /// The claim is released before the next hop is published, so that hop
     /// is never mistaken for a duplicate of this one.
-    pub(super) async fn run_hop(&self, id: &Arc<str>, index: usize, mut data: D, claim: Claim) -> Result<bool> {
+    pub(super) async fn run_hop(
+        &self,
+        id: &Arc<str>,
+        index: usize,
+        mut data: D,
+        claim: Claim,
+        drain: Option<&Drain>,
+    ) -> Result<bool> {
         let record = self.engine.durably(|| self.engine.log.get(id)).await?;
         let record = record.ok_or_else(|| LogError::NotFound(id.to_string()))?;
         if self.foreign(&record) {
+            // Its replica came back and queued it: the broker hands it over once the drain stops.
+            if drain.is_some_and(|d| d.hand_back(&record)) {
+                return Ok(false);
+            }
             return Ok(true); // taken over: its new owner queued this hop again on its own topics
         }
         match record.on_hop(index) {

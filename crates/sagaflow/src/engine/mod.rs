@@ -132,8 +132,41 @@ pub(crate) trait Registered: Send + Sync + 'static {
     /// it ended the saga (this writer ended it), its compensation if pending.
     async fn carry_on(&self, record: &SagaRecord) -> Result<()>;
     /// Consumes the per-pod topics of replica `pod` (gone; its sagas taken
-    /// over here), so nothing waits there for a pod that never comes back.
-    async fn drain(self: Arc<Self>, pod: &str) -> Result<()>;
+    /// over here), so nothing waits there for a pod that never comes back,
+    /// until `drain` is stopped: by the first message of a saga that `pod`
+    /// owns again (it came back), or by shutdown.
+    async fn drain(self: Arc<Self>, drain: Arc<Drain>) -> Result<()>;
+}
+
+/// The per-pod topics of a replica whose sagas were taken over here, consumed
+/// for it until it comes back under its pod id.
+#[derive(Debug)]
+pub(crate) struct Drain {
+    /// The replica whose topics these are.
+    pub(crate) pod: String,
+    /// Stops the drain's consumers.
+    pub(crate) stop: CancellationToken,
+}
+
+impl Drain {
+    pub(crate) fn new(pod: &str, shutdown: &CancellationToken) -> Self {
+        Self { pod: pod.to_owned(), stop: shutdown.child_token() }
+    }
+
+    /// Whether a message of these topics belongs to the replica itself: a saga it
+    /// owns that has not ended can only be one it began after coming back (the
+    /// takeover moved every unfinished saga it had). Then the drain stops, and the
+    /// message must be left to the broker to hand to the replica, not acked here.
+    pub(crate) fn hand_back(&self, record: &SagaRecord) -> bool {
+        if record.owner.as_deref() != Some(self.pod.as_str()) || record.state.is_ended() {
+            return false;
+        }
+        if !self.stop.is_cancelled() {
+            tracing::info!(replica = %self.pod, "replica is back: its topics are its own again");
+            self.stop.cancel();
+        }
+        true
+    }
 }
 
 /// A flow registered under a facade, with its topics.
@@ -461,7 +494,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
             &self.engine,
             rollback,
             self.engine.options.concurrency_of(&self.rollback_topic_id()),
-            move |d| this.clone().on_rollback(d),
+            self.engine.shutdown.clone(),
+            move |d| this.clone().on_rollback(d, None),
         );
         if self.mode == Mode::Sync {
             return Ok(());
@@ -470,8 +504,9 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
             let topic_id = self.hop_topic_id(index);
             let subscription = self.engine.broker.subscribe(self.subscribe_options(&topic_id)).await?;
             let this = self.clone();
-            spawn_consumer(&self.engine, subscription, self.engine.options.concurrency_of(&topic_id), move |d| {
-                this.clone().on_hop(index, d)
+            let concurrency = self.engine.options.concurrency_of(&topic_id);
+            spawn_consumer(&self.engine, subscription, concurrency, self.engine.shutdown.clone(), move |d| {
+                this.clone().on_hop(index, d, None)
             });
         }
         Ok(())
@@ -546,7 +581,7 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         }
     }
 
-    async fn drain(self: Arc<Self>, pod: &str) -> Result<()> {
+    async fn drain(self: Arc<Self>, drain: Arc<Drain>) -> Result<()> {
         if self.mode == Mode::Async {
             return Ok(()); // async topics are shared by every replica
         }
@@ -557,15 +592,18 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         }
         for (topic_id, step) in topics {
             let mut options = self.subscribe_options(&topic_id);
-            options.topic = self.topic_of(&topic_id, pod);
+            options.topic = self.topic_of(&topic_id, &drain.pod);
             let subscription = self.engine.broker.subscribe(options).await?;
-            let this = self.clone();
+            let (this, from) = (self.clone(), drain.clone());
             let concurrency = self.engine.options.concurrency_of(&topic_id);
+            let stop = drain.stop.clone();
             match step {
-                Some(index) => {
-                    spawn_consumer(&self.engine, subscription, concurrency, move |d| this.clone().on_hop(index, d))
-                }
-                None => spawn_consumer(&self.engine, subscription, concurrency, move |d| this.clone().on_rollback(d)),
+                Some(index) => spawn_consumer(&self.engine, subscription, concurrency, stop, move |d| {
+                    this.clone().on_hop(index, d, Some(from.clone()))
+                }),
+                None => spawn_consumer(&self.engine, subscription, concurrency, stop, move |d| {
+                    this.clone().on_rollback(d, Some(from.clone()))
+                }),
             }
         }
         Ok(())
@@ -573,13 +611,18 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
 }
 
 /// Consumes a subscription with at most `concurrency` handlers at once,
-/// until shutdown; then lets the handlers in flight finish.
-fn spawn_consumer<F, Fut>(engine: &Arc<Engine>, mut subscription: Subscription, concurrency: usize, handler: F)
-where
+/// until `shutdown` (the engine's, or a child of it); then lets the handlers in
+/// flight finish, and drops the subscription (what it holds goes back to the broker).
+fn spawn_consumer<F, Fut>(
+    engine: &Arc<Engine>,
+    mut subscription: Subscription,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    handler: F,
+) where
     F: Fn(Delivery) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let shutdown = engine.shutdown.clone();
     let tasks = engine.tasks.clone();
     engine.tasks.spawn(async move {
         let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));

@@ -2,12 +2,13 @@
 //! takeover of sagas whose replica's lease ran out, and answers for sagas
 //! that another replica ends.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::MissedTickBehavior;
 
-use crate::engine::Resume;
+use crate::engine::{Drain, Resume};
 use crate::error::Result;
 use crate::log::{Lease, LogError};
 use crate::saga::now_ms;
@@ -37,7 +38,7 @@ impl Orchestrator {
             let mut tick = tokio::time::interval(o.lease_renew_interval);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
             tick.tick().await;
-            let mut draining = HashSet::new();
+            let mut draining = HashMap::new();
             loop {
                 tokio::select! {
                     _ = this.engine.shutdown.cancelled() => return,
@@ -65,8 +66,9 @@ impl Orchestrator {
     }
 
     /// Claims the sagas of every replica whose lease ran out, drives them
-    /// here, and consumes what waits on that replica's per-pod topics.
-    async fn take_over_expired(&self, draining: &mut HashSet<String>) {
+    /// here, and consumes what waits on that replica's per-pod topics (until
+    /// it comes back: see [`Drain`]).
+    async fn take_over_expired(&self, draining: &mut HashMap<String, Arc<Drain>>) {
         let (log, me) = (&self.engine.log, self.engine.options.pod_id.as_str());
         let expired = match log.expired(now_ms()).await {
             Ok(expired) => expired,
@@ -92,9 +94,12 @@ impl Orchestrator {
                     tracing::warn!(request_id = %id, error = %e, "could not resume a taken-over saga; the sweep retries");
                 }
             }
-            if draining.insert(dead.clone()) {
+            draining.retain(|_, drain| !drain.stop.is_cancelled());
+            if !draining.contains_key(&dead) {
+                let drain = Arc::new(Drain::new(&dead, &self.engine.shutdown));
+                draining.insert(dead.clone(), drain.clone());
                 for flow in self.flows.values() {
-                    if let Err(e) = flow.clone().drain(&dead).await {
+                    if let Err(e) = flow.clone().drain(drain.clone()).await {
                         tracing::warn!(replica = %dead, error = %e, "could not consume an expired replica's topics");
                     }
                 }

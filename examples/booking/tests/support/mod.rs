@@ -4,6 +4,7 @@
 pub mod postgres;
 pub mod process;
 pub mod stack;
+pub mod replicas;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
