@@ -20,6 +20,7 @@ pub struct PostgresOptions {
     pub(crate) acquire_timeout: Duration,
     pub(crate) retention: Retention,
     pub(crate) prune_interval: Option<Duration>,
+    pub(crate) writers: usize,
 }
 
 impl PostgresOptions {
@@ -31,6 +32,8 @@ impl PostgresOptions {
     pub const DEFAULT_POOL_SIZE: u32 = 16;
     /// How long a call waits for a connection unless set.
     pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Group-commit writers unless set.
+    pub const DEFAULT_WRITERS: usize = 1;
     /// How often ended sagas are pruned unless set.
     pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -47,6 +50,7 @@ impl PostgresOptions {
             acquire_timeout: Self::DEFAULT_ACQUIRE_TIMEOUT,
             retention: Retention::default(),
             prune_interval: Some(Self::DEFAULT_PRUNE_INTERVAL),
+            writers: Self::DEFAULT_WRITERS,
         })
     }
 
@@ -66,7 +70,15 @@ impl PostgresOptions {
         self
     }
 
-    /// Most connections the pool opens (default 16).
+    /// How many group-commit writers share the sagas (default 1), each with a connection of
+    /// its own beside the pool; a saga is always written by the same one.
+    pub fn writers(mut self, writers: usize) -> Self {
+        self.writers = writers.max(1);
+        self
+    }
+
+    /// Most connections the pool opens for reads and pruning (default 16); the writers keep
+    /// theirs beside it.
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self
@@ -81,6 +93,13 @@ impl PostgresOptions {
     /// How long ended sagas are kept (default 7 days, at most 100 000).
     pub fn retention(mut self, retention: Retention) -> Self {
         self.retention = retention;
+        self
+    }
+
+    /// The name the log's connections show in `pg_stat_activity` (default `sagaflow`), to tell
+    /// replicas apart there.
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.connect = self.connect.application_name(name);
         self
     }
 
