@@ -125,6 +125,8 @@ pub(crate) fn plan(requests: &[Request], base: Base) -> Plan {
 }
 
 /// A saga's record as the requests go.
+// Held one at a time, on the stack: boxing the record would cost an allocation per saga.
+#[allow(clippy::large_enum_variant)]
 enum Current {
     Record(SagaRecord),
     Absent,
