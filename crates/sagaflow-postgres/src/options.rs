@@ -21,6 +21,7 @@ pub struct PostgresOptions {
     pub(crate) retention: Retention,
     pub(crate) prune_interval: Option<Duration>,
     pub(crate) writers: usize,
+    pub(crate) defer_queued: Duration,
 }
 
 impl PostgresOptions {
@@ -32,6 +33,8 @@ impl PostgresOptions {
     pub const DEFAULT_POOL_SIZE: u32 = 16;
     /// How long a call waits for a connection unless set.
     pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// How long queued appends may wait for their saga's next awaited write unless set.
+    pub const DEFAULT_DEFER_QUEUED: Duration = Duration::from_millis(100);
     /// Group-commit writers unless set.
     pub const DEFAULT_WRITERS: usize = 1;
     /// How often ended sagas are pruned unless set.
@@ -51,6 +54,7 @@ impl PostgresOptions {
             retention: Retention::default(),
             prune_interval: Some(Self::DEFAULT_PRUNE_INTERVAL),
             writers: Self::DEFAULT_WRITERS,
+            defer_queued: Self::DEFAULT_DEFER_QUEUED,
         })
     }
 
@@ -74,6 +78,17 @@ impl PostgresOptions {
     /// its own beside the pool; a saga is always written by the same one.
     pub fn writers(mut self, writers: usize) -> Self {
         self.writers = writers.max(1);
+        self
+    }
+
+    /// How long a saga's queued appends may wait to be written when no awaited write of the
+    /// saga comes (default 100 ms; zero writes them with the batch that takes them, at most 10
+    /// s). The saga's next awaited write takes them along in its row, so a saga whose steps'
+    /// starts and intermediate results are queued is written twice (begin, end) rather than at
+    /// each step; until then readers see its progress this much late, and a crash loses those
+    /// appends, as it may any queued append.
+    pub fn defer_queued(mut self, delay: Duration) -> Self {
+        self.defer_queued = delay.min(Duration::from_secs(10));
         self
     }
 
@@ -172,6 +187,8 @@ impl fmt::Debug for PostgresOptions {
             .field("acquire_timeout", &self.acquire_timeout)
             .field("retention", &self.retention)
             .field("prune_interval", &self.prune_interval)
+            .field("writers", &self.writers)
+            .field("defer_queued", &self.defer_queued)
             .finish_non_exhaustive()
     }
 }

@@ -92,7 +92,7 @@ impl PostgresSagaLog {
         };
         let pruner =
             options.prune_interval.map(|every| Pruner::spawn(pool.clone(), target.clone(), options.retention, every));
-        let writers = Writers::spawn(writer_connect, options.writers);
+        let writers = Writers::spawn(writer_connect, options.writers, options.defer_queued);
         tracing::debug!(target = %target, "postgres saga log ready");
         Ok(Self {
             pool,

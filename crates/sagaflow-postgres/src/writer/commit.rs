@@ -31,8 +31,10 @@ type Versions = HashMap<String, u32>;
 
 impl Writer {
     /// Writes the batch and answers its callers; on a failure of the database, fails those not
-    /// committed yet and keeps their queued appends for the next batch.
-    pub(super) async fn commit(&mut self, batch: Vec<Request>) {
+    /// committed yet and keeps their queued appends for the next batch. A saga with only queued
+    /// appends in it waits for its next batch (see [`Deferred`](super::Deferred)), unless they
+    /// are due or `all`.
+    pub(super) async fn commit(&mut self, batch: Vec<Request>, all: bool) {
         let mut sagas: Vec<Saga> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         for request in batch {
@@ -49,9 +51,26 @@ impl Writer {
                 }
             }
         }
+        let mut kept = Vec::with_capacity(sagas.len());
+        for mut saga in sagas {
+            let mut since = None;
+            if let Some((at, mut earlier)) = self.deferred.take(&saga.id) {
+                earlier.append(&mut saga.requests);
+                saga.requests = earlier;
+                since = Some(at);
+            }
+            let queued_only = saga.requests.iter().all(|r| !r.is_awaited());
+            if !(queued_only && !all && self.deferred.defer(&saga.id, since, &mut saga.requests)) {
+                kept.push(saga);
+            }
+        }
+        kept.extend(self.deferred.due(all).into_iter().map(|(id, requests)| Saga { id, requests }));
+        let sagas = kept;
         if sagas.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
+        let count = sagas.len();
         let mut conn = match self.connection().await {
             Ok(conn) => conn,
             Err(why) => return self.fail(sagas, &why),
@@ -73,6 +92,7 @@ impl Writer {
         }
         self.last_used = std::time::Instant::now();
         self.conn = Some(conn);
+        tracing::trace!(sagas = count, micros = started.elapsed().as_micros() as u64, "batch written");
     }
 
     fn why(&self, error: &sqlx::Error) -> String {

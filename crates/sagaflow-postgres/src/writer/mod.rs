@@ -14,7 +14,7 @@ mod request;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,7 +76,7 @@ impl Health {
 
 impl Writers {
     /// Starts `count` writers, each with a connection of its own (made on its first batch).
-    pub(crate) fn spawn(connect: Connect, count: usize) -> Self {
+    pub(crate) fn spawn(connect: Connect, count: usize, defer: Duration) -> Self {
         let count = count.max(1);
         let mut senders = Vec::with_capacity(count);
         let mut health = Vec::with_capacity(count);
@@ -91,6 +91,7 @@ impl Writers {
                 connect_failed: None,
                 cache: Cache::new(CACHE),
                 held: VecDeque::new(),
+                deferred: Deferred::new(defer),
                 health: shared.clone(),
             };
             tokio::spawn(writer.run());
@@ -188,7 +189,71 @@ struct Writer {
     /// Requests for the next batch, before any new one: those after a saga's begin in its
     /// batch, and the queued appends of a batch that failed.
     held: VecDeque<Request>,
+    deferred: Deferred,
     health: Arc<Health>,
+}
+
+/// Queued appends of sagas that had no awaited write in their batch: they wait, up to `delay`,
+/// for the saga's next batch, so that one row write takes them all.
+pub(crate) struct Deferred {
+    delay: Duration,
+    /// By request id: since when, and the appends in order.
+    sagas: HashMap<String, (Instant, Vec<Request>)>,
+    /// Request ids in the order they were deferred (a saga written since is skipped).
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Deferred {
+    pub(crate) fn new(delay: Duration) -> Self {
+        Self { delay, sagas: HashMap::new(), order: VecDeque::new() }
+    }
+
+    /// When the oldest deferred appends are due.
+    fn next_due(&self) -> Option<Instant> {
+        self.order.front().map(|(since, _)| *since + self.delay)
+    }
+
+    /// Takes the saga's deferred appends, with since when they wait.
+    fn take(&mut self, request_id: &str) -> Option<(Instant, Vec<Request>)> {
+        self.sagas.remove(request_id)
+    }
+
+    /// Defers a saga's queued appends, waiting since `since` (`None`: new ones, from now);
+    /// `false`, with nothing deferred, when deferring is off or they are due.
+    fn defer(&mut self, request_id: &str, since: Option<Instant>, requests: &mut Vec<Request>) -> bool {
+        let now = Instant::now();
+        let at = since.unwrap_or(now);
+        if self.delay.is_zero() || now >= at + self.delay {
+            return false;
+        }
+        // Appends deferred before are in `order` already, under the time they wait since.
+        if since.is_none() {
+            self.order.push_back((at, request_id.to_owned()));
+        }
+        self.sagas.insert(request_id.to_owned(), (at, std::mem::take(requests)));
+        true
+    }
+
+    /// The sagas whose appends are due (all of them if `all`), each with its appends.
+    fn due(&mut self, all: bool) -> Vec<(String, Vec<Request>)> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while let Some((since, _)) = self.order.front()
+            && (all || now >= *since + self.delay)
+        {
+            let Some((since, id)) = self.order.pop_front() else { break };
+            if self.sagas.get(&id).is_some_and(|(at, _)| *at == since)
+                && let Some((_, requests)) = self.sagas.remove(&id)
+            {
+                due.push((id, requests));
+            }
+        }
+        due
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sagas.is_empty()
+    }
 }
 
 impl Writer {
@@ -196,14 +261,18 @@ impl Writer {
         let mut close = None;
         loop {
             if self.held.is_empty() || self.is_down() {
-                // Idle, or waiting out a failure: the next request, or a time to connect again.
-                let next = if self.is_down() {
-                    match tokio::time::timeout(RECONNECT_EVERY, self.rx.recv()).await {
-                        Ok(next) => next.map(Some),
-                        Err(_) => Some(None),
+                // Idle, or waiting out a failure: the next request, or a time to connect again,
+                // or the time deferred appends are due.
+                let down = self.is_down();
+                let wake = if down { Some(Instant::now() + RECONNECT_EVERY) } else { self.deferred.next_due() };
+                let next = match wake {
+                    Some(at) => {
+                        match tokio::time::timeout_at(tokio::time::Instant::from_std(at), self.rx.recv()).await {
+                            Ok(next) => next.map(Some),
+                            Err(_) => Some(None),
+                        }
                     }
-                } else {
-                    self.rx.recv().await.map(Some)
+                    None => self.rx.recv().await.map(Some),
                 };
                 match next {
                     None => break,
@@ -212,12 +281,15 @@ impl Writer {
                         break;
                     }
                     Some(Some(request)) => self.held.push_back(request),
-                    Some(None) => {
+                    Some(None) if down => {
                         let connected = self.connection().await.map(|conn| self.conn = Some(conn)).is_ok();
-                        if !connected || self.held.is_empty() {
+                        let due = self.deferred.next_due().is_some_and(|at| at <= Instant::now());
+                        if !connected || (self.held.is_empty() && !due) {
                             continue;
                         }
                     }
+                    // Deferred appends are due: a batch for them.
+                    Some(None) => {}
                 }
             }
             while self.held.len() < MAX_BATCH {
@@ -231,20 +303,21 @@ impl Writer {
                 }
             }
             let batch: Vec<Request> = self.held.drain(..self.held.len().min(MAX_BATCH)).collect();
-            self.commit(batch).await;
+            self.commit(batch, false).await;
             if close.is_some() {
                 break;
             }
         }
         // Closing, or every sender gone: what is held (a saga's requests after its begin,
-        // queued appends) was sent before; store it.
+        // queued appends) or deferred was sent before; store it.
         for _ in 0..3 {
-            if self.held.is_empty() {
+            if self.held.is_empty() && self.deferred.is_empty() {
                 break;
             }
             let batch: Vec<Request> = self.held.drain(..self.held.len().min(MAX_BATCH)).collect();
-            self.commit(batch).await;
+            self.commit(batch, true).await;
         }
+        self.held.extend(self.deferred.due(true).into_iter().flat_map(|(_, requests)| requests));
         let unstored = self.held.iter().filter(|r| r.request_id().is_some()).count();
         if unstored > 0 {
             tracing::warn!(target = %self.connect.target, unstored, "saga log closed with writes it could not store");

@@ -43,6 +43,7 @@ impl Bench {
         };
         let (_tx, rx) = mpsc::channel(1);
         let writer = Writer {
+            deferred: super::Deferred::new(std::time::Duration::ZERO),
             rx,
             connect,
             conn: None,
@@ -57,13 +58,13 @@ impl Bench {
 
     /// Commits `requests` as one batch.
     async fn batch(&mut self, requests: Vec<Request>) {
-        self.writer.commit(requests).await;
+        self.writer.commit(requests, false).await;
     }
 
     /// Commits what the last batch held for the next one, alone.
     async fn held(&mut self) {
         let held: Vec<Request> = self.writer.held.drain(..).collect();
-        self.writer.commit(held).await;
+        self.writer.commit(held, false).await;
     }
 
     async fn drop_schema(self) {
@@ -219,5 +220,31 @@ async fn a_failed_batch_fails_its_callers_and_keeps_its_queued_appends() {
     assert_eq!((y.completed, y.status()), (1, SagaStatus::Running));
     assert!(bench.writer.health.get().is_none(), "serving again");
     assert_eq!(bench.log.get("y").await.unwrap(), Some(y));
+    bench.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_appends_wait_for_their_sagas_next_awaited_write() {
+    let Some(mut bench) = Bench::open().await else { return };
+    bench.writer.deferred = super::Deferred::new(std::time::Duration::from_secs(3600));
+    let w = begin(saga("w", 2));
+    bench.batch(vec![w.0]).await;
+    assert!(matches!(w.1.await.unwrap(), Ok(Begin::Started(_))));
+    bench.batch(vec![queued("w", SagaEvent::StepStarted { index: 0 })]).await;
+    assert_eq!(bench.log.get("w").await.unwrap().unwrap().history.len(), 1, "not written yet");
+    assert!(!bench.writer.deferred.is_empty());
+    // The saga's awaited write takes the deferred append along, in order, in one row write.
+    let done = append("w", completed(0));
+    bench.batch(vec![done.0]).await;
+    let record = done.1.await.unwrap().unwrap();
+    let events: Vec<&str> = record.history.iter().map(|h| h.event.as_str()).collect();
+    assert_eq!(events, ["started", "step_started", "step_completed"]);
+    assert_eq!(bench.log.get("w").await.unwrap(), Some(record));
+    // Closing writes what is still deferred.
+    bench.batch(vec![queued("w", SagaEvent::StepStarted { index: 1 })]).await;
+    assert!(!bench.writer.deferred.is_empty());
+    bench.writer.commit(Vec::new(), true).await;
+    assert!(bench.writer.deferred.is_empty());
+    assert_eq!(bench.log.get("w").await.unwrap().unwrap().history.len(), 4);
     bench.drop_schema().await;
 }
