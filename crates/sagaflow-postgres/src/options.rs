@@ -20,6 +20,8 @@ pub struct PostgresOptions {
     pub(crate) acquire_timeout: Duration,
     pub(crate) retention: Retention,
     pub(crate) prune_interval: Option<Duration>,
+    pub(crate) writers: usize,
+    pub(crate) defer_queued: Duration,
 }
 
 impl PostgresOptions {
@@ -31,6 +33,10 @@ impl PostgresOptions {
     pub const DEFAULT_POOL_SIZE: u32 = 16;
     /// How long a call waits for a connection unless set.
     pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// How long queued appends may wait for their saga's next awaited write unless set.
+    pub const DEFAULT_DEFER_QUEUED: Duration = Duration::from_millis(100);
+    /// Group-commit writers unless set.
+    pub const DEFAULT_WRITERS: usize = 1;
     /// How often ended sagas are pruned unless set.
     pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -47,6 +53,8 @@ impl PostgresOptions {
             acquire_timeout: Self::DEFAULT_ACQUIRE_TIMEOUT,
             retention: Retention::default(),
             prune_interval: Some(Self::DEFAULT_PRUNE_INTERVAL),
+            writers: Self::DEFAULT_WRITERS,
+            defer_queued: Self::DEFAULT_DEFER_QUEUED,
         })
     }
 
@@ -66,7 +74,26 @@ impl PostgresOptions {
         self
     }
 
-    /// Most connections the pool opens (default 16).
+    /// How many group-commit writers share the sagas (default 1), each with a connection of
+    /// its own beside the pool; a saga is always written by the same one.
+    pub fn writers(mut self, writers: usize) -> Self {
+        self.writers = writers.max(1);
+        self
+    }
+
+    /// How long a saga's queued appends may wait to be written when no awaited write of the
+    /// saga comes (default 100 ms; zero writes them with the batch that takes them, at most 10
+    /// s). The saga's next awaited write takes them along in its row, so a saga whose steps'
+    /// starts and intermediate results are queued is written twice (begin, end) rather than at
+    /// each step; until then readers see its progress this much late, and a crash loses those
+    /// appends, as it may any queued append.
+    pub fn defer_queued(mut self, delay: Duration) -> Self {
+        self.defer_queued = delay.min(Duration::from_secs(10));
+        self
+    }
+
+    /// Most connections the pool opens for reads and pruning (default 16); the writers keep
+    /// theirs beside it.
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self
@@ -81,6 +108,13 @@ impl PostgresOptions {
     /// How long ended sagas are kept (default 7 days, at most 100 000).
     pub fn retention(mut self, retention: Retention) -> Self {
         self.retention = retention;
+        self
+    }
+
+    /// The name the log's connections show in `pg_stat_activity` (default `sagaflow`), to tell
+    /// replicas apart there.
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.connect = self.connect.application_name(name);
         self
     }
 
@@ -153,6 +187,8 @@ impl fmt::Debug for PostgresOptions {
             .field("acquire_timeout", &self.acquire_timeout)
             .field("retention", &self.retention)
             .field("prune_interval", &self.prune_interval)
+            .field("writers", &self.writers)
+            .field("defer_queued", &self.defer_queued)
             .finish_non_exhaustive()
     }
 }

@@ -1,20 +1,21 @@
 //! The [`SagaLog`] over one PostgreSQL table.
 
 use std::fmt;
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sagaflow::log::{Begin, Lease, ListFilter, LogError, Retention, SagaLog, check_owner};
+use sagaflow::log::{Begin, Lease, ListFilter, LogError, LogHealth, Retention, SagaLog};
 use sagaflow::{NewSaga, SagaEvent, SagaRecord};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, QueryBuilder};
+use sqlx::{AssertSqlSafe, Connection, QueryBuilder};
 
 use crate::ends::Ends;
 use crate::error::{Error, Result};
 use crate::options::PostgresOptions;
 use crate::prune::{self, Pruner};
 use crate::replicas;
+use crate::writer::{Connect, Writers};
 
 /// The schema, embedded at build time and applied on connect.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -24,19 +25,22 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Sagas in a PostgreSQL table, shared safely by several orchestrator replicas.
 ///
-/// Each saga is one row; [`append`](SagaLog::append) locks it (`SELECT ... FOR
-/// UPDATE`) so concurrent writers to one saga apply their events one after the
-/// other. Ended sagas are pruned in the background per the
-/// [`Retention`].
+/// Each saga is one row. Writes go through a group-commit writer with a connection of its own:
+/// the `begin`s and `append`s of every saga made while it wrote the last batch are written in
+/// the next one, in one statement and one commit. An event is applied to the saga's current
+/// record: the write applies only if the row is still at the version the record was read (or
+/// last written) at, and a saga whose row another process changed meanwhile is read again under
+/// lock. Ended sagas are pruned in the background per the [`Retention`].
 pub struct PostgresSagaLog {
     pool: PgPool,
+    writers: Writers,
     target: String,
     retention: Retention,
     /// The schema the table lives in, whose saga ends this log announces.
     schema: String,
     /// The replica this log writes as, once registered: its appends to a saga
     /// another replica owns are refused.
-    replica: RwLock<Option<String>>,
+    replica: RwLock<Option<Arc<str>>>,
     /// Saga ends announced by the database, listened for once asked.
     ends: OnceLock<Ends>,
     /// Stops the background pruning when the log is dropped.
@@ -52,6 +56,8 @@ impl PostgresSagaLog {
         if let Some(schema) = schema {
             connect = connect.options([("search_path", schema)]);
         }
+        let writer_connect =
+            Connect { options: connect.clone(), timeout: options.acquire_timeout, target: target.clone() };
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -86,9 +92,11 @@ impl PostgresSagaLog {
         };
         let pruner =
             options.prune_interval.map(|every| Pruner::spawn(pool.clone(), target.clone(), options.retention, every));
+        let writers = Writers::spawn(writer_connect, options.writers, options.defer_queued);
         tracing::debug!(target = %target, "postgres saga log ready");
         Ok(Self {
             pool,
+            writers,
             target,
             retention: options.retention,
             schema,
@@ -112,12 +120,14 @@ impl PostgresSagaLog {
         &self.pool
     }
 
-    /// Closes every connection; later calls fail as unavailable.
+    /// Stores the appends queued so far, then closes every connection; later calls fail as
+    /// unavailable.
     pub async fn close(&self) {
+        self.writers.close().await;
         self.pool.close().await;
     }
 
-    fn replica(&self) -> Option<String> {
+    fn replica(&self) -> Option<Arc<str>> {
         self.replica.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -157,93 +167,29 @@ pub(crate) fn decode(request_id: &str, text: &str) -> Result<SagaRecord, LogErro
     serde_json::from_str(text).map_err(|e| LogError::Corrupt(format!("saga `{request_id}`: {e}")))
 }
 
-fn encode(record: &SagaRecord) -> Result<String, LogError> {
+pub(crate) fn encode(record: &SagaRecord) -> Result<String, LogError> {
     serde_json::to_string(record)
         .map_err(|e| LogError::Corrupt(format!("saga `{}` cannot be serialized: {e}", record.request_id)))
 }
 
 /// Unix ms as a `float8` bind (Postgres has no unsigned integers); the SQL
 /// divides by 1000 for `to_timestamp`, exact to the millisecond for any real date.
-fn ms(value: u64) -> f64 {
+pub(crate) fn ms(value: u64) -> f64 {
     value as f64
-}
-
-const SELECT_FOR_UPDATE: &str = "SELECT record::text FROM sagaflow_sagas WHERE request_id = $1 FOR UPDATE";
-const UPDATE: &str = "UPDATE sagaflow_sagas SET record = $2::text::jsonb, status = $3, \
-     updated_at = to_timestamp($4::float8 / 1000), \
-     ended_at = CASE WHEN $5 THEN coalesce(ended_at, to_timestamp($4::float8 / 1000)) ELSE NULL END \
-     WHERE request_id = $1";
-
-async fn write(conn: &mut PgConnection, record: &SagaRecord, json: String) -> Result<(), sqlx::Error> {
-    let status = record.status();
-    sqlx::query(UPDATE)
-        .bind(&record.request_id)
-        .bind(json)
-        .bind(status.to_string())
-        .bind(ms(record.updated_ms))
-        .bind(record.state.is_ended())
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 #[async_trait]
 impl SagaLog for PostgresSagaLog {
     async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
-        let record = SagaRecord::new(saga);
-        let json = encode(&record)?;
-        // A concurrent prune may delete the row between the insert and the select; try again then.
-        for _ in 0..3 {
-            let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO sagaflow_sagas (request_id, facade, mode, status, record, created_at, updated_at, owner) \
-                 VALUES ($1, $2, $3, $4, $5::text::jsonb, to_timestamp($6::float8 / 1000), \
-                 to_timestamp($6::float8 / 1000), $7) \
-                 ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-            )
-            .bind(&record.request_id)
-            .bind(&record.facade)
-            .bind(record.mode.to_string())
-            .bind(record.status().to_string())
-            .bind(&json)
-            .bind(ms(record.created_ms))
-            .bind(&record.owner)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.unavailable("begin", e))?;
-            if inserted.is_some() {
-                return Ok(Begin::Started(record));
-            }
-            if let Some(existing) = self.get(&record.request_id).await? {
-                return Ok(Begin::Exists(existing));
-            }
-            // Not inserted and not there: a trigger skipped the insert over this tombstone.
-            let pruned = crate::tombstones::find(&self.pool, &record.request_id).await;
-            if let Some(tombstone) = pruned.map_err(|e| self.unavailable("begin (tombstone)", e))? {
-                return Ok(Begin::Pruned(tombstone));
-            }
-        }
-        Err(LogError::Unavailable(format!(
-            "PostgreSQL at {}: saga `{}` kept appearing and vanishing during begin",
-            self.target, record.request_id
-        )))
+        self.writers.begin(SagaRecord::new(saga)).await
     }
 
     async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.unavailable("append (begin)", e))?;
-        let text: Option<String> = sqlx::query_scalar(SELECT_FOR_UPDATE)
-            .bind(request_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| self.unavailable("append (select)", e))?;
-        // On every early return the dropped transaction rolls back, releasing the row lock.
-        let Some(text) = text else { return Err(LogError::NotFound(request_id.to_owned())) };
-        let mut record = decode(request_id, &text)?;
-        check_owner(&record, self.replica().as_deref())?;
-        record.apply(&event)?;
-        let json = encode(&record)?;
-        write(&mut tx, &record, json).await.map_err(|e| self.unavailable("append (update)", e))?;
-        tx.commit().await.map_err(|e| self.unavailable("append (commit)", e))?;
-        Ok(record)
+        self.writers.append(request_id, event, self.replica()).await
+    }
+
+    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
+        self.writers.append_queued(request_id, event, self.replica()).await
     }
 
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
@@ -300,6 +246,10 @@ impl SagaLog for PostgresSagaLog {
         "postgres"
     }
 
+    fn health(&self) -> LogHealth {
+        self.writers.health()
+    }
+
     fn shared(&self) -> bool {
         true
     }
@@ -328,7 +278,7 @@ impl SagaLog for PostgresSagaLog {
     async fn register(&self, replica: &str, now_ms: u64, ttl: Duration) -> Result<Lease, LogError> {
         let lease =
             replicas::register(&self.pool, replica, now_ms, ttl).await.map_err(|e| self.unavailable("register", e))?;
-        *self.replica.write().unwrap_or_else(|e| e.into_inner()) = Some(replica.to_owned());
+        *self.replica.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::from(replica));
         Ok(lease)
     }
 

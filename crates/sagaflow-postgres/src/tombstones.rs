@@ -4,12 +4,11 @@
 //! Pruning moves a saga's row into `sagaflow_tombstones` in one statement ([`MOVE_OLD`],
 //! [`MOVE_OLDEST`]); a trigger skips the insert of a saga whose request id has a tombstone
 //! (the migration says why it is a trigger), and `begin` then answers with the tombstone
-//! ([`find`]). Tombstones are pruned in their turn by their age and count ([`expire`]).
+//! ([`find_all`]). Tombstones are pruned in their turn by their age and count ([`expire`]).
 
 use sagaflow::SagaStatus;
 use sagaflow::log::{Retention, Tombstone};
 use sqlx::PgConnection;
-use sqlx::postgres::PgPool;
 
 use crate::prune::CHUNK;
 
@@ -38,9 +37,9 @@ pub(crate) const MOVE_OLDEST: &str = "WITH gone AS ( \
      ON CONFLICT (request_id) DO UPDATE SET facade = EXCLUDED.facade, status = EXCLUDED.status, \
        ended_at = EXCLUDED.ended_at, pruned_at = EXCLUDED.pruned_at";
 
-const FIND: &str = "SELECT facade, status, \
+const FIND_ALL: &str = "SELECT request_id, facade, status, \
        round(extract(epoch FROM ended_at) * 1000)::int8, round(extract(epoch FROM pruned_at) * 1000)::int8 \
-     FROM sagaflow_tombstones WHERE request_id = $1";
+     FROM sagaflow_tombstones WHERE request_id = ANY($1::text[])";
 
 const DELETE_OLD: &str = "DELETE FROM sagaflow_tombstones WHERE request_id IN ( \
        SELECT request_id FROM sagaflow_tombstones WHERE pruned_at < to_timestamp($1::float8 / 1000) \
@@ -52,20 +51,28 @@ const COUNT: &str = "SELECT count(*) FROM sagaflow_tombstones";
 const DELETE_OLDEST: &str = "DELETE FROM sagaflow_tombstones WHERE request_id IN ( \
        SELECT request_id FROM sagaflow_tombstones ORDER BY pruned_at, request_id LIMIT $1 FOR UPDATE SKIP LOCKED)";
 
-/// The tombstone of `request_id`, if it has one.
-pub(crate) async fn find(pool: &PgPool, request_id: &str) -> Result<Option<Tombstone>, sqlx::Error> {
-    let row: Option<(String, String, i64, i64)> = sqlx::query_as(FIND).bind(request_id).fetch_optional(pool).await?;
-    let Some((facade, status, ended_ms, pruned_ms)) = row else { return Ok(None) };
+/// The tombstones of those of `request_ids` that have one.
+pub(crate) async fn find_all(conn: &mut PgConnection, request_ids: &[String]) -> Result<Vec<Tombstone>, sqlx::Error> {
+    let rows: Vec<(String, String, String, i64, i64)> =
+        sqlx::query_as(FIND_ALL).bind(request_ids).fetch_all(conn).await?;
+    rows.into_iter()
+        .map(|(request_id, facade, status, ended_ms, pruned_ms)| {
+            tombstone(request_id, facade, status, ended_ms, pruned_ms)
+        })
+        .collect()
+}
+
+fn tombstone(
+    request_id: String,
+    facade: String,
+    status: String,
+    ended_ms: i64,
+    pruned_ms: i64,
+) -> Result<Tombstone, sqlx::Error> {
     let status: SagaStatus = serde_json::from_value(serde_json::Value::String(status))
         .map_err(|e| sqlx::Error::Decode(format!("tombstone of `{request_id}`: {e}").into()))?;
     let ms = |value: i64| u64::try_from(value).unwrap_or(0);
-    Ok(Some(Tombstone {
-        request_id: request_id.to_owned(),
-        facade,
-        status,
-        ended_ms: ms(ended_ms),
-        pruned_ms: ms(pruned_ms),
-    }))
+    Ok(Tombstone { request_id, facade, status, ended_ms: ms(ended_ms), pruned_ms: ms(pruned_ms) })
 }
 
 /// Deletes the tombstones left more than `tombstone_age` before `now_ms`, then the oldest

@@ -23,9 +23,15 @@ pub fn url() -> String {
     std::env::var(URL_ENV).ok().filter(|u| !u.trim().is_empty()).unwrap_or_else(|| PostgresOptions::DEFAULT_URL.into())
 }
 
-/// Options for `schema` on the test database, without background pruning.
+/// Options for `schema` on the test database, without background pruning; its connections show
+/// the schema as their application name, so a test can find its own in `pg_stat_activity`.
 pub fn options(schema: &str) -> PostgresOptions {
-    PostgresOptions::from_url(&url()).expect("test URL").schema(schema).prune_interval(None).pool_size(4)
+    PostgresOptions::from_url(&url())
+        .expect("test URL")
+        .schema(schema)
+        .prune_interval(None)
+        .pool_size(4)
+        .application_name(schema)
 }
 
 /// The test database; every schema made through it is dropped when it is.
