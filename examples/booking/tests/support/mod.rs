@@ -3,8 +3,8 @@
 
 pub mod postgres;
 pub mod process;
-pub mod stack;
 pub mod replicas;
+pub mod stack;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -366,7 +366,7 @@ impl Cluster {
         for id in order_map.keys().chain(payment_map.keys()) {
             assert!(records.contains_key(id), "an upstream record for `{id}`, which has no saga");
         }
-        let counter = |s: &SnapshotReply| s.counters.clone().unwrap_or_default();
+        let counter = |s: &SnapshotReply| s.counters.unwrap_or_default();
         effects.duplicates_absorbed = counter(&orders).duplicates_absorbed + counter(&payments).duplicates_absorbed;
         effects.refused_after_cancel = counter(&orders).refused_after_cancel + counter(&payments).refused_after_cancel;
         effects
@@ -459,8 +459,7 @@ pub async fn call_once(port: u16, job: &Job) -> Result<bool, tonic::Status> {
 /// request id. Returns the answer and how many calls were transient failures.
 pub async fn book(ports: &[u16], job: &Job, within: Duration) -> (Result<bool, String>, usize) {
     let deadline = Instant::now() + within;
-    let mut failures = 0;
-    for attempt in 0.. {
+    for (failures, attempt) in (0..).enumerate() {
         if Instant::now() > deadline {
             return (Err(format!("{}: no definitive answer within {within:?}", job.id)), failures);
         }
@@ -475,7 +474,6 @@ pub async fn book(ports: &[u16], job: &Job, within: Duration) -> (Result<bool, S
             Ok(Err(status)) => return (Err(format!("{}: unexpected {status:?}", job.id)), failures),
             Err(_) => {}
         }
-        failures += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     unreachable!()
