@@ -182,3 +182,76 @@ start_proxy() {
     PROXY_PID=$LAST_PID
     wait_port "$PROXY" "$PROXY_PID" "$dir/proxy.log" || return 1
 }
+
+# start_replicas DIR N BROKER: N orchestrators (`booking orchestrator`) sharing one app.yaml, one
+# topic prefix on BROKER (nats or rabbitmq) and one PostgreSQL saga log (a fresh schema on
+# SAGA_LOG_URL, default the local `test` database), told apart only by their environment:
+# POD_ID=<id>-0 .. <id>-(N-1) and their listen addresses (SAGAFLOW_GRPC_LISTEN,
+# SAGAFLOW_HTTP_LISTEN), as a StatefulSet's pods would be. They call the mocks at ORDER and
+# PAYMENT. The first starts alone (it creates the schema), then the others. CONSUMERS (per
+# replica) and STACK_YAML as for start_orchestrator. Sets REPLICA_GRPC and REPLICA_PIDS (arrays,
+# one entry per replica), TARGETS (their gRPC addresses, comma-separated, for --target),
+# WATCH_REPLICAS (--watch-pid flags naming them), REPLICA_SCHEMA; drop_replica_schema removes it.
+start_replicas() {
+    local dir=$1 count=$2 broker=$3 id i grpc http
+    case $broker in
+        nats | rabbitmq) ;;
+        *) echo "start_replicas: broker \`$broker\`: replicas share a broker, use nats or rabbitmq" >&2; return 1 ;;
+    esac
+    mkdir -p "$dir"
+    id="replicas$(date +%s)$RANDOM"
+    REPLICA_SCHEMA=$id
+    {
+        echo "broker: $broker"
+        if [ "$broker" = rabbitmq ]; then echo "broker_queue_expiry_ms: 600000   # the run's queues go once it is over"; fi
+        echo "saga_log: postgres"
+        if [ -n "${SAGA_LOG_URL:-}" ]; then echo "saga_log_url: $SAGA_LOG_URL"; fi
+        echo "saga_log_schema: $id"
+        echo "upstream: { in_process: false, order_addr: 127.0.0.1:$ORDER, payment_addr: 127.0.0.1:$PAYMENT }"
+        echo "message_queue:"
+        echo "  topic_prefix: $id"
+        if [ -n "${CONSUMERS:-}" ]; then
+            echo "  topics:"
+            for topic in CreateOrder CreatePayment rollback; do
+                echo "    - { id: ThrottlingBooking.$topic, is_throttling: true, concurrency: $CONSUMERS }"
+            done
+        fi
+        echo "${STACK_YAML:-}"
+    } >"$dir/app.yaml"
+    REPLICA_GRPC=()
+    REPLICA_PIDS=()
+    TARGETS=""
+    WATCH_REPLICAS=()
+    for i in $(seq 0 $((count - 1))); do
+        read -r grpc http <<<"$(free_ports 2)"
+        start "$dir/orchestrator-$i.log" env RUST_LOG="${RUST_LOG:-warn}" ${ORCHESTRATOR_ENV:-} POD_ID="$id-$i" \
+            SAGAFLOW_GRPC_LISTEN="127.0.0.1:$grpc" SAGAFLOW_HTTP_LISTEN="127.0.0.1:$http" \
+            "$BIN/booking" --config "$dir/app.yaml" orchestrator
+        REPLICA_GRPC+=("$grpc")
+        REPLICA_PIDS+=("$LAST_PID")
+        TARGETS+="${TARGETS:+,}127.0.0.1:$grpc"
+        WATCH_REPLICAS+=(--watch-pid "orchestrator-$i=$LAST_PID")
+        if [ "$i" = 0 ]; then
+            wait_port "$grpc" "$LAST_PID" "$dir/orchestrator-$i.log" || return 1
+        fi
+    done
+    for i in $(seq 1 $((count - 1))); do
+        wait_port "${REPLICA_GRPC[$i]}" "${REPLICA_PIDS[$i]}" "$dir/orchestrator-$i.log" || return 1
+    done
+}
+
+# drop_replica_schema: drops the saga log schema start_replicas made (needs psql; best effort).
+drop_replica_schema() {
+    [ -n "${REPLICA_SCHEMA:-}" ] || return 0
+    command -v psql >/dev/null || return 0
+    psql "${SAGA_LOG_URL:-postgres://postgres@127.0.0.1:5432/test}" -qc "DROP SCHEMA IF EXISTS \"$REPLICA_SCHEMA\" CASCADE" \
+        >/dev/null 2>&1 || true
+    REPLICA_SCHEMA=""
+}
+
+# replica_sagas: the shared saga log's sagas by status and owner (the pod id that drove it; `-`
+# for async sagas, which any replica drives), as `status owner count` lines (needs psql).
+replica_sagas() {
+    psql "${SAGA_LOG_URL:-postgres://postgres@127.0.0.1:5432/test}" -AF' ' -tc \
+        "SELECT status, coalesce(owner, '-'), count(*) FROM \"$REPLICA_SCHEMA\".sagaflow_sagas GROUP BY 1, 2 ORDER BY 1, 2"
+}

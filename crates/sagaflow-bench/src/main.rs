@@ -37,10 +37,10 @@ use crate::callback::CallbackHub;
 use crate::load::{Counters, Plan};
 use crate::procfs::Process;
 use crate::progress::{Display, Progress};
-use crate::report::{Comparison, Load, Report, Usage, go_duration};
+use crate::report::{Comparison, Load, Report, TargetShare, Usage, go_duration};
 use crate::schedule::{Rate, parse_duration};
 use crate::search::{RateSearch, passes};
-use crate::target::{Flow, Target};
+use crate::target::{Flow, Replica, Target};
 
 /// Open-loop load generator for the sagaflow booking orchestrator.
 #[derive(Debug, Parser)]
@@ -80,9 +80,10 @@ struct LoadArgs {
     /// The booking flow to call.
     #[arg(long, value_enum, default_value = "sync")]
     flow: Flow,
-    /// The orchestrator's gRPC address.
-    #[arg(long, default_value = "127.0.0.1:10000")]
-    target: String,
+    /// The orchestrator's gRPC address. Repeat it, or give a comma list, to spread the calls
+    /// over several replicas round robin, as a gRPC load balancer would.
+    #[arg(long = "target", value_name = "HOST:PORT", value_delimiter = ',', default_value = "127.0.0.1:10000")]
+    targets: Vec<String>,
     /// Call CreateOrder and CreatePayment on the upstreams directly, with no orchestrator.
     #[arg(long)]
     direct: bool,
@@ -235,8 +236,11 @@ impl Setup {
             } else {
                 None
             };
-            let channels = target::connect(&load.target, connections, patience).await?;
-            Some(Arc::new(Target::booking(load.flow, channels, callbacks)))
+            let mut replicas = Vec::with_capacity(load.targets.len());
+            for addr in &load.targets {
+                replicas.push(Replica::new(addr.as_str(), target::connect(addr, connections, patience).await?));
+            }
+            Some(Arc::new(Target::booking(load.flow, replicas, callbacks)?))
         } else {
             None
         };
@@ -276,6 +280,7 @@ impl Setup {
             load.watch_pids.iter().map(|(name, pid)| (name.as_str(), *pid, Process::Pid(*pid).cpu_time())).collect();
         let cpu_before = Process::Myself.cpu_time();
         let unexpected_before = self.hub.as_ref().map_or(0, |hub| hub.unexpected());
+        let sent_before = target.sent();
         let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
 
         let progress = Progress::start(display, label, duration, counters.clone());
@@ -304,13 +309,23 @@ impl Setup {
             })
             .collect();
         report.unexpected_callbacks = self.hub.as_ref().map_or(0, |hub| hub.unexpected()) - unexpected_before;
+        report.targets = target
+            .sent()
+            .into_iter()
+            .zip(sent_before)
+            .map(|(now, before)| TargetShare {
+                addr: now.addr,
+                requests: now.requests - before.requests,
+                successes: now.successes - before.successes,
+            })
+            .collect();
         let is_direct = matches!(**target, Target::Direct { .. });
         report.load = Load {
             flow: target.name().into(),
             target: if is_direct {
                 format!("order {} + payment {}", load.upstream.order, load.upstream.payment)
             } else {
-                load.target.clone()
+                load.targets.join(",")
             },
             rate: match rate {
                 Rate::PerSecond(rate) => Some(rate),
@@ -530,7 +545,7 @@ async fn saturate(args: SaturateArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         let saturation = Saturation {
             flow: target.name().into(),
-            target: load.target.clone(),
+            target: load.targets.join(","),
             step: step_length.as_nanos() as u64,
             p99_max: args.p99_max.as_nanos() as u64,
             best_rate: best,
@@ -579,6 +594,16 @@ mod tests {
         let Some(Command::Saturate(args)) = cli.command else { panic!("not saturate") };
         assert_eq!(args.p99_max, Duration::from_millis(50));
         assert!(Cli::try_parse_from(["sagaflow-bench", "--direct", "--compare"]).is_err());
+    }
+
+    #[test]
+    fn several_targets_are_given_repeated_or_as_a_comma_list() {
+        let cli = Cli::try_parse_from(["sagaflow-bench"]).unwrap();
+        assert_eq!(cli.run.load.targets, ["127.0.0.1:10000"]);
+        let cli =
+            Cli::try_parse_from(["sagaflow-bench", "--target", "127.0.0.1:1,127.0.0.1:2", "--target", "127.0.0.1:3"])
+                .unwrap();
+        assert_eq!(cli.run.load.targets, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
     }
 
     #[test]

@@ -47,7 +47,8 @@ pub(crate) struct ErrorCount {
 pub(crate) struct Load {
     /// `sync`, `async`, `throttling` or `direct`.
     pub(crate) flow: String,
-    /// The address called (for `direct`, the order and payment services).
+    /// The address called, comma-separated when the calls were spread over several replicas
+    /// (for `direct`, the order and payment services).
     pub(crate) target: String,
     /// Requests/s (open loop); `None` for a closed loop.
     pub(crate) rate: Option<f64>,
@@ -77,6 +78,17 @@ pub(crate) struct Usage {
     pub(crate) cpu_seconds: f64,
     /// Peak resident memory of the process so far (`VmHWM`), in KiB.
     pub(crate) peak_rss_kib: u64,
+}
+
+/// The requests of a run that went to one orchestrator replica.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TargetShare {
+    /// The replica's gRPC address.
+    pub(crate) addr: String,
+    /// Requests sent to it.
+    pub(crate) requests: u64,
+    /// Of those, the ones that got the answer they asked for.
+    pub(crate) successes: u64,
 }
 
 /// One upstream mock's counters after the run (its `Snapshot`).
@@ -146,6 +158,9 @@ pub(crate) struct Report {
     pub(crate) upstream: Option<Upstreams>,
     /// Async callbacks that named no request waiting for one (late or duplicate).
     pub(crate) unexpected_callbacks: u64,
+    /// The requests each orchestrator replica was sent (one entry per `--target`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) targets: Vec<TargetShare>,
 }
 
 /// A run of `--compare`: the same load direct to the upstreams, then through the orchestrator.
@@ -243,6 +258,16 @@ impl Report {
                 "[process, cpu, peak rss]",
                 &format!("{who}: {}, {}", cpu(watched), mib(watched.peak_rss_kib)),
             ));
+        }
+        if self.targets.len() > 1 {
+            for share in &self.targets {
+                let success = if share.requests > 0 { share.successes as f64 / share.requests as f64 } else { 0.0 };
+                out.push_str(&line(
+                    "Target",
+                    "[address, requests, success]",
+                    &format!("{}, {}, {:.2}%", share.addr, share.requests, success * 100.0),
+                ));
+            }
         }
         if let Some(up) = &self.upstream {
             out.push_str(&line(
@@ -425,6 +450,25 @@ mod tests {
         assert_eq!(json["duration"], 29_998_000_000u64);
         let back: Report = serde_json::from_value(json).unwrap();
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn a_run_over_several_replicas_reports_each_ones_share() {
+        let mut report = sample();
+        assert!(!report.text().contains("Target  "), "one target: no share lines");
+        report.targets = vec![
+            TargetShare { addr: "127.0.0.1:1".into(), requests: 5000, successes: 5000 },
+            TargetShare { addr: "127.0.0.1:2".into(), requests: 5000, successes: 4990 },
+        ];
+        let text = report.text();
+        assert!(
+            text.contains("Target        [address, requests, success]      127.0.0.1:1, 5000, 100.00%\n"),
+            "{text}"
+        );
+        assert!(text.contains("127.0.0.1:2, 5000, 99.80%"), "{text}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["targets"][1]["successes"], 4990);
+        assert_eq!(serde_json::from_value::<Report>(json).unwrap(), report);
     }
 
     #[test]

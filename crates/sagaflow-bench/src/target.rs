@@ -2,7 +2,7 @@
 //! throttling), or the same two-step saga called directly on the upstream services.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -90,15 +90,48 @@ pub(crate) async fn connect(addr: &str, count: usize, patience: Duration) -> any
     Ok(channels)
 }
 
+/// One orchestrator replica: its address, its connections, and what it was sent.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    addr: String,
+    clients: Pool<BookingServiceClient<Channel>>,
+    requests: AtomicU64,
+    successes: AtomicU64,
+}
+
+impl Replica {
+    /// The replica at `addr`, over `channels`.
+    pub(crate) fn new(addr: impl Into<String>, channels: Vec<Channel>) -> Self {
+        Self {
+            addr: addr.into(),
+            clients: Pool::new(channels.into_iter().map(BookingServiceClient::new).collect()),
+            requests: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Requests sent to one replica so far, and how many got the answer they asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sent {
+    /// The replica's address.
+    pub(crate) addr: String,
+    /// Requests sent to it.
+    pub(crate) requests: u64,
+    /// Of those, the successes.
+    pub(crate) successes: u64,
+}
+
 /// What the load calls.
 #[derive(Debug)]
 pub(crate) enum Target {
-    /// A booking flow of the orchestrator.
+    /// A booking flow of the orchestrator, on one replica or spread over several.
     Booking {
         /// Which flow.
         flow: Flow,
-        /// Clients of `pb.BookingService`.
-        clients: Pool<BookingServiceClient<Channel>>,
+        /// The replicas (at least one). Request `i` goes to replica `i mod len`: round robin,
+        /// as a gRPC load balancer spreads calls.
+        replicas: Vec<Replica>,
         /// For `async`: where callbacks arrive, and the URL to give.
         callbacks: Option<(Arc<CallbackHub>, String)>,
     },
@@ -112,12 +145,28 @@ pub(crate) enum Target {
 }
 
 impl Target {
-    /// A booking flow over `channels`; `callbacks` is required for `async`.
-    pub(crate) fn booking(flow: Flow, channels: Vec<Channel>, callbacks: Option<(Arc<CallbackHub>, String)>) -> Self {
-        Self::Booking {
-            flow,
-            clients: Pool::new(channels.into_iter().map(BookingServiceClient::new).collect()),
-            callbacks,
+    /// A booking flow over `replicas`; `callbacks` is required for `async`.
+    pub(crate) fn booking(
+        flow: Flow,
+        replicas: Vec<Replica>,
+        callbacks: Option<(Arc<CallbackHub>, String)>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!replicas.is_empty(), "no orchestrator to call: give at least one --target");
+        Ok(Self::Booking { flow, replicas, callbacks })
+    }
+
+    /// Requests sent to each replica so far (empty for `direct`).
+    pub(crate) fn sent(&self) -> Vec<Sent> {
+        match self {
+            Self::Booking { replicas, .. } => replicas
+                .iter()
+                .map(|r| Sent {
+                    addr: r.addr.clone(),
+                    requests: r.requests.load(Ordering::Relaxed),
+                    successes: r.successes.load(Ordering::Relaxed),
+                })
+                .collect(),
+            Self::Direct { .. } => Vec::new(),
         }
     }
 
@@ -144,34 +193,45 @@ impl Target {
         };
         let product_id = 1 + (i % 1000) as i64;
         match self {
-            Self::Booking { flow, clients, callbacks } => {
-                let booking = BookingRequest {
-                    product_id,
-                    count: 1,
-                    fault_inject: fault,
-                    callback_url: callbacks.as_ref().map(|(_, url)| url.clone()).unwrap_or_default(),
-                };
-                let mut client = clients.get();
-                match flow {
-                    Flow::Sync => answered(client.handle_sync_booking(with_id(booking, &id)).await.map(drop), fault),
-                    Flow::Throttling => {
-                        answered(client.handle_throttling_booking(with_id(booking, &id)).await.map(drop), fault)
-                    }
-                    Flow::Async => {
-                        let Some((hub, _)) = callbacks else {
-                            return Outcome::failure("NO_RECEIVER", "async flow without a callback receiver");
-                        };
-                        // Wait before sending: the callback may come before the answer.
-                        let mut waiting = hub.wait_for(request_id);
-                        if let Err(status) = client.handle_async_booking(with_id(booking, &id)).await {
-                            return failed(&status);
+            Self::Booking { flow, replicas, callbacks } => {
+                let replica = &replicas[(i % replicas.len() as u64) as usize];
+                replica.requests.fetch_add(1, Ordering::Relaxed);
+                let outcome = async {
+                    let booking = BookingRequest {
+                        product_id,
+                        count: 1,
+                        fault_inject: fault,
+                        callback_url: callbacks.as_ref().map(|(_, url)| url.clone()).unwrap_or_default(),
+                    };
+                    let mut client = replica.clients.get();
+                    match flow {
+                        Flow::Sync => {
+                            answered(client.handle_sync_booking(with_id(booking, &id)).await.map(drop), fault)
                         }
-                        match waiting.status().await {
-                            Some(status) => called_back(status, fault),
-                            None => Outcome::failure("NO_CALLBACK", "the callback receiver stopped"),
+                        Flow::Throttling => {
+                            answered(client.handle_throttling_booking(with_id(booking, &id)).await.map(drop), fault)
+                        }
+                        Flow::Async => {
+                            let Some((hub, _)) = callbacks else {
+                                return Outcome::failure("NO_RECEIVER", "async flow without a callback receiver");
+                            };
+                            // Wait before sending: the callback may come before the answer.
+                            let mut waiting = hub.wait_for(request_id);
+                            if let Err(status) = client.handle_async_booking(with_id(booking, &id)).await {
+                                return failed(&status);
+                            }
+                            match waiting.status().await {
+                                Some(status) => called_back(status, fault),
+                                None => Outcome::failure("NO_CALLBACK", "the callback receiver stopped"),
+                            }
                         }
                     }
                 }
+                .await;
+                if outcome.ok {
+                    replica.successes.fetch_add(1, Ordering::Relaxed);
+                }
+                outcome
             }
             Self::Direct { orders, payments } => {
                 let order =
@@ -311,6 +371,34 @@ mod tests {
         assert_eq!(stuck.code, "stuck");
         assert!(!called_back("compensated".into(), false).ok);
         assert_eq!(called_back("weird".into(), false).code, "callback");
+    }
+
+    /// A loopback address where nothing listens.
+    fn closed_port() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn requests_go_round_robin_over_the_replicas_and_each_is_counted() {
+        let replicas: Vec<Replica> = (0..3)
+            .map(|_| {
+                let addr = closed_port();
+                let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+                Replica::new(addr, vec![channel])
+            })
+            .collect();
+        let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+        let target = Target::booking(Flow::Sync, replicas, None).unwrap();
+        for i in 0..7 {
+            let outcome = target.call(&format!("req-{i}"), i, false).await;
+            assert_eq!(outcome.code, "UNAVAILABLE", "nothing listens: {outcome:?}");
+        }
+        let sent = target.sent();
+        let expected: Vec<Sent> =
+            addrs.into_iter().zip([3, 2, 2]).map(|(addr, requests)| Sent { addr, requests, successes: 0 }).collect();
+        assert_eq!(sent, expected);
+        assert!(Target::booking(Flow::Sync, Vec::new(), None).is_err());
     }
 
     #[test]
