@@ -366,7 +366,7 @@ impl Cluster {
         for id in order_map.keys().chain(payment_map.keys()) {
             assert!(records.contains_key(id), "an upstream record for `{id}`, which has no saga");
         }
-        let counter = |s: &SnapshotReply| s.counters.clone().unwrap_or_default();
+        let counter = |s: &SnapshotReply| s.counters.unwrap_or_default();
         effects.duplicates_absorbed = counter(&orders).duplicates_absorbed + counter(&payments).duplicates_absorbed;
         effects.refused_after_cancel = counter(&orders).refused_after_cancel + counter(&payments).refused_after_cancel;
         effects
@@ -459,12 +459,12 @@ pub async fn call_once(port: u16, job: &Job) -> Result<bool, tonic::Status> {
 /// request id. Returns the answer and how many calls were transient failures.
 pub async fn book(ports: &[u16], job: &Job, within: Duration) -> (Result<bool, String>, usize) {
     let deadline = Instant::now() + within;
-    let mut failures = 0;
-    for attempt in 0.. {
+    // Every turn but the last is a transient failure.
+    for failures in 0.. {
         if Instant::now() > deadline {
             return (Err(format!("{}: no definitive answer within {within:?}", job.id)), failures);
         }
-        let port = ports[(job.replica + attempt) % ports.len()];
+        let port = ports[(job.replica + failures) % ports.len()];
         match tokio::time::timeout(Duration::from_secs(90), call_once(port, job)).await {
             Ok(Ok(answer)) => return (Ok(answer), failures),
             Ok(Err(status))
@@ -475,10 +475,9 @@ pub async fn book(ports: &[u16], job: &Job, within: Duration) -> (Result<bool, S
             Ok(Err(status)) => return (Err(format!("{}: unexpected {status:?}", job.id)), failures),
             Err(_) => {}
         }
-        failures += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    unreachable!()
+    unreachable!("the loop returns")
 }
 
 /// One job's answer.
