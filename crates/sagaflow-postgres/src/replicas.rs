@@ -69,6 +69,14 @@ pub(crate) async fn expired(pool: &PgPool, now_ms: u64) -> Result<Vec<String>, s
 /// Takes over the unfinished sagas of `dead` for `by` in one transaction.
 /// The replica row is updated first: of several claimers the first holds its
 /// lock, and the others find it taken (or renewed) and get `None`.
+///
+/// A saga whose row is locked is skipped, not waited for: a replica paused in
+/// the middle of a write (stopped, frozen, starved) holds that lock until it
+/// resumes, and a claim waiting for it would hold up every saga of the replica,
+/// and the claimer's own lease renewals, as long. While such a saga is left,
+/// the replica stays expired and not taken (its epoch moves on all the same, so
+/// it cannot renew): the next claim takes the rest once the lock is gone, or
+/// the replica, resumed, registers again and goes on with what it still owns.
 pub(crate) async fn claim(
     pool: &PgPool,
     dead: &str,
@@ -77,11 +85,10 @@ pub(crate) async fn claim(
 ) -> Result<Option<Vec<(String, String)>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let won: Option<i64> = sqlx::query_scalar(
-        "UPDATE sagaflow_replicas SET taken_by = $2, epoch = epoch + 1 \
-         WHERE replica = $1 AND until_ms < $3 AND taken_by IS NULL RETURNING epoch",
+        "UPDATE sagaflow_replicas SET epoch = epoch + 1 \
+         WHERE replica = $1 AND until_ms < $2 AND taken_by IS NULL RETURNING epoch",
     )
     .bind(dead)
-    .bind(by)
     .bind(ms(now_ms))
     .fetch_optional(&mut *tx)
     .await?;
@@ -90,12 +97,27 @@ pub(crate) async fn claim(
     }
     let rows: Vec<(String, String)> = sqlx::query_as(
         "UPDATE sagaflow_sagas SET owner = $2, record = jsonb_set(record, '{owner}', to_jsonb($2::text)) \
-         WHERE owner = $1 AND status IN ('running', 'compensating') RETURNING request_id, record::text",
+         WHERE owner = $1 AND request_id IN (SELECT request_id FROM sagaflow_sagas \
+         WHERE owner = $1 AND status IN ('running', 'compensating') FOR UPDATE SKIP LOCKED) \
+         RETURNING request_id, record::text",
     )
     .bind(dead)
     .bind(by)
     .fetch_all(&mut *tx)
     .await?;
+    let left: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sagaflow_sagas WHERE owner = $1 AND status IN ('running', 'compensating'))",
+    )
+    .bind(dead)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !left {
+        sqlx::query("UPDATE sagaflow_replicas SET taken_by = $2 WHERE replica = $1")
+            .bind(dead)
+            .bind(by)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(Some(rows))
 }

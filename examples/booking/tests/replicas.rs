@@ -18,10 +18,10 @@ use support::{booking, channel, with_id};
 use tonic::Code;
 
 /// Bookings of the main load, and callers sending them at once.
-const BOOKINGS: usize = 900;
+const BOOKINGS: usize = 450;
 const CALLERS: usize = 24;
 /// Bookings sent after a replica comes back, round-robin over all three.
-const AFTER: usize = 300;
+const AFTER: usize = 150;
 /// How long every saga has to end once the callers are answered.
 const END_WITHIN: Duration = Duration::from_secs(60);
 
@@ -29,11 +29,16 @@ const TAKEN_OVER: &str = "sagaflow_taken_over_total";
 const TOOK_OVER_LOG: &str = "took over the sagas of an expired replica";
 const LEASE_LOST_LOG: &str = "lease ran out and this replica's sagas were taken over";
 
+/// Whether replica `i` answered some of `answers` itself (first try, no retry elsewhere).
+fn served(answers: &[Answer], i: usize) -> bool {
+    answers.iter().any(|a| a.job.replica == i && a.retries == 0)
+}
+
 fn tag(what: &str) -> String {
     format!("{what}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
-/// A random point in the middle third of the load.
+/// A random point between a quarter and a half of the load.
 fn some_point_of(n: usize) -> usize {
     rand::rng().random_range(n / 4..n / 2)
 }
@@ -84,7 +89,7 @@ struct Report {
 
 /// The checks every scenario ends with: every saga ended, callers told the truth, the upstreams
 /// agree with the log, and the sagas begun by `victim` before `since_ms` that are not its own any
-/// more were taken over (as many as the survivors' counter says) and ended.
+/// more were taken over (the survivors' counter counts them) and ended.
 async fn settle(
     cluster: &Cluster,
     name: &str,
@@ -104,12 +109,18 @@ async fn settle(
     let taken = taken_from(&pod, since_ms, jobs, victim, &records);
     let metric = taken_over_metric(cluster, victim).await;
     assert!(!taken.is_empty(), "{name}: no saga of the victim was taken over (the kill came too late?)");
-    assert_eq!(metric as usize, taken.len(), "{name}: the survivors' {TAKEN_OVER} against the sagas that moved");
+    // At least those: a claim also takes what the victim began after the pause and before it
+    // learnt its lease was lost, and under a slow database a survivor's lease may run out too.
+    assert!(metric as usize >= taken.len(), "{name}: {TAKEN_OVER} {metric} < {} sagas moved", taken.len());
     let logged =
         (0..cluster.replicas.len()).filter(|&i| i != victim).any(|i| cluster.log_of(i).contains(TOOK_OVER_LOG));
     assert!(logged, "{name}: no survivor logged `{TOOK_OVER_LOG}`");
     let last_end = taken.iter().map(|r| r.updated_ms).max().unwrap();
     let takeover = Duration::from_millis(last_end.saturating_sub(since_ms));
+    // Of every saga begun before the kill (or pause), async ones included: those are nobody's,
+    // and a dead replica's unacked hops come back when the broker's ack wait runs out.
+    let before = records.values().filter(|r| r.created_ms < since_ms);
+    let all_ended = before.map(|r| r.updated_ms).max().unwrap_or(since_ms).saturating_sub(since_ms);
     let retried = answers.iter().filter(|a| a.retries > 0).count();
     println!(
         "{name}: sagas {}, completed {}, compensated {} (fault-injected {faults}), callers that retried {retried}",
@@ -122,23 +133,37 @@ async fn settle(
         taken.len(),
         takeover.as_secs_f64()
     );
+    println!("{name}: every saga begun before it (async ones too) ended {:.2} s after it", all_ended as f64 / 1000.0);
     println!(
         "{name}: upstream duplicates absorbed {}, creates refused after their cancel {}",
         effects.duplicates_absorbed, effects.refused_after_cancel
+    );
+    let count =
+        |what: &str| (0..cluster.replicas.len()).map(|i| cluster.log_of(i).matches(what).count()).sum::<usize>();
+    println!(
+        "{name}: leases lost {}, renewed late {}, drains handed back {}",
+        count(LEASE_LOST_LOG),
+        count("lease renewed after it had run out"),
+        count("replica is back")
     );
     (Report { sagas: records.len(), taken: taken.len(), takeover }, records)
 }
 
 /// Three replicas under mixed load; one is SIGKILLed mid-load and stays dead.
 async fn kill_one_of_three(broker: BrokerKind, name: &str) -> Report {
+    let t = Instant::now();
     let mut cluster = Cluster::start(Spec::new(3, broker)).await;
+    println!("{name}: cluster up after {:?}", t.elapsed());
     let jobs = mixed_jobs(&tag(name), BOOKINGS, 3);
     let load = Load::start(cluster.grpc_ports(), jobs.clone(), CALLERS);
     load.sent(some_point_of(BOOKINGS)).await;
     let victim = 1;
     let killed_at = cluster.kill(victim);
+    println!("{name}: killed after {:?}", t.elapsed());
     let answers = load.finish().await;
+    println!("{name}: answered after {:?}", t.elapsed());
     let (report, _) = settle(&cluster, name, &answers, &jobs, victim, killed_at).await;
+    println!("{name}: settled after {:?}", t.elapsed());
     assert_eq!(report.sagas, BOOKINGS);
     report
 }
@@ -181,7 +206,9 @@ async fn a_replica_restarted_during_the_takeover_drives_nothing_twice() {
 
     // The restarted replica takes work again, beside the ones still finishing what was its.
     let after = mixed_jobs(&format!("{run}-after"), AFTER, 3);
-    answers.extend(Load::start(cluster.grpc_ports(), after.clone(), CALLERS).finish().await);
+    let served_after = Load::start(cluster.grpc_ports(), after.clone(), CALLERS).finish().await;
+    assert!(served(&served_after, victim), "the replica that came back answers again");
+    answers.extend(served_after);
     jobs.extend(after);
     let (report, _) = settle(&cluster, name, &answers, &jobs, victim, killed_at).await;
     assert_eq!(report.sagas, BOOKINGS + AFTER);
@@ -298,7 +325,9 @@ async fn a_replica_paused_past_its_lease_leaves_its_taken_sagas_alone() {
     let mut answers = load.finish().await;
 
     let after = mixed_jobs(&format!("{run}-after"), AFTER, 3);
-    answers.extend(Load::start(cluster.grpc_ports(), after.clone(), CALLERS).finish().await);
+    let served_after = Load::start(cluster.grpc_ports(), after.clone(), CALLERS).finish().await;
+    assert!(served(&served_after, victim), "the replica that came back answers again");
+    answers.extend(served_after);
     jobs.extend(after);
     let (report, _) = settle(&cluster, name, &answers, &jobs, victim, paused_at).await;
     assert_eq!(report.sagas, BOOKINGS + AFTER);

@@ -28,7 +28,10 @@ impl Orchestrator {
     }
 
     /// Renews the lease every `lease_renew_interval`, and takes over the
-    /// sagas of replicas whose lease ran out.
+    /// sagas of replicas whose lease ran out, in two tasks: a takeover (a
+    /// claim, the sagas queued again, the consumers of the dead replica's
+    /// topics) may take longer than the lease has left, and renewals waiting
+    /// behind it would let this replica's lease run out in turn.
     pub(super) fn keep_lease(&self, lease: Option<Lease>) {
         let Some(mut lease) = lease else { return };
         let this = self.clone();
@@ -38,14 +41,21 @@ impl Orchestrator {
             let mut tick = tokio::time::interval(o.lease_renew_interval);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
             tick.tick().await;
-            let mut draining = HashMap::new();
             loop {
                 tokio::select! {
                     _ = this.engine.shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match log.renew(me, lease, now_ms(), o.lease_ttl).await {
-                    Ok(renewed) => lease = renewed,
+                let now = now_ms();
+                match log.renew(me, lease, now, o.lease_ttl).await {
+                    Ok(renewed) => {
+                        if now > lease.until_ms {
+                            // Nobody claimed it in time; a slower takeover would have.
+                            let late_ms = now - lease.until_ms;
+                            tracing::warn!(replica = me, late_ms, "lease renewed after it had run out");
+                        }
+                        lease = renewed;
+                    }
                     Err(LogError::LeaseLost(_)) => {
                         // Paused or cut off past the lease: the sagas it drove are another
                         // replica's now (the log refuses this one's writes to them).
@@ -55,10 +65,20 @@ impl Orchestrator {
                             Err(e) => tracing::warn!(error = %e, "could not register again; next round retries"),
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not renew this replica's lease; next round retries");
-                        continue;
-                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew this replica's lease; next round retries"),
+                }
+            }
+        });
+        let this = self.clone();
+        self.engine.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(this.engine.options.lease_renew_interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut draining = HashMap::new();
+            loop {
+                tokio::select! {
+                    _ = this.engine.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
                 }
                 this.take_over_expired(&mut draining).await;
             }
@@ -83,7 +103,11 @@ impl Orchestrator {
                     continue;
                 }
             };
-            tracing::warn!(replica = %dead, sagas = records.len(), "took over the sagas of an expired replica");
+            // A claim may come back empty: a log may leave the sagas whose rows a write of the
+            // paused replica still locks to the next round (as the PostgreSQL log does).
+            if !records.is_empty() {
+                tracing::warn!(replica = %dead, sagas = records.len(), "took over the sagas of an expired replica");
+            }
             for record in records {
                 let Some(flow) = self.flows.get(&record.facade) else {
                     tracing::error!(request_id = %record.request_id, facade = %record.facade, "taken-over saga of a facade not registered here; left as it is");

@@ -459,11 +459,12 @@ pub async fn call_once(port: u16, job: &Job) -> Result<bool, tonic::Status> {
 /// request id. Returns the answer and how many calls were transient failures.
 pub async fn book(ports: &[u16], job: &Job, within: Duration) -> (Result<bool, String>, usize) {
     let deadline = Instant::now() + within;
-    for (failures, attempt) in (0..).enumerate() {
+    // Every turn but the last is a transient failure.
+    for failures in 0.. {
         if Instant::now() > deadline {
             return (Err(format!("{}: no definitive answer within {within:?}", job.id)), failures);
         }
-        let port = ports[(job.replica + attempt) % ports.len()];
+        let port = ports[(job.replica + failures) % ports.len()];
         match tokio::time::timeout(Duration::from_secs(90), call_once(port, job)).await {
             Ok(Ok(answer)) => return (Ok(answer), failures),
             Ok(Err(status))
@@ -476,7 +477,7 @@ pub async fn book(ports: &[u16], job: &Job, within: Duration) -> (Result<bool, S
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    unreachable!()
+    unreachable!("the loop returns")
 }
 
 /// One job's answer.
