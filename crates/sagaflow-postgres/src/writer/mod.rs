@@ -280,6 +280,13 @@ impl Writer {
                         close = Some(reply);
                         break;
                     }
+                    // While the database is out of reach, a caller who waits is told so at once
+                    // (it retries, and a sync caller hears of the outage); a queued append waits
+                    // here, in order, for the connection.
+                    Some(Some(request)) if down && request.is_awaited() => {
+                        let why = self.health.get().unwrap_or_default();
+                        request.fail(&why);
+                    }
                     Some(Some(request)) => self.held.push_back(request),
                     Some(None) if down => {
                         let connected = self.connection().await.map(|conn| self.conn = Some(conn)).is_ok();
