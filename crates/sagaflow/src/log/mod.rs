@@ -275,10 +275,13 @@ pub trait SagaLog: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
-    /// Takes over every unfinished saga of the expired replica `dead` for
-    /// `by`, atomically: of several replicas claiming at once exactly one gets
-    /// `Some` with the sagas (now owned by `by`); the others, and a claim on a
-    /// replica that renewed in the meantime, get `None`.
+    /// Takes over unfinished sagas of the expired replica `dead` for `by`:
+    /// `Some` with the sagas now owned by `by`, `None` for a replica that
+    /// renewed in the meantime or was taken over already. Each saga moves to
+    /// exactly one claimer. A log may hand them over in several rounds (the
+    /// sagas a writer holds at the moment stay with `dead` until the next
+    /// claim), so several claimers may each get a share; the replica counts as
+    /// taken over once none is left.
     async fn claim(&self, dead: &str, by: &str, now_ms: u64) -> Result<Option<Vec<SagaRecord>>, LogError> {
         let _ = (dead, by, now_ms);
         Ok(None)
