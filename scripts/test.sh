@@ -20,6 +20,7 @@ else
     cargo test --workspace --no-fail-fast
 fi
 cargo test --workspace --doc
+bash scripts/examples.sh
 
 # From outside Rust: the booking service as its own process, called by grpcio.
 cargo build --bin booking
