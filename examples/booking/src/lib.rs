@@ -3,16 +3,17 @@
 //!
 //! Layout, as in the original: [`facade`] registers the flows, [`node`] holds
 //! the steps, [`handler`] serves the gRPC API, [`topic`] names the topics.
+//! What any orchestrator service needs beside that (the admin API and dashboard,
+//! HTTP callbacks) comes from `sagaflow-server`.
 
-pub mod admin;
 pub mod app;
-pub mod callback;
 pub mod config;
 pub mod facade;
 pub mod handler;
 pub mod node;
 pub mod proto;
 pub mod proxy;
-pub mod redact;
 pub mod topic;
 pub mod upstream;
+
+pub use sagaflow_server::{admin, callback, redact};
