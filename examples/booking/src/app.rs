@@ -5,22 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sagaflow::log::{LogHealth, Retention};
-use sagaflow::{Broker, MemoryBroker, MemorySagaLog, Orchestrator, SagaLog};
-use sagaflow_nats::{NatsBroker, NatsOptions};
-use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
-use sagaflow_rabbitmq::{RabbitMqBroker, RabbitMqOptions};
-use sagaflow_redb::{RedbOptions, RedbSagaLog};
+use sagaflow::log::Retention;
+use sagaflow::{Broker, Orchestrator, SagaLog};
+use sagaflow_server::backends::{self, BrokerSettings, LogSettings};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use crate::callback::{CallbackPolicy, HttpCallbacks};
-use crate::config::{BrokerKind, Config, LogKind};
+use crate::config::Config;
 use crate::facade;
 use crate::handler::BookingHandler;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -58,36 +54,22 @@ fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
         .connect_lazy())
 }
 
-/// The broker the config names; URLs are never logged (they may hold credentials).
-async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
-    let url = config.broker_url.as_deref();
-    Ok(match config.broker {
-        BrokerKind::Memory => Arc::new(MemoryBroker::new()),
-        BrokerKind::Rabbitmq => {
-            let options = RabbitMqOptions::from_url(url.unwrap_or("amqp://guest:guest@127.0.0.1:5672/%2f"))?
-                .connection_name(format!("sagaflow-{}", config.pod_id))
-                .queue_expiry(config.broker_queue_expiry_ms.map(Duration::from_millis));
-            tracing::info!(url = %options.redacted_url(), "connecting to RabbitMQ");
-            Arc::new(RabbitMqBroker::connect(options).await.context("connecting to RabbitMQ")?)
-        }
-        BrokerKind::Nats => {
-            let options = NatsOptions::new(url.unwrap_or("nats://127.0.0.1:4222"))?
-                .connection_name(format!("sagaflow-{}", config.pod_id));
-            tracing::info!(url = %options.redacted_url(), "connecting to NATS");
-            Arc::new(NatsBroker::connect(options).await.context("connecting to NATS JetStream")?)
-        }
-    })
-}
-
 /// Set to `1` or `true`: the embedded saga log replays the intact entries of a damaged
-/// write-ahead file instead of refusing to open ([`RedbOptions::salvage_wal`]).
+/// write-ahead file instead of refusing to open ([`sagaflow_redb::RedbOptions::salvage_wal`]).
 pub const SALVAGE_WAL_ENV: &str = "SAGAFLOW_SALVAGE_WAL";
 
-/// Gauge, by `log`: 1 while the saga log takes writes, 0 while it refuses them.
-pub const LOG_SERVING_GAUGE: &str = "sagaflow_saga_log_serving";
+pub use sagaflow_server::backends::LOG_SERVING_GAUGE;
 
-/// How often the saga log's health is looked at.
-const LOG_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// The broker the config names.
+async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
+    backends::connect_broker(BrokerSettings {
+        kind: config.broker,
+        url: config.broker_url.as_deref(),
+        connection_name: format!("sagaflow-{}", config.pod_id),
+        queue_expiry: config.broker_queue_expiry_ms.map(Duration::from_millis),
+    })
+    .await
+}
 
 /// The saga log the config names.
 async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
@@ -97,27 +79,14 @@ async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
         tombstone_age: Duration::from_secs(config.retention.tombstone_age_secs),
         max_tombstones: config.retention.max_tombstones,
     };
-    Ok(match config.saga_log {
-        LogKind::Memory => Arc::new(MemorySagaLog::with_retention(retention)),
-        LogKind::Embedded => {
-            let dir = config.saga_log_url.as_deref().unwrap_or("./data");
-            let salvage = std::env::var(SALVAGE_WAL_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-            tracing::info!(dir, salvage, "opening the embedded saga log");
-            Arc::new(
-                RedbSagaLog::open(RedbOptions::new(dir).retention(retention).salvage_wal(salvage))
-                    .context("opening the embedded saga log")?,
-            )
-        }
-        LogKind::Postgres => {
-            let url = config.saga_log_url.as_deref().unwrap_or("postgres://postgres@127.0.0.1:5432/test");
-            let mut options = PostgresOptions::from_url(url)?.retention(retention);
-            if let Some(schema) = &config.saga_log_schema {
-                options = options.schema(schema.clone());
-            }
-            tracing::info!(target = %options.target(), "connecting to the PostgreSQL saga log");
-            Arc::new(PostgresSagaLog::connect(options).await.context("connecting to the PostgreSQL saga log")?)
-        }
+    backends::open_saga_log(LogSettings {
+        kind: config.saga_log,
+        url: config.saga_log_url.as_deref(),
+        schema: config.saga_log_schema.as_deref(),
+        retention,
+        salvage_wal: std::env::var(SALVAGE_WAL_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
     })
+    .await
 }
 
 /// Binds `what` to `addr` and spawns `serve` on the listener; returns the bound address.
@@ -207,7 +176,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .set_service_status(<BookingServiceServer<BookingHandler> as NamedService>::NAME, ServingStatus::Serving)
         .await;
     reporter.set_service_status("", ServingStatus::Serving).await;
-    servers.push(watch_log_health(saga_log, reporter, shutdown.clone()));
+    let service_name = <BookingServiceServer<BookingHandler> as NamedService>::NAME;
+    servers.push(backends::watch_log_health(saga_log, reporter, vec![service_name], shutdown.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -236,45 +206,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )));
     tracing::info!(%grpc_addr, %http_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");
     Ok(Running { grpc_addr, http_addr, order_addr, payment_addr, orchestrator, broker, mocks, shutdown, servers })
-}
-
-/// Follows the saga log's health on the gRPC health service (the booking service and "") and on
-/// [`LOG_SERVING_GAUGE`], until `stop`: NOT_SERVING while the log refuses writes.
-fn watch_log_health(
-    log: Arc<dyn SagaLog>,
-    reporter: HealthReporter,
-    stop: CancellationToken,
-) -> JoinHandle<anyhow::Result<()>> {
-    metrics::describe_gauge!(LOG_SERVING_GAUGE, "1 while the saga log takes writes, 0 while it refuses them");
-    let service = <BookingServiceServer<BookingHandler> as NamedService>::NAME;
-    tokio::spawn(async move {
-        let mut serving = true;
-        let mut tick = tokio::time::interval(LOG_HEALTH_INTERVAL);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
-            let health = log.health();
-            metrics::gauge!(LOG_SERVING_GAUGE, "log" => log.name()).set(if health.is_serving() { 1.0 } else { 0.0 });
-            if health.is_serving() == serving {
-                continue;
-            }
-            serving = health.is_serving();
-            let status = match &health {
-                LogHealth::NotServing(why) => {
-                    tracing::error!(why = %why, "the saga log refuses writes; health NOT_SERVING");
-                    ServingStatus::NotServing
-                }
-                _ => {
-                    tracing::info!("the saga log takes writes again; health SERVING");
-                    ServingStatus::Serving
-                }
-            };
-            reporter.set_service_status(service, status).await;
-            reporter.set_service_status("", status).await;
-        }
-    })
 }
 
 /// Every configured topic id must name a topic of a registered flow.

@@ -18,6 +18,7 @@ use sagaflow::RetryPolicy;
 use serde::Deserialize;
 
 use crate::upstream::MockConfig;
+pub use sagaflow_server::backends::{BrokerKind, LogKind};
 pub use sagaflow_server::config::CallbackConfig;
 
 const HOUR_MS: u64 = 3_600_000;
@@ -51,16 +52,19 @@ pub struct Config {
     pub public_metrics: bool,
     /// OTLP/HTTP endpoint to export traces to (e.g. `http://127.0.0.1:4318/v1/traces`); off when unset.
     pub otlp_endpoint: Option<String>,
-    /// Which broker carries the hops: `memory`, `rabbitmq` or `nats`.
+    /// Which broker carries the hops: `memory`, `rabbitmq` or `nats`; left at `memory`, the
+    /// scheme of `broker_url` (`amqp://`, `nats://`) chooses.
     pub broker: BrokerKind,
     /// The broker's URL, credentials included (never logged); each driver has a local default.
     pub broker_url: Option<String>,
     /// RabbitMQ only: let the broker delete a queue idle (no consumer) this long, with its
     /// messages. Off by default; for tests and short-lived pods.
     pub broker_queue_expiry_ms: Option<u64>,
-    /// Which saga log records the sagas: `embedded` (default), `postgres` or `memory`.
+    /// Which saga log records the sagas: `embedded` (default), `postgres` or `memory`; left at
+    /// `embedded` or `memory`, the scheme of `saga_log_url` (`postgres://`, `redb:DIR`,
+    /// `memory:`) chooses.
     pub saga_log: LogKind,
-    /// The saga log's directory (embedded, default `./data`) or URL (postgres).
+    /// The saga log's directory (embedded, default `./data`, also as `redb:DIR`) or URL (postgres).
     pub saga_log_url: Option<String>,
     /// PostgreSQL schema of the saga tables (default: the connection's search path).
     pub saga_log_schema: Option<String>,
@@ -81,30 +85,6 @@ pub struct Config {
     /// Further `Host` names the admin API answers to without the token (`name` for any port,
     /// `name:port`), e.g. a reverse proxy's; its bound address always is one.
     pub admin_hosts: Vec<String>,
-}
-
-/// The broker drivers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BrokerKind {
-    /// In the process; nothing survives a restart.
-    Memory,
-    /// RabbitMQ (durable quorum queues, publisher confirms).
-    Rabbitmq,
-    /// NATS JetStream (file-backed streams, durable consumers).
-    Nats,
-}
-
-/// The saga log backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogKind {
-    /// In the process, bounded by the retention; nothing survives a restart.
-    Memory,
-    /// One redb file under a data directory; survives process and machine crashes.
-    Embedded,
-    /// PostgreSQL, for several replicas sharing one log.
-    Postgres,
 }
 
 /// Retention of ended sagas, and of the tombstones that refuse their request ids once pruned.
@@ -385,6 +365,8 @@ impl Config {
         if self.pod_id.is_empty() || !self.pod_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             bail!("pod_id `{}` must be ASCII letters, digits, `-` or `_`", self.pod_id);
         }
+        BrokerKind::resolve(self.broker, self.broker_url.as_deref())?;
+        LogKind::resolve(self.saga_log, self.saga_log_url.as_deref())?;
         if let Some(ms) = self.broker_queue_expiry_ms {
             within("broker_queue_expiry_ms", ms, 1_000..=WEEK_MS)?;
         }
@@ -475,6 +457,20 @@ mod tests {
         .unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("concurrency") && err.contains("ThrottlingBooking.CreateOrder"), "{err}");
+    }
+
+    #[test]
+    fn a_url_chooses_the_backend_unless_the_kind_named_says_otherwise() {
+        let config = Config::from_yaml("saga_log_url: postgres://u@127.0.0.1/db\nbroker_url: nats://127.0.0.1:4222\n");
+        config.unwrap().validate().unwrap();
+        assert_eq!(
+            invalid("broker: rabbitmq\nbroker_url: nats://127.0.0.1:4222\n"),
+            "broker is Rabbitmq but broker_url names a Nats broker"
+        );
+        assert_eq!(
+            invalid("saga_log: postgres\nsaga_log_url: redb:./data\n"),
+            "saga_log is Postgres but saga_log_url names a Embedded log"
+        );
     }
 
     fn invalid(yaml: &str) -> String {

@@ -369,8 +369,8 @@ fn a_setting_the_binary_would_refuse_is_named() {
 fn the_compose_file_serves_what_the_drivers_default_to() {
     let compose = documents(&deployment_dir().join("docker-compose.yaml")).remove(0);
     let services = &compose["services"];
-    // The drivers' default URLs (app.rs): NATS, RabbitMQ and PostgreSQL on loopback.
-    let defaults = include_str!("../src/app.rs");
+    // The drivers' default URLs (sagaflow-server's backends.rs): NATS, RabbitMQ and PostgreSQL on loopback.
+    let defaults = include_str!("../../../crates/sagaflow-server/src/backends.rs");
     for (service, port) in [("nats", 4222), ("rabbitmq", 5672), ("postgres", 5432)] {
         let published: Vec<&str> = seq(&services[service]["ports"]).iter().map(text).collect();
         assert!(published.contains(&format!("127.0.0.1:{port}:{port}").as_str()), "{service}: {published:?}");
