@@ -1,6 +1,5 @@
 //! `booking`: the whole demo in one process, or one of its parts.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -8,9 +7,7 @@ use booking::app;
 use booking::config::Config;
 use booking::upstream::{OrderMock, PaymentMock};
 use clap::{Parser, Subcommand};
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use sagaflow_server::telemetry::{self, terminated};
 use tokio_util::sync::CancellationToken;
 
 /// The sagaflow booking demo.
@@ -91,49 +88,6 @@ impl MockArgs {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn terminated() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
-/// Logs to stderr, and traces to OTLP when configured (no exporter, no cost, otherwise).
-fn init_tracing(config: &Config) -> anyhow::Result<Option<SdkTracerProvider>> {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into());
-    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
-    let provider = match &config.otlp_endpoint {
-        Some(endpoint) => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(endpoint.clone())
-                .build()
-                .context("building the OTLP trace exporter")?;
-            let resource = opentelemetry_sdk::Resource::builder().with_service_name("sagaflow-booking").build();
-            Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
-        }
-        None => None,
-    };
-    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("sagaflow")));
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
-    Ok(provider)
-}
-
 /// mimalloc rather than glibc's malloc: the orchestrator's hot path (HTTP/2 frames, protobuf
 /// and JSON buffers, saga records) allocates and frees small blocks on two worker threads, and
 /// glibc's allocator took about a quarter of its CPU in `bench/profile.sh`.
@@ -144,12 +98,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
-    let provider = init_tracing(&config)?;
+    let telemetry = telemetry::init("sagaflow-booking", config.otlp_endpoint.as_deref())?;
     let result = run(cli, config).await;
-    if let Some(provider) = provider {
-        // Flushes the spans still batched; blocking, so off the runtime's threads.
-        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-    }
+    telemetry.shutdown().await;
     result
 }
 
