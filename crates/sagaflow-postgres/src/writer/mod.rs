@@ -280,13 +280,16 @@ impl Writer {
                         close = Some(reply);
                         break;
                     }
-                    // While the database is out of reach, a caller who waits is told so at once
-                    // (it retries, and a sync caller hears of the outage); a queued append waits
-                    // here, in order, for the connection.
-                    Some(Some(request)) if down && request.is_awaited() => {
-                        let why = self.health.get().unwrap_or_default();
-                        request.fail(&why);
-                    }
+                    // After a failure, a caller who waits has the writer connect again at once;
+                    // while the database stays out of reach, it is told so (it retries, and a
+                    // sync caller hears of the outage). A queued append waits here, in order.
+                    Some(Some(request)) if down && request.is_awaited() => match self.connection().await {
+                        Ok(conn) => {
+                            self.conn = Some(conn);
+                            self.held.push_back(request);
+                        }
+                        Err(why) => request.fail(&why),
+                    },
                     Some(Some(request)) => self.held.push_back(request),
                     Some(None) if down => {
                         let connected = self.connection().await.map(|conn| self.conn = Some(conn)).is_ok();

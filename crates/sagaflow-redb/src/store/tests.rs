@@ -360,3 +360,23 @@ async fn the_cache_size_option_bounds_the_pages_the_store_holds() {
     assert!(under_default > 4 * small, "{under_default} bytes held under the default cache");
     assert!(under_default <= crate::DEFAULT_CACHE_SIZE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_waits_for_the_checkpoint_in_flight() {
+    // Checkpoints start every millisecond, so one is often in flight, holding the last begin,
+    // when the sync comes: the sync must wait for it, not only for what is still pending.
+    let dir = tempfile::tempdir().unwrap();
+    let options =
+        RedbOptions::new(dir.path()).prune_interval(Duration::MAX).checkpoint_interval(Duration::from_millis(1));
+    let log = RedbSagaLog::open(options).unwrap();
+    for i in 0..300 {
+        let id = format!("s{i}");
+        log.begin(new_saga(&id)).await.unwrap();
+        if i % 3 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        log.sync().await.unwrap();
+        let txn = log.db_for_tests().begin_read().unwrap();
+        assert!(stored(&txn, &id).is_some(), "{id} is not in the file after a sync");
+    }
+}

@@ -501,7 +501,9 @@ impl Writer {
             }
         }
         let mut pruned = Vec::new();
-        if fatal.is_none() && checkpoint && (!staged.is_empty() || !self.pending.is_empty() || !prunes.is_empty()) {
+        // A checkpoint in flight may hold writes answered before a sync: it is waited for too.
+        let unstored = !staged.is_empty() || !self.pending.is_empty() || self.in_flight.is_some();
+        if fatal.is_none() && checkpoint && (unstored || !prunes.is_empty()) {
             let nows: Vec<u64> = prunes.iter().map(|(now, _)| *now).collect();
             match self.checkpoint(&staged, &nows) {
                 Ok(done) => pruned = done,
