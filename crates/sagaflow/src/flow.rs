@@ -13,6 +13,12 @@ use crate::policy::RetryPolicy;
 /// The default of [`Flow::max_data_bytes`]: 64 KiB of JSON.
 pub const DEFAULT_MAX_DATA_BYTES: usize = 64 * 1024;
 
+/// The default of [`Flow::step_timeout`].
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default of [`Flow::deadline`].
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+
 /// An ordered list of nodes and the policies they run under.
 ///
 /// A flow is a value: build it once, clone it, register it under as many
@@ -63,15 +69,9 @@ impl<D: Send + Sync + 'static> Default for Flow<D> {
         Self {
             nodes: Vec::new(),
             retry: RetryPolicy::default(),
-            compensation_retry: RetryPolicy {
-                max_attempts: 10,
-                initial_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
-                multiplier: 2.0,
-                jitter: 0.2,
-            },
-            step_timeout: Duration::from_secs(5),
-            saga_timeout: Duration::from_secs(60),
+            compensation_retry: RetryPolicy::compensation(),
+            step_timeout: DEFAULT_STEP_TIMEOUT,
+            saga_timeout: DEFAULT_DEADLINE,
             max_data_bytes: DEFAULT_MAX_DATA_BYTES,
         }
     }

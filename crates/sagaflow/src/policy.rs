@@ -32,6 +32,17 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The default of [`Flow::compensation_retry`](crate::Flow::compensation_retry): more
+    /// patient than the actions', since past its last attempt the saga is Stuck.
+    pub fn compensation() -> Self {
+        Self {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            ..Self::default()
+        }
+    }
+
     /// A policy that never retries.
     pub fn never() -> Self {
         Self { max_attempts: 1, ..Self::default() }

@@ -7,34 +7,23 @@
 //! Unknown keys are an error that names the key, and so is a duration or count out of its
 //! range ([`Config::validate`]).
 
-use std::fmt::Display;
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use sagaflow::RetryPolicy;
+use sagaflow_server::config::{HOUR_MS, WEEK_MS, within};
 use serde::Deserialize;
 
 use crate::upstream::MockConfig;
 pub use sagaflow_server::backends::{BrokerKind, LogKind};
-pub use sagaflow_server::config::CallbackConfig;
-
-const HOUR_MS: u64 = 3_600_000;
-const WEEK_MS: u64 = 7 * 24 * HOUR_MS;
+pub use sagaflow_server::config::{
+    CallbackConfig, FlowConfig, MessageQueueConfig, ReplicasConfig, RetentionConfig, RetryConfig, TopicConfig,
+};
 /// Most consumers of one topic in one pod.
 const MAX_CONSUMERS: usize = 4_096;
 /// Shortest `callbacks.secret`: an HMAC key shorter than this is guessable.
 const MIN_SECRET_LEN: usize = 16;
-
-/// `value` if it lies in `range`, else an error naming `key`, the range and the value.
-fn within<T: PartialOrd + Display>(key: &str, value: T, range: RangeInclusive<T>) -> anyhow::Result<()> {
-    if range.contains(&value) {
-        return Ok(());
-    }
-    bail!("{key} must be between {} and {}, got {value}", range.start(), range.end())
-}
 
 /// The whole configuration of the booking service.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,32 +76,6 @@ pub struct Config {
     pub admin_hosts: Vec<String>,
 }
 
-/// Retention of ended sagas, and of the tombstones that refuse their request ids once pruned.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetentionConfig {
-    /// Ended sagas older than this many seconds are dropped.
-    pub max_age_secs: u64,
-    /// At most this many ended sagas are kept.
-    pub max_ended: usize,
-    /// A dropped saga's tombstone is kept this many seconds after the drop.
-    pub tombstone_age_secs: u64,
-    /// At most this many tombstones are kept (0: none, a pruned request id starts anew).
-    pub max_tombstones: usize,
-}
-
-impl Default for RetentionConfig {
-    fn default() -> Self {
-        let retention = sagaflow::log::Retention::default();
-        Self {
-            max_age_secs: retention.max_age.as_secs(),
-            max_ended: retention.max_ended,
-            tombstone_age_secs: retention.tombstone_age.as_secs(),
-            max_tombstones: retention.max_tombstones,
-        }
-    }
-}
-
 /// Where the upstreams are, and how the in-process mocks behave.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,132 +100,6 @@ impl Default for UpstreamConfig {
             payment_addr: SocketAddr::from(([127, 0, 0, 1], 10002)),
             order: MockConfig::default(),
             payment: MockConfig::default(),
-        }
-    }
-}
-
-/// Topics and their consumers, as in the original's `message_queue` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MessageQueueConfig {
-    /// Prefix of every topic name.
-    pub topic_prefix: String,
-    /// Consumers of a topic not listed below.
-    pub default_concurrency: usize,
-    /// Deliveries after which a message is dead-lettered.
-    pub max_deliveries: u32,
-    /// Per-topic settings.
-    pub topics: Vec<TopicConfig>,
-}
-
-impl Default for MessageQueueConfig {
-    fn default() -> Self {
-        Self { topic_prefix: "booking".into(), default_concurrency: 16, max_deliveries: 5, topics: Vec::new() }
-    }
-}
-
-/// One topic's consumers.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicConfig {
-    /// The topic id, `<facade>.<node>` or `<facade>.rollback` (see `topic.rs`).
-    pub id: String,
-    /// Whether the topic is a throttled one (suffixed with the pod id).
-    #[serde(default)]
-    pub is_throttling: bool,
-    /// Consumers of this topic in this pod; required.
-    pub concurrency: Option<usize>,
-}
-
-/// Retry and timeout policies.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FlowConfig {
-    /// Timeout of each upstream call, in ms.
-    pub step_timeout_ms: u64,
-    /// Time within which a saga's forward part must finish, in ms.
-    pub deadline_ms: u64,
-    /// Retries of actions.
-    pub retry: RetryConfig,
-    /// Retries of compensations; past them a saga is Stuck.
-    pub compensation_retry: RetryConfig,
-    /// Largest flow data a saga may carry, in bytes of JSON; a larger request is refused.
-    pub max_data_bytes: usize,
-}
-
-impl Default for FlowConfig {
-    fn default() -> Self {
-        Self {
-            step_timeout_ms: 5_000,
-            deadline_ms: 30_000,
-            retry: RetryConfig::default(),
-            compensation_retry: RetryConfig { max_attempts: 10, initial_backoff_ms: 100, ..RetryConfig::default() },
-            max_data_bytes: sagaflow::DEFAULT_MAX_DATA_BYTES,
-        }
-    }
-}
-
-/// Exponential backoff with jitter.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// Attempts in all.
-    pub max_attempts: u32,
-    /// First delay, in ms.
-    pub initial_backoff_ms: u64,
-    /// Largest delay, in ms.
-    pub max_backoff_ms: u64,
-    /// Growth per attempt.
-    pub multiplier: f64,
-    /// Random share of each delay, 0..=1.
-    pub jitter: f64,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self { max_attempts: 5, initial_backoff_ms: 50, max_backoff_ms: 2_000, multiplier: 2.0, jitter: 0.2 }
-    }
-}
-
-impl RetryConfig {
-    /// Checks the ranges; `key` names this section in the error (`flow.retry`).
-    fn validate(&self, key: &str) -> anyhow::Result<()> {
-        within(&format!("{key}.max_attempts"), self.max_attempts, 1..=1_000)?;
-        within(&format!("{key}.initial_backoff_ms"), self.initial_backoff_ms, 0..=HOUR_MS)?;
-        within(&format!("{key}.max_backoff_ms"), self.max_backoff_ms, 0..=HOUR_MS)?;
-        within(&format!("{key}.multiplier"), self.multiplier, 1.0..=100.0)?;
-        within(&format!("{key}.jitter"), self.jitter, 0.0..=1.0)
-    }
-
-    /// The policy these settings describe.
-    pub fn policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: self.max_attempts,
-            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
-            max_backoff: Duration::from_millis(self.max_backoff_ms),
-            multiplier: self.multiplier,
-            jitter: self.jitter,
-        }
-    }
-}
-
-/// How replicas sharing a PostgreSQL saga log watch each other.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReplicasConfig {
-    /// How long a replica counts as alive after renewing its lease, in ms;
-    /// another replica takes its sagas over once it runs out.
-    pub lease_ttl_ms: u64,
-    /// How often the lease is renewed and expired replicas looked for, in ms.
-    pub lease_renew_ms: u64,
-}
-
-impl Default for ReplicasConfig {
-    fn default() -> Self {
-        let options = sagaflow::Options::default();
-        Self {
-            lease_ttl_ms: options.lease_ttl.as_millis() as u64,
-            lease_renew_ms: options.lease_renew_interval.as_millis() as u64,
         }
     }
 }
@@ -382,11 +219,7 @@ impl Config {
         }
         self.upstream.order.validate().map_err(|e| anyhow::anyhow!("upstream.order.{e}"))?;
         self.upstream.payment.validate().map_err(|e| anyhow::anyhow!("upstream.payment.{e}"))?;
-        within("flow.step_timeout_ms", self.flow.step_timeout_ms, 1..=HOUR_MS)?;
-        within("flow.deadline_ms", self.flow.deadline_ms, 1..=WEEK_MS)?;
-        within("flow.max_data_bytes", self.flow.max_data_bytes, 64..=16 << 20)?;
-        self.flow.retry.validate("flow.retry")?;
-        self.flow.compensation_retry.validate("flow.compensation_retry")?;
+        self.flow.validate()?;
         within("wait_timeout_ms", self.wait_timeout_ms, 1..=HOUR_MS)?;
         crate::admin::check_access(self.http_listen, self.admin_token.as_deref())?;
         within("callbacks.attempts", self.callbacks.attempts, 1..=20)?;

@@ -1,7 +1,5 @@
 //! The booking flows, registered under their facade names.
 
-use std::time::Duration;
-
 use sagaflow::{Flow, OrchestratorBuilder};
 use tonic::transport::Channel;
 
@@ -17,14 +15,7 @@ pub const THROTTLING_BOOKING: &str = "ThrottlingBooking";
 
 /// The booking flow: one value, registered under all three facades.
 pub fn booking_flow(orders: Channel, payments: Channel, policies: &FlowConfig) -> Flow<Booking> {
-    Flow::new()
-        .node(CreateOrder::new(orders))
-        .node(CreatePayment::new(payments))
-        .retry(policies.retry.policy())
-        .compensation_retry(policies.compensation_retry.policy())
-        .step_timeout(Duration::from_millis(policies.step_timeout_ms))
-        .deadline(Duration::from_millis(policies.deadline_ms))
-        .max_data_bytes(policies.max_data_bytes)
+    policies.apply(Flow::new().node(CreateOrder::new(orders)).node(CreatePayment::new(payments)))
 }
 
 /// Registers the three booking facades.
