@@ -130,14 +130,20 @@ async fn sagas_wait_out_a_frozen_then_stopped_postgres_log_and_all_end_once() {
         assert_eq!(received[0]["status"], expected, "{id}");
     }
 
-    // The outage was felt, and nothing was dead-lettered for it.
+    // The outage was felt, and nothing was dead-lettered for it. Whether a saga's write waited
+    // it out (retried) or the service refused new bookings meanwhile (health NOT_SERVING, the
+    // callers retrying) depends on where each saga was when the database went away.
     let retries = admin.metric("sagaflow_log_retries_total").await;
-    assert!(retries > 0.0, "no saga log write waited out the outage");
+    let refused = log_lines(&log, "health NOT_SERVING");
+    assert!(retries > 0.0 || refused > 0, "the service never noticed the outage; see {}", log.display());
     assert_eq!(admin.metric("sagaflow_dead_lettered_total").await, 0.0);
     assert_eq!(log_lines(&log, "dead-lettered"), 0, "a message was dead-lettered; see {}", log.display());
     assert_eq!(admin.metric("sagaflow_sagas_in_flight").await, 0.0, "every saga counted in flight ended");
     let compensated = assert_upstreams_agree(loopback(order), loopback(payment), &ended).await;
-    println!("log outage: {} sagas, {compensated} compensated, {retries} log writes retried", ended.len());
+    println!(
+        "log outage: {} sagas, {compensated} compensated, {retries} log writes retried, {refused} times NOT_SERVING",
+        ended.len()
+    );
     assert!(service.is_running(), "the booking service exited");
     drop(service);
     drop(postgres);
