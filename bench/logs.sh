@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The sync flow on each saga log, as a ratio to the in-memory log in the same run (issue 5's
-# figure). Each round runs every log once, back to back, each on a fresh stack (mocks with no
+# The sync flow on each saga log, as a ratio to the in-memory log in the same run (the figure
+# BENCHMARKS.md quotes for what each log costs). Each round runs every log once, back to back, each on a fresh stack (mocks with no
 # latency, in-memory broker), 64 callers in a closed loop; the ratio of a round compares runs
 # seconds apart, and the median over the rounds is what to quote on a shared machine.
 #

@@ -12,7 +12,7 @@
 #
 # Then it checks the throttling run: 100% success, each upstream's peak in-flight (from its
 # Snapshot) at most CONSUMERS with nothing rejected, and the orchestrator's peak RSS under 150 MiB.
-# The overload is RATE × LATENCY_MS / 1000 / CAPACITY (1.67× here); for the issue's 5× check:
+# The overload is RATE × LATENCY_MS / 1000 / CAPACITY (1.67× here); for 5× the upstreams' capacity:
 #   RATE=500 DURATION=10s CAPACITY=4 CONSUMERS=4 FLOWS=throttling bench/seed-stress.sh
 #
 # `--replicas N` is the original's deployment: N orchestrator processes (POD_ID <id>-0 .. <id>-N-1)
