@@ -67,15 +67,23 @@ impl Orchestrator {
         Ok(record)
     }
 
-    /// Retries the compensation of a stuck saga.
-    pub async fn retry_stuck(&self, request_id: &str) -> Result<SagaRecord> {
-        self.operate(request_id, SagaEvent::RetryCompensation, "retry", "stuck").await
+    /// Retries the compensation of a stuck saga, as operator `by` asked.
+    pub async fn retry_stuck(&self, request_id: &str, by: &str) -> Result<SagaRecord> {
+        self.retry_as(request_id, by, None).await
     }
 
-    /// Retries every stuck saga matching `filter`, at most `per_second` a
-    /// second (their compensations then run within each flow's concurrency),
-    /// returning how many matched. `dry_run` counts them and retries none.
-    pub async fn redrive(&self, filter: &RedriveFilter, per_second: u32, dry_run: bool) -> Result<usize> {
+    async fn retry_as(&self, request_id: &str, by: &str, reason: Option<&str>) -> Result<SagaRecord> {
+        let event = SagaEvent::RetryCompensation { by: Some(by.to_owned()), reason: reason.map(str::to_owned) };
+        let record = self.operate(request_id, event, "retry", "stuck").await?;
+        tracing::warn!(request_id, by, reason, "stuck saga retried by an operator");
+        Ok(record)
+    }
+
+    /// Retries every stuck saga matching `filter` as operator `by`, at most
+    /// `per_second` a second (their compensations then run within each flow's
+    /// concurrency), returning how many matched. `dry_run` counts them and
+    /// retries none.
+    pub async fn redrive(&self, filter: &RedriveFilter, per_second: u32, dry_run: bool, by: &str) -> Result<usize> {
         let pause = Duration::from_secs(1) / per_second.max(1);
         let mut matched = 0;
         let mut after: Option<ListCursor> = None;
@@ -96,7 +104,7 @@ impl Orchestrator {
                 if dry_run {
                     continue;
                 }
-                match self.retry_stuck(&record.request_id).await {
+                match self.retry_as(&record.request_id, by, Some("redrive")).await {
                     // Retried meanwhile by someone else: not an error of the batch.
                     Ok(_) | Err(Error::WrongState { .. }) => {}
                     Err(e) => return Err(e),
@@ -107,7 +115,7 @@ impl Orchestrator {
                 break;
             }
         }
-        tracing::info!(matched, dry_run, "redrive done");
+        tracing::warn!(matched, dry_run, by, "redrive by an operator done");
         Ok(matched)
     }
 
