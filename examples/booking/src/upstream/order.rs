@@ -33,6 +33,11 @@ impl OrderMock {
         self.store.set_fail_cancels(fail);
     }
 
+    /// Starts `peak_in_flight` over from the calls in flight now.
+    pub fn reset_peak(&self) {
+        self.store.reset_peak();
+    }
+
     /// Every record and the counters, as the `Snapshot` call returns them.
     pub fn snapshot(&self) -> SnapshotReply {
         self.store.snapshot()
@@ -141,6 +146,19 @@ mod tests {
         assert_eq!((c.peak_in_flight, c.rejected, c.in_flight), (1, 1, 0));
         // The slot is free again once the first call is done.
         assert!(mock.create_order(with_id("r2", order())).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reset_peak_counts_from_the_calls_in_flight_then() {
+        tokio::time::pause();
+        let mock = OrderMock::new(MockConfig { latency: Duration::from_millis(100), ..MockConfig::default() });
+        let (a, b) = tokio::join!(mock.create_order(with_id("r1", order())), mock.create_order(with_id("r2", order())));
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(counters(&mock).peak_in_flight, 2);
+        mock.reset_peak();
+        assert_eq!(counters(&mock).peak_in_flight, 0);
+        mock.cancel_order(with_id("r1", CancelRequest {})).await.unwrap();
+        assert_eq!(counters(&mock).peak_in_flight, 1);
     }
 
     #[tokio::test]

@@ -33,6 +33,11 @@ impl PaymentMock {
         self.store.set_fail_cancels(fail);
     }
 
+    /// Starts `peak_in_flight` over from the calls in flight now.
+    pub fn reset_peak(&self) {
+        self.store.reset_peak();
+    }
+
     /// Every record and the counters, as the `Snapshot` call returns them.
     pub fn snapshot(&self) -> SnapshotReply {
         self.store.snapshot()

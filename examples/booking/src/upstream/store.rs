@@ -269,6 +269,12 @@ impl Store {
         self.fail_cancels.store(fail, Ordering::Relaxed);
     }
 
+    /// Starts the peak in-flight count over from the calls in flight now, so a test can
+    /// measure one phase of its load apart from what came before.
+    pub(crate) fn reset_peak(&self) {
+        self.counters.peak_in_flight.store(self.in_flight.load(Ordering::Acquire), Ordering::Relaxed);
+    }
+
     /// Cancels the record for `request_id`, leaving a tombstone when there is none;
     /// fails with `UNAVAILABLE`, changing nothing, while cancels are set to fail.
     pub(crate) fn cancel(&self, request_id: &str) -> Result<pb::CancelReply, Status> {
