@@ -8,8 +8,9 @@
 //! sagaflow-ctl show 0193a6c1-...
 //! sagaflow-ctl abort 0193a6c1-... --reason "the customer cancelled"
 //! sagaflow-ctl resolve 0193a6c1-... --step 1 --reason "refunded in the payment console"
-//! sagaflow-ctl redrive --facade CreateBooking --failed-step 1 --dry-run
-//! sagaflow-ctl pause CreateBooking
+//! sagaflow-ctl audit 0193a6c1-...
+//! sagaflow-ctl redrive --facade AsyncBooking --failed-step 1 --dry-run
+//! sagaflow-ctl pause SyncBooking
 //! ```
 
 use std::process::ExitCode;
@@ -59,6 +60,8 @@ enum Command {
     },
     /// One saga with its history.
     Show { request_id: String },
+    /// Who did what to a saga (abort, resolve, retry), when and why.
+    Audit { request_id: String },
     /// Retry a stuck saga's compensation.
     Retry { request_id: String },
     /// Abort a running saga: it stops at the next step and compensates.
@@ -165,6 +168,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             api.send(api.request(reqwest::Method::GET, &path)).await?
         }
         Command::Show { request_id } => api.send(api.request(reqwest::Method::GET, &saga_path(request_id, ""))).await?,
+        Command::Audit { request_id } => {
+            api.send(api.request(reqwest::Method::GET, &saga_path(request_id, "/audit"))).await?
+        }
         Command::Retry { request_id } => api.send(api.request(post, &saga_path(request_id, "/retry"))).await?,
         Command::Abort { request_id, reason } => {
             let body = json!({ "reason": reason });
@@ -208,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let state = if body["paused"].as_bool() == Some(true) { "paused" } else { "resumed" };
             println!("{facade} {state} by {}", body["by"].as_str().unwrap_or("?"));
         }
+        Command::Audit { .. } => print_audit(&body),
         _ => print_saga(&body),
     }
     Ok(())
@@ -250,6 +257,26 @@ fn print_table(sagas: &[Value]) {
     }
 }
 
+fn print_audit(audit: &Value) {
+    println!(
+        "{} ({}, {})",
+        audit["request_id"].as_str().unwrap_or("?"),
+        audit["facade"].as_str().unwrap_or("?"),
+        audit["status"].as_str().unwrap_or("?")
+    );
+    println!("{:>15}  {:<8} {:<16} {:>4}  REASON", "AT (ms)", "ACTION", "BY", "STEP");
+    for action in audit["actions"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        println!(
+            "{:>15}  {:<8} {:<16} {:>4}  {}",
+            action["at_ms"].as_u64().unwrap_or(0),
+            action["action"].as_str().unwrap_or("?"),
+            action["by"].as_str().unwrap_or("-"),
+            action["step"].as_u64().map(|s| s.to_string()).unwrap_or_default(),
+            action["reason"].as_str().unwrap_or(""),
+        );
+    }
+}
+
 fn print_saga(saga: &Value) {
     println!("request id  {}", saga["request_id"].as_str().unwrap_or("?"));
     println!("facade      {} ({})", saga["facade"].as_str().unwrap_or("?"), saga["mode"].as_str().unwrap_or("?"));
@@ -267,6 +294,11 @@ fn print_saga(saga: &Value) {
     for entry in saga["history"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let step = entry["step"].as_u64().map(|s| format!(" step {s}")).unwrap_or_default();
         let error = entry["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
+        // An operator's retry has no error text; name who asked.
+        let error = match (error.is_empty(), entry["by"].as_str()) {
+            (true, Some(by)) => format!(" by {by}"),
+            _ => error,
+        };
         println!(
             "  {:>15}  {}{step}{error}",
             entry["at_ms"].as_u64().unwrap_or(0),

@@ -144,6 +144,22 @@ async fn every_command_against_a_live_admin_api() {
     for i in 1..5 {
         status_is(&o, &format!("ship-{i}"), SagaStatus::Compensated).await;
     }
+    let audit = stdout(&ctl(&url, token, &["audit", "ship-0"]).await);
+    let rows: Vec<&str> = audit.lines().skip(2).collect();
+    assert_eq!(rows.len(), 1, "{audit}");
+    assert!(
+        rows[0].contains("resolve") && rows[0].contains("alice") && rows[0].ends_with("refunded by hand"),
+        "{audit}"
+    );
+    let audit = stdout(&ctl(&url, token, &["--json", "audit", "ship-1"]).await);
+    let audit: Value = serde_json::from_str(&audit).unwrap();
+    assert_eq!(audit["actions"][0]["action"], "retry", "{audit}");
+    assert_eq!(
+        (&audit["actions"][0]["by"], &audit["actions"][0]["reason"]),
+        (&Value::from("alice"), &Value::from("redrive"))
+    );
+    let shown = stdout(&ctl(&url, token, &["show", "ship-1"]).await);
+    assert!(shown.contains("retry_compensation step 0 by alice"), "{shown}");
 
     // A running sync saga, aborted from the command line.
     let caller = {

@@ -227,6 +227,18 @@ async fn resolving_a_stuck_compensation_ends_the_saga_and_posts_its_callback_onc
     assert_eq!(posted, ["stuck", "compensated"]);
     let (status, _) = ops.post(&path, "carol", json!({ "step": 0, "reason": "twice" })).await;
     assert_eq!(status, StatusCode::CONFLICT, "an ended saga cannot be resolved again");
+    // The audit trail tells who did what, and when.
+    let (status, audit) = ops.get(&format!("/api/sagas/{id}/audit")).await;
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    assert_eq!(audit["status"], "compensated");
+    let actions = audit["actions"].as_array().cloned().unwrap_or_default();
+    assert_eq!(actions.len(), 1, "{audit:#}");
+    assert_eq!(
+        (&actions[0]["action"], &actions[0]["by"], &actions[0]["step"]),
+        (&json!("resolve"), &json!("carol"), &json!(0))
+    );
+    assert_eq!(actions[0]["reason"], "order voided by hand");
+    assert_eq!(ops.get("/api/sagas/no-such-saga/audit").await.0, StatusCode::NOT_FOUND);
     // Settled by hand, not by a cancel: the mock saw none succeed.
     assert_eq!(record(&split.order.snapshot(), &id).cancel_calls, 0);
 }
@@ -290,7 +302,10 @@ async fn a_redrive_after_the_upstream_is_fixed_ends_a_thousand_stuck_sagas_withi
     // Who redrove it is in each saga's history.
     let saga = ops.saga(&ids[0]).await.expect("the saga");
     let retried = history_has(&saga, "retry_compensation").expect("the retry is in the history");
-    assert_eq!(retried["by"], "dana", "{retried}");
+    assert_eq!((&retried["by"], &retried["reason"]), (&json!("dana"), &json!("redrive")), "{retried}");
+    let (_, audit) = ops.get(&format!("/api/sagas/{}/audit", ids[0])).await;
+    assert_eq!(audit["actions"][0]["action"], "retry", "{audit:#}");
+    assert_eq!(audit["actions"][0]["by"], "dana", "{audit:#}");
 }
 
 // ------------------------------------------------------------------ pause
