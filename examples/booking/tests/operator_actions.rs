@@ -351,6 +351,9 @@ async fn a_paused_facade_refuses_new_calls_lets_running_ones_end_and_stays_pause
     let load = sync_load(split.grpc, &tag, CALLERS);
     ops.count_until_at_least("SyncBooking", "completed", 12).await;
 
+    let (status, body) = ops.post("/api/flows/SyncBooking/pause?mode=queue", "erin", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("same x-request-id"), "{body}");
     let asked = sagaflow::now_ms();
     let (status, body) = ops.post("/api/flows/SyncBooking/pause", "erin", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");

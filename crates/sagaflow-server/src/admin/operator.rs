@@ -5,7 +5,7 @@
 //! history and in a log line.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -159,12 +159,33 @@ async fn redrive(State(state): State<AdminState>, headers: HeaderMap, raw: Bytes
     })
 }
 
+/// Query of a pause: what happens to new calls while paused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PauseQuery {
+    /// `refuse` (the only mode): new calls get `UNAVAILABLE`.
+    mode: Option<String>,
+}
+
 async fn pause(
     State(state): State<AdminState>,
     Path(facade): Path<String>,
+    query: Result<Query<PauseQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, BadRequest> {
     let who = operator(&headers)?;
+    let Query(query) = query.map_err(|e| BadRequest(format!("query: {}", e.body_text())))?;
+    match query.mode.as_deref() {
+        None | Some("refuse") => {}
+        Some("queue") => {
+            return Err(BadRequest(
+                "mode=queue is not offered: a paused facade refuses new calls with UNAVAILABLE, and callers \
+                 retry with the same x-request-id once it is resumed (see docs/operations.md, pausing)"
+                    .into(),
+            ));
+        }
+        Some(other) => return Err(BadRequest(format!("mode `{other}` is not one of: refuse"))),
+    }
     Ok(match state.orchestrator.pause(&facade, &who).await {
         Ok(()) => Json(serde_json::json!({ "facade": facade, "paused": true, "by": who })).into_response(),
         Err(e) => error(e),
