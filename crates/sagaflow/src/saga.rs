@@ -43,6 +43,10 @@ pub struct Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.node.is_empty() {
+            // An operator's abort names no node: the saga stopped between steps, or during one.
+            return write!(f, "step {} failed: {}", self.step, self.error);
+        }
         write!(f, "step {} ({}) failed: {}", self.step, self.node, self.error)
     }
 }
@@ -741,6 +745,9 @@ mod tests {
         complete(&mut r, 0);
         r.apply(&SagaEvent::StepStarted { index: 1 }).unwrap();
         r.apply(&SagaEvent::Aborted { by: "ann".into(), reason: "asked to".into() }).unwrap();
+        if let SagaState::Compensating { failure, .. } = &r.state {
+            assert_eq!(failure.to_string(), "step 1 failed: aborted by ann: asked to");
+        }
         let aborted = r.history.last().unwrap();
         assert_eq!((aborted.by.as_deref(), aborted.reason.as_deref()), (Some("ann"), Some("asked to")));
         r.apply(&SagaEvent::StepCompensated { index: 1, attempts: 1 }).unwrap();
