@@ -19,6 +19,22 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+/// Prints a line to stdout; a reader gone away (`sagaflow-ctl list | head`) ends the
+/// command quietly, as it ends any Unix filter, instead of failing on the write.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))
+    };
+}
+
+fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n")).is_err() {
+        std::process::exit(0);
+    }
+}
+
 /// Header naming the operator, as the admin API reads it.
 const OPERATOR_HEADER: &str = "x-sagaflow-operator";
 /// Header naming the next page's cursor.
@@ -195,24 +211,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        out!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
     match &cli.command {
         Command::List { .. } => {
             print_table(body.as_array().map(Vec::as_slice).unwrap_or_default());
             if let Some(cursor) = cursor {
-                println!("next page: --cursor {cursor}");
+                out!("next page: --cursor {cursor}");
             }
         }
         Command::Redrive { dry_run, .. } => {
             let matched = body["matched"].as_u64().unwrap_or(0);
             let verb = if *dry_run { "would be retried" } else { "retried" };
-            println!("{matched} stuck sagas {verb}");
+            out!("{matched} stuck sagas {verb}");
         }
         Command::Pause { facade } | Command::Resume { facade } => {
             let state = if body["paused"].as_bool() == Some(true) { "paused" } else { "resumed" };
-            println!("{facade} {state} by {}", body["by"].as_str().unwrap_or("?"));
+            out!("{facade} {state} by {}", body["by"].as_str().unwrap_or("?"));
         }
         Command::Audit { .. } => print_audit(&body),
         _ => print_saga(&body),
@@ -243,10 +259,10 @@ fn status(saga: &Value) -> &str {
 }
 
 fn print_table(sagas: &[Value]) {
-    println!("{:<40} {:<20} {:<13} {:>5} {:>15}", "REQUEST ID", "FACADE", "STATUS", "STEPS", "CREATED (ms)");
+    out!("{:<40} {:<20} {:<13} {:>5} {:>15}", "REQUEST ID", "FACADE", "STATUS", "STEPS", "CREATED (ms)");
     for saga in sagas {
         let steps = format!("{}/{}", saga["completed"].as_u64().unwrap_or(0), saga["steps"].as_u64().unwrap_or(0));
-        println!(
+        out!(
             "{:<40} {:<20} {:<13} {:>5} {:>15}",
             saga["request_id"].as_str().unwrap_or("?"),
             saga["facade"].as_str().unwrap_or("?"),
@@ -258,15 +274,15 @@ fn print_table(sagas: &[Value]) {
 }
 
 fn print_audit(audit: &Value) {
-    println!(
+    out!(
         "{} ({}, {})",
         audit["request_id"].as_str().unwrap_or("?"),
         audit["facade"].as_str().unwrap_or("?"),
         audit["status"].as_str().unwrap_or("?")
     );
-    println!("{:>15}  {:<8} {:<16} {:>4}  REASON", "AT (ms)", "ACTION", "BY", "STEP");
+    out!("{:>15}  {:<8} {:<16} {:>4}  REASON", "AT (ms)", "ACTION", "BY", "STEP");
     for action in audit["actions"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        println!(
+        out!(
             "{:>15}  {:<8} {:<16} {:>4}  {}",
             action["at_ms"].as_u64().unwrap_or(0),
             action["action"].as_str().unwrap_or("?"),
@@ -278,19 +294,19 @@ fn print_audit(audit: &Value) {
 }
 
 fn print_saga(saga: &Value) {
-    println!("request id  {}", saga["request_id"].as_str().unwrap_or("?"));
-    println!("facade      {} ({})", saga["facade"].as_str().unwrap_or("?"), saga["mode"].as_str().unwrap_or("?"));
-    println!("status      {}", status(saga));
+    out!("request id  {}", saga["request_id"].as_str().unwrap_or("?"));
+    out!("facade      {} ({})", saga["facade"].as_str().unwrap_or("?"), saga["mode"].as_str().unwrap_or("?"));
+    out!("status      {}", status(saga));
     if let Some(error) = saga["state"]["failure"]["error"].as_str() {
-        println!("failure     {error}");
+        out!("failure     {error}");
     }
     if let Some(reason) = saga["state"]["reason"].as_str() {
-        println!("stuck       {reason}");
+        out!("stuck       {reason}");
     }
     if let Some(pending) = saga["state"]["pending"].as_array() {
-        println!("pending     {}", pending.iter().map(Value::to_string).collect::<Vec<_>>().join(", "));
+        out!("pending     {}", pending.iter().map(Value::to_string).collect::<Vec<_>>().join(", "));
     }
-    println!("history");
+    out!("history");
     for entry in saga["history"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let step = entry["step"].as_u64().map(|s| format!(" step {s}")).unwrap_or_default();
         let error = entry["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
@@ -299,10 +315,6 @@ fn print_saga(saga: &Value) {
             (true, Some(by)) => format!(" by {by}"),
             _ => error,
         };
-        println!(
-            "  {:>15}  {}{step}{error}",
-            entry["at_ms"].as_u64().unwrap_or(0),
-            entry["event"].as_str().unwrap_or("?")
-        );
+        out!("  {:>15}  {}{step}{error}", entry["at_ms"].as_u64().unwrap_or(0), entry["event"].as_str().unwrap_or("?"));
     }
 }

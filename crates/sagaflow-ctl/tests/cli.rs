@@ -126,6 +126,15 @@ async fn every_command_against_a_live_admin_api() {
     let rest: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(rest.as_array().unwrap().len(), 2, "the second page");
 
+    // A reader that goes away early (`| head`) ends the command quietly, not with a panic.
+    let mut early = std::process::Command::new(env!("CARGO_BIN_EXE_sagaflow-ctl"));
+    early.args(["list", "--limit", "1000"]).env("SAGAFLOW_ADMIN_URL", &url).env("SAGAFLOW_ADMIN_TOKEN", TOKEN);
+    let mut child = early.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let gone = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(gone.status.success(), "{gone:?}");
+    assert!(!String::from_utf8_lossy(&gone.stderr).contains("panicked"), "{gone:?}");
+
     let shown = stdout(&ctl(&url, token, &["show", "ship-0"]).await);
     assert!(shown.contains("status      stuck") && shown.contains("compensation_gave_up"), "{shown}");
 

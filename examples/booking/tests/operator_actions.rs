@@ -68,8 +68,8 @@ fn history_has(saga: &Value, event: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_during_a_slow_step_compensates_once_in_every_mode() {
-    // The payment takes 1.5 s: each saga is aborted while its payment is in flight.
-    let split = Split::start(&format!("abort-{}", run_id()), YAML, MockConfig::default(), slow(1_500)).await;
+    // The payment takes 3 s: each saga is aborted while its payment is in flight.
+    let split = Split::start(&format!("abort-{}", run_id()), YAML, MockConfig::default(), slow(3_000)).await;
     let ops = split.ops();
     let callbacks = CallbackCounter::start().await;
     let run = run_id();
@@ -135,7 +135,7 @@ async fn an_abort_on_one_replica_stops_a_saga_another_replica_drives() {
     if !replicas::servers_up(BrokerKind::Nats) {
         return;
     }
-    let spec = Spec { payment_latency_ms: 2_000, ..Spec::new(2, BrokerKind::Nats) };
+    let spec = Spec { payment_latency_ms: 3_000, ..Spec::new(2, BrokerKind::Nats) };
     let cluster = Cluster::start(spec).await;
     let run = run_id();
     let jobs: Vec<Job> = [replicas::Call::Sync, replicas::Call::Throttling]
