@@ -284,6 +284,8 @@ async fn a_redrive_after_the_upstream_is_fixed_ends_a_thousand_stuck_sagas_withi
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["matched"], SAGAS);
     ops.count_until("AsyncBooking", "compensated", SAGAS as u64, Duration::from_secs(240)).await;
+    let (_, metrics) = ops.text("/metrics").await;
+    assert_eq!(support::process::metric_sum(&metrics, "sagaflow_redriven_total"), SAGAS as f64, "{metrics}");
 
     let orders = split.order.snapshot();
     let counters = orders.counters.unwrap_or_default();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::log::{ListCursor, ListFilter, LogError};
+use crate::metrics as m;
 use crate::saga::{SagaEvent, SagaRecord, SagaState, SagaStatus};
 
 use super::Orchestrator;
@@ -85,7 +86,7 @@ impl Orchestrator {
     /// retries none.
     pub async fn redrive(&self, filter: &RedriveFilter, per_second: u32, dry_run: bool, by: &str) -> Result<usize> {
         let pause = Duration::from_secs(1) / per_second.max(1);
-        let mut matched = 0;
+        let (mut matched, mut retried) = (0, 0);
         let mut after: Option<ListCursor> = None;
         loop {
             let page = ListFilter {
@@ -105,8 +106,12 @@ impl Orchestrator {
                     continue;
                 }
                 match self.retry_as(&record.request_id, by, Some("redrive")).await {
+                    Ok(_) => {
+                        retried += 1;
+                        metrics::counter!(m::REDRIVEN, "facade" => record.facade.clone()).increment(1);
+                    }
                     // Retried meanwhile by someone else: not an error of the batch.
-                    Ok(_) | Err(Error::WrongState { .. }) => {}
+                    Err(Error::WrongState { .. }) => {}
                     Err(e) => return Err(e),
                 }
                 tokio::time::sleep(pause).await;
@@ -114,8 +119,11 @@ impl Orchestrator {
             if last {
                 break;
             }
+            if !dry_run {
+                tracing::info!(matched, retried, by, "redrive under way");
+            }
         }
-        tracing::warn!(matched, dry_run, by, "redrive by an operator done");
+        tracing::warn!(matched, retried, dry_run, by, "redrive by an operator done");
         Ok(matched)
     }
 

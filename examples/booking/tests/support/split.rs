@@ -120,6 +120,13 @@ impl Ops {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET path`: the status and the body as text.
+    pub async fn text(&self, path: &str) -> (StatusCode, String) {
+        let response = self.web.get(self.url(path)).send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status();
+        (status, response.text().await.unwrap_or_default())
+    }
+
     /// `POST path` as `operator` with `body`: the status and the JSON body.
     pub async fn post(&self, path: &str, operator: &str, body: Value) -> (StatusCode, Value) {
         let response = self
