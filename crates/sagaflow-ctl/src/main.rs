@@ -8,8 +8,9 @@
 //! sagaflow-ctl show 0193a6c1-...
 //! sagaflow-ctl abort 0193a6c1-... --reason "the customer cancelled"
 //! sagaflow-ctl resolve 0193a6c1-... --step 1 --reason "refunded in the payment console"
-//! sagaflow-ctl redrive --facade CreateBooking --failed-step 1 --dry-run
-//! sagaflow-ctl pause CreateBooking
+//! sagaflow-ctl audit 0193a6c1-...
+//! sagaflow-ctl redrive --facade AsyncBooking --failed-step 1 --dry-run
+//! sagaflow-ctl pause SyncBooking
 //! ```
 
 use std::process::ExitCode;
@@ -17,6 +18,22 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
+
+/// Prints a line to stdout; a reader gone away (`sagaflow-ctl list | head`) ends the
+/// command quietly, as it ends any Unix filter, instead of failing on the write.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))
+    };
+}
+
+fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n")).is_err() {
+        std::process::exit(0);
+    }
+}
 
 /// Header naming the operator, as the admin API reads it.
 const OPERATOR_HEADER: &str = "x-sagaflow-operator";
@@ -59,6 +76,8 @@ enum Command {
     },
     /// One saga with its history.
     Show { request_id: String },
+    /// Who did what to a saga (abort, resolve, retry), when and why.
+    Audit { request_id: String },
     /// Retry a stuck saga's compensation.
     Retry { request_id: String },
     /// Abort a running saga: it stops at the next step and compensates.
@@ -165,6 +184,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             api.send(api.request(reqwest::Method::GET, &path)).await?
         }
         Command::Show { request_id } => api.send(api.request(reqwest::Method::GET, &saga_path(request_id, ""))).await?,
+        Command::Audit { request_id } => {
+            api.send(api.request(reqwest::Method::GET, &saga_path(request_id, "/audit"))).await?
+        }
         Command::Retry { request_id } => api.send(api.request(post, &saga_path(request_id, "/retry"))).await?,
         Command::Abort { request_id, reason } => {
             let body = json!({ "reason": reason });
@@ -189,25 +211,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        out!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
     match &cli.command {
         Command::List { .. } => {
             print_table(body.as_array().map(Vec::as_slice).unwrap_or_default());
             if let Some(cursor) = cursor {
-                println!("next page: --cursor {cursor}");
+                out!("next page: --cursor {cursor}");
             }
         }
         Command::Redrive { dry_run, .. } => {
             let matched = body["matched"].as_u64().unwrap_or(0);
             let verb = if *dry_run { "would be retried" } else { "retried" };
-            println!("{matched} stuck sagas {verb}");
+            out!("{matched} stuck sagas {verb}");
         }
         Command::Pause { facade } | Command::Resume { facade } => {
             let state = if body["paused"].as_bool() == Some(true) { "paused" } else { "resumed" };
-            println!("{facade} {state} by {}", body["by"].as_str().unwrap_or("?"));
+            out!("{facade} {state} by {}", body["by"].as_str().unwrap_or("?"));
         }
+        Command::Audit { .. } => print_audit(&body),
         _ => print_saga(&body),
     }
     Ok(())
@@ -236,10 +259,10 @@ fn status(saga: &Value) -> &str {
 }
 
 fn print_table(sagas: &[Value]) {
-    println!("{:<40} {:<20} {:<13} {:>5} {:>15}", "REQUEST ID", "FACADE", "STATUS", "STEPS", "CREATED (ms)");
+    out!("{:<40} {:<20} {:<13} {:>5} {:>15}", "REQUEST ID", "FACADE", "STATUS", "STEPS", "CREATED (ms)");
     for saga in sagas {
         let steps = format!("{}/{}", saga["completed"].as_u64().unwrap_or(0), saga["steps"].as_u64().unwrap_or(0));
-        println!(
+        out!(
             "{:<40} {:<20} {:<13} {:>5} {:>15}",
             saga["request_id"].as_str().unwrap_or("?"),
             saga["facade"].as_str().unwrap_or("?"),
@@ -250,27 +273,48 @@ fn print_table(sagas: &[Value]) {
     }
 }
 
+fn print_audit(audit: &Value) {
+    out!(
+        "{} ({}, {})",
+        audit["request_id"].as_str().unwrap_or("?"),
+        audit["facade"].as_str().unwrap_or("?"),
+        audit["status"].as_str().unwrap_or("?")
+    );
+    out!("{:>15}  {:<8} {:<16} {:>4}  REASON", "AT (ms)", "ACTION", "BY", "STEP");
+    for action in audit["actions"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        out!(
+            "{:>15}  {:<8} {:<16} {:>4}  {}",
+            action["at_ms"].as_u64().unwrap_or(0),
+            action["action"].as_str().unwrap_or("?"),
+            action["by"].as_str().unwrap_or("-"),
+            action["step"].as_u64().map(|s| s.to_string()).unwrap_or_default(),
+            action["reason"].as_str().unwrap_or(""),
+        );
+    }
+}
+
 fn print_saga(saga: &Value) {
-    println!("request id  {}", saga["request_id"].as_str().unwrap_or("?"));
-    println!("facade      {} ({})", saga["facade"].as_str().unwrap_or("?"), saga["mode"].as_str().unwrap_or("?"));
-    println!("status      {}", status(saga));
+    out!("request id  {}", saga["request_id"].as_str().unwrap_or("?"));
+    out!("facade      {} ({})", saga["facade"].as_str().unwrap_or("?"), saga["mode"].as_str().unwrap_or("?"));
+    out!("status      {}", status(saga));
     if let Some(error) = saga["state"]["failure"]["error"].as_str() {
-        println!("failure     {error}");
+        out!("failure     {error}");
     }
     if let Some(reason) = saga["state"]["reason"].as_str() {
-        println!("stuck       {reason}");
+        out!("stuck       {reason}");
     }
     if let Some(pending) = saga["state"]["pending"].as_array() {
-        println!("pending     {}", pending.iter().map(Value::to_string).collect::<Vec<_>>().join(", "));
+        out!("pending     {}", pending.iter().map(Value::to_string).collect::<Vec<_>>().join(", "));
     }
-    println!("history");
+    out!("history");
     for entry in saga["history"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let step = entry["step"].as_u64().map(|s| format!(" step {s}")).unwrap_or_default();
         let error = entry["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
-        println!(
-            "  {:>15}  {}{step}{error}",
-            entry["at_ms"].as_u64().unwrap_or(0),
-            entry["event"].as_str().unwrap_or("?")
-        );
+        // An operator's retry has no error text; name who asked.
+        let error = match (error.is_empty(), entry["by"].as_str()) {
+            (true, Some(by)) => format!(" by {by}"),
+            _ => error,
+        };
+        out!("  {:>15}  {}{step}{error}", entry["at_ms"].as_u64().unwrap_or(0), entry["event"].as_str().unwrap_or("?"));
     }
 }

@@ -126,6 +126,15 @@ async fn every_command_against_a_live_admin_api() {
     let rest: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(rest.as_array().unwrap().len(), 2, "the second page");
 
+    // A reader that goes away early (`| head`) ends the command quietly, not with a panic.
+    let mut early = std::process::Command::new(env!("CARGO_BIN_EXE_sagaflow-ctl"));
+    early.args(["list", "--limit", "1000"]).env("SAGAFLOW_ADMIN_URL", &url).env("SAGAFLOW_ADMIN_TOKEN", TOKEN);
+    let mut child = early.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let gone = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(gone.status.success(), "{gone:?}");
+    assert!(!String::from_utf8_lossy(&gone.stderr).contains("panicked"), "{gone:?}");
+
     let shown = stdout(&ctl(&url, token, &["show", "ship-0"]).await);
     assert!(shown.contains("status      stuck") && shown.contains("compensation_gave_up"), "{shown}");
 
@@ -144,6 +153,22 @@ async fn every_command_against_a_live_admin_api() {
     for i in 1..5 {
         status_is(&o, &format!("ship-{i}"), SagaStatus::Compensated).await;
     }
+    let audit = stdout(&ctl(&url, token, &["audit", "ship-0"]).await);
+    let rows: Vec<&str> = audit.lines().skip(2).collect();
+    assert_eq!(rows.len(), 1, "{audit}");
+    assert!(
+        rows[0].contains("resolve") && rows[0].contains("alice") && rows[0].ends_with("refunded by hand"),
+        "{audit}"
+    );
+    let audit = stdout(&ctl(&url, token, &["--json", "audit", "ship-1"]).await);
+    let audit: Value = serde_json::from_str(&audit).unwrap();
+    assert_eq!(audit["actions"][0]["action"], "retry", "{audit}");
+    assert_eq!(
+        (&audit["actions"][0]["by"], &audit["actions"][0]["reason"]),
+        (&Value::from("alice"), &Value::from("redrive"))
+    );
+    let shown = stdout(&ctl(&url, token, &["show", "ship-1"]).await);
+    assert!(shown.contains("retry_compensation step 0 by alice"), "{shown}");
 
     // A running sync saga, aborted from the command line.
     let caller = {

@@ -213,7 +213,7 @@ async fn a_retried_stuck_saga_is_not_pruned_while_it_runs_again() {
     assert_eq!(r.unwrap().status(), SagaStatus::Stuck);
     backdate_end(&log, id, 2 * 3600).await;
     // Retried: running again, so no longer a candidate however long ago it was stuck.
-    log.append(id, SagaEvent::RetryCompensation).await.unwrap();
+    log.append(id, SagaEvent::RetryCompensation { by: None, reason: None }).await.unwrap();
     assert_eq!(log.prune_now().await.unwrap(), 0);
     assert_eq!(log.get(id).await.unwrap().unwrap().status(), SagaStatus::Compensating);
     let r = log.append(id, SagaEvent::StepCompensated { index: 0, attempts: 1 }).await.unwrap();

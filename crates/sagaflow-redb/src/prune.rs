@@ -156,7 +156,7 @@ mod tests {
         let (_dir, log) = open(Retention { max_age: HOUR, max_ended: 1000, ..Retention::default() });
         log.begin(new_saga("running")).await.unwrap();
         run_to_stuck(&log, "retried").await;
-        log.append("retried", SagaEvent::RetryCompensation).await.unwrap();
+        log.append("retried", SagaEvent::RetryCompensation { by: None, reason: None }).await.unwrap();
         run_to_stuck(&log, "stuck").await;
         let done = run_to_end(&log, "done").await;
 

@@ -36,6 +36,8 @@ pub const RESUMED_STALE: &str = "sagaflow_resumed_stale_total";
 pub const TAKEN_OVER: &str = "sagaflow_taken_over_total";
 /// Saga log writes retried because the log was unavailable.
 pub const LOG_RETRIES: &str = "sagaflow_log_retries_total";
+/// Stuck sagas retried by an operator's redrive, as it goes.
+pub const REDRIVEN: &str = "sagaflow_redriven_total";
 
 /// Every histogram above, for exporters that need explicit buckets.
 pub const HISTOGRAMS: [&str; 3] = [STEP_SECONDS, PUBLISH_SECONDS, ACK_SECONDS];
@@ -63,6 +65,7 @@ pub(crate) fn describe() {
     describe_counter!(RESUMED_STALE, "Stale sagas resumed by the sweep");
     describe_counter!(TAKEN_OVER, "Sagas taken over from replicas whose lease ran out");
     describe_counter!(LOG_RETRIES, "Saga log writes retried while the log was unavailable");
+    describe_counter!(REDRIVEN, "Stuck sagas retried by a redrive, by facade");
 }
 
 pub(crate) fn seconds(d: Duration) -> f64 {

@@ -43,6 +43,10 @@ pub struct Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.node.is_empty() {
+            // An operator's abort names no node: the saga stopped between steps, or during one.
+            return write!(f, "step {} failed: {}", self.step, self.error);
+        }
         write!(f, "step {} ({}) failed: {}", self.step, self.node, self.error)
     }
 }
@@ -176,7 +180,14 @@ pub enum SagaEvent {
         reason: String,
     },
     /// An operator asked to retry a stuck saga's compensation.
-    RetryCompensation,
+    RetryCompensation {
+        /// Who asked (absent in records written before operators were named).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        /// Why, when they said (a redrive names itself here).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// An operator aborted the running saga: no further step starts, and
     /// every step that completed or may have (the one started last) is
     /// compensated.
@@ -205,6 +216,13 @@ pub enum SagaEvent {
         /// The last error, if not delivered.
         error: Option<String>,
     },
+}
+
+impl SagaEvent {
+    /// Whether an operator wrote it (abort, resolve, retry), rather than the engine.
+    pub fn is_operators(&self) -> bool {
+        matches!(self, SagaEvent::Aborted { .. } | SagaEvent::Resolved { .. } | SagaEvent::RetryCompensation { .. })
+    }
 }
 
 /// A transition the state machine refuses.
@@ -254,6 +272,12 @@ pub struct HistoryEntry {
     pub attempts: Option<u32>,
     /// Error text, when any.
     pub error: Option<String>,
+    /// The operator who caused it (abort, resolve, retry), when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// The operator's reason, when they gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Everything recorded about one saga.
@@ -316,6 +340,8 @@ impl SagaRecord {
                 step: None,
                 attempts: None,
                 error: None,
+                by: None,
+                reason: None,
             }],
         }
     }
@@ -332,8 +358,15 @@ impl SagaRecord {
             state: record.status(),
             event: describe(event),
         };
-        let mut entry =
-            HistoryEntry { at_ms: now_ms(), event: event_name(event).into(), step: None, attempts: None, error: None };
+        let mut entry = HistoryEntry {
+            at_ms: now_ms(),
+            event: event_name(event).into(),
+            step: None,
+            attempts: None,
+            error: None,
+            by: None,
+            reason: None,
+        };
         match (&mut self.state, event) {
             (SagaState::Running, SagaEvent::StepStarted { index }) if *index == self.completed => {
                 entry.step = Some(*index);
@@ -395,7 +428,10 @@ impl SagaRecord {
                 entry.attempts = Some(*attempts);
                 entry.error = if *delivered { None } else { error.clone() };
             }
-            (SagaState::Stuck { failure, pending, .. }, SagaEvent::RetryCompensation) => {
+            (SagaState::Stuck { failure, pending, .. }, SagaEvent::RetryCompensation { by, reason }) => {
+                entry.step = pending.first().copied();
+                entry.by.clone_from(by);
+                entry.reason.clone_from(reason);
                 self.state = SagaState::Compensating { failure: failure.clone(), pending: std::mem::take(pending) };
             }
             (SagaState::Running, SagaEvent::Aborted { by, reason }) => {
@@ -408,6 +444,8 @@ impl SagaRecord {
                 let pending: Vec<usize> = (0..last).rev().collect();
                 entry.step = Some(step);
                 entry.error = Some(failure.error.clone());
+                entry.by = Some(by.clone());
+                entry.reason = Some(reason.clone());
                 self.state = if pending.is_empty() {
                     SagaState::Compensated { failure }
                 } else {
@@ -420,6 +458,8 @@ impl SagaRecord {
                 pending.remove(0);
                 entry.step = Some(*index);
                 entry.error = Some(format!("resolved by {by}: {reason}"));
+                entry.by = Some(by.clone());
+                entry.reason = Some(reason.clone());
                 self.state = if pending.is_empty() {
                     SagaState::Compensated { failure: failure.clone() }
                 } else {
@@ -504,7 +544,7 @@ fn event_name(event: &SagaEvent) -> &'static str {
         SagaEvent::StepFailed { .. } => "step_failed",
         SagaEvent::StepCompensated { .. } => "step_compensated",
         SagaEvent::CompensationGaveUp { .. } => "compensation_gave_up",
-        SagaEvent::RetryCompensation => "retry_compensation",
+        SagaEvent::RetryCompensation { .. } => "retry_compensation",
         SagaEvent::Aborted { .. } => "aborted",
         SagaEvent::Resolved { .. } => "resolved",
         SagaEvent::CallbackDelivered { delivered: true, .. } => "callback_delivered",
@@ -523,7 +563,7 @@ fn describe(event: &SagaEvent) -> String {
             format!("{} of step {index}", event_name(event))
         }
         SagaEvent::StepFailed { failure, .. } => format!("step_failed of step {}", failure.step),
-        SagaEvent::RetryCompensation | SagaEvent::CallbackDelivered { .. } | SagaEvent::Aborted { .. } => {
+        SagaEvent::RetryCompensation { .. } | SagaEvent::CallbackDelivered { .. } | SagaEvent::Aborted { .. } => {
             event_name(event).into()
         }
     }
@@ -605,7 +645,7 @@ mod tests {
         assert_eq!(r.on_hop(2), OnHop::Compensate);
         r.apply(&SagaEvent::CompensationGaveUp { index: 1, attempts: 3, reason: "down".into() }).unwrap();
         assert_eq!((r.next(), r.on_hop(2)), (Next::Wait, OnHop::Ended));
-        r.apply(&SagaEvent::RetryCompensation).unwrap();
+        r.apply(&SagaEvent::RetryCompensation { by: None, reason: None }).unwrap();
         r.apply(&SagaEvent::StepCompensated { index: 1, attempts: 1 }).unwrap();
         assert_eq!(r.next(), Next::Compensate(0));
         r.apply(&SagaEvent::StepCompensated { index: 0, attempts: 1 }).unwrap();
@@ -691,10 +731,37 @@ mod tests {
             other => panic!("not stuck: {other:?}"),
         }
         assert!(r.state.is_ended());
-        r.apply(&SagaEvent::RetryCompensation).unwrap();
+        r.apply(&SagaEvent::RetryCompensation { by: None, reason: None }).unwrap();
         assert_eq!(r.next_compensation(), Some(0));
         r.apply(&SagaEvent::StepCompensated { index: 0, attempts: 1 }).unwrap();
         assert_eq!(r.status(), SagaStatus::Compensated);
+    }
+
+    #[test]
+    fn operators_are_named_in_the_history_and_older_retries_still_read() {
+        let old: SagaEvent = serde_json::from_value(json!({ "event": "retry_compensation" })).unwrap();
+        assert_eq!(old, SagaEvent::RetryCompensation { by: None, reason: None });
+        let mut r = record(2);
+        complete(&mut r, 0);
+        r.apply(&SagaEvent::StepStarted { index: 1 }).unwrap();
+        r.apply(&SagaEvent::Aborted { by: "ann".into(), reason: "asked to".into() }).unwrap();
+        if let SagaState::Compensating { failure, .. } = &r.state {
+            assert_eq!(failure.to_string(), "step 1 failed: aborted by ann: asked to");
+        }
+        let aborted = r.history.last().unwrap();
+        assert_eq!((aborted.by.as_deref(), aborted.reason.as_deref()), (Some("ann"), Some("asked to")));
+        r.apply(&SagaEvent::StepCompensated { index: 1, attempts: 1 }).unwrap();
+        r.apply(&SagaEvent::CompensationGaveUp { index: 0, attempts: 2, reason: "down".into() }).unwrap();
+        let retry = SagaEvent::RetryCompensation { by: Some("bo".into()), reason: Some("redrive".into()) };
+        r.apply(&retry).unwrap();
+        let retried = r.history.last().unwrap();
+        assert_eq!(
+            (retried.by.as_deref(), retried.reason.as_deref(), retried.step),
+            (Some("bo"), Some("redrive"), Some(0))
+        );
+        // Entries without an operator keep their old shape.
+        let started = serde_json::to_value(&r.history[1]).unwrap();
+        assert!(started.get("by").is_none() && started.get("reason").is_none(), "{started}");
     }
 
     #[test]
@@ -702,7 +769,7 @@ mod tests {
         let mut r = record(1);
         complete(&mut r, 0);
         assert!(r.apply(&SagaEvent::StepStarted { index: 1 }).is_err());
-        assert!(r.apply(&SagaEvent::RetryCompensation).is_err());
+        assert!(r.apply(&SagaEvent::RetryCompensation { by: None, reason: None }).is_err());
         assert!(
             r.apply(&SagaEvent::StepFailed {
                 failure: failure(0),

@@ -186,19 +186,23 @@ async fn stuck_sagas_are_resolved_by_hand_or_redriven_in_bulk_within_the_flows_c
     let resolved = o.resolve("r0", 1, "ops", "refunded by hand in the payment console").await.unwrap();
     assert_eq!(resolved.status(), SagaStatus::Compensating);
     let r0 = status_is(&o, "r0", SagaStatus::Compensated).await;
-    assert!(r0.history.iter().any(|h| h.event == "resolved"));
+    let entry = r0.history.iter().find(|h| h.event == "resolved").expect("the resolve is recorded");
+    assert_eq!((entry.by.as_deref(), entry.step), (Some("ops"), Some(1)));
+    assert_eq!(entry.reason.as_deref(), Some("refunded by hand in the payment console"));
 
     // The rest redriven once the payment service is fixed.
     let all = RedriveFilter { facade: Some(ASYNC.into()), ..RedriveFilter::default() };
     let only_ship = RedriveFilter { failed_step: Some(2), error_contains: Some("refused".into()), ..all.clone() };
-    assert_eq!(o.redrive(&all, 1000, true).await.unwrap(), 39, "dry run counts");
-    assert_eq!(o.redrive(&only_ship, 1000, true).await.unwrap(), 39, "by failed step and error text");
+    assert_eq!(o.redrive(&all, 1000, true, "ops").await.unwrap(), 39, "dry run counts");
+    assert_eq!(o.redrive(&only_ship, 1000, true, "ops").await.unwrap(), 39, "by failed step and error text");
     let other_step = RedriveFilter { failed_step: Some(1), ..all.clone() };
-    assert_eq!(o.redrive(&other_step, 1000, true).await.unwrap(), 0);
+    assert_eq!(o.redrive(&other_step, 1000, true, "ops").await.unwrap(), 0);
     fixed.store(true, Ordering::SeqCst);
-    assert_eq!(o.redrive(&all, 1000, false).await.unwrap(), 39);
+    assert_eq!(o.redrive(&all, 1000, false, "ops").await.unwrap(), 39);
     for i in 1..40 {
-        status_is(&o, &format!("r{i}"), SagaStatus::Compensated).await;
+        let record = status_is(&o, &format!("r{i}"), SagaStatus::Compensated).await;
+        let retry = record.history.iter().find(|h| h.event == "retry_compensation").expect("the retry is recorded");
+        assert_eq!((retry.by.as_deref(), retry.reason.as_deref()), (Some("ops"), Some("redrive")));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let most = most.load(Ordering::SeqCst);

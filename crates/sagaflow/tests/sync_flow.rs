@@ -149,7 +149,7 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_retriable()
     assert_eq!(taken(&c), ["a#1", "b#1", "undo a#1", "undo a#2", "undo a#3"]);
 
     // The upstream heals; an operator retries the compensation.
-    o.retry_stuck("r1").await.unwrap();
+    o.retry_stuck("r1", "ops").await.unwrap();
     for _ in 0..100 {
         if o.saga("r1").await.unwrap().unwrap().status() == SagaStatus::Compensated {
             break;

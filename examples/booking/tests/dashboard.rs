@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use booking::app::Running;
 use booking::config::Config;
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::{Service, booking, start, test_config, with_id};
 
 const TOKEN: &str = "s3cret-dashboard";
@@ -142,7 +142,11 @@ async fn drive_the_dashboard(config: Config, host: &str, token: Option<&str>, sc
         return;
     };
 
-    let mut s = start(quick_to_stick(config)).await;
+    let mut config = quick_to_stick(config);
+    // A slowed payment keeps a saga running (each attempt waits this long) until the page aborts it.
+    config.flow.step_timeout_ms = 20_000;
+    config.flow.deadline_ms = 180_000;
+    let mut s = start(config).await;
     // A little of everything, so the counts and the screenshot show each outcome.
     for _ in 0..3 {
         s.client.handle_sync_booking(with_id(Some(&id("sync")), booking(3, 1, false))).await.unwrap();
@@ -158,9 +162,28 @@ async fn drive_the_dashboard(config: Config, host: &str, token: Option<&str>, sc
     let stuck = id("stuck");
     s.client.handle_throttling_booking(with_id(Some(&stuck), booking(6, 1, true))).await.unwrap_err();
     saga_until(&s.running, &stuck, token, |s| s["status"] == "stuck").await;
-    // Healed: the driver retries the stuck saga from the dashboard.
+    // One stuck saga to settle by hand, two to redrive.
+    let to_resolve = id("resolve");
+    s.client.handle_async_booking(with_id(Some(&to_resolve), booking(7, 1, true))).await.unwrap();
+    let to_redrive = [id("redrive"), id("redrive")];
+    for id in &to_redrive {
+        s.client.handle_sync_booking(with_id(Some(id), booking(8, 1, true))).await.unwrap_err();
+    }
+    for id in to_redrive.iter().chain([&to_resolve]) {
+        saga_until(&s.running, id, token, |s| s["status"] == "stuck").await;
+    }
+    // Healed: the driver retries the stuck saga from the dashboard, and redrives the others.
     order.set_fail_cancels(false);
     let (ok, fault) = completed_and_compensated(&mut s).await;
+    // A saga held in its payment step, for the page to abort.
+    let (_, payment) = s.running.mocks.clone().expect("in-process mocks");
+    payment.set_create_delay(Duration::from_secs(60));
+    let running = id("running");
+    s.client.handle_async_booking(with_id(Some(&running), booking(9, 1, false))).await.unwrap();
+    saga_until(&s.running, &running, token, |s| {
+        s["history"].as_array().is_some_and(|h| h.iter().any(|e| e["event"] == "step_started" && e["step"] == 1))
+    })
+    .await;
 
     let screenshot = target_dir().join(screenshot);
     let _ = std::fs::remove_file(&screenshot);
@@ -170,6 +193,9 @@ async fn drive_the_dashboard(config: Config, host: &str, token: Option<&str>, sc
         .args(["--url", &format!("http://{host}:{}/", s.running.http_addr.port())])
         .args(["--token", token.unwrap_or_default()])
         .args(["--completed", &ok, "--compensated", &fault, "--stuck", &stuck])
+        .args(["--operator", OPERATOR, "--running", &running, "--resolve", &to_resolve])
+        .args(["--redrive-facade", "SyncBooking", "--redrive-count", &to_redrive.len().to_string()])
+        .args(["--pause", PAUSED])
         .arg("--screenshot")
         .arg(&screenshot)
         .arg("--chromium")
@@ -178,11 +204,52 @@ async fn drive_the_dashboard(config: Config, host: &str, token: Option<&str>, sc
         tokio::task::spawn_blocking(move || run_bounded(driver, Duration::from_secs(150))).await.unwrap();
     println!("{output}");
     assert!(passed, "the dashboard check failed:\n{output}");
+    payment.set_create_delay(Duration::ZERO);
     let retried = get_json(&format!("{}/api/sagas/{stuck}", base(&s.running)), token).await;
     assert_eq!(retried["status"], "compensated", "{retried:#}");
+    check_operator_actions(&s, token, &running, &to_resolve, &to_redrive).await;
     let png = std::fs::read(&screenshot).expect("a screenshot was saved");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{} bytes of screenshot", png.len());
     s.running.shutdown().await.unwrap();
+}
+
+/// Who acts in the browser.
+const OPERATOR: &str = "pat";
+/// The facade the page leaves paused.
+const PAUSED: &str = "ThrottlingBooking";
+
+/// What the page's buttons did, read back through the API: the abort, the resolve and the
+/// redrive each named the operator typed in the page, and the facade it paused refuses calls.
+async fn check_operator_actions(s: &Service, token: Option<&str>, running: &str, resolved: &str, redriven: &[String]) {
+    let aborted = saga_until(&s.running, running, token, |s| s["status"] == "compensated").await;
+    let reason = aborted["rollback_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("aborted by pat: the customer cancelled in the browser"), "{aborted:#}");
+    let audit = |id: &str| format!("{}/api/sagas/{id}/audit", base(&s.running));
+    let trail = get_json(&audit(resolved), token).await;
+    assert_eq!(trail["status"], "compensated", "{trail:#}");
+    assert_eq!((&trail["actions"][0]["action"], &trail["actions"][0]["by"]), (&json!("resolve"), &json!(OPERATOR)));
+    assert_eq!(trail["actions"][0]["reason"], "order voided in the browser", "{trail:#}");
+    for id in redriven {
+        saga_until(&s.running, id, token, |s| s["status"] == "compensated").await;
+        let trail = get_json(&audit(id), token).await;
+        let retry = &trail["actions"][0];
+        assert_eq!(
+            (&retry["action"], &retry["by"], &retry["reason"]),
+            (&json!("retry"), &json!(OPERATOR), &json!("redrive"))
+        );
+    }
+    let flows = get_json(&format!("{}/api/flows", base(&s.running)), token).await;
+    let paused: Vec<&str> =
+        flows.as_array().unwrap().iter().filter(|f| f["paused"] == true).filter_map(|f| f["facade"].as_str()).collect();
+    assert_eq!(paused, [PAUSED]);
+    let refused = s
+        .client
+        .clone()
+        .handle_throttling_booking(with_id(Some(&id("refused")), booking(1, 1, false)))
+        .await
+        .expect_err("the paused facade refuses");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("paused (by pat)"), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

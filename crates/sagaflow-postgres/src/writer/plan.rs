@@ -89,7 +89,7 @@ pub(crate) fn plan(requests: &[Request], base: Base) -> Plan {
                 Err(LogError::NotFound(request_id.clone()))
             }
             (Request::Append { event, writer, reply, .. }, Current::Record(record)) => {
-                match check_owner(record, writer.as_deref()).and_then(|()| Ok(record.apply(event)?)) {
+                match check_owner(record, writer.as_deref(), event).and_then(|()| Ok(record.apply(event)?)) {
                     Ok(()) => {
                         changed = true;
                         Ok(Answer::Append(reply.is_some().then(|| record.clone())))

@@ -60,7 +60,7 @@ async fn a_full_disk_refuses_writes_cleanly_until_it_has_room_and_loses_nothing_
     // Still full: the file cannot be opened again, and writes stay refused.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!log.health().is_serving());
-    let refused = log.append("before-0", SagaEvent::RetryCompensation).await;
+    let refused = log.append("before-0", SagaEvent::RetryCompensation { by: None, reason: None }).await;
     assert!(matches!(refused, Err(LogError::Unavailable(_))), "{refused:?}");
     assert!(faults.injected.load(Ordering::SeqCst) > 1, "the file was tried again");
 

@@ -90,7 +90,7 @@ async fn a_crash_between_checkpoints_loses_no_answered_write() {
     // A stuck saga retried moves back to the running ones.
     log.begin(new_saga("retried")).await.unwrap();
     run_to_stuck(&log, "retried-stuck").await;
-    log.append("retried-stuck", SagaEvent::RetryCompensation).await.unwrap();
+    log.append("retried-stuck", SagaEvent::RetryCompensation { by: None, reason: None }).await.unwrap();
     let stats = log.stats();
     assert_eq!(stats.checkpoints, 0, "every batch went to the write-ahead file: {stats:?}");
 
@@ -228,7 +228,7 @@ async fn a_retried_stuck_saga_is_unfinished_again() {
     let (_dir, log) = open(Retention::default());
     run_to_stuck(&log, "s").await;
     assert!(log.unfinished().await.unwrap().is_empty());
-    let r = log.append("s", SagaEvent::RetryCompensation).await.unwrap();
+    let r = log.append("s", SagaEvent::RetryCompensation { by: None, reason: None }).await.unwrap();
     assert_eq!(r.next_compensation(), Some(0));
     let unfinished = log.unfinished().await.unwrap();
     assert_eq!(unfinished, vec![r]);

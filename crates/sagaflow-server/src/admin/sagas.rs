@@ -1,5 +1,5 @@
 //! The admin API's views of the saga log: listing with paging and filters, counts per
-//! facade and status, one saga's detail, and retrying a stuck one.
+//! facade and status, and one saga's detail.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use sagaflow::log::{ListCursor, ListFilter};
 use sagaflow::{Failure, Orchestrator, SagaRecord, SagaState, SagaStatus};
@@ -18,11 +18,7 @@ use super::{AdminState, NEXT_CURSOR_HEADER, error, json_error};
 
 /// The routes of the saga views.
 pub(super) fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/api/stats", get(stats))
-        .route("/api/sagas", get(list))
-        .route("/api/sagas/{id}", get(saga))
-        .route("/api/sagas/{id}/retry", post(retry))
+    Router::new().route("/api/stats", get(stats)).route("/api/sagas", get(list)).route("/api/sagas/{id}", get(saga))
 }
 
 /// Sagas per page of `GET /api/sagas` unless `limit` says otherwise.
@@ -339,15 +335,8 @@ async fn saga(State(state): State<AdminState>, Path(id): Path<String>) -> Respon
     }
 }
 
-async fn retry(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    match state.orchestrator.retry_stuck(&id).await {
-        Ok(record) => Json(shown(record)).into_response(),
-        Err(e) => error(e),
-    }
-}
-
 /// A record as the API shows it: the callback URL without its credentials.
-fn shown(mut record: SagaRecord) -> SagaRecord {
+pub(super) fn shown(mut record: SagaRecord) -> SagaRecord {
     record.callback_url = record.callback_url.map(|url| crate::redact::url(&url));
     record
 }
@@ -416,7 +405,7 @@ mod tests {
         assert_eq!(view.step_details[1].action.error.as_deref(), Some("refused"));
         assert_eq!(view.step_details[1].compensation.status, "not_needed");
 
-        record.apply(&SagaEvent::RetryCompensation).unwrap();
+        record.apply(&SagaEvent::RetryCompensation { by: None, reason: None }).unwrap();
         assert_eq!(detail(record.clone(), None).step_details[0].compensation.status, "pending");
         record.apply(&SagaEvent::StepCompensated { index: 0, attempts: 1 }).unwrap();
         let view = detail(record, None);

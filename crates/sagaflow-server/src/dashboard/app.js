@@ -3,6 +3,8 @@
 'use strict';
 
 const TOKEN_KEY = 'sagaflow.adminToken';
+const OPERATOR_KEY = 'sagaflow.operator';
+const OPERATOR_HEADER = 'x-sagaflow-operator';
 const REFRESH_MS = 2000;
 const PAGE_SIZE = 15;
 const STATUSES = ['running', 'compensating', 'completed', 'compensated', 'stuck'];
@@ -16,6 +18,8 @@ const EVENT_LABELS = {
   step_compensated: 'compensated',
   compensation_gave_up: 'compensation gave up — stuck',
   retry_compensation: 'operator retried the compensation',
+  aborted: 'operator aborted the saga — rollback starts',
+  resolved: 'operator settled the compensation by hand',
   callback_delivered: 'callback delivered',
   callback_failed: 'callback failed',
 };
@@ -30,6 +34,9 @@ const app = {
   nextCursor: null,
   shownSaga: null,
   markers: 0,
+  // What the operator typed in a saga's action fields, kept across its re-renders.
+  drafts: { abort: '', resolve: '' },
+  redriveMatched: null,
 };
 
 // ------------------------------------------------------------------ DOM helpers
@@ -109,6 +116,8 @@ async function api(path, options = {}) {
   headers.set('Accept', 'application/json');
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.set('Authorization', `Bearer ${token}`);
+  const operator = sessionStorage.getItem(OPERATOR_KEY);
+  if (operator && options.method && options.method !== 'GET') headers.set(OPERATOR_HEADER, operator);
   const response = await fetch(path, { ...options, headers, cache: 'no-store' });
   if (response.status === 401) {
     if (token) sessionStorage.removeItem(TOKEN_KEY);
@@ -275,19 +284,97 @@ function renderFlows() {
   const holder = clear($('flows'));
   for (const flow of app.flows) {
     const topics = flow.topics && flow.topics.length ? `topics: ${flow.topics.join(', ')}, ` : '';
+    const toggle = el('button', {
+      type: 'button',
+      class: flow.paused ? 'pause-button' : 'pause-button quiet',
+      'data-facade': flow.facade,
+      title: flow.paused ? 'take new calls again' : 'refuse new calls (UNAVAILABLE) on every replica; running sagas finish',
+      onclick: () => setPaused(flow.facade, !flow.paused),
+    }, flow.paused ? 'resume' : 'pause');
     holder.append(
-      el('figure', { class: 'flow', 'data-facade': flow.facade },
+      el('figure', { class: flow.paused ? 'flow paused' : 'flow', 'data-facade': flow.facade },
         el('figcaption', {},
           el('strong', {}, flow.facade), ' ', el('span', { class: `mode mode-${flow.mode}` }, flow.mode),
+          flow.paused ? el('span', { class: 'paused-label' }, 'paused — new calls refused') : null,
+          toggle,
           el('span', { class: 'hint' }, ` ${topics}rollback: ${flow.rollback_topic}`)),
         drawFlow(flow)),
     );
   }
-  const select = $('facade-filter');
-  const chosen = select.value;
-  clear(select).append(el('option', { value: '' }, 'any'));
-  for (const flow of app.flows) select.append(el('option', { value: flow.facade }, flow.facade));
-  select.value = chosen;
+  for (const id of ['facade-filter', 'redrive-facade']) {
+    const select = $(id);
+    const chosen = select.value;
+    clear(select).append(el('option', { value: '' }, 'any'));
+    for (const flow of app.flows) select.append(el('option', { value: flow.facade }, flow.facade));
+    select.value = chosen;
+  }
+}
+
+async function loadFlows() {
+  const { body } = await apiJson('api/flows');
+  app.flows = body;
+  app.flowsByFacade = new Map(body.map((f) => [f.facade, f]));
+}
+
+async function setPaused(facade, paused) {
+  const action = paused ? 'pause' : 'resume';
+  try {
+    await apiJson(`api/flows/${encodeURIComponent(facade)}/${action}`, { method: 'POST' });
+    await loadFlows();
+    renderFlows();
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    report(error);
+  }
+}
+
+// ------------------------------------------------------------------ redrive
+
+function redriveBody(dryRun) {
+  const body = { dry_run: dryRun };
+  const facade = $('redrive-facade').value;
+  const text = $('redrive-error').value.trim();
+  if (facade) body.facade = facade;
+  if (text) body.error_contains = text;
+  return body;
+}
+
+async function redrive(dryRun) {
+  const result = $('redrive-result');
+  const run = $('redrive-run');
+  run.disabled = true;
+  $('redrive-count').disabled = true;
+  result.textContent = dryRun ? 'counting…' : 'redriving…';
+  try {
+    const { body } = await apiJson('api/redrive', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(redriveBody(dryRun)),
+    });
+    result.dataset.matched = body.matched;
+    if (dryRun) {
+      app.redriveMatched = body.matched;
+      result.textContent = `${body.matched} stuck saga${body.matched === 1 ? '' : 's'} match`;
+      run.textContent = `redrive ${body.matched}`;
+      run.disabled = body.matched === 0;
+    } else {
+      app.redriveMatched = null;
+      result.textContent = `${body.matched} stuck saga${body.matched === 1 ? '' : 's'} retried`;
+      run.textContent = 'redrive';
+    }
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    result.textContent = `Redrive refused: ${error.message}`;
+  } finally {
+    $('redrive-count').disabled = false;
+  }
+}
+
+function redriveFilterChanged() {
+  // A count holds for the filter it was made with only.
+  app.redriveMatched = null;
+  $('redrive-run').disabled = true;
+  $('redrive-run').textContent = 'redrive';
 }
 
 // ------------------------------------------------------------------ counts
@@ -327,7 +414,9 @@ function listQuery() {
 
 function failedNode(saga) {
   const failure = saga.state && saga.state.failure;
-  return failure ? failure.node : '';
+  if (!failure) return '';
+  // An operator's abort names no node.
+  return failure.node || (failure.error.startsWith('aborted by ') ? 'aborted by an operator' : '');
 }
 
 function renderRecent(sagas) {
@@ -398,7 +487,8 @@ function renderTimeline(saga) {
       el('span', { class: 'event' }, EVENT_LABELS[entry.event] || entry.event),
       node ? el('span', { class: 'node' }, node) : null,
       entry.attempts ? el('span', { class: 'attempts' }, `${entry.attempts} attempt${entry.attempts === 1 ? '' : 's'}`) : null,
-      entry.error ? el('code', { class: 'error' }, entry.error) : null)));
+      entry.error ? el('code', { class: 'error' }, entry.error) : null,
+      entry.by && !entry.error ? el('span', { class: 'by' }, `by ${entry.by}${entry.reason ? `: ${entry.reason}` : ''}`) : null)));
   }
   return list;
 }
@@ -440,6 +530,8 @@ function renderSaga(saga) {
     holder.append(el('div', { id: 'stuck-reason', class: 'reason stuck' },
       el('strong', {}, 'Stuck: '), saga.stuck_reason, ' ', retry));
   }
+  const actions = sagaActions(saga);
+  if (actions) holder.append(actions);
   if (flow) holder.append(el('div', { class: 'saga-flow' }, drawFlow(flow, sagaMarks(saga))));
   holder.append(renderSteps(saga));
   holder.append(el('h4', {}, 'Timeline'));
@@ -461,6 +553,65 @@ async function showSaga(requestId) {
     clear($('saga')).append(el('p', { id: 'saga-missing', class: 'reason missing' },
       error.status === 404 ? `No saga with request id “${id}”.` : `Could not load the saga: ${error.message}`));
   }
+}
+
+// The operator's actions that fit the saga's state: abort while running, resolve while stuck.
+function sagaActions(saga) {
+  const field = (id, draft, placeholder) => {
+    const input = el('input', { id, type: 'text', placeholder, autocomplete: 'off', spellcheck: 'false', maxlength: 512,
+      'aria-label': placeholder, oninput: (event) => { app.drafts[draft] = event.target.value; } });
+    input.value = app.drafts[draft];
+    return input;
+  };
+  if (saga.status === 'running') {
+    return el('div', { id: 'saga-actions', class: 'actions' },
+      field('abort-reason', 'abort', 'why abort? (required, recorded)'),
+      el('button', { id: 'abort-button', type: 'button', class: 'danger', onclick: () => abortSaga(saga.request_id) },
+        'abort saga'));
+  }
+  const pending = saga.state && saga.state.pending;
+  if (saga.status === 'stuck' && pending && pending.length) {
+    const step = pending[0];
+    return el('div', { id: 'saga-actions', class: 'actions' },
+      field('resolve-reason', 'resolve', 'how was it settled? (required, recorded)'),
+      el('button', { id: 'resolve-button', type: 'button', 'data-step': step,
+        onclick: () => resolveSaga(saga.request_id, step) },
+      `mark step ${step + 1} (${nodeOf(saga, step)}) compensated`));
+  }
+  return null;
+}
+
+// Posts an operator's action with its reason, then shows the saga again (or why it was refused).
+async function act(requestId, action, body, draft) {
+  const reason = app.drafts[draft].trim();
+  if (!reason) {
+    $('saga').prepend(el('p', { id: 'action-refused', class: 'reason rollback action-note' }, 'Give a reason first: it goes into the saga\'s history.'));
+    return;
+  }
+  const button = $(`${action}-button`);
+  if (button) button.disabled = true;
+  try {
+    await apiJson(`api/sagas/${encodeURIComponent(requestId)}/${action}`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...body, reason }),
+    });
+    app.drafts[draft] = '';
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    await showSaga(requestId);
+    $('saga').prepend(el('p', { id: 'action-refused', class: 'reason rollback action-note' }, `${action} refused: ${error.message}`));
+    return;
+  }
+  await showSaga(requestId);
+}
+
+function abortSaga(requestId) {
+  return act(requestId, 'abort', {}, 'abort');
+}
+
+function resolveSaga(requestId, step) {
+  return act(requestId, 'resolve', { step }, 'resolve');
 }
 
 async function retrySaga(requestId) {
@@ -490,7 +641,9 @@ async function refresh() {
   // The first page follows new sagas; an older page stays put while read.
   if (!app.cursor) await refreshRecent();
   const shown = app.shownSaga;
-  if (shown && !['completed', 'compensated', 'stuck'].includes(shown.status)) await showSaga(shown.request_id);
+  // Not while the operator types into the saga's actions: a re-render would take the focus.
+  const typing = document.activeElement && document.activeElement.closest && document.activeElement.closest('#saga-actions');
+  if (shown && !typing && !['completed', 'compensated', 'stuck'].includes(shown.status)) await showSaga(shown.request_id);
   setLive(`live · ${clock(Date.now())}`, 'ok');
 }
 
@@ -501,9 +654,7 @@ function stopRefreshing() {
 
 async function start() {
   try {
-    const { body } = await apiJson('api/flows');
-    app.flows = body;
-    app.flowsByFacade = new Map(body.map((f) => [f.facade, f]));
+    await loadFlows();
   } catch (error) {
     report(error);
     return;
@@ -536,6 +687,19 @@ function wire() {
     event.preventDefault();
     showSaga($('search-input').value);
   });
+  $('operator-name').value = sessionStorage.getItem(OPERATOR_KEY) || '';
+  $('operator-name').addEventListener('input', (event) => {
+    const name = event.target.value.trim();
+    if (name) sessionStorage.setItem(OPERATOR_KEY, name);
+    else sessionStorage.removeItem(OPERATOR_KEY);
+  });
+  $('redrive-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    redrive(true);
+  });
+  $('redrive-run').addEventListener('click', () => redrive(false));
+  $('redrive-facade').addEventListener('change', redriveFilterChanged);
+  $('redrive-error').addEventListener('input', redriveFilterChanged);
   $('status-filter').addEventListener('change', resetPaging);
   $('facade-filter').addEventListener('change', resetPaging);
   $('older').addEventListener('click', () => {

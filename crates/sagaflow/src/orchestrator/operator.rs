@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::log::{ListCursor, ListFilter, LogError};
+use crate::metrics as m;
 use crate::saga::{SagaEvent, SagaRecord, SagaState, SagaStatus};
 
 use super::Orchestrator;
@@ -67,17 +68,25 @@ impl Orchestrator {
         Ok(record)
     }
 
-    /// Retries the compensation of a stuck saga.
-    pub async fn retry_stuck(&self, request_id: &str) -> Result<SagaRecord> {
-        self.operate(request_id, SagaEvent::RetryCompensation, "retry", "stuck").await
+    /// Retries the compensation of a stuck saga, as operator `by` asked.
+    pub async fn retry_stuck(&self, request_id: &str, by: &str) -> Result<SagaRecord> {
+        self.retry_as(request_id, by, None).await
     }
 
-    /// Retries every stuck saga matching `filter`, at most `per_second` a
-    /// second (their compensations then run within each flow's concurrency),
-    /// returning how many matched. `dry_run` counts them and retries none.
-    pub async fn redrive(&self, filter: &RedriveFilter, per_second: u32, dry_run: bool) -> Result<usize> {
+    async fn retry_as(&self, request_id: &str, by: &str, reason: Option<&str>) -> Result<SagaRecord> {
+        let event = SagaEvent::RetryCompensation { by: Some(by.to_owned()), reason: reason.map(str::to_owned) };
+        let record = self.operate(request_id, event, "retry", "stuck").await?;
+        tracing::warn!(request_id, by, reason, "stuck saga retried by an operator");
+        Ok(record)
+    }
+
+    /// Retries every stuck saga matching `filter` as operator `by`, at most
+    /// `per_second` a second (their compensations then run within each flow's
+    /// concurrency), returning how many matched. `dry_run` counts them and
+    /// retries none.
+    pub async fn redrive(&self, filter: &RedriveFilter, per_second: u32, dry_run: bool, by: &str) -> Result<usize> {
         let pause = Duration::from_secs(1) / per_second.max(1);
-        let mut matched = 0;
+        let (mut matched, mut retried) = (0, 0);
         let mut after: Option<ListCursor> = None;
         loop {
             let page = ListFilter {
@@ -96,9 +105,13 @@ impl Orchestrator {
                 if dry_run {
                     continue;
                 }
-                match self.retry_stuck(&record.request_id).await {
+                match self.retry_as(&record.request_id, by, Some("redrive")).await {
+                    Ok(_) => {
+                        retried += 1;
+                        metrics::counter!(m::REDRIVEN, "facade" => record.facade.clone()).increment(1);
+                    }
                     // Retried meanwhile by someone else: not an error of the batch.
-                    Ok(_) | Err(Error::WrongState { .. }) => {}
+                    Err(Error::WrongState { .. }) => {}
                     Err(e) => return Err(e),
                 }
                 tokio::time::sleep(pause).await;
@@ -106,8 +119,11 @@ impl Orchestrator {
             if last {
                 break;
             }
+            if !dry_run {
+                tracing::info!(matched, retried, by, "redrive under way");
+            }
         }
-        tracing::info!(matched, dry_run, "redrive done");
+        tracing::warn!(matched, retried, dry_run, by, "redrive by an operator done");
         Ok(matched)
     }
 

@@ -317,7 +317,7 @@ pub async fn refused_transition_leaves_record(harness: &dyn LogHarness) {
         SagaEvent::StepStarted { index: 0 },
         SagaEvent::StepCompleted { index: 2, attempts: 1, data: json!("skipped ahead") },
         SagaEvent::StepCompensated { index: 0, attempts: 1 },
-        SagaEvent::RetryCompensation,
+        SagaEvent::RetryCompensation { by: None, reason: None },
         SagaEvent::CallbackDelivered { delivered: true, attempts: 1, error: None },
     ];
     for event in refused_while_running {
@@ -330,7 +330,8 @@ pub async fn refused_transition_leaves_record(harness: &dyn LogHarness) {
         compensate_failed: false,
         later_steps_in_doubt: false,
     };
-    for event in [SagaEvent::StepStarted { index: 2 }, failed, SagaEvent::RetryCompensation] {
+    for event in [SagaEvent::StepStarted { index: 2 }, failed, SagaEvent::RetryCompensation { by: None, reason: None }]
+    {
         refused(&*log, &record, event, SagaStatus::Completed).await;
     }
 }
@@ -403,7 +404,7 @@ pub async fn unfinished_is_running_and_compensating(harness: &dyn LogHarness) {
     assert_eq!(record.status(), SagaStatus::Stuck);
     let record = compensating(&*log, &retried_id, &facade).await;
     let record = append(&*log, &record, gave_up).await;
-    let retried = append(&*log, &record, SagaEvent::RetryCompensation).await;
+    let retried = append(&*log, &record, SagaEvent::RetryCompensation { by: None, reason: None }).await;
 
     let found = unfinished_of(&*log, &ours).await;
     let expected: BTreeMap<String, SagaRecord> =
@@ -559,7 +560,7 @@ pub async fn histories_round_trip(harness: &dyn LogHarness) {
         }
         other => panic!("not stuck: {other:?}"),
     }
-    let record = append(&*log, &record, SagaEvent::RetryCompensation).await;
+    let record = append(&*log, &record, SagaEvent::RetryCompensation { by: None, reason: None }).await;
     assert_eq!(record.state, SagaState::Compensating { failure: failure.clone(), pending: vec![1, 0] });
     let record = append(&*log, &record, SagaEvent::StepCompensated { index: 1, attempts: 2 }).await;
     let record = append(&*log, &record, SagaEvent::StepCompensated { index: 0, attempts: 1 }).await;

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::log::LogHarness;
 use super::{WAIT, unique_name, within};
 use crate::log::{LogError, SagaLog};
-use crate::saga::{Mode, NewSaga, SagaEvent, SagaRecord, now_ms};
+use crate::saga::{Mode, NewSaga, SagaEvent, SagaRecord, SagaStatus, now_ms};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -140,6 +140,10 @@ pub async fn claim_takes_over_exactly_once(harness: &dyn LogHarness) {
     dead_log.append(&async_id, SagaEvent::StepStarted { index: 0 }).await.expect("any replica writes an async hop");
     let after = winner_log.append(&owned[0], SagaEvent::StepStarted { index: 0 }).await.expect("owner writes");
     assert_eq!(after.owner.as_deref(), Some(winner_name.as_str()));
+    // An operator's abort passes from any replica; the owner carries it out.
+    let aborted = SagaEvent::Aborted { by: "ops".into(), reason: "asked on another replica".into() };
+    let aborted = dead_log.append(&owned[0], aborted).await.expect("an operator's event passes the fence");
+    assert_eq!((aborted.status(), aborted.owner.as_deref()), (SagaStatus::Compensating, Some(winner_name.as_str())));
     let theirs = winner_log.unfinished_of(winner_name).await.expect("unfinished_of");
     assert!(owned.iter().all(|id| theirs.iter().any(|r| &r.request_id == id)));
     assert!(theirs.iter().any(|r| r.request_id == unowned), "unowned sagas are everyone's");

@@ -33,6 +33,17 @@ impl OrderMock {
         self.store.set_fail_cancels(fail);
     }
 
+    /// Makes every later create take `delay` more, as a forward step gone slow (zero: back
+    /// to the configured latency); cancels are unaffected.
+    pub fn set_create_delay(&self, delay: std::time::Duration) {
+        self.store.set_create_delay(delay);
+    }
+
+    /// Starts `peak_in_flight` over from the calls in flight now.
+    pub fn reset_peak(&self) {
+        self.store.reset_peak();
+    }
+
     /// Every record and the counters, as the `Snapshot` call returns them.
     pub fn snapshot(&self) -> SnapshotReply {
         self.store.snapshot()
@@ -42,7 +53,7 @@ impl OrderMock {
 #[tonic::async_trait]
 impl OrderService for OrderMock {
     async fn create_order(&self, request: Request<CreateOrderRequest>) -> Result<Response<Order>, Status> {
-        let (request_id, _slot) = self.store.enter(request.metadata()).await?;
+        let (request_id, _slot) = self.store.enter_create(request.metadata()).await?;
         let order = request.get_ref();
         if order.product_id <= 0 {
             return Err(Status::invalid_argument("product_id must be positive"));
@@ -141,6 +152,35 @@ mod tests {
         assert_eq!((c.peak_in_flight, c.rejected, c.in_flight), (1, 1, 0));
         // The slot is free again once the first call is done.
         assert!(mock.create_order(with_id("r2", order())).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reset_peak_counts_from_the_calls_in_flight_then() {
+        tokio::time::pause();
+        let mock = OrderMock::new(MockConfig { latency: Duration::from_millis(100), ..MockConfig::default() });
+        let (a, b) = tokio::join!(mock.create_order(with_id("r1", order())), mock.create_order(with_id("r2", order())));
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(counters(&mock).peak_in_flight, 2);
+        mock.reset_peak();
+        assert_eq!(counters(&mock).peak_in_flight, 0);
+        mock.cancel_order(with_id("r1", CancelRequest {})).await.unwrap();
+        assert_eq!(counters(&mock).peak_in_flight, 1);
+    }
+
+    #[tokio::test]
+    async fn a_create_delay_slows_creates_only_until_lifted() {
+        tokio::time::pause();
+        let mock = OrderMock::new(MockConfig::default());
+        mock.set_create_delay(Duration::from_secs(5));
+        let start = tokio::time::Instant::now();
+        mock.cancel_order(with_id("r0", CancelRequest {})).await.unwrap();
+        assert!(start.elapsed() < Duration::from_millis(1), "{:?}", start.elapsed());
+        mock.create_order(with_id("r1", order())).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(5), "{:?}", start.elapsed());
+        mock.set_create_delay(Duration::ZERO);
+        let lifted = tokio::time::Instant::now();
+        mock.create_order(with_id("r2", order())).await.unwrap();
+        assert!(lifted.elapsed() < Duration::from_millis(1), "{:?}", lifted.elapsed());
     }
 
     #[tokio::test]

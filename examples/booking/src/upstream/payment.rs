@@ -33,6 +33,17 @@ impl PaymentMock {
         self.store.set_fail_cancels(fail);
     }
 
+    /// Makes every later create take `delay` more, as a forward step gone slow (zero: back
+    /// to the configured latency); cancels are unaffected.
+    pub fn set_create_delay(&self, delay: std::time::Duration) {
+        self.store.set_create_delay(delay);
+    }
+
+    /// Starts `peak_in_flight` over from the calls in flight now.
+    pub fn reset_peak(&self) {
+        self.store.reset_peak();
+    }
+
     /// Every record and the counters, as the `Snapshot` call returns them.
     pub fn snapshot(&self) -> SnapshotReply {
         self.store.snapshot()
@@ -42,7 +53,7 @@ impl PaymentMock {
 #[tonic::async_trait]
 impl PaymentService for PaymentMock {
     async fn create_payment(&self, request: Request<CreatePaymentRequest>) -> Result<Response<Payment>, Status> {
-        let (request_id, _slot) = self.store.enter(request.metadata()).await?;
+        let (request_id, _slot) = self.store.enter_create(request.metadata()).await?;
         if request.get_ref().amount <= 0 {
             return Err(Status::invalid_argument(format!("amount must be positive, got {}", request.get_ref().amount)));
         }

@@ -144,6 +144,8 @@ pub(crate) struct Store {
     counters: Counters,
     /// While set, every cancel fails with `UNAVAILABLE` (an upstream whose undo is down).
     fail_cancels: AtomicBool,
+    /// Further time each create takes from now on, in ms (a forward step gone slow).
+    create_delay_ms: AtomicU64,
 }
 
 /// Holds one in-flight slot; dropping it (on any path, cancellation included) frees the slot.
@@ -169,6 +171,7 @@ impl Store {
             in_flight: AtomicUsize::new(0),
             counters: Counters::default(),
             fail_cancels: AtomicBool::new(false),
+            create_delay_ms: AtomicU64::new(0),
         }
     }
 
@@ -186,6 +189,21 @@ impl Store {
             tokio::time::sleep(self.config.latency).await;
         }
         Ok((request_id, slot))
+    }
+
+    /// Admits one create as [`enter`](Self::enter) does, then waits out the create delay too.
+    pub(crate) async fn enter_create(&self, metadata: &MetadataMap) -> Result<(String, InFlight<'_>), Status> {
+        let admitted = self.enter(metadata).await?;
+        let delay = self.create_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        Ok(admitted)
+    }
+
+    /// Makes every later create take `delay` more (zero: as configured).
+    pub(crate) fn set_create_delay(&self, delay: Duration) {
+        self.create_delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Admits one cancel as [`enter`](Self::enter) does, then waits out `cancel_latency` too.
@@ -267,6 +285,12 @@ impl Store {
     /// Makes every later cancel fail with `UNAVAILABLE` (`true`) or work again (`false`).
     pub(crate) fn set_fail_cancels(&self, fail: bool) {
         self.fail_cancels.store(fail, Ordering::Relaxed);
+    }
+
+    /// Starts the peak in-flight count over from the calls in flight now, so a test can
+    /// measure one phase of its load apart from what came before.
+    pub(crate) fn reset_peak(&self) {
+        self.counters.peak_in_flight.store(self.in_flight.load(Ordering::Acquire), Ordering::Relaxed);
     }
 
     /// Cancels the record for `request_id`, leaving a tombstone when there is none;

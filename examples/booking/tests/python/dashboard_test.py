@@ -13,7 +13,9 @@ The service must already run, with the sagas named on the command line made:
 It opens the page, gives the token when asked, finds every booking flow drawn
 with its nodes and compensations, the live counts and the recent sagas, retries
 a stuck saga from its page (with `--stuck`), searches the compensated saga and
-finds its timeline with the rollback reason, and saves a screenshot. Exits 0 when every check passes; prints `dashboard: N passed, M failed` last.
+finds its timeline with the rollback reason, and saves a screenshot. Given the
+options for them, it also types an operator name, aborts a running saga, settles a
+stuck one by hand, redrives stuck sagas after a dry-run count and pauses a facade. Exits 0 when every check passes; prints `dashboard: N passed, M failed` last.
 """
 
 from __future__ import annotations
@@ -318,6 +320,7 @@ def check_recent(browser: Browser, args: argparse.Namespace) -> None:
 
 
 def check_search(browser: Browser, args: argparse.Namespace) -> None:
+    browser.evaluate("document.getElementById('search-input').value = ''")
     browser.type_into("#search-input", args.compensated)
     browser.click("#search-submit")
     browser.wait_for(
@@ -354,6 +357,7 @@ def check_search(browser: Browser, args: argparse.Namespace) -> None:
 def check_retry(browser: Browser, args: argparse.Namespace) -> None:
     if not args.stuck:
         return
+    browser.evaluate("document.getElementById('search-input').value = ''")
     browser.type_into("#search-input", args.stuck)
     browser.click("#search-submit")
     browser.wait_for(
@@ -373,6 +377,116 @@ def check_retry(browser: Browser, args: argparse.Namespace) -> None:
         " .includes('retry_compensation')",
     )
     browser.evaluate("document.getElementById('search-input').value = ''")
+
+
+def show_saga(browser: Browser, request_id: str, what: str, condition: str) -> None:
+    """Searches `request_id` and waits until its view satisfies the JS `condition`."""
+    browser.evaluate("document.getElementById('search-input').value = ''")
+    browser.type_into("#search-input", request_id)
+    browser.click("#search-submit")
+    browser.wait_for(
+        what,
+        f"(document.querySelector('.saga-head') || {{dataset: {{}}}}).dataset.requestId === {json.dumps(request_id)}"
+        f" && ({condition})",
+    )
+
+
+def badge_is(*statuses: str) -> str:
+    """JS: whether the shown saga's status badge is one of `statuses`."""
+    return f"{json.dumps(list(statuses))}.includes((document.querySelector('.saga-head .badge') || {{}}).textContent)"
+
+
+def timeline_has(event: str) -> str:
+    """JS: whether the shown saga's timeline has `event`."""
+    return (
+        "Array.from(document.querySelectorAll('#saga-timeline li'), li => li.dataset.event)"
+        f".includes({json.dumps(event)})"
+    )
+
+
+def check_operator(browser: Browser, args: argparse.Namespace) -> None:
+    if not args.operator:
+        return
+    browser.type_into("#operator-name", args.operator)
+    stored = browser.evaluate("sessionStorage.getItem('sagaflow.operator')")
+    if stored != args.operator:
+        raise CheckFailed(f"operator name in session storage is {stored!r}")
+
+
+def check_abort(browser: Browser, args: argparse.Namespace) -> None:
+    if not args.running:
+        return
+    show_saga(browser, args.running, "the running saga with an abort button",
+              f"{badge_is('running')} && !!document.getElementById('abort-button')")
+    # Without a reason nothing is sent.
+    browser.click("#abort-button")
+    browser.wait_for("the page to ask for a reason",
+                     "(document.getElementById('action-refused') || {}).textContent.includes('reason')")
+    if browser.evaluate(badge_is("running")) is not True:
+        raise CheckFailed("the saga changed without a reason given")
+    browser.type_into("#abort-reason", "the customer cancelled in the browser")
+    browser.click("#abort-button")
+    browser.wait_for("the aborted saga to roll back", f"{badge_is('compensating', 'compensated')} && {timeline_has('aborted')}")
+    reason = browser.evaluate("(document.getElementById('rollback-reason') || {}).textContent")
+    if not reason or f"aborted by {args.operator or 'admin'}" not in reason:
+        raise CheckFailed(f"rollback reason shown: {reason!r}")
+
+
+def check_resolve(browser: Browser, args: argparse.Namespace) -> None:
+    if not args.resolve:
+        return
+    show_saga(browser, args.resolve, "the stuck saga with a resolve button",
+              f"{badge_is('stuck')} && !!document.getElementById('resolve-button')")
+    label = browser.evaluate("document.getElementById('resolve-button').textContent")
+    if "CreateOrder" not in label:
+        raise CheckFailed(f"the resolve button reads {label!r}")
+    browser.type_into("#resolve-reason", "order voided in the browser")
+    browser.click("#resolve-button")
+    browser.wait_for("the resolved saga to end compensated", f"{badge_is('compensated')} && {timeline_has('resolved')}")
+
+
+def check_redrive(browser: Browser, args: argparse.Namespace) -> None:
+    if not args.redrive_facade:
+        return
+    browser.evaluate(
+        "(() => { const s = document.getElementById('redrive-facade');"
+        f" s.value = {json.dumps(args.redrive_facade)}; s.dispatchEvent(new Event('change')); }})()"
+    )
+    browser.click("#redrive-count")
+    count = args.redrive_count
+    result = browser.wait_for(
+        "the dry run's count",
+        f"(() => {{ const r = document.getElementById('redrive-result');"
+        f" return r.dataset.matched === '{count}' && r.textContent; }})()",
+    )
+    if result != f"{count} stuck sagas match":
+        raise CheckFailed(f"the dry run says {result!r}")
+    label = browser.evaluate("document.getElementById('redrive-run').textContent")
+    if label != f"redrive {count}":
+        raise CheckFailed(f"the redrive button reads {label!r}")
+    browser.click("#redrive-run")
+    browser.wait_for(
+        "the redrive's answer",
+        f"document.getElementById('redrive-result').textContent === '{count} stuck sagas retried'",
+    )
+
+
+def check_pause(browser: Browser, args: argparse.Namespace) -> None:
+    if not args.pause:
+        return
+    figure = f"document.querySelector('#flows figure[data-facade=\"{args.pause}\"]')"
+    button = f'#flows button.pause-button[data-facade="{args.pause}"]'
+    for action, paused in (("pause", True), ("resume", False), ("pause", True)):
+        label = browser.evaluate(f"document.querySelector({json.dumps(button)}).textContent")
+        if label != action:
+            raise CheckFailed(f"{args.pause}'s button reads {label!r}, expected {action!r}")
+        browser.click(button)
+        state = "paused" if paused else "taking calls"
+        browser.wait_for(
+            f"{args.pause} to show {state}",
+            f"{figure}.classList.contains('paused') === {json.dumps(paused)}"
+            f" && document.querySelector({json.dumps(button)}).textContent === {json.dumps('resume' if paused else 'pause')}",
+        )
 
 
 def check_no_page_errors(browser: Browser, _args: argparse.Namespace) -> None:
@@ -395,6 +509,12 @@ def main() -> int:
     parser.add_argument("--completed", required=True, help="request id of a completed saga")
     parser.add_argument("--compensated", required=True, help="request id of a compensated (fault-injected) saga")
     parser.add_argument("--stuck", default="", help="request id of a stuck saga whose upstream has healed")
+    parser.add_argument("--operator", default="", help="the operator name to type into the page")
+    parser.add_argument("--running", default="", help="request id of a saga held in a slow step, to abort")
+    parser.add_argument("--resolve", default="", help="request id of a stuck saga to settle by hand")
+    parser.add_argument("--redrive-facade", default="", help="facade whose stuck sagas to redrive")
+    parser.add_argument("--redrive-count", type=int, default=0, help="how many stuck sagas the dry run must count")
+    parser.add_argument("--pause", default="", help="a facade to pause, resume and pause again")
     parser.add_argument("--screenshot", required=True, help="where to save the PNG")
     parser.add_argument("--chromium", help="the browser binary (default: $CHROMIUM, else chromium on PATH)")
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per DevTools call")
@@ -414,10 +534,15 @@ def main() -> int:
     browser = Browser(chromium, width=1440, height=1000, timeout=args.timeout)
     checks: list[tuple[str, Callable[[Browser, argparse.Namespace], None]]] = [
         ("the page opens, asking for the token when there is one", check_token_prompt),
+        ("the operator's name is kept for the tab", check_operator),
+        ("a running saga is aborted with a reason", check_abort),
         ("every booking flow is drawn with its nodes and compensations", check_flows),
         ("live counts per outcome", check_counts),
         ("recent sagas, filtered by status", check_recent),
         ("a stuck saga shows why, and its retry button compensates it", check_retry),
+        ("a stuck compensation is settled by hand with a reason", check_resolve),
+        ("a redrive counts the stuck sagas, then retries them", check_redrive),
+        ("a facade is paused, resumed and paused again", check_pause),
         ("search by request id shows the timeline and rollback reason", check_search),
         ("no script error, console error or refused load", check_no_page_errors),
     ]

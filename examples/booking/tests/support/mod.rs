@@ -4,6 +4,7 @@
 pub mod postgres;
 pub mod process;
 pub mod replicas;
+pub mod split;
 pub mod stack;
 
 use std::collections::HashMap;
