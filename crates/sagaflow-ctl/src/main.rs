@@ -95,7 +95,12 @@ enum Command {
         reason: String,
     },
     /// Refuse new calls of a facade (every replica, across restarts) until resumed.
-    Pause { facade: String },
+    Pause {
+        facade: String,
+        /// Keep new calls waiting for the resume (at most the wait timeout) instead of refusing them.
+        #[arg(long)]
+        queue: bool,
+    },
     /// Take new calls of a paused facade again.
     Resume { facade: String },
     /// Retry every stuck saga matching the filter, at a bounded rate.
@@ -196,8 +201,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let body = json!({ "step": step, "reason": reason });
             api.send(api.request(post, &saga_path(request_id, "/resolve")).json(&body)).await?
         }
-        Command::Pause { facade } => {
-            api.send(api.request(post, &format!("/api/flows/{}/pause", escape(facade)))).await?
+        Command::Pause { facade, queue } => {
+            let mode = if *queue { "queue" } else { "refuse" };
+            api.send(api.request(post, &format!("/api/flows/{}/pause?mode={mode}", escape(facade)))).await?
         }
         Command::Resume { facade } => {
             api.send(api.request(post, &format!("/api/flows/{}/resume", escape(facade)))).await?
@@ -226,8 +232,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let verb = if *dry_run { "would be retried" } else { "retried" };
             out!("{matched} stuck sagas {verb}");
         }
-        Command::Pause { facade } | Command::Resume { facade } => {
-            let state = if body["paused"].as_bool() == Some(true) { "paused" } else { "resumed" };
+        Command::Pause { facade, .. } | Command::Resume { facade } => {
+            let state = match (body["paused"].as_bool(), body["mode"].as_str()) {
+                (Some(true), Some("queue")) => "paused (new calls queued)",
+                (Some(true), _) => "paused",
+                _ => "resumed",
+            };
             out!("{facade} {state} by {}", body["by"].as_str().unwrap_or("?"));
         }
         Command::Audit { .. } => print_audit(&body),

@@ -204,6 +204,17 @@ async fn every_command_against_a_live_admin_api() {
     assert!(flows.as_array().unwrap().iter().any(|f| f["facade"] == "Ship" && f["paused"] == true), "{flows}");
     assert_eq!(stdout(&ctl(&url, token, &["resume", "Ship"]).await).trim(), "Ship resumed by alice");
     o.submit("Ship", "late", 1u32, None).await.unwrap();
+    // Paused with new calls queued: a call waits for the resume, then runs.
+    let queued = stdout(&ctl(&url, token, &["pause", "Ship", "--queue"]).await);
+    assert_eq!(queued.trim(), "Ship paused (new calls queued) by alice");
+    let waiting = tokio::spawn({
+        let o = o.clone();
+        async move { o.submit("Ship", "queued", 1u32, None).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a queued call waits for the resume");
+    assert_eq!(stdout(&ctl(&url, token, &["resume", "Ship"]).await).trim(), "Ship resumed by alice");
+    waiting.await.unwrap().unwrap();
     let unknown = ctl(&url, token, &["pause", "Nope"]).await;
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"), "{unknown:?}");
 

@@ -219,3 +219,52 @@ async fn stuck_sagas_are_resolved_by_hand_or_redriven_in_bulk_within_the_flows_c
         assert_eq!((ids.len(), callbacks.iter().filter(|cb| cb.status == status).count()), (40, 40), "{status:?}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_holding_pause_keeps_new_calls_waiting_until_the_resume_and_a_refusing_one_refuses() {
+    let c = calls();
+    let options = Options { wait_timeout: Duration::from_secs(10), ..Options::default() };
+    let orchestrator = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .options(options)
+        .sync(SYNC, Flow::new().node(Scripted::new("a", &c)))
+        .asynchronous(ASYNC, Flow::new().node(Scripted::new("a", &c)))
+        .start()
+        .await
+        .unwrap();
+
+    // Refusing: at once, naming who paused it; nothing runs.
+    orchestrator.pause(SYNC, "erin").await.unwrap();
+    let refused_now = orchestrator.run(SYNC, "r1", Vec::<String>::new()).await.unwrap_err();
+    assert!(matches!(&refused_now, Error::Paused { by, .. } if by == "erin"), "{refused_now:?}");
+    assert!(orchestrator.saga("r1").await.unwrap().is_none(), "a refused call records nothing");
+
+    // Holding: the calls wait, recording nothing, until the resume; then they run.
+    orchestrator.pause_holding(SYNC, "erin").await.unwrap();
+    orchestrator.pause_holding(ASYNC, "erin").await.unwrap();
+    let held = tokio::spawn({
+        let o = orchestrator.clone();
+        async move { o.run(SYNC, "h1", Vec::<String>::new()).await }
+    });
+    let submitted = tokio::spawn({
+        let o = orchestrator.clone();
+        async move { o.submit(ASYNC, "h2", Vec::<String>::new(), None).await }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!held.is_finished() && !submitted.is_finished(), "held calls wait for the resume");
+    assert!(orchestrator.saga("h1").await.unwrap().is_none() && orchestrator.saga("h2").await.unwrap().is_none());
+    assert!(taken(&c).is_empty(), "nothing ran while held: {:?}", taken(&c));
+    orchestrator.resume(SYNC, "erin").await.unwrap();
+    orchestrator.resume(ASYNC, "erin").await.unwrap();
+    assert!(matches!(held.await.unwrap().unwrap(), Outcome::Completed(_)));
+    submitted.await.unwrap().unwrap();
+    status_is(&orchestrator, "h2", SagaStatus::Completed).await;
+
+    // A held call waits at most the wait timeout, then is refused as paused.
+    orchestrator.pause_holding(SYNC, "erin").await.unwrap();
+    let waited = tokio::time::Instant::now();
+    let timed_out = orchestrator.run(SYNC, "h3", Vec::<String>::new()).await.unwrap_err();
+    assert!(matches!(timed_out, Error::Paused { .. }), "{timed_out:?}");
+    assert!(waited.elapsed() >= Duration::from_secs(10));
+    assert!(orchestrator.saga("h3").await.unwrap().is_none());
+    orchestrator.shutdown().await;
+}

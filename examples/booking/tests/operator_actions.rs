@@ -353,9 +353,9 @@ async fn a_paused_facade_refuses_new_calls_lets_running_ones_end_and_stays_pause
     let load = sync_load(split.grpc, &tag, CALLERS);
     ops.count_until_at_least("SyncBooking", "completed", 12).await;
 
-    let (status, body) = ops.post("/api/flows/SyncBooking/pause?mode=queue", "erin", json!({})).await;
+    let (status, body) = ops.post("/api/flows/SyncBooking/pause?mode=wait", "erin", json!({})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["error"].as_str().unwrap_or_default().contains("same x-request-id"), "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("refuse, queue"), "{body}");
     let asked = sagaflow::now_ms();
     let (status, body) = ops.post("/api/flows/SyncBooking/pause", "erin", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -414,8 +414,22 @@ async fn a_paused_facade_refuses_new_calls_lets_running_ones_end_and_stays_pause
         .expect_err("still paused after the restart");
     assert!(is_paused_refusal(&status), "{status:?}");
 
+    // Paused with its calls queued: a new call waits, with nothing recorded, until the resume.
+    let (status, body) = ops.post("/api/flows/SyncBooking/pause?mode=queue", "erin", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let held_id = format!("{tag}-held");
+    let held = tokio::spawn({
+        let (grpc, id) = (split.grpc, held_id.clone());
+        async move { client(grpc).await.handle_sync_booking(with_id(Some(&id), booking(4, 1, false))).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!held.is_finished(), "a queued call waits for the resume");
+    let (status, body) = ops.get(&format!("/api/sagas/{held_id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a queued call records nothing before the resume: {body}");
+
     let (status, body) = ops.post("/api/flows/SyncBooking/resume", "erin", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    held.await.unwrap().expect("the queued call ran once the facade was resumed");
     c.handle_sync_booking(with_id(Some(&format!("{tag}-resumed")), booking(4, 1, false)))
         .await
         .expect("resumed: calls run again");

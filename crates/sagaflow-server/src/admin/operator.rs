@@ -163,7 +163,8 @@ async fn redrive(State(state): State<AdminState>, headers: HeaderMap, raw: Bytes
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct PauseQuery {
-    /// `refuse` (the only mode): new calls get `UNAVAILABLE`.
+    /// `refuse` (the default): new calls get `UNAVAILABLE`; `queue`: they wait for the resume
+    /// (at most the wait timeout), with nothing recorded meanwhile.
     mode: Option<String>,
 }
 
@@ -175,19 +176,21 @@ async fn pause(
 ) -> Result<Response, BadRequest> {
     let who = operator(&headers)?;
     let Query(query) = query.map_err(|e| BadRequest(format!("query: {}", e.body_text())))?;
-    match query.mode.as_deref() {
-        None | Some("refuse") => {}
-        Some("queue") => {
-            return Err(BadRequest(
-                "mode=queue is not offered: a paused facade refuses new calls with UNAVAILABLE, and callers \
-                 retry with the same x-request-id once it is resumed (see docs/operations.md, pausing)"
-                    .into(),
-            ));
+    let queue = match query.mode.as_deref() {
+        None | Some("refuse") => false,
+        Some("queue") => true,
+        Some(other) => return Err(BadRequest(format!("mode `{other}` is not one of: refuse, queue"))),
+    };
+    let paused = if queue {
+        state.orchestrator.pause_holding(&facade, &who).await
+    } else {
+        state.orchestrator.pause(&facade, &who).await
+    };
+    let mode = if queue { "queue" } else { "refuse" };
+    Ok(match paused {
+        Ok(()) => {
+            Json(serde_json::json!({ "facade": facade, "paused": true, "mode": mode, "by": who })).into_response()
         }
-        Some(other) => return Err(BadRequest(format!("mode `{other}` is not one of: refuse"))),
-    }
-    Ok(match state.orchestrator.pause(&facade, &who).await {
-        Ok(()) => Json(serde_json::json!({ "facade": facade, "paused": true, "by": who })).into_response(),
         Err(e) => error(e),
     })
 }

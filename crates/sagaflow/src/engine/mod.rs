@@ -38,6 +38,14 @@ mod hops;
 /// gRPC's RESOURCE_EXHAUSTED: the callee refused the call for load.
 const RESOURCE_EXHAUSTED: i32 = 8;
 
+/// A facade's pause: who set it, and whether new calls wait for the resume instead of being
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pause {
+    pub(crate) by: String,
+    pub(crate) hold: bool,
+}
+
 /// How often a caller waiting for a saga on a shared log re-reads it.
 const REREAD: Duration = Duration::from_secs(1);
 
@@ -49,8 +57,10 @@ pub(crate) struct Engine {
     pub(crate) completions: Arc<Completions>,
     /// The sagas this process works on right now.
     pub(crate) claims: Arc<Claims>,
-    /// Facades an operator paused, with who paused them, as the log last said.
-    pub(crate) paused: std::sync::RwLock<HashMap<String, String>>,
+    /// Facades an operator paused, as the log last said.
+    pub(crate) paused: std::sync::RwLock<HashMap<String, Pause>>,
+    /// Woken whenever the pauses may have changed, for the calls a holding pause keeps waiting.
+    pub(crate) pauses_changed: tokio::sync::Notify,
     /// Slots for sync sagas running here (see `Options::max_running_sagas`).
     pub(crate) running: Arc<tokio::sync::Semaphore>,
     /// Slots for callbacks being delivered (see `Options::max_callback_deliveries`).

@@ -253,6 +253,7 @@ impl OrchestratorBuilder {
             completions: Arc::default(),
             claims: Arc::default(),
             paused: Default::default(),
+            pauses_changed: tokio::sync::Notify::new(),
             running: Arc::new(tokio::sync::Semaphore::new(self.options.max_running_sagas)),
             callback_slots: Arc::new(tokio::sync::Semaphore::new(self.options.max_callback_deliveries)),
             options: self.options,
@@ -359,15 +360,14 @@ impl Orchestrator {
     }
 
     /// The flow a new call may start a saga of: a valid request id, an
-    /// orchestrator not shutting down, a registered facade not paused.
+    /// orchestrator not shutting down, a registered facade (see also
+    /// [`Orchestrator::wait_unpaused`]).
     fn admit<D: FlowData>(&self, facade: &str, request_id: &str) -> Result<(Arc<FlowRuntime<D>>, Mode)> {
         Self::check_request_id(request_id)?;
         if self.engine.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let flow = self.flow::<D>(facade)?;
-        self.check_paused(facade)?;
-        Ok(flow)
+        self.flow::<D>(facade)
     }
 
     /// Runs a sync or throttling flow and waits for its outcome. A request id
@@ -375,8 +375,14 @@ impl Orchestrator {
     pub async fn run<D: FlowData>(&self, facade: &str, request_id: &str, data: D) -> Result<Outcome<D>> {
         let (flow, mode) = self.admit::<D>(facade, request_id)?;
         match mode {
-            Mode::Sync => flow.run_sync(request_id, data).await,
-            Mode::Throttling => flow.run_throttled(request_id, data).await,
+            Mode::Sync => {
+                self.wait_unpaused(facade).await?;
+                flow.run_sync(request_id, data).await
+            }
+            Mode::Throttling => {
+                self.wait_unpaused(facade).await?;
+                flow.run_throttled(request_id, data).await
+            }
             Mode::Async => Err(Error::WrongMode { facade: facade.to_owned(), registered: mode, called: "run" }),
         }
     }
@@ -392,7 +398,10 @@ impl Orchestrator {
     ) -> Result<()> {
         let (flow, mode) = self.admit::<D>(facade, request_id)?;
         match mode {
-            Mode::Async => flow.submit(request_id, data, callback_url).await,
+            Mode::Async => {
+                self.wait_unpaused(facade).await?;
+                flow.submit(request_id, data, callback_url).await
+            }
             _ => Err(Error::WrongMode { facade: facade.to_owned(), registered: mode, called: "submit" }),
         }
     }

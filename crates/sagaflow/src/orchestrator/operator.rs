@@ -2,8 +2,10 @@
 //! stuck compensation, retry stuck ones one by one or in bulk. Everything goes
 //! through the log, so it works whichever replica drives the saga.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::engine::Pause;
 use crate::error::{Error, Result};
 use crate::log::{ListCursor, ListFilter, LogError};
 use crate::metrics as m;
@@ -36,11 +38,17 @@ impl RedriveFilter {
 
 /// The key of a paused facade's switch.
 const PAUSE_PREFIX: &str = "pause:";
+/// The key of a facade paused with its new calls held until the resume.
+const HOLD_PREFIX: &str = "hold:";
 /// How often the switches are read again from the log.
 const CONTROLS_REFRESH: Duration = Duration::from_secs(1);
 
 fn pause_key(facade: &str) -> String {
     format!("{PAUSE_PREFIX}{facade}")
+}
+
+fn hold_key(facade: &str) -> String {
+    format!("{HOLD_PREFIX}{facade}")
 }
 
 /// Sagas read per page while redriving.
@@ -131,40 +139,83 @@ impl Orchestrator {
     /// replica (within a second) and after restarts, until it is resumed;
     /// sagas in flight go on.
     pub async fn pause(&self, facade: &str, by: &str) -> Result<()> {
+        self.set_pause(facade, by, false).await
+    }
+
+    /// Pauses a facade as [`Orchestrator::pause`] does, except that a new
+    /// call waits for the resume (at most [`Options::wait_timeout`](crate::Options),
+    /// then [`Error::Paused`]) instead of being refused: nothing of it is
+    /// recorded or sent before the resume, so nothing of it can be redelivered,
+    /// recovered or taken over meanwhile.
+    pub async fn pause_holding(&self, facade: &str, by: &str) -> Result<()> {
+        self.set_pause(facade, by, true).await
+    }
+
+    async fn set_pause(&self, facade: &str, by: &str, hold: bool) -> Result<()> {
         self.flows.get(facade).ok_or_else(|| Error::UnknownFacade(facade.to_owned()))?;
-        self.engine.log.set_control(&pause_key(facade), Some(by)).await?;
-        self.engine.paused.write().unwrap_or_else(|e| e.into_inner()).insert(facade.to_owned(), by.to_owned());
-        tracing::warn!(facade, by, "facade paused by an operator");
+        let (set, clear) =
+            if hold { (hold_key(facade), pause_key(facade)) } else { (pause_key(facade), hold_key(facade)) };
+        self.engine.log.set_control(&set, Some(by)).await?;
+        self.engine.log.set_control(&clear, None).await?;
+        let pause = Pause { by: by.to_owned(), hold };
+        self.engine.paused.write().unwrap_or_else(|e| e.into_inner()).insert(facade.to_owned(), pause);
+        self.engine.pauses_changed.notify_waiters();
+        tracing::warn!(facade, by, hold, "facade paused by an operator");
         Ok(())
     }
 
-    /// Resumes a paused facade.
+    /// Resumes a paused facade; calls held by the pause go on.
     pub async fn resume(&self, facade: &str, by: &str) -> Result<()> {
         self.flows.get(facade).ok_or_else(|| Error::UnknownFacade(facade.to_owned()))?;
         self.engine.log.set_control(&pause_key(facade), None).await?;
+        self.engine.log.set_control(&hold_key(facade), None).await?;
         self.engine.paused.write().unwrap_or_else(|e| e.into_inner()).remove(facade);
+        self.engine.pauses_changed.notify_waiters();
         tracing::warn!(facade, by, "facade resumed by an operator");
         Ok(())
     }
 
-    pub(super) fn check_paused(&self, facade: &str) -> Result<()> {
-        match self.engine.paused.read().unwrap_or_else(|e| e.into_inner()).get(facade) {
-            Some(by) => Err(Error::Paused { facade: facade.to_owned(), by: by.clone() }),
-            None => Ok(()),
+    /// Returns once `facade` is not paused: at once, with [`Error::Paused`],
+    /// under a refusing pause; at the resume under a holding one, or with
+    /// [`Error::Paused`] once the caller waited [`Options::wait_timeout`](crate::Options).
+    pub(super) async fn wait_unpaused(&self, facade: &str) -> Result<()> {
+        let until = tokio::time::Instant::now() + self.engine.options.wait_timeout;
+        loop {
+            // Registered before looking, so a change between the look and the wait wakes it.
+            let changed = self.engine.pauses_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let pause = self.engine.paused.read().unwrap_or_else(|e| e.into_inner()).get(facade).cloned();
+            let refused = |by: String| Error::Paused { facade: facade.to_owned(), by };
+            match pause {
+                None => return Ok(()),
+                Some(Pause { by, hold: false }) => return Err(refused(by)),
+                Some(Pause { by, hold: true }) => {
+                    tokio::select! {
+                        () = &mut changed => {}
+                        () = tokio::time::sleep_until(until) => return Err(refused(by)),
+                        () = self.engine.shutdown.cancelled() => return Err(Error::ShuttingDown),
+                    }
+                }
+            }
         }
     }
 
     /// Reads the switches from the log (at start: a paused facade stays paused).
     pub(super) async fn read_controls(&self) -> Result<()> {
-        let paused = self
-            .engine
-            .log
-            .controls()
-            .await?
-            .into_iter()
-            .filter_map(|(key, by)| key.strip_prefix(PAUSE_PREFIX).map(|facade| (facade.to_owned(), by)))
-            .collect();
-        *self.engine.paused.write().unwrap_or_else(|e| e.into_inner()) = paused;
+        let mut paused = HashMap::new();
+        for (key, by) in self.engine.log.controls().await? {
+            if let Some(facade) = key.strip_prefix(PAUSE_PREFIX) {
+                paused.insert(facade.to_owned(), Pause { by, hold: false });
+            } else if let Some(facade) = key.strip_prefix(HOLD_PREFIX) {
+                paused.entry(facade.to_owned()).or_insert(Pause { by, hold: true });
+            }
+        }
+        let mut current = self.engine.paused.write().unwrap_or_else(|e| e.into_inner());
+        if *current != paused {
+            *current = paused;
+            self.engine.pauses_changed.notify_waiters();
+        }
         Ok(())
     }
 
