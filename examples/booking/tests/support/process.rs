@@ -10,6 +10,16 @@ pub fn booking_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_booking"))
 }
 
+/// Starts `booking --config CONFIG orchestrator`, logging to `log`, and waits for each of `ports`.
+pub async fn spawn_orchestrator(config: &Path, log: &Path, ports: &[u16]) -> Proc {
+    let config = config.to_str().expect("a UTF-8 config path").to_owned();
+    let mut proc = Proc::spawn("orchestrator", &booking_bin(), &["--config", &config, "orchestrator"], log);
+    for &port in ports {
+        proc.wait_port(port).await;
+    }
+    proc
+}
+
 pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }

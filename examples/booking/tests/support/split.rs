@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::free_ports;
-use super::process::{Proc, Scratch, booking_bin};
+use super::process::{Proc, Scratch, spawn_orchestrator};
 
 /// The operator name tests act under, unless they say otherwise.
 pub const OPERATOR_HEADER: &str = "x-sagaflow-operator";
@@ -66,11 +66,7 @@ impl Split {
     /// Starts the orchestrator (again) and waits for its gRPC and HTTP ports.
     pub async fn start_orchestrator(&mut self) {
         assert!(self.orchestrator.is_none(), "the orchestrator already runs");
-        let cfg = self.config.to_str().unwrap().to_owned();
-        let mut proc =
-            Proc::spawn("orchestrator", &booking_bin(), &["--config", &cfg, "orchestrator"], &self.orchestrator_log());
-        proc.wait_port(self.grpc).await;
-        proc.wait_port(self.http).await;
+        let proc = spawn_orchestrator(&self.config, &self.orchestrator_log(), &[self.grpc, self.http]).await;
         self.orchestrator = Some(proc);
     }
 

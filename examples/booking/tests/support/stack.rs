@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::free_ports;
-use super::process::{Admin, Proc, Scratch, booking_bin, loopback};
+use super::process::{Admin, Proc, Scratch, booking_bin, loopback, spawn_orchestrator};
 
 pub struct Stack {
     pub config: PathBuf,
@@ -70,11 +70,7 @@ impl Stack {
     /// Starts the orchestrator (again) with the same config and waits for its gRPC port.
     pub async fn start_orchestrator(&mut self) {
         assert!(self.orchestrator.is_none(), "the orchestrator already runs");
-        let cfg = self.config.to_str().unwrap().to_owned();
-        let mut proc =
-            Proc::spawn("orchestrator", &booking_bin(), &["--config", &cfg, "orchestrator"], &self.orchestrator_log());
-        proc.wait_port(self.grpc).await;
-        self.orchestrator = Some(proc);
+        self.orchestrator = Some(spawn_orchestrator(&self.config, &self.orchestrator_log(), &[self.grpc]).await);
     }
 
     /// `kill -9` of the orchestrator.
