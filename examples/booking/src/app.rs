@@ -20,7 +20,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::callback::{CallbackPolicy, HttpCallbacks};
-use crate::config::{BrokerKind, Config, LogKind};
+use crate::config::{BrokerKind, Config, LogKind, RetentionConfig};
 use crate::facade;
 use crate::handler::BookingHandler;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -91,21 +91,16 @@ const LOG_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The saga log the config names.
 async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
-    let retention = Retention {
-        max_age: Duration::from_secs(config.retention.max_age_secs),
-        max_ended: config.retention.max_ended,
-        tombstone_age: Duration::from_secs(config.retention.tombstone_age_secs),
-        max_tombstones: config.retention.max_tombstones,
-    };
+    let retention = retention(&config.retention);
     Ok(match config.saga_log {
         LogKind::Memory => Arc::new(MemorySagaLog::with_retention(retention)),
         LogKind::Embedded => {
             let dir = config.saga_log_url.as_deref().unwrap_or("./data");
             let salvage = std::env::var(SALVAGE_WAL_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-            tracing::info!(dir, salvage, "opening the embedded saga log");
+            let cache_mib = config.saga_log_cache_mib;
+            tracing::info!(dir, salvage, cache_mib, "opening the embedded saga log");
             Arc::new(
-                RedbSagaLog::open(RedbOptions::new(dir).retention(retention).salvage_wal(salvage))
-                    .context("opening the embedded saga log")?,
+                RedbSagaLog::open(embedded_options(config, dir, salvage)).context("opening the embedded saga log")?,
             )
         }
         LogKind::Postgres => {
@@ -118,6 +113,24 @@ async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
             Arc::new(PostgresSagaLog::connect(options).await.context("connecting to the PostgreSQL saga log")?)
         }
     })
+}
+
+/// The embedded saga log's options: its directory, retention and cache from the config.
+pub fn embedded_options(config: &Config, dir: &str, salvage: bool) -> RedbOptions {
+    RedbOptions::new(dir)
+        .retention(retention(&config.retention))
+        .cache_size(config.saga_log_cache_mib << 20)
+        .salvage_wal(salvage)
+}
+
+/// The retention the config describes.
+fn retention(config: &RetentionConfig) -> Retention {
+    Retention {
+        max_age: Duration::from_secs(config.max_age_secs),
+        max_ended: config.max_ended,
+        tombstone_age: Duration::from_secs(config.tombstone_age_secs),
+        max_tombstones: config.max_tombstones,
+    }
 }
 
 /// Binds `what` to `addr` and spawns `serve` on the listener; returns the bound address.
