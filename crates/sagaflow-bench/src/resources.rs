@@ -38,7 +38,8 @@ pub(crate) struct ProcessSample {
     pub(crate) t_s: f64,
     /// Resident memory (`VmRSS`), KiB; `None` when the process could not be read (gone).
     pub(crate) rss_kib: Option<u64>,
-    /// CPU used since the previous sample, in % of one core; `None` for the first sample.
+    /// CPU used since the previous sample, in % of one core; `None` for the first sample and
+    /// one taken less than 100 ms after the previous.
     pub(crate) cpu_percent: Option<f64>,
 }
 
@@ -142,6 +143,9 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// The shortest span over which CPU use is given as a percentage.
+const MIN_CPU_SPAN: Duration = Duration::from_millis(100);
+
 /// Where the sampler prints each sample as it is taken.
 #[derive(Debug, Clone)]
 pub(crate) enum Printer {
@@ -214,12 +218,15 @@ impl Taker {
             let rss_kib = process.rss_kib();
             let cpu = process.cpu_time();
             let cpu_percent = match (*last, cpu) {
-                (Some((then, used)), Some(cpu)) if now > then => {
+                // A sample right after the previous one (the last, at the end) has no CPU figure.
+                (Some((then, used)), Some(cpu)) if now.duration_since(then) >= MIN_CPU_SPAN => {
                     Some(cpu.saturating_sub(used).as_secs_f64() / now.duration_since(then).as_secs_f64() * 100.0)
                 }
                 _ => None,
             };
-            *last = cpu.map(|cpu| (now, cpu));
+            if cpu_percent.is_some() || last.is_none() {
+                *last = cpu.map(|cpu| (now, cpu));
+            }
             let _ = write!(line, " {}", who(&series.name, &series.pid.to_string()));
             match rss_kib {
                 Some(kib) => {
@@ -308,7 +315,7 @@ mod tests {
         assert_eq!(me.samples[0].cpu_percent, None, "no CPU figure without a previous sample");
         if cfg!(target_os = "linux") {
             assert!(me.samples.iter().all(|s| s.rss_kib.is_some_and(|kib| kib > 0)), "{me:?}");
-            assert!(me.samples[1..].iter().all(|s| s.cpu_percent.is_some_and(|cpu| cpu >= 0.0)), "{me:?}");
+            assert!(me.samples.iter().filter_map(|s| s.cpu_percent).all(|cpu| cpu >= 0.0), "{me:?}");
         }
         let [data] = &resources.dirs[..] else { panic!("{resources:?}") };
         assert_eq!(data.samples.len(), me.samples.len());
@@ -323,6 +330,24 @@ mod tests {
         let line = taker.sample();
         assert!(line.ends_with("gone"), "{line}");
         assert_eq!(taker.resources.processes[0].samples[0].rss_kib, None);
+    }
+
+    #[test]
+    fn a_sample_too_soon_after_the_previous_has_no_cpu_figure() {
+        let watch =
+            Watch { pids: vec![(String::new(), std::process::id())], dirs: Vec::new(), interval: Duration::ZERO };
+        let start = Instant::now();
+        let mut taker = Taker::new(&watch, start);
+        taker.sample();
+        // Pretend the first sample was taken a second ago: the next one has a figure.
+        taker.last[0] = taker.last[0].map(|(_, used)| (start - Duration::from_secs(1), used));
+        taker.sample();
+        taker.sample();
+        let cpu: Vec<Option<f64>> = taker.resources.processes[0].samples.iter().map(|s| s.cpu_percent).collect();
+        if cfg!(target_os = "linux") {
+            assert!(cpu[1].is_some(), "{cpu:?}");
+        }
+        assert_eq!((cpu[0], cpu[2]), (None, None), "{cpu:?}");
     }
 
     #[test]
