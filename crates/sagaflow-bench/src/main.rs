@@ -5,11 +5,17 @@
 //! sagaflow-bench --flow sync --rate max --max-in-flight 64 --duration 10s --compare
 //! sagaflow-bench saturate --flow throttling --duration 20s --p99-max 100ms
 //! sagaflow-bench snapshot --order 127.0.0.1:10001 --payment 127.0.0.1:10002
+//! sagaflow-bench --rate 1000 --duration 10m --watch-pid orchestrator=PID --watch-dir data=DIR --plot soak.png
 //! ```
 //!
 //! Requests are sent at their intended times on a fixed schedule and latency runs from those
 //! times (no coordinated omission); `--rate max` is a closed loop of `--max-in-flight` callers
 //! instead, for throughput at a fixed concurrency.
+//!
+//! A soak: with `--watch-pid` or `--watch-dir`, the watched processes' resident memory and CPU
+//! and the directories' size are sampled every `--sample-interval` (10 s) and printed as they
+//! come; the JSON report carries the series and `--plot FILE.png` draws them in
+//! `FILE-resources.png`.
 
 mod callback;
 mod load;
@@ -18,6 +24,7 @@ mod procfs;
 mod progress;
 mod proto;
 mod report;
+mod resources;
 mod schedule;
 mod search;
 mod stats;
@@ -38,6 +45,7 @@ use crate::load::{Counters, Plan};
 use crate::procfs::Process;
 use crate::progress::{Display, Progress};
 use crate::report::{Comparison, Load, Report, TargetShare, Usage, go_duration};
+use crate::resources::{Resources, Sampler, Watch};
 use crate::schedule::{Rate, parse_duration};
 use crate::search::{RateSearch, passes};
 use crate::target::{Flow, Replica, Target};
@@ -119,9 +127,17 @@ struct LoadArgs {
     /// Interval of the progress lines when stderr is not a terminal.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     progress_interval: Duration,
-    /// Report the CPU time and peak memory of this process too: PID or NAME=PID (repeatable).
+    /// Report the CPU time and peak memory of this process too: PID or NAME=PID (repeatable);
+    /// its memory and CPU are also sampled every --sample-interval.
     #[arg(long = "watch-pid", value_parser = parse_watched)]
     watch_pids: Vec<(String, u32)>,
+    /// Sample the total size of the files under this directory (a data directory) every
+    /// --sample-interval: DIR or NAME=DIR (repeatable).
+    #[arg(long = "watch-dir", value_parser = parse_watched_dir)]
+    watch_dirs: Vec<(String, PathBuf)>,
+    /// How often watched processes and directories are sampled.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    sample_interval: Duration,
     #[command(flatten)]
     upstream: UpstreamArgs,
 }
@@ -284,7 +300,14 @@ impl Setup {
         let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
 
         let progress = Progress::start(display, label, duration, counters.clone());
+        let watch =
+            Watch { pids: load.watch_pids.clone(), dirs: load.watch_dirs.clone(), interval: load.sample_interval };
+        let sampler = (!watch.is_empty()).then(|| Sampler::start(watch, progress.printer(display)));
         let recorder = load::run(target.clone(), &plan, counters).await;
+        let resources = match sampler {
+            Some(sampler) => sampler.finish().await,
+            None => Resources::default(),
+        };
         progress.finish();
         let recorder = recorder?;
 
@@ -308,6 +331,7 @@ impl Setup {
                 peak_rss_kib: Process::Pid(pid).peak_rss_kib().unwrap_or(0),
             })
             .collect();
+        report.resources = resources;
         report.unexpected_callbacks = self.hub.as_ref().map_or(0, |hub| hub.unexpected()) - unexpected_before;
         report.targets = target
             .sent()
@@ -372,6 +396,18 @@ fn parse_watched(text: &str) -> anyhow::Result<(String, u32)> {
     Ok((name.trim().to_owned(), pid))
 }
 
+/// `DIR` or `NAME=DIR`.
+fn parse_watched_dir(text: &str) -> anyhow::Result<(String, PathBuf)> {
+    let (name, dir) = match text.split_once('=') {
+        Some((name, dir)) if !name.contains('/') => (name.trim(), dir),
+        _ => ("", text),
+    };
+    if dir.is_empty() {
+        bail!("--watch-dir `{text}`: expected DIR or NAME=DIR");
+    }
+    Ok((name.to_owned(), PathBuf::from(dir)))
+}
+
 /// A short random id, so request ids never repeat across runs against the same services.
 fn run_id() -> String {
     use std::hash::BuildHasher as _;
@@ -432,6 +468,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(path) = &args.plot {
             plot::draw(&sibling(path, "-direct"), &plot_title(&comparison.direct), &direct_points)?;
             plot::draw(path, &plot_title(&comparison.flow), &flow_points)?;
+            draw_resources(path, &comparison.flow)?;
         }
         if let Some(path) = &args.json {
             write_json(path, &comparison)?;
@@ -445,6 +482,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         print!("{}", report.text());
         if let Some(path) = &args.plot {
             plot::draw(path, &plot_title(&report), &points)?;
+            draw_resources(path, &report)?;
         }
         if let Some(path) = &args.json {
             write_json(path, &report)?;
@@ -453,6 +491,16 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let below = args.min_success.is_some_and(|min| reports.iter().any(|r| r.success < min));
     Ok(if below { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// With watched processes or directories, draws their series beside the latency plot at `path`
+/// (`FILE.png` → `FILE-resources.png`).
+fn draw_resources(path: &Path, report: &Report) -> anyhow::Result<()> {
+    if report.resources.is_empty() {
+        return Ok(());
+    }
+    let title = format!("resources — {}", plot_title(report));
+    plot::draw_resources(&sibling(path, "-resources"), &title, &report.resources)
 }
 
 /// With --upstream-snapshot, adds the upstreams' counters to `report`.
@@ -611,6 +659,17 @@ mod tests {
         assert_eq!(parse_watched("4242").unwrap(), (String::new(), 4242));
         assert_eq!(parse_watched("orchestrator=17").unwrap(), ("orchestrator".to_string(), 17));
         assert!(parse_watched("orchestrator").is_err());
+    }
+
+    #[test]
+    fn watched_dirs_may_be_named() {
+        assert_eq!(parse_watched_dir("/tmp/data").unwrap(), (String::new(), PathBuf::from("/tmp/data")));
+        assert_eq!(parse_watched_dir("data=/var/d").unwrap(), ("data".to_owned(), PathBuf::from("/var/d")));
+        assert_eq!(parse_watched_dir("./a=b").unwrap(), (String::new(), PathBuf::from("./a=b")));
+        assert!(parse_watched_dir("data=").is_err());
+        let cli = Cli::try_parse_from(["sagaflow-bench", "--watch-dir", "data=/d", "--sample-interval", "2s"]).unwrap();
+        assert_eq!(cli.run.load.sample_interval, Duration::from_secs(2));
+        assert_eq!(Cli::try_parse_from(["sagaflow-bench"]).unwrap().run.load.sample_interval, Duration::from_secs(10));
     }
 
     #[test]

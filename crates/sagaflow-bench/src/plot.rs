@@ -7,6 +7,7 @@ use anyhow::anyhow;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use crate::resources::Resources;
 use crate::stats::Point;
 
 /// DejaVu Sans Mono, embedded so plots need no system fonts (license in `assets/DejaVu-LICENSE.txt`).
@@ -139,6 +140,90 @@ pub(crate) fn draw(path: &Path, title: &str, points: &[Point]) -> anyhow::Result
     Ok(())
 }
 
+/// Colours of the series of several processes or directories, in turn.
+const SERIES_COLORS: [RGBColor; 4] = [OK_COLOR, RGBColor(255, 127, 14), RGBColor(44, 160, 44), FAILED_COLOR];
+
+/// One panel of lines over time: `(label, points)` per series.
+fn draw_lines(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    x_max: f64,
+    y_desc: &str,
+    lines: &[(String, Vec<(f64, f64)>)],
+) -> anyhow::Result<()> {
+    let y_max = lines.iter().flat_map(|(_, points)| points.iter().map(|p| p.1)).fold(1.0_f64, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(drawing)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since start (s)")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(drawing)?;
+    for (i, (label, points)) in lines.iter().enumerate() {
+        let color = SERIES_COLORS[i % SERIES_COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)).point_size(3))
+            .map_err(drawing)?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    if !lines.is_empty() {
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(drawing)?;
+    }
+    Ok(())
+}
+
+/// Draws the watched processes' resident memory and CPU and the watched directories' size over
+/// time into a PNG at `path`, titled `title`.
+pub(crate) fn draw_resources(path: &Path, title: &str, resources: &Resources) -> anyhow::Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the embedded plot font is unreadable"))?;
+    let root = BitMapBackend::new(path, (1280, 1000)).into_drawing_area();
+    root.fill(&WHITE).map_err(drawing)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(drawing)?;
+    let panels = root.split_evenly((3, 1));
+
+    let name = |name: &str, id: String| if name.is_empty() { id } else { format!("{name} ({id})") };
+    let mut rss = Vec::new();
+    let mut cpu = Vec::new();
+    for series in &resources.processes {
+        let label = name(&series.name, series.pid.to_string());
+        let samples = &series.samples;
+        rss.push((
+            label.clone(),
+            samples.iter().filter_map(|s| Some((s.t_s, s.rss_kib? as f64 / 1024.0))).collect::<Vec<_>>(),
+        ));
+        cpu.push((label, samples.iter().filter_map(|s| Some((s.t_s, s.cpu_percent?))).collect::<Vec<_>>()));
+    }
+    let dirs: Vec<(String, Vec<(f64, f64)>)> = resources
+        .dirs
+        .iter()
+        .map(|series| {
+            let label = name(&series.name, series.path.display().to_string());
+            (label, series.samples.iter().map(|s| (s.t_s, s.bytes as f64 / (1 << 20) as f64)).collect())
+        })
+        .collect();
+    let x_max =
+        rss.iter().chain(&dirs).flat_map(|(_, points)| points.iter().map(|p| p.0)).fold(1.0_f64, f64::max).ceil();
+    draw_lines(&panels[0], x_max, "resident memory (MiB)", &rss)?;
+    draw_lines(&panels[1], x_max, "CPU (% of one core)", &cpu)?;
+    draw_lines(&panels[2], x_max, "directory size (MiB)", &dirs)?;
+    root.present().map_err(drawing)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +251,27 @@ mod tests {
         draw(&path, "sync flow, 100/s for 3s", &points).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+
+        use crate::resources::{DirSample, DirSeries, ProcessSample, ProcessSeries};
+        let samples = (0..4)
+            .map(|i| ProcessSample {
+                t_s: f64::from(i) * 10.0,
+                rss_kib: Some(30_000 + 1_000 * u64::from(i as u8)),
+                cpu_percent: (i > 0).then_some(80.0),
+            })
+            .collect();
+        let resources = Resources {
+            interval_s: 10.0,
+            processes: vec![ProcessSeries { name: "orchestrator".into(), pid: 1, samples }],
+            dirs: vec![DirSeries {
+                name: "data".into(),
+                path: "/d".into(),
+                samples: vec![DirSample { t_s: 0.0, bytes: 1 << 20 }],
+            }],
+        };
+        let resources_path = dir.join("run-resources.png");
+        draw_resources(&resources_path, "resources", &resources).unwrap();
+        assert_eq!(&std::fs::read(&resources_path).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

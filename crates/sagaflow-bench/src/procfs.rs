@@ -1,4 +1,4 @@
-//! CPU time and peak memory of a process, read from Linux's `/proc` (absent elsewhere: then zero).
+//! CPU time and resident memory of a process, read from Linux's `/proc` (absent elsewhere: then zero).
 
 use std::time::Duration;
 
@@ -30,6 +30,11 @@ impl Process {
     /// Peak resident memory so far (`VmHWM`), in KiB.
     pub(crate) fn peak_rss_kib(self) -> Option<u64> {
         parse_status_kib(&std::fs::read_to_string(self.path("status")).ok()?, "VmHWM:")
+    }
+
+    /// Resident memory now (`VmRSS`), in KiB; `None` once the process is gone.
+    pub(crate) fn rss_kib(self) -> Option<u64> {
+        parse_status_kib(&std::fs::read_to_string(self.path("status")).ok()?, "VmRSS:")
     }
 }
 
@@ -64,6 +69,7 @@ mod tests {
     fn peak_rss_comes_from_vmhwm() {
         let status = "Name:\tbooking\nVmPeak:\t  900000 kB\nVmHWM:\t   61234 kB\nVmRSS:\t   50000 kB\n";
         assert_eq!(parse_status_kib(status, "VmHWM:"), Some(61_234));
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(50_000));
         assert_eq!(parse_status_kib(status, "VmSwap:"), None);
     }
 
@@ -72,6 +78,7 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(Process::Myself.cpu_time().is_some());
             assert!(Process::Myself.peak_rss_kib().unwrap() > 0);
+            assert!(Process::Myself.rss_kib().unwrap() > 0);
         } else {
             assert_eq!(Process::Myself.cpu_time(), None);
         }

@@ -89,6 +89,15 @@ impl Progress {
         }
     }
 
+    /// Where lines printed during the run go: above the bar, on stderr, or nowhere.
+    pub(crate) fn printer(&self, display: Display) -> crate::resources::Printer {
+        match (&self.bar, display) {
+            (Some(bar), _) => crate::resources::Printer::Bar(bar.clone()),
+            (None, Display::Quiet) => crate::resources::Printer::Quiet,
+            (None, _) => crate::resources::Printer::Stderr,
+        }
+    }
+
     /// Stops and clears the display.
     pub(crate) fn finish(self) {
         if let Some(task) = self.task {

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::resources::Resources;
+
 /// Latencies in ns, under vegeta's JSON names.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Latencies {
@@ -154,6 +156,10 @@ pub(crate) struct Report {
     pub(crate) generator: Usage,
     /// Processes watched with `--watch-pid`.
     pub(crate) watched: Vec<Usage>,
+    /// The watched processes' memory and CPU and the watched directories' size over the run,
+    /// sampled every `--sample-interval`.
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub(crate) resources: Resources,
     /// The upstreams' counters, with `--upstream-snapshot`.
     pub(crate) upstream: Option<Upstreams>,
     /// Async callbacks that named no request waiting for one (late or duplicate).
@@ -259,6 +265,7 @@ impl Report {
                 &format!("{who}: {}, {}", cpu(watched), mib(watched.peak_rss_kib)),
             ));
         }
+        out.push_str(&self.resources.text());
         if self.targets.len() > 1 {
             for share in &self.targets {
                 let success = if share.requests > 0 { share.successes as f64 / share.requests as f64 } else { 0.0 };

@@ -134,6 +134,11 @@ impl RedbOptions {
         self
     }
 
+    /// The most bytes of the database file's pages kept in memory ([`cache_size`](Self::cache_size)).
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_size
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

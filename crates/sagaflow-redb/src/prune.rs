@@ -19,6 +19,8 @@ pub(crate) struct Pruned {
     pub(crate) expired: usize,
     /// Whether more may be due (a chunk was full).
     pub(crate) more: bool,
+    /// Ended sagas left in the file.
+    pub(crate) ended_left: usize,
 }
 
 impl RedbSagaLog {
@@ -63,7 +65,8 @@ impl Tables<'_> {
     /// more than `max_age` before `now_ms`, each leaving a tombstone if the retention keeps
     /// them; then up to `chunk` tombstones past theirs.
     pub(crate) fn prune(&mut self, retention: &Retention, now_ms: u64, chunk: usize) -> Result<Pruned> {
-        let excess = usize::try_from(self.ended.len()?).unwrap_or(usize::MAX).saturating_sub(retention.max_ended);
+        let ended = usize::try_from(self.ended.len()?).unwrap_or(usize::MAX);
+        let excess = ended.saturating_sub(retention.max_ended);
         // Too old means `now - ended > max_age`, as in the in-memory log.
         let cutoff = retention.ended_cutoff_ms(now_ms);
         let mut doomed: Vec<(u64, u64)> = Vec::new();
@@ -114,7 +117,12 @@ impl Tables<'_> {
             }
         }
         let (expired, more_tombstones) = self.expire_tombstones(retention, now_ms, chunk)?;
-        Ok(Pruned { removed: doomed.len(), expired, more: doomed.len() >= chunk || more_tombstones })
+        Ok(Pruned {
+            removed: doomed.len(),
+            expired,
+            more: doomed.len() >= chunk || more_tombstones,
+            ended_left: ended - doomed.len(),
+        })
     }
 }
 
@@ -204,7 +212,7 @@ mod tests {
             run_to_end(&log, &format!("s{i}")).await;
         }
         let pruned = log.call(|reply| Request::Prune(sagaflow::now_ms(), reply)).await.unwrap();
-        assert_eq!(pruned, Pruned { removed: 3, expired: 0, more: true });
+        assert_eq!(pruned, Pruned { removed: 3, expired: 0, more: true, ended_left: 7 });
         assert_eq!(log.prune_now().await.unwrap(), 7);
         assert!(log.list(ListFilter::default()).await.unwrap().is_empty());
     }
@@ -271,7 +279,7 @@ mod tests {
             run_to_end(&log, &format!("s{i}")).await;
         }
         let first = log.call(|reply| Request::Prune(sagaflow::now_ms(), reply)).await.unwrap();
-        assert_eq!(first, Pruned { removed: 3, expired: 1, more: true });
+        assert_eq!(first, Pruned { removed: 3, expired: 1, more: true, ended_left: 7 });
         assert_eq!(log.prune_now().await.unwrap(), 7);
         let txn = redb::ReadableDatabase::begin_read(&*log.db_for_tests()).unwrap();
         let tombstones = txn.open_table(crate::store::tables::TOMBSTONES).unwrap();
@@ -282,5 +290,82 @@ mod tests {
             assert!(matches!(log.begin(new_saga(id)).await.unwrap(), Begin::Pruned(_)), "{id}");
         }
         assert!(matches!(log.begin(new_saga("s0")).await.unwrap(), Begin::Started(_)), "the oldest tombstone went");
+    }
+
+    /// The ended sagas in the file, once it holds every write answered.
+    async fn ended_in_file(log: &RedbSagaLog) -> u64 {
+        log.sync().await.unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&*log.db_for_tests()).unwrap();
+        txn.open_table(crate::store::tables::ENDED).unwrap().len().unwrap()
+    }
+
+    /// `tasks` callers each running `sagas` sagas to their end, one after the other.
+    fn load(log: &std::sync::Arc<RedbSagaLog>, tasks: usize, sagas: usize) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..tasks)
+            .map(|t| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for i in 0..sagas {
+                        run_to_end(&log, &format!("t{t}-s{i}")).await;
+                    }
+                })
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_steady_load_the_ended_sagas_kept_stay_at_the_retention_count() {
+        let (max_ended, chunk, tasks, sagas) = (50, 10, 4, 150);
+        let dir = tempfile::tempdir().unwrap();
+        // The interval alone would prune once, at the start: the count keeps up by itself.
+        let options = RedbOptions::new(dir.path())
+            .retention(Retention { max_ended, ..Retention::default() })
+            .prune_interval(HOUR)
+            .prune_chunk(chunk);
+        let log = std::sync::Arc::new(RedbSagaLog::open(options).unwrap());
+        let callers = load(&log, tasks, sagas);
+        let mut most = 0;
+        let mut samples = 0;
+        while !callers.iter().all(|caller| caller.is_finished()) {
+            most = most.max(ended_in_file(&log).await);
+            samples += 1;
+        }
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let left = ended_in_file(&log).await;
+        // At most the count, a chunk, and one batch's endings (one saga per caller).
+        let bound = (max_ended + chunk + tasks) as u64;
+        assert!(samples > 0);
+        assert!(most <= bound, "{most} ended sagas kept at one point, over {bound}");
+        assert!((max_ended as u64..=bound).contains(&left), "{left} ended sagas left");
+        assert_eq!(log.stats().pruned, (tasks * sagas) as u64 - left);
+        assert_eq!(log.list(ListFilter::default()).await.unwrap().len() as u64, left);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sagas_past_their_age_are_pruned_while_load_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every saga is past its age a millisecond after it ends; the count never binds.
+        let options = RedbOptions::new(dir.path())
+            .retention(Retention { max_age: Duration::ZERO, max_ended: 1_000_000, ..Retention::default() })
+            .prune_interval(Duration::from_millis(10));
+        let log = std::sync::Arc::new(RedbSagaLog::open(options).unwrap());
+        let callers = load(&log, 2, 100_000);
+        // The writer runs on the real clock: wait (bounded) for it to prune during the load.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while log.stats().pruned < 200 {
+            assert!(Instant::now() < deadline, "nothing pruned by age under load: {:?}", log.stats());
+            assert!(!callers.iter().any(|caller| caller.is_finished()), "the load ended first");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for caller in &callers {
+            caller.abort();
+        }
+        // Once the load stops, the age prunes every saga that ended.
+        while ended_in_file(&log).await > 0 {
+            assert!(Instant::now() < deadline, "ended sagas left after the load: {:?}", log.stats());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -143,6 +143,16 @@ pub struct LogSettings<'a> {
     /// The embedded log replays the intact entries of a damaged write-ahead file instead of
     /// refusing to open.
     pub salvage_wal: bool,
+    /// The embedded log's cache of database pages, in bytes.
+    pub cache_bytes: usize,
+}
+
+/// The embedded log's options for `dir` under these settings.
+pub fn embedded_options(settings: &LogSettings<'_>, dir: &str) -> RedbOptions {
+    RedbOptions::new(dir)
+        .retention(settings.retention)
+        .cache_size(settings.cache_bytes)
+        .salvage_wal(settings.salvage_wal)
 }
 
 /// Opens (or connects to) the saga log.
@@ -157,9 +167,9 @@ pub async fn open_saga_log(settings: LogSettings<'_>) -> anyhow::Result<Arc<dyn 
                 Some(dir) if LogKind::of_url(dir).is_none() => dir,
                 _ => "./data",
             };
-            tracing::info!(dir, salvage = settings.salvage_wal, "opening the embedded saga log");
-            let options = RedbOptions::new(dir).retention(settings.retention).salvage_wal(settings.salvage_wal);
-            Arc::new(RedbSagaLog::open(options).context("opening the embedded saga log")?)
+            let cache_mib = settings.cache_bytes >> 20;
+            tracing::info!(dir, salvage = settings.salvage_wal, cache_mib, "opening the embedded saga log");
+            Arc::new(RedbSagaLog::open(embedded_options(&settings, dir)).context("opening the embedded saga log")?)
         }
         LogKind::Postgres => {
             let url = settings.url.unwrap_or("postgres://postgres@127.0.0.1:5432/test");
@@ -270,6 +280,7 @@ mod tests {
             schema: None,
             retention: Retention::default(),
             salvage_wal: false,
+            cache_bytes: sagaflow_redb::DEFAULT_CACHE_SIZE,
         };
         let log = open_saga_log(settings).await.unwrap();
         assert_eq!(log.name(), "redb");

@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 
 use crate::callback::{CallbackPolicy, HttpCallbacks};
-use crate::config::Config;
+use crate::config::{Config, RetentionConfig};
 use crate::facade;
 use crate::handler::BookingHandler;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -73,20 +73,29 @@ async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
 
 /// The saga log the config names.
 async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
-    let retention = Retention {
-        max_age: Duration::from_secs(config.retention.max_age_secs),
-        max_ended: config.retention.max_ended,
-        tombstone_age: Duration::from_secs(config.retention.tombstone_age_secs),
-        max_tombstones: config.retention.max_tombstones,
-    };
-    backends::open_saga_log(LogSettings {
+    backends::open_saga_log(log_settings(config)).await
+}
+
+/// Where and how the config keeps the saga log.
+pub fn log_settings(config: &Config) -> LogSettings<'_> {
+    LogSettings {
         kind: config.saga_log,
         url: config.saga_log_url.as_deref(),
         schema: config.saga_log_schema.as_deref(),
-        retention,
+        retention: retention(&config.retention),
         salvage_wal: std::env::var(SALVAGE_WAL_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
-    })
-    .await
+        cache_bytes: config.saga_log_cache_mib << 20,
+    }
+}
+
+/// The retention the config describes.
+fn retention(config: &RetentionConfig) -> Retention {
+    Retention {
+        max_age: Duration::from_secs(config.max_age_secs),
+        max_ended: config.max_ended,
+        tombstone_age: Duration::from_secs(config.tombstone_age_secs),
+        max_tombstones: config.max_tombstones,
+    }
 }
 
 /// Binds `what` to `addr` and spawns `serve` on the listener; returns the bound address.

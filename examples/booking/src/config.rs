@@ -57,6 +57,8 @@ pub struct Config {
     pub saga_log_url: Option<String>,
     /// PostgreSQL schema of the saga tables (default: the connection's search path).
     pub saga_log_schema: Option<String>,
+    /// Embedded log only: MiB of the database file's pages kept in memory (default 32).
+    pub saga_log_cache_mib: usize,
     /// How long ended sagas are kept.
     pub retention: RetentionConfig,
     /// The upstream services.
@@ -119,6 +121,7 @@ impl Default for Config {
             saga_log: LogKind::Embedded,
             saga_log_url: None,
             saga_log_schema: None,
+            saga_log_cache_mib: sagaflow_redb::DEFAULT_CACHE_SIZE >> 20,
             retention: RetentionConfig::default(),
             upstream: UpstreamConfig::default(),
             message_queue: MessageQueueConfig::default(),
@@ -207,6 +210,7 @@ impl Config {
         if let Some(ms) = self.broker_queue_expiry_ms {
             within("broker_queue_expiry_ms", ms, 1_000..=WEEK_MS)?;
         }
+        within("saga_log_cache_mib", self.saga_log_cache_mib, 1..=64 << 10)?;
         within("retention.max_age_secs", self.retention.max_age_secs, 1..=10 * 365 * 24 * 3600)?;
         within("retention.max_ended", self.retention.max_ended, 0..=100_000_000)?;
         within("message_queue.default_concurrency", self.message_queue.default_concurrency, 1..=MAX_CONSUMERS)?;
@@ -272,6 +276,20 @@ mod tests {
         let config = Config::from_yaml(text).unwrap();
         config.validate().unwrap();
         assert_eq!(config.grpc_listen.port(), 10000);
+    }
+
+    #[test]
+    fn the_embedded_log_cache_size_reaches_its_options() {
+        let default = Config::default();
+        let embedded = |config: &Config| {
+            sagaflow_server::backends::embedded_options(&crate::app::log_settings(config), "/tmp/unused")
+        };
+        assert_eq!(embedded(&default).cache_bytes(), sagaflow_redb::DEFAULT_CACHE_SIZE);
+        let config = Config::from_yaml("saga_log_cache_mib: 4\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(embedded(&config).cache_bytes(), 4 << 20);
+        let zero = Config::from_yaml("saga_log_cache_mib: 0\n").unwrap().validate().unwrap_err();
+        assert_eq!(zero.to_string(), "saga_log_cache_mib must be between 1 and 65536, got 0");
     }
 
     #[test]

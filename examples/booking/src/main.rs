@@ -68,6 +68,9 @@ struct MockArgs {
     /// Share of calls failing with UNAVAILABLE.
     #[arg(long)]
     failure_rate: Option<f64>,
+    /// Most records remembered, the oldest forgotten first.
+    #[arg(long)]
+    max_records: Option<usize>,
 }
 
 impl MockArgs {
@@ -83,6 +86,9 @@ impl MockArgs {
         }
         if let Some(rate) = self.failure_rate {
             mock.failure_rate = rate;
+        }
+        if let Some(records) = self.max_records {
+            mock.max_records = records;
         }
         mock.validate().map_err(anyhow::Error::msg)
     }

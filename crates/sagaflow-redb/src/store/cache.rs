@@ -108,10 +108,14 @@ impl Cache {
     }
 
     /// After the batch that stored it committed: an ended saga's record leaves the cache.
-    pub(super) fn forget_if_ended(&mut self, request_id: &str) {
-        if self.records.get(request_id).is_some_and(|cached| !cached.unstored && cached.record.state.is_ended()) {
+    /// Returns whether it did.
+    pub(super) fn forget_if_ended(&mut self, request_id: &str) -> bool {
+        let ended =
+            self.records.get(request_id).is_some_and(|cached| !cached.unstored && cached.record.state.is_ended());
+        if ended {
             self.records.remove(request_id);
         }
+        ended
     }
 
     /// After a batch failed: drops the records it loaded or changed (they may hold changes no

@@ -20,7 +20,8 @@ pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// How a mock service misbehaves: its latency, capacity and transient failure rate.
 ///
-/// In yaml: `latency_ms`, `cancel_latency_ms`, `capacity` and `failure_rate`; every key is optional.
+/// In yaml: `latency_ms`, `cancel_latency_ms`, `capacity`, `failure_rate` and `max_records`; every
+/// key is optional.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MockConfig {
@@ -34,11 +35,21 @@ pub struct MockConfig {
     pub capacity: usize,
     /// Share of calls (0..=1) that fail with `UNAVAILABLE` before doing anything.
     pub failure_rate: f64,
+    /// At most this many records (by request id) are remembered, the oldest forgotten first, so
+    /// a long run holds a bounded memory. A retry or cancel of any of the last
+    /// `max_records / 4` request ids is recognised; one older than the last `max_records` is not.
+    pub max_records: usize,
 }
 
 impl Default for MockConfig {
     fn default() -> Self {
-        Self { latency: Duration::ZERO, cancel_latency: Duration::ZERO, capacity: 0, failure_rate: 0.0 }
+        Self {
+            latency: Duration::ZERO,
+            cancel_latency: Duration::ZERO,
+            capacity: 0,
+            failure_rate: 0.0,
+            max_records: Self::DEFAULT_MAX_RECORDS,
+        }
     }
 }
 
@@ -47,6 +58,10 @@ impl MockConfig {
     pub const MAX_LATENCY_MS: u64 = 600_000;
     /// Largest capacity a mock may be configured with.
     pub const MAX_CAPACITY: usize = 1_000_000;
+    /// Records remembered by default: about 13 MiB per mock.
+    pub const DEFAULT_MAX_RECORDS: usize = 100_000;
+    /// Fewest and most records a mock may be configured to remember.
+    pub const MAX_RECORDS: std::ops::RangeInclusive<usize> = 1_000..=100_000_000;
 
     /// Checks the values a deserializer cannot; the error names the key (`latency_ms`, ...).
     pub fn validate(&self) -> Result<(), String> {
@@ -59,6 +74,10 @@ impl MockConfig {
         }
         if self.capacity > Self::MAX_CAPACITY {
             return Err(format!("capacity must be between 0 and {}, got {}", Self::MAX_CAPACITY, self.capacity));
+        }
+        if !Self::MAX_RECORDS.contains(&self.max_records) {
+            let (low, high) = (Self::MAX_RECORDS.start(), Self::MAX_RECORDS.end());
+            return Err(format!("max_records must be between {low} and {high}, got {}", self.max_records));
         }
         Ok(())
     }
@@ -122,6 +141,47 @@ fn bump(counter: &AtomicU64) {
 /// How many shards hold a mock's records.
 const SHARDS: usize = 64;
 
+/// One shard's records in two generations: new records go to `current`; when it is full, it
+/// becomes `previous` and the records of the one before are forgotten. A shard thus holds at
+/// most two generations' records, and always the last generation's worth.
+#[derive(Debug, Default)]
+struct Shard {
+    current: HashMap<String, Record>,
+    previous: HashMap<String, Record>,
+}
+
+impl Shard {
+    fn get(&self, request_id: &str) -> Option<&Record> {
+        self.current.get(request_id).or_else(|| self.previous.get(request_id))
+    }
+
+    /// The record, brought into the current generation first: a record that changes is as
+    /// recent as a new one.
+    fn get_mut(&mut self, request_id: &str, generation: usize) -> Option<&mut Record> {
+        if !self.current.contains_key(request_id) {
+            let (id, record) = self.previous.remove_entry(request_id)?;
+            self.insert(id, record, generation);
+        }
+        self.current.get_mut(request_id)
+    }
+
+    fn insert(&mut self, request_id: String, record: Record, generation: usize) {
+        if self.current.len() >= generation {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(request_id, record);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Record)> {
+        self.current.iter().chain(&self.previous)
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the map consistent, so a poisoned lock is still usable.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -137,7 +197,9 @@ pub(crate) struct Store {
     /// few hundred records at a time, where one map would stall every call for tens of
     /// milliseconds each time it doubled past tens of thousands of records (faulting in a
     /// fresh table), and a benchmark's later legs would meet longer stalls than its first.
-    shards: Box<[Mutex<HashMap<String, Record>>]>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Records per generation of a shard.
+    generation: usize,
     hasher: RandomState,
     next_id: AtomicI64,
     in_flight: AtomicUsize,
@@ -164,14 +226,15 @@ impl Store {
     pub(crate) fn new(kind: &'static str, config: MockConfig) -> Self {
         Self {
             kind,
-            config,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            generation: (config.max_records / SHARDS / 2).max(1),
             hasher: RandomState::new(),
             next_id: AtomicI64::new(1),
             in_flight: AtomicUsize::new(0),
             counters: Counters::default(),
             fail_cancels: AtomicBool::new(false),
             create_delay_ms: AtomicU64::new(0),
+            config,
         }
     }
 
@@ -238,7 +301,7 @@ impl Store {
     }
 
     /// The shard that holds `request_id`'s record.
-    fn records(&self, request_id: &str) -> MutexGuard<'_, HashMap<String, Record>> {
+    fn records(&self, request_id: &str) -> MutexGuard<'_, Shard> {
         let shard = self.hasher.hash_one(request_id) as usize % self.shards.len();
         lock(&self.shards[shard])
     }
@@ -271,6 +334,7 @@ impl Store {
         records.insert(
             request_id.to_owned(),
             Record { id, state: State::Active, created_at_ms: now_ms(), cancelled_at_ms: 0, cancel_calls: 0 },
+            self.generation,
         );
         bump(&self.counters.creates);
         Ok(Created { id, duplicate: false })
@@ -302,7 +366,7 @@ impl Store {
         }
         let mut records = self.records(request_id);
         bump(&self.counters.cancels);
-        match records.get_mut(request_id) {
+        match records.get_mut(request_id, self.generation) {
             Some(record) => {
                 record.cancel_calls += 1;
                 if record.state == State::Active {
@@ -324,10 +388,17 @@ impl Store {
                         cancelled_at_ms: now_ms(),
                         cancel_calls: 1,
                     },
+                    self.generation,
                 );
                 Ok(pb::CancelReply { id: 0, already_cancelled: false })
             }
         }
+    }
+
+    /// How many records are remembered.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|shard| lock(shard).len()).sum()
     }
 
     /// Every record, sorted by request id, and the counters.
@@ -429,6 +500,35 @@ pub(crate) mod tests {
             ..MockConfig::default()
         };
         assert!(edge.validate().is_ok());
+        let cfg: MockConfig = serde_norway::from_str("max_records: 10\n").unwrap();
+        assert_eq!(cfg.validate().unwrap_err(), "max_records must be between 1000 and 100000000, got 10");
+    }
+
+    #[test]
+    fn records_stay_within_the_bound_and_recent_ones_are_remembered() {
+        let max = 64_000;
+        let store = Store::new("order", MockConfig { max_records: max, ..MockConfig::default() });
+        let total = 3 * max;
+        for i in 0..total {
+            store.create(&format!("r{i}"), || Ok(())).unwrap();
+            if i % 7 == 0 {
+                store.cancel(&format!("c{i}")).unwrap();
+            }
+        }
+        assert!(store.len() <= max, "{} records held", store.len());
+        assert!(store.len() >= max / 2, "{} records held", store.len());
+        // The last `max / 4` request ids are all still known: a repeat is absorbed...
+        let created = store.snapshot().counters.unwrap().creates;
+        for i in total - max / 4..total {
+            assert!(store.create(&format!("r{i}"), || Ok(())).unwrap().duplicate, "r{i}");
+        }
+        assert_eq!(store.snapshot().counters.unwrap().creates, created);
+        // ...and a cancel of a known one keeps it refused afterwards.
+        let last = format!("r{}", total - 1);
+        assert!(!store.cancel(&last).unwrap().already_cancelled);
+        assert_eq!(store.create(&last, || Ok(())).unwrap_err().code(), tonic::Code::Aborted);
+        // The oldest are forgotten.
+        assert!(!store.create("r0", || Ok(())).unwrap().duplicate);
     }
 
     #[tokio::test]

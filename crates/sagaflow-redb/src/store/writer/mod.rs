@@ -107,6 +107,13 @@ pub(super) struct Writer {
     last_checkpoint: Instant,
     /// Set while writes fail: they are refused until the file is open again.
     outage: Option<Outage>,
+    /// Ended sagas in the file after the last prune, and sagas stored as ended since (an
+    /// overestimate: a saga stored ended twice counts twice). Once they exceed the retention's
+    /// count by a chunk, a prune is due at once, whatever the interval (unless pruning is off):
+    /// the ended sagas kept stay within `max_ended` and a chunk (and a batch) however fast they
+    /// arrive.
+    ended_held: usize,
+    ended_since_prune: usize,
 }
 
 impl Writer {
@@ -139,6 +146,8 @@ impl Writer {
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
             outage: None,
+            ended_held: 0,
+            ended_since_prune: 0,
             options,
         })
     }
@@ -206,6 +215,9 @@ impl Writer {
                 }
                 last_awaited = awaited;
                 self.commit(batch, false);
+                if schedulable && self.over_retention_count() {
+                    next_prune = Some(Instant::now());
+                }
             } else if self.cache.next_due().is_some_and(|due| Instant::now() >= due) {
                 // Idle, with records of queued appends falling due: store them alone.
                 self.commit(Vec::new(), false);
@@ -249,6 +261,18 @@ impl Writer {
             self.commit(Vec::new(), true);
         }
         tracing::debug!("saga log writer stopped");
+    }
+
+    /// Whether the ended sagas held may exceed the retention's count by a prune chunk.
+    fn over_retention_count(&self) -> bool {
+        let bound = self.retention.max_ended.saturating_add(self.prune_chunk);
+        self.ended_held.saturating_add(self.ended_since_prune) >= bound
+    }
+
+    /// After a prune: what it left.
+    fn pruned(&mut self, pruned: &Pruned) {
+        self.ended_held = pruned.ended_left;
+        self.ended_since_prune = 0;
     }
 
     /// When the batches written since the last checkpoint are due to be applied to the file in
@@ -525,6 +549,9 @@ impl Writer {
             counters.stored.fetch_add(stored, Ordering::Relaxed);
             let removed: usize = pruned.iter().map(|p| p.removed).sum();
             counters.pruned.fetch_add(removed as u64, Ordering::Relaxed);
+            if let Some(last) = pruned.last() {
+                self.pruned(last);
+            }
             answers.into_iter().for_each(|a| a.send(None));
             for ((_, reply), done) in prunes.into_iter().zip(pruned) {
                 answer(reply, Ok(done), None);
@@ -548,7 +575,9 @@ impl Writer {
     /// After a batch that stored records committed: the ended sagas' leave the cache.
     fn forget_ended(&mut self, staged: &Staged) {
         for (request_id, _) in &staged.stored {
-            self.cache.forget_if_ended(request_id);
+            if self.cache.forget_if_ended(request_id) {
+                self.ended_since_prune += 1;
+            }
         }
     }
 
@@ -610,7 +639,8 @@ impl Writer {
         });
         let (pruned, stored) = match done {
             Ok((pruned, stored)) => {
-                (pruned.into_iter().next().unwrap_or(Pruned { removed: 0, expired: 0, more: false }), stored)
+                let none = Pruned { removed: 0, expired: 0, more: false, ended_left: self.ended_held };
+                (pruned.into_iter().next().unwrap_or(none), stored)
             }
             Err(e) => {
                 // The flush marked records stored that no file holds.
@@ -619,6 +649,7 @@ impl Writer {
             }
         };
         self.forget_ended(&staged);
+        self.pruned(&pruned);
         self.shared.counters.stored.fetch_add(stored, Ordering::Relaxed);
         self.shared.counters.pruned.fetch_add(pruned.removed as u64, Ordering::Relaxed);
         if pruned.removed > 0 || pruned.expired > 0 {
