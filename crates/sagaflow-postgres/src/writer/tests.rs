@@ -87,6 +87,7 @@ fn saga(id: &str, steps: usize) -> SagaRecord {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: None,
+        version: None,
     })
 }
 
