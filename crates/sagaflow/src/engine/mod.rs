@@ -135,8 +135,10 @@ pub(crate) trait Registered: Send + Sync + 'static {
     fn data_type(&self) -> &'static str;
     fn info(&self) -> FlowInfo;
     fn mode(&self) -> Mode;
-    /// The flow that runs sagas of `version` (`None`: the current one), if registered.
-    fn resolve(self: Arc<Self>, version: Option<&FlowVersion>) -> Option<Arc<dyn Registered>>;
+    /// The registered version of the facade's flow that runs this saga: the one it
+    /// started on. A saga that recorded none (begun before versions were recorded)
+    /// runs on the current flow, or the first kept one, with as many steps as it has.
+    fn resolve(self: Arc<Self>, record: &SagaRecord) -> Option<Arc<dyn Registered>>;
     async fn start_consumers(self: Arc<Self>) -> Result<()>;
     async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()>;
     /// Carries out what an operator's event left to do: the end's effects if
@@ -538,8 +540,12 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         self.mode
     }
 
-    fn resolve(self: Arc<Self>, version: Option<&FlowVersion>) -> Option<Arc<dyn Registered>> {
-        self.runtime_for(version.map(|v| v.fingerprint.as_str())).map(|r| r as Arc<dyn Registered>)
+    fn resolve(self: Arc<Self>, record: &SagaRecord) -> Option<Arc<dyn Registered>> {
+        let runtime = match &record.version {
+            Some(version) => self.runtime_for(Some(&version.fingerprint)),
+            None => std::iter::once(&self).chain(&self.kept).find(|r| r.flow.len() == record.steps).cloned(),
+        };
+        runtime.map(|r| r as Arc<dyn Registered>)
     }
 
     async fn start_consumers(self: Arc<Self>) -> Result<()> {

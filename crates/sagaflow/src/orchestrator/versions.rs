@@ -19,7 +19,8 @@ pub struct MissingVersion {
     /// The facade.
     pub facade: String,
     /// The version the sagas started on; `None` for sagas that recorded none
-    /// (begun before versions were recorded) of a facade not registered at all.
+    /// (begun before versions were recorded) whose facade has no registered
+    /// version with their number of steps.
     pub version: Option<FlowVersion>,
     /// How many unfinished sagas need it.
     pub sagas: usize,
@@ -41,10 +42,10 @@ pub(crate) fn describe_missing(missing: &[MissingVersion]) -> String {
 }
 
 impl Orchestrator {
-    /// The registered flow that runs this saga: the version it started on
-    /// (its facade's current flow if it recorded none), if registered here.
+    /// The registered flow that runs this saga: the version it started on, if
+    /// registered here (see `Registered::resolve` for sagas that recorded none).
     pub(crate) fn flow_of(&self, record: &SagaRecord) -> Option<Arc<dyn Registered>> {
-        self.flows.get(&record.facade)?.clone().resolve(record.version.as_ref())
+        self.flows.get(&record.facade)?.clone().resolve(record)
     }
 
     /// The unfinished sagas this replica answers for whose flow version is not
@@ -68,7 +69,9 @@ impl Orchestrator {
             entry.sagas += 1;
             entry.request_ids.push(record.request_id);
         }
-        Ok(missing.into_values().collect())
+        let mut missing: Vec<MissingVersion> = missing.into_values().collect();
+        missing.iter_mut().for_each(|m| m.request_ids.sort());
+        Ok(missing)
     }
 
     /// At start: refuses when unfinished sagas need a version not registered,
