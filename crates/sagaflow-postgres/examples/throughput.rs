@@ -62,6 +62,7 @@ async fn run(name: &str, log: Arc<dyn SagaLog>, per_task: usize) -> Result<f64, 
                     deadline_ms: u64::MAX,
                     callback_url: None,
                     owner: None,
+                    version: None,
                 };
                 let t = Instant::now();
                 log.begin(saga).await?;

@@ -23,6 +23,7 @@ fn owned(id: &str, owner: &str) -> NewSaga {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: Some(owner.into()),
+        version: None,
     }
 }
 

@@ -21,6 +21,7 @@ fn new_saga(id: &str, steps: usize) -> NewSaga {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: None,
+        version: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn new_saga(id: &str) -> NewSaga {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: None,
+        version: None,
     }
 }
 

@@ -77,6 +77,7 @@ async fn saga(log: &dyn SagaLog, id: String, gap: Duration) -> [Duration; 2] {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: None,
+        version: None,
     };
     let began = Instant::now();
     log.begin(start).await.expect("begin");

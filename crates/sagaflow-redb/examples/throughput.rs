@@ -72,5 +72,6 @@ fn new_saga(id: &str) -> NewSaga {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: None,
+        version: None,
     }
 }

@@ -32,6 +32,7 @@
 //!     deadline_ms: u64::MAX,
 //!     callback_url: None,
 //!     owner: None,
+//!     version: None,
 //! };
 //! assert!(matches!(log.begin(saga).await?, Begin::Started(_)));
 //! log.append("req-1", SagaEvent::StepStarted { index: 0 }).await?;

@@ -2,6 +2,7 @@
 
 use crate::broker::BrokerError;
 use crate::log::{LogError, Tombstone};
+use crate::orchestrator::MissingVersion;
 use crate::saga::SagaStatus;
 
 /// Everything that can go wrong when registering, starting or invoking a flow.
@@ -112,6 +113,19 @@ pub enum Error {
     /// The saga log failed.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The log holds unfinished sagas of flow versions that are not registered:
+    /// started, this orchestrator would leave them as they are. Register the
+    /// versions (`Flow::keep`), or start anyway with
+    /// [`Options::start_with_missing_versions`](crate::Options::start_with_missing_versions).
+    #[error(
+        "unfinished sagas need flow versions that are not registered: {}; keep those versions beside the current flow \
+         (Flow::keep) or start with Options::start_with_missing_versions to leave them waiting",
+        crate::orchestrator::describe_missing(missing)
+    )]
+    MissingVersions {
+        /// Each missing version, with how many sagas need it.
+        missing: Vec<MissingVersion>,
+    },
     /// The orchestrator is shutting down and takes no new sagas.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::node::{Node, NodeError};
 use crate::policy::RetryPolicy;
+use crate::saga::FlowVersion;
 
 /// The default of [`Flow::max_data_bytes`]: 64 KiB of JSON.
 pub const DEFAULT_MAX_DATA_BYTES: usize = 64 * 1024;
@@ -49,6 +50,9 @@ pub struct Flow<D: Send + Sync + 'static> {
     pub(crate) step_timeout: Duration,
     pub(crate) saga_timeout: Duration,
     pub(crate) max_data_bytes: usize,
+    pub(crate) label: Option<String>,
+    /// Earlier versions kept beside this one for the sagas that started on them.
+    pub(crate) kept: Vec<Flow<D>>,
 }
 
 impl<D: Send + Sync + 'static> Clone for Flow<D> {
@@ -60,6 +64,8 @@ impl<D: Send + Sync + 'static> Clone for Flow<D> {
             step_timeout: self.step_timeout,
             saga_timeout: self.saga_timeout,
             max_data_bytes: self.max_data_bytes,
+            label: self.label.clone(),
+            kept: self.kept.clone(),
         }
     }
 }
@@ -73,6 +79,8 @@ impl<D: Send + Sync + 'static> Default for Flow<D> {
             step_timeout: DEFAULT_STEP_TIMEOUT,
             saga_timeout: DEFAULT_DEADLINE,
             max_data_bytes: DEFAULT_MAX_DATA_BYTES,
+            label: None,
+            kept: Vec::new(),
         }
     }
 }
@@ -86,6 +94,8 @@ impl<D: Send + Sync + 'static> fmt::Debug for Flow<D> {
             .field("step_timeout", &self.step_timeout)
             .field("saga_timeout", &self.saga_timeout)
             .field("max_data_bytes", &self.max_data_bytes)
+            .field("version", &self.version())
+            .field("kept", &self.kept.iter().map(Flow::version).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -144,6 +154,59 @@ impl<D: Send + Sync + 'static> Flow<D> {
         self
     }
 
+    /// Names this version of the flow (shown beside its fingerprint, recorded
+    /// with every saga that starts on it).
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Keeps an earlier version of this flow beside it: sagas that started on
+    /// `previous` (before a deploy changed the flow) finish on its nodes,
+    /// while new sagas start on this one. Versions `previous` keeps are kept too.
+    ///
+    /// ```
+    /// # use sagaflow::{Flow, Node, NodeError, Step};
+    /// # struct N(&'static str);
+    /// # #[sagaflow::async_trait]
+    /// # impl Node<u32> for N {
+    /// #     fn name(&self) -> &str { self.0 }
+    /// #     async fn action(&self, _: &Step, _: &mut u32) -> Result<(), NodeError> { Ok(()) }
+    /// # }
+    /// let v1: Flow<u32> = Flow::new().node(N("Reserve")).node(N("Charge")).label("v1");
+    /// let v2 = Flow::new().node(N("Charge")).node(N("Reserve")).node(N("Notify")).label("v2");
+    /// let flow = v2.keep(v1);
+    /// assert_eq!(flow.versions().len(), 2);
+    /// ```
+    pub fn keep(mut self, mut previous: Flow<D>) -> Self {
+        let older = std::mem::take(&mut previous.kept);
+        self.kept.push(previous);
+        self.kept.extend(older);
+        self
+    }
+
+    /// This flow's version: its fingerprint and label.
+    pub fn version(&self) -> FlowVersion {
+        FlowVersion { fingerprint: self.fingerprint(), label: self.label.clone() }
+    }
+
+    /// Every version registered with this flow: this one first, then the kept ones.
+    pub fn versions(&self) -> Vec<FlowVersion> {
+        std::iter::once(self.version()).chain(self.kept.iter().map(Flow::version)).collect()
+    }
+
+    /// The fingerprint of the flow's shape: its node names in order and which
+    /// of them have a compensation. The same shape has the same fingerprint in
+    /// every process and build (FNV-1a over a canonical text, as 16 hex digits).
+    pub fn fingerprint(&self) -> String {
+        let shape: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("{}{}", n.name(), if n.has_compensation() { "+c" } else { "" }))
+            .collect();
+        fingerprint_of(&shape.join("/"))
+    }
+
     /// The number of nodes.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -157,6 +220,22 @@ impl<D: Send + Sync + 'static> Flow<D> {
     /// The node names, in order.
     pub fn node_names(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.name().to_owned()).collect()
+    }
+
+    /// Checks this flow and every kept version; two versions of one shape are refused.
+    pub(crate) fn validate_versions(&self, facade: &str) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for flow in std::iter::once(self).chain(&self.kept) {
+            let version = flow.version();
+            flow.validate(&format!("{facade}` version `{version}"))?;
+            if !seen.insert(version.fingerprint.clone()) {
+                return Err(format!(
+                    "flow `{facade}` keeps two versions of the same shape (fingerprint {})",
+                    version.fingerprint
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn validate(&self, facade: &str) -> Result<(), String> {
@@ -209,6 +288,16 @@ impl<D: Serialize + Send + Sync + 'static> Flow<D> {
             Err(_) => None,
         }
     }
+}
+
+/// FNV-1a (64 bits) of `text`, as 16 hex digits: fixed, so it is the same in every process.
+fn fingerprint_of(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 /// The length of `value` as JSON, counted without building the text.
@@ -285,5 +374,63 @@ mod tests {
         let record = o.saga("r1").await.unwrap().unwrap();
         assert_eq!(record.status(), SagaStatus::Compensated);
         assert!(serde_json::to_vec(&record.data).unwrap().len() <= 256);
+    }
+
+    /// A node named `.0`, with a compensation if `.1`.
+    struct Shape(&'static str, bool);
+
+    #[async_trait::async_trait]
+    impl Node<u32> for Shape {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn action(&self, _: &Step, _: &mut u32) -> Result<(), NodeError> {
+            Ok(())
+        }
+        fn has_compensation(&self) -> bool {
+            self.1
+        }
+    }
+
+    fn shape(nodes: &[(&'static str, bool)]) -> Flow<u32> {
+        nodes.iter().fold(Flow::new(), |flow, &(name, compensated)| flow.node(Shape(name, compensated)))
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_shape_and_the_same_in_every_process() {
+        let v1 = shape(&[("A", true), ("B", false)]);
+        // Fixed: FNV-1a of `A+c/B`, whatever the build or process.
+        assert_eq!(v1.fingerprint(), fingerprint_of("A+c/B"));
+        assert_eq!(fingerprint_of(""), "cbf29ce484222325");
+        assert_eq!(fingerprint_of("a"), "af63dc4c8601ec8c");
+        assert_eq!(v1.fingerprint(), shape(&[("A", true), ("B", false)]).fingerprint());
+        assert_eq!(v1.fingerprint(), v1.clone().label("v1").retry(RetryPolicy::default().attempts(2)).fingerprint());
+        let others = [
+            shape(&[("B", false), ("A", true)]),
+            shape(&[("A", true), ("B", true)]),
+            shape(&[("A", true), ("B", false), ("C", false)]),
+            shape(&[("A", true)]),
+        ];
+        for other in others {
+            assert_ne!(v1.fingerprint(), other.fingerprint(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn kept_versions_are_listed_after_the_current_one_and_distinct() {
+        let v1 = shape(&[("A", true), ("B", true)]).label("v1");
+        let v2 = shape(&[("B", true), ("A", true)]).label("v2");
+        let v3 = shape(&[("B", true), ("A", true), ("C", true)]).label("v3");
+        let flow = v3.keep(v2.keep(v1.clone()));
+        let labels: Vec<_> = flow.versions().into_iter().map(|v| v.label.unwrap()).collect();
+        assert_eq!(labels, ["v3", "v2", "v1"]);
+        assert_eq!(flow.versions()[2], v1.version());
+        assert!(flow.validate_versions("F").is_ok());
+        let twice = shape(&[("A", true), ("B", true)]).keep(v1.clone());
+        let err = twice.validate_versions("F").unwrap_err();
+        assert!(err.contains("two versions of the same shape"), "{err}");
+        let broken = shape(&[("A", true)]).keep(Flow::new().label("empty"));
+        let err = broken.validate_versions("F").unwrap_err();
+        assert!(err.contains("version `empty"), "{err}");
     }
 }

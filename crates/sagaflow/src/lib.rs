@@ -67,11 +67,11 @@ pub use flow::{DEFAULT_DEADLINE, DEFAULT_MAX_DATA_BYTES, DEFAULT_STEP_TIMEOUT, F
 pub use log::{MemorySagaLog, SagaLog};
 pub use node::{ErrorKind, Node, NodeError, Phase, SAGA_METADATA, Step};
 pub use orchestrator::{
-    FlowData, FlowInfo, MAX_REQUEST_ID_LEN, Options, Orchestrator, OrchestratorBuilder, OrchestratorStats,
-    RedriveFilter,
+    FlowData, FlowInfo, MAX_REQUEST_ID_LEN, MissingVersion, Options, Orchestrator, OrchestratorBuilder,
+    OrchestratorStats, RedriveFilter,
 };
 pub use policy::RetryPolicy;
 pub use saga::{
-    Failure, HistoryEntry, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, SagaStatus,
-    TransitionError, now_ms,
+    Failure, FlowVersion, HistoryEntry, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState,
+    SagaStatus, TransitionError, now_ms,
 };

@@ -207,6 +207,13 @@ pub enum SagaEvent {
         /// How, in their words.
         reason: String,
     },
+    /// The engine cannot go on with the saga (its flow data no longer decodes
+    /// into the flow's type): it is stuck until an operator retries it, which
+    /// compensates what it did.
+    Halted {
+        /// Why, in the engine's words.
+        reason: String,
+    },
     /// The ended saga's callback was delivered, or given up on.
     CallbackDelivered {
         /// Whether the receiver accepted it.
@@ -257,6 +264,30 @@ pub struct NewSaga {
     /// The replica that drives it, in a log several replicas share (sync and
     /// throttling sagas run in their replica; async hops go to any).
     pub owner: Option<String>,
+    /// The version of its facade's flow it runs on; `None` for the facade's current flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<FlowVersion>,
+}
+
+/// Which version of a facade's flow a saga runs on: the flow's fingerprint
+/// (its shape: node names in order, which have compensations) and the label
+/// its user gave it, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FlowVersion {
+    /// The fingerprint of the flow's shape; what versions are told apart by.
+    pub fingerprint: String,
+    /// The user's name for the version ([`Flow::label`](crate::Flow::label)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl fmt::Display for FlowVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.label {
+            Some(label) => write!(f, "{label} ({})", self.fingerprint),
+            None => f.write_str(&self.fingerprint),
+        }
+    }
 }
 
 /// One line of a saga's history.
@@ -308,6 +339,10 @@ pub struct SagaRecord {
     /// The replica that drives it (see [`NewSaga::owner`]); `None` for any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The flow version it runs on (see [`NewSaga::version`]); `None` (a saga
+    /// begun before versions were recorded) runs on its facade's current flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<FlowVersion>,
     /// Every event applied, without data.
     pub history: Vec<HistoryEntry>,
 }
@@ -334,6 +369,7 @@ impl SagaRecord {
             created_ms: now,
             updated_ms: now,
             owner: start.owner,
+            version: start.version,
             history: vec![HistoryEntry {
                 at_ms: now,
                 event: "started".into(),
@@ -432,17 +468,31 @@ impl SagaRecord {
                 entry.step = pending.first().copied();
                 entry.by.clone_from(by);
                 entry.reason.clone_from(reason);
-                self.state = SagaState::Compensating { failure: failure.clone(), pending: std::mem::take(pending) };
+                // Halted before anything ran: nothing to undo.
+                self.state = if pending.is_empty() {
+                    SagaState::Compensated { failure: failure.clone() }
+                } else {
+                    SagaState::Compensating { failure: failure.clone(), pending: std::mem::take(pending) }
+                };
+            }
+            (SagaState::Running, SagaEvent::Halted { reason }) => {
+                let (failure, pending) = self.stop_running(reason.clone());
+                entry.step = Some(failure.step);
+                entry.error = Some(reason.clone());
+                self.state = SagaState::Stuck { failure, reason: reason.clone(), pending };
+            }
+            (SagaState::Compensating { failure, pending }, SagaEvent::Halted { reason }) => {
+                entry.step = pending.first().copied();
+                entry.error = Some(reason.clone());
+                self.state = SagaState::Stuck {
+                    failure: failure.clone(),
+                    reason: reason.clone(),
+                    pending: std::mem::take(pending),
+                };
             }
             (SagaState::Running, SagaEvent::Aborted { by, reason }) => {
-                let step = self.completed.min(self.steps.saturating_sub(1));
-                // The step started last may be in flight, its effect unknown: undone too.
-                let in_doubt = self.history.last().is_some_and(|h| h.event == "step_started" && h.step == Some(step));
-                let last = if in_doubt { step + 1 } else { self.completed };
-                let failure =
-                    Failure { step, node: String::new(), error: format!("aborted by {by}: {reason}"), code: None };
-                let pending: Vec<usize> = (0..last).rev().collect();
-                entry.step = Some(step);
+                let (failure, pending) = self.stop_running(format!("aborted by {by}: {reason}"));
+                entry.step = Some(failure.step);
                 entry.error = Some(failure.error.clone());
                 entry.by = Some(by.clone());
                 entry.reason = Some(reason.clone());
@@ -471,6 +521,15 @@ impl SagaRecord {
         self.updated_ms = entry.at_ms;
         self.history.push(entry);
         Ok(())
+    }
+
+    /// What stopping a running saga leaves to compensate: every completed step
+    /// and the one started last, which may be in flight, its effect unknown.
+    fn stop_running(&self, error: String) -> (Failure, Vec<usize>) {
+        let step = self.completed.min(self.steps.saturating_sub(1));
+        let in_doubt = self.history.last().is_some_and(|h| h.event == "step_started" && h.step == Some(step));
+        let last = if in_doubt { step + 1 } else { self.completed };
+        (Failure { step, node: String::new(), error, code: None }, (0..last).rev().collect())
     }
 
     /// The next compensation to run, if compensating.
@@ -547,6 +606,7 @@ fn event_name(event: &SagaEvent) -> &'static str {
         SagaEvent::RetryCompensation { .. } => "retry_compensation",
         SagaEvent::Aborted { .. } => "aborted",
         SagaEvent::Resolved { .. } => "resolved",
+        SagaEvent::Halted { .. } => "halted",
         SagaEvent::CallbackDelivered { delivered: true, .. } => "callback_delivered",
         SagaEvent::CallbackDelivered { delivered: false, .. } => "callback_failed",
     }
@@ -563,9 +623,10 @@ fn describe(event: &SagaEvent) -> String {
             format!("{} of step {index}", event_name(event))
         }
         SagaEvent::StepFailed { failure, .. } => format!("step_failed of step {}", failure.step),
-        SagaEvent::RetryCompensation { .. } | SagaEvent::CallbackDelivered { .. } | SagaEvent::Aborted { .. } => {
-            event_name(event).into()
-        }
+        SagaEvent::RetryCompensation { .. }
+        | SagaEvent::CallbackDelivered { .. }
+        | SagaEvent::Aborted { .. }
+        | SagaEvent::Halted { .. } => event_name(event).into(),
     }
 }
 
@@ -601,6 +662,7 @@ mod tests {
             deadline_ms: u64::MAX,
             callback_url: None,
             owner: None,
+            version: None,
         })
     }
 
@@ -779,5 +841,47 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_halted_saga_is_stuck_and_a_retry_compensates_what_it_did() {
+        let mut r = record(3);
+        complete(&mut r, 0);
+        r.apply(&SagaEvent::StepStarted { index: 1 }).unwrap();
+        r.apply(&SagaEvent::Halted { reason: "does not decode".into() }).unwrap();
+        match &r.state {
+            SagaState::Stuck { reason, pending, failure } => {
+                assert_eq!(reason, "does not decode");
+                assert_eq!(pending, &vec![1, 0], "the step started last is in doubt");
+                assert_eq!(failure.step, 1);
+            }
+            other => panic!("not stuck: {other:?}"),
+        }
+        assert_eq!(r.next(), Next::Wait);
+        r.apply(&SagaEvent::RetryCompensation { by: None, reason: None }).unwrap();
+        assert_eq!(r.next(), Next::Compensate(1));
+        r.apply(&SagaEvent::Halted { reason: "still".into() }).unwrap();
+        assert!(matches!(&r.state, SagaState::Stuck { pending, .. } if pending == &vec![1, 0]));
+
+        let mut fresh = record(2);
+        fresh.apply(&SagaEvent::Halted { reason: "no".into() }).unwrap();
+        fresh.apply(&SagaEvent::RetryCompensation { by: None, reason: None }).unwrap();
+        assert_eq!(fresh.status(), SagaStatus::Compensated, "nothing ran: nothing to undo");
+        assert!(fresh.apply(&SagaEvent::Halted { reason: "no".into() }).is_err(), "an ended saga stays ended");
+    }
+
+    #[test]
+    fn a_record_without_a_version_still_reads_and_one_with_it_round_trips() {
+        let mut old = serde_json::to_value(record(1)).unwrap();
+        assert!(old.get("version").is_none(), "no version, no field");
+        old.as_object_mut().unwrap().remove("version");
+        let read: SagaRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(read.version, None);
+        let mut versioned = record(1);
+        versioned.version = Some(FlowVersion { fingerprint: "00ff".into(), label: Some("v1".into()) });
+        let json = serde_json::to_value(&versioned).unwrap();
+        assert_eq!(json["version"], json!({ "fingerprint": "00ff", "label": "v1" }));
+        assert_eq!(serde_json::from_value::<SagaRecord>(json).unwrap(), versioned);
+        assert_eq!(versioned.version.unwrap().to_string(), "v1 (00ff)");
     }
 }

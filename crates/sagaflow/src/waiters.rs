@@ -107,6 +107,7 @@ mod tests {
             deadline_ms: 0,
             callback_url: None,
             owner: None,
+            version: None,
         })
     }
 

@@ -286,6 +286,7 @@ fn unfinished_sync(id: &str, deadline_ms: u64) -> NewSaga {
         deadline_ms,
         callback_url: None,
         owner: None,
+        version: None,
     }
 }
 

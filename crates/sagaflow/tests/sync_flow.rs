@@ -297,6 +297,7 @@ async fn crashed_saga(log: &MemorySagaLog, deadline_ms: u64) {
         deadline_ms,
         callback_url: None,
         owner: None,
+        version: None,
     };
     log.begin(saga).await.unwrap();
     log.append("r1", SagaEvent::StepStarted { index: 0 }).await.unwrap();

@@ -125,7 +125,7 @@ impl Writers {
 
     pub(crate) async fn begin(&self, record: SagaRecord) -> Result<Begin, LogError> {
         let id = record.request_id.clone();
-        self.call(&id, |reply| Request::Begin { record, reply }).await
+        self.call(&id, |reply| Request::Begin { record: Box::new(record), reply }).await
     }
 
     pub(crate) async fn append(

@@ -78,9 +78,9 @@ pub(crate) fn plan(requests: &[Request], base: Base) -> Plan {
                 Err(LogError::Corrupt(why.clone()))
             }
             (Request::Begin { record, .. }, Current::Absent) => {
-                current = Current::Record(record.clone());
+                current = Current::Record((**record).clone());
                 inserted = true;
-                answers.push(Ok(Answer::Begin(Begin::Started(record.clone()))));
+                answers.push(Ok(Answer::Begin(Begin::Started((**record).clone()))));
                 break;
             }
             (Request::Begin { .. }, Current::Record(record)) => Ok(Answer::Begin(Begin::Exists(record.clone()))),

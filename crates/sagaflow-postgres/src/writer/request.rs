@@ -13,7 +13,7 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, LogError>>;
 pub(crate) enum Request {
     /// Records a new saga; the record is made by the caller, so that the writer's time goes to
     /// the database.
-    Begin { record: SagaRecord, reply: Reply<Begin> },
+    Begin { record: Box<SagaRecord>, reply: Reply<Begin> },
     /// Applies an event as the replica `writer` (if registered); `reply` is `None` for a queued
     /// append, whose caller does not wait.
     Append { request_id: String, event: SagaEvent, writer: Option<Arc<str>>, reply: Option<Reply<SagaRecord>> },

@@ -87,12 +87,13 @@ fn saga(id: &str, steps: usize) -> SagaRecord {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: None,
+        version: None,
     })
 }
 
 fn begin(record: SagaRecord) -> (Request, oneshot::Receiver<Result<Begin, LogError>>) {
     let (reply, answer) = oneshot::channel();
-    (Request::Begin { record, reply }, answer)
+    (Request::Begin { record: Box::new(record), reply }, answer)
 }
 
 fn append(id: &str, event: SagaEvent) -> (Request, oneshot::Receiver<Result<SagaRecord, LogError>>) {

@@ -25,6 +25,7 @@ pub(crate) fn new_saga(id: &str) -> NewSaga {
         deadline_ms: u64::MAX,
         callback_url: None,
         owner: None,
+        version: None,
     }
 }
 

@@ -282,6 +282,7 @@ mod tests {
             deadline_ms: u64::MAX,
             callback_url: None,
             owner: None,
+            version: None,
         });
         record.apply(&SagaEvent::StepStarted { index: 0 }).unwrap();
         record.apply(&SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(null) }).unwrap();

@@ -358,6 +358,7 @@ mod tests {
             deadline_ms: u64::MAX,
             callback_url: None,
             owner: None,
+            version: None,
         });
         record.created_ms = created_ms;
         record

@@ -48,7 +48,14 @@ impl<D: FlowData> FlowRuntime<D> {
     /// the record once ended, or `None` if interrupted by shutdown.
     pub(super) async fn compensate(&self, mut record: SagaRecord) -> Result<Option<Ended>> {
         let id: Arc<str> = record.request_id.as_str().into();
-        let data = self.decode(&id, record.data.clone())?;
+        let data = match self.decode(&id, record.data.clone()) {
+            Ok(data) => data,
+            Err(error) => {
+                // The stop's end effects ran in `halt`.
+                let (record, _) = self.halt(&id, &error).await?;
+                return Ok(Some(Ended { wrote_end: false, record }));
+            }
+        };
         let mut wrote_end = false;
         while let Some(index) = record.next_compensation() {
             if !self.flow.nodes[index].has_compensation() {
@@ -81,6 +88,20 @@ impl<D: FlowData> FlowRuntime<D> {
             self.finish(&ended.record).await;
         }
         Ok(())
+    }
+
+    /// Stops a saga whose flow data no longer decodes into the flow's type: it
+    /// ends stuck, the error its reason, until an operator retries it (once a
+    /// deploy reads the data again). Returns the record and whether this call
+    /// wrote the stop; a saga that ended meanwhile is left as it is.
+    pub(super) async fn halt(&self, id: &str, error: &Error) -> Result<(SagaRecord, bool)> {
+        tracing::error!(request_id = id, %error, "flow data does not decode; the saga is stuck until retried");
+        let reason = error.to_string();
+        let (record, wrote) = self.append_or_reload(id, SagaEvent::Halted { reason }).await?;
+        if wrote && record.state.is_ended() {
+            self.finish(&record).await;
+        }
+        Ok((record, wrote))
     }
 
     /// Appends (waiting out an unavailable log); if another delivery of the

@@ -4,7 +4,13 @@ use super::*;
 
 impl<D: FlowData> FlowRuntime<D> {
     pub(super) async fn publish_hop(&self, request_id: &str, step: usize, data: serde_json::Value) -> Result<()> {
-        let hop = HopMessage { request_id: request_id.to_owned(), facade: self.facade.to_string(), step, data };
+        let hop = HopMessage {
+            request_id: request_id.to_owned(),
+            facade: self.facade.to_string(),
+            step,
+            data,
+            version: Some(self.version.fingerprint.clone()),
+        };
         let payload =
             serde_json::to_vec(&hop).map_err(|source| Error::Data { request_id: request_id.into(), source })?;
         let message = Message::new(self.topic(&self.hop_topic_id(step)), payload)
@@ -19,7 +25,11 @@ impl<D: FlowData> FlowRuntime<D> {
     pub(super) async fn publish_rollback(&self, record: &SagaRecord) -> Result<()> {
         let request_id = record.request_id.as_str();
         let round = record.history.iter().filter(|h| h.event == "retry_compensation").count();
-        let msg = RollbackMessage { request_id: request_id.to_owned(), facade: self.facade.to_string() };
+        let msg = RollbackMessage {
+            request_id: request_id.to_owned(),
+            facade: self.facade.to_string(),
+            version: Some(self.version.fingerprint.clone()),
+        };
         let payload =
             serde_json::to_vec(&msg).map_err(|source| Error::Data { request_id: request_id.into(), source })?;
         // A sync or throttling saga is compensated in the replica that owns it.
@@ -75,9 +85,11 @@ impl<D: FlowData> FlowRuntime<D> {
         }
     }
 
-    /// Handles one rollback message: compensates the saga per its record.
-    /// `drain`: the message came from the topic of a replica whose sagas were taken over here.
-    pub(super) async fn on_rollback(self: Arc<Self>, delivery: Delivery, drain: Option<Arc<Drain>>) {
+    /// Hands a message of the facade's rollback topic to the flow version it names.
+    /// A version not registered here leaves its saga as the log has it: the
+    /// message is settled, and the saga's recovery queues it again once the
+    /// version is deployed.
+    pub(super) async fn dispatch_rollback(self: Arc<Self>, delivery: Delivery, drain: Option<Arc<Drain>>) {
         let msg: RollbackMessage = match serde_json::from_slice(&delivery.message.payload) {
             Ok(msg) => msg,
             Err(e) => return self.dead_letter(delivery, format!("not a rollback message: {e}")).await,
@@ -86,6 +98,18 @@ impl<D: FlowData> FlowRuntime<D> {
             let reason = format!("rollback for facade `{}` on the topic of `{}`", msg.facade, self.facade);
             return self.dead_letter(delivery, reason).await;
         }
+        match self.runtime_for(msg.version.as_deref()) {
+            Some(runtime) => runtime.on_rollback(msg, delivery, drain).await,
+            None => {
+                tracing::warn!(request_id = %msg.request_id, version = ?msg.version, "rollback of a flow version not registered here; the saga waits for it");
+                self.ack(delivery).await
+            }
+        }
+    }
+
+    /// Handles one rollback message: compensates the saga per its record.
+    /// `drain`: the message came from the topic of a replica whose sagas were taken over here.
+    async fn on_rollback(self: Arc<Self>, msg: RollbackMessage, delivery: Delivery, drain: Option<Arc<Drain>>) {
         let span = self.span(&msg.request_id);
         async {
             let id: Arc<str> = msg.request_id.as_str().into();
@@ -139,9 +163,9 @@ impl<D: FlowData> FlowRuntime<D> {
         .await
     }
 
-    /// Handles one hop: runs step `index`, records it, publishes what follows, then acks.
-    /// `drain`: the hop came from the topic of a replica whose sagas were taken over here.
-    pub(super) async fn on_hop(self: Arc<Self>, index: usize, delivery: Delivery, drain: Option<Arc<Drain>>) {
+    /// Hands a hop from the topic of node `node` to the flow version it names
+    /// (a version not registered here: as in [`Self::dispatch_rollback`]).
+    pub(super) async fn dispatch_hop(self: Arc<Self>, node: Arc<str>, delivery: Delivery, drain: Option<Arc<Drain>>) {
         let hop: HopMessage = match serde_json::from_slice(&delivery.message.payload) {
             Ok(hop) => hop,
             Err(e) => return self.dead_letter(delivery, format!("not a hop message: {e}")).await,
@@ -150,16 +174,24 @@ impl<D: FlowData> FlowRuntime<D> {
             let reason = format!("hop for facade `{}` on a topic of `{}`", hop.facade, self.facade);
             return self.dead_letter(delivery, reason).await;
         }
-        if hop.step != index {
-            let reason = format!("hop for step {} on the topic of step {index} of `{}`", hop.step, self.facade);
+        let Some(runtime) = self.runtime_for(hop.version.as_deref()) else {
+            tracing::warn!(request_id = %hop.request_id, version = ?hop.version, "hop of a flow version not registered here; the saga waits for it");
+            return self.ack(delivery).await;
+        };
+        if runtime.node_names.get(hop.step) != Some(&node) {
+            let reason = format!(
+                "hop for step {} of `{}` version {} on the topic of node `{node}`",
+                hop.step, self.facade, runtime.version
+            );
             return self.dead_letter(delivery, reason).await;
         }
-        let data: D = match serde_json::from_value(hop.data) {
-            Ok(data) => data,
-            Err(e) => {
-                return self.dead_letter(delivery, format!("flow data does not fit `{}`: {e}", self.facade)).await;
-            }
-        };
+        runtime.on_hop(hop, delivery, drain).await
+    }
+
+    /// Handles one hop: runs its step, records it, publishes what follows, then acks.
+    /// `drain`: the hop came from the topic of a replica whose sagas were taken over here.
+    async fn on_hop(self: Arc<Self>, hop: HopMessage, delivery: Delivery, drain: Option<Arc<Drain>>) {
+        let (index, data) = (hop.step, hop.data);
         let span = self.span(&hop.request_id);
         let id: Arc<str> = hop.request_id.into();
         async {
@@ -199,7 +231,7 @@ impl<D: FlowData> FlowRuntime<D> {
         &self,
         id: &Arc<str>,
         index: usize,
-        mut data: D,
+        data: serde_json::Value,
         claim: Claim,
         drain: Option<&Drain>,
     ) -> Result<bool> {
@@ -233,6 +265,13 @@ impl<D: FlowData> FlowRuntime<D> {
                 return Ok(true);
             }
         }
+        let mut data = match self.decode(id, data) {
+            Ok(data) => data,
+            Err(error) => {
+                self.halt(id, &error).await?;
+                return Ok(true);
+            }
+        };
         let deadline = Instant::now() + Duration::from_millis(record.deadline_ms.saturating_sub(now_ms()));
         match self.record_start(id, index).await {
             Ok(()) => {}
@@ -272,5 +311,21 @@ impl<D: FlowData> FlowRuntime<D> {
                 Ok(true)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_from_senders_without_versions_still_read() {
+        let hop: HopMessage = serde_json::from_str(r#"{"request_id":"r","facade":"F","step":1,"data":[]}"#).unwrap();
+        assert_eq!((hop.step, hop.version), (1, None));
+        let rollback: RollbackMessage = serde_json::from_str(r#"{"request_id":"r","facade":"F"}"#).unwrap();
+        assert_eq!(rollback.version, None);
+        let versioned = RollbackMessage { request_id: "r".into(), facade: "F".into(), version: Some("00ff".into()) };
+        let read: RollbackMessage = serde_json::from_slice(&serde_json::to_vec(&versioned).unwrap()).unwrap();
+        assert_eq!(read.version.as_deref(), Some("00ff"));
     }
 }

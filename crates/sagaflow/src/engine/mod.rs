@@ -24,7 +24,9 @@ use crate::log::{Begin, LogError, SagaLog};
 use crate::metrics as m;
 use crate::node::{NodeError, Phase, Step};
 use crate::orchestrator::{FlowData, FlowInfo, Options};
-use crate::saga::{Failure, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, now_ms};
+use crate::saga::{
+    Failure, FlowVersion, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, now_ms,
+};
 use crate::waiters::{Completions, Waiter};
 
 pub(crate) use claims::{Claim, Claims, Work};
@@ -80,20 +82,27 @@ pub(crate) struct Stats {
     pub(crate) taken_over: AtomicU64,
 }
 
-/// A hop of an async or throttled saga: run step `step` with `data`.
+/// A hop of an async or throttled saga: run step `step` of flow version
+/// `version` (a fingerprint; none from a sender that predates versions: the
+/// current flow) with `data`.
 #[derive(Debug, Serialize, Deserialize)]
 struct HopMessage {
     request_id: String,
     facade: String,
     step: usize,
     data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
 }
 
-/// Rollback work: compensate the saga `request_id` per its record.
+/// Rollback work: compensate the saga `request_id` per its record, on flow
+/// version `version` (as in [`HopMessage`]).
 #[derive(Debug, Serialize, Deserialize)]
 struct RollbackMessage {
     request_id: String,
     facade: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
 }
 
 /// Whether a sync saga runs for its caller or is recovered after a crash.
@@ -136,6 +145,10 @@ pub(crate) trait Registered: Send + Sync + 'static {
     fn data_type(&self) -> &'static str;
     fn info(&self) -> FlowInfo;
     fn mode(&self) -> Mode;
+    /// The registered version of the facade's flow that runs this saga: the one it
+    /// started on. A saga that recorded none (begun before versions were recorded)
+    /// runs on the current flow, or the first kept one, with as many steps as it has.
+    fn resolve(self: Arc<Self>, record: &SagaRecord) -> Option<Arc<dyn Registered>>;
     async fn start_consumers(self: Arc<Self>) -> Result<()>;
     async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()>;
     /// Carries out what an operator's event left to do: the end's effects if
@@ -179,24 +192,61 @@ impl Drain {
     }
 }
 
-/// A flow registered under a facade, with its topics.
+/// One version of a flow registered under a facade, with its topics. The
+/// facade's current version also holds the versions kept beside it, and its
+/// consumers hand each message to the version it names.
 pub(crate) struct FlowRuntime<D: FlowData> {
     pub(crate) facade: Arc<str>,
     pub(crate) mode: Mode,
     pub(crate) flow: Flow<D>,
     pub(crate) engine: Arc<Engine>,
     node_names: Vec<Arc<str>>,
+    version: FlowVersion,
+    kept: Vec<Arc<FlowRuntime<D>>>,
 }
 
 impl<D: FlowData> FlowRuntime<D> {
-    pub(crate) fn new(facade: &str, mode: Mode, flow: Flow<D>, engine: Arc<Engine>) -> Self {
+    pub(crate) fn new(facade: &str, mode: Mode, mut flow: Flow<D>, engine: Arc<Engine>) -> Self {
+        let kept = std::mem::take(&mut flow.kept)
+            .into_iter()
+            .map(|old| Arc::new(Self::new(facade, mode, old, engine.clone())))
+            .collect();
         let node_names = flow.nodes.iter().map(|n| Arc::from(n.name())).collect();
-        Self { facade: facade.into(), mode, flow, engine, node_names }
+        let version = flow.version();
+        Self { facade: facade.into(), mode, flow, engine, node_names, version, kept }
+    }
+
+    /// The version whose fingerprint is `fingerprint` (`None`: this, the current one).
+    fn runtime_for(self: &Arc<Self>, fingerprint: Option<&str>) -> Option<Arc<Self>> {
+        match fingerprint {
+            None => Some(self.clone()),
+            Some(f) if f == self.version.fingerprint => Some(self.clone()),
+            Some(f) => self.kept.iter().find(|k| k.version.fingerprint == f).cloned(),
+        }
+    }
+
+    /// The node names of every version, each once, the current version's first:
+    /// a hop topic is per node name, shared by the versions that have the node.
+    fn all_node_names(&self) -> Vec<Arc<str>> {
+        let mut names = self.node_names.clone();
+        for kept in &self.kept {
+            for name in &kept.node_names {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names
+    }
+
+    /// The topic id of node `node` (`<facade>.<node>`), as configured.
+    fn node_topic_id(&self, node: &str) -> String {
+        format!("{}.{node}", self.facade)
     }
 
     /// The topic id of step `index` (`<facade>.<node>`), as configured.
     fn hop_topic_id(&self, index: usize) -> String {
-        format!("{}.{}", self.facade, self.node_names[index])
+        self.node_topic_id(&self.node_names[index])
     }
 
     fn rollback_topic_id(&self) -> String {
@@ -251,6 +301,7 @@ impl<D: FlowData> FlowRuntime<D> {
             deadline_ms: now_ms() + self.flow.saga_timeout.as_millis() as u64,
             callback_url,
             owner,
+            version: Some(self.version.clone()),
         }
     }
 
@@ -490,11 +541,21 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
             },
             rollback_topic: self.topic(&self.rollback_topic_id()),
             paused: self.engine.paused.read().unwrap_or_else(|e| e.into_inner()).contains_key(&*self.facade),
+            version: self.version.clone(),
+            kept: self.kept.iter().map(|k| k.version.clone()).collect(),
         }
     }
 
     fn mode(&self) -> Mode {
         self.mode
+    }
+
+    fn resolve(self: Arc<Self>, record: &SagaRecord) -> Option<Arc<dyn Registered>> {
+        let runtime = match &record.version {
+            Some(version) => self.runtime_for(Some(&version.fingerprint)),
+            None => std::iter::once(&self).chain(&self.kept).find(|r| r.flow.len() == record.steps).cloned(),
+        };
+        runtime.map(|r| r as Arc<dyn Registered>)
     }
 
     async fn start_consumers(self: Arc<Self>) -> Result<()> {
@@ -505,18 +566,18 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
             rollback,
             self.engine.options.concurrency_of(&self.rollback_topic_id()),
             self.engine.shutdown.clone(),
-            move |d| this.clone().on_rollback(d, None),
+            move |d| this.clone().dispatch_rollback(d, None),
         );
         if self.mode == Mode::Sync {
             return Ok(());
         }
-        for index in 0..self.flow.len() {
-            let topic_id = self.hop_topic_id(index);
+        for node in self.all_node_names() {
+            let topic_id = self.node_topic_id(&node);
             let subscription = self.engine.broker.subscribe(self.subscribe_options(&topic_id)).await?;
             let this = self.clone();
             let concurrency = self.engine.options.concurrency_of(&topic_id);
             spawn_consumer(&self.engine, subscription, concurrency, self.engine.shutdown.clone(), move |d| {
-                this.clone().on_hop(index, d, None)
+                this.clone().dispatch_hop(node.clone(), d, None)
             });
         }
         Ok(())
@@ -526,7 +587,10 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         let id: Arc<str> = record.request_id.as_str().into();
         match (record.next(), self.mode) {
             (Next::Run(index), Mode::Sync) => {
-                let data = self.decode(&id, record.data.clone())?;
+                let data = match self.decode(&id, record.data.clone()) {
+                    Ok(data) => data,
+                    Err(error) => return self.halt(&id, &error).await.map(drop),
+                };
                 let this = self.clone();
                 let span = self.span(&id);
                 self.engine.tasks.spawn(
@@ -595,24 +659,24 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         if self.mode == Mode::Async {
             return Ok(()); // async topics are shared by every replica
         }
-        // (topic id, step) of each per-pod topic; no step: the rollback topic.
+        // (topic id, node) of each per-pod topic; no node: the rollback topic.
         let mut topics = vec![(self.rollback_topic_id(), None)];
         if self.mode == Mode::Throttling {
-            topics.extend((0..self.flow.len()).map(|i| (self.hop_topic_id(i), Some(i))));
+            topics.extend(self.all_node_names().into_iter().map(|n| (self.node_topic_id(&n), Some(n))));
         }
-        for (topic_id, step) in topics {
+        for (topic_id, node) in topics {
             let mut options = self.subscribe_options(&topic_id);
             options.topic = self.topic_of(&topic_id, &drain.pod);
             let subscription = self.engine.broker.subscribe(options).await?;
             let (this, from) = (self.clone(), drain.clone());
             let concurrency = self.engine.options.concurrency_of(&topic_id);
             let stop = drain.stop.clone();
-            match step {
-                Some(index) => spawn_consumer(&self.engine, subscription, concurrency, stop, move |d| {
-                    this.clone().on_hop(index, d, Some(from.clone()))
+            match node {
+                Some(node) => spawn_consumer(&self.engine, subscription, concurrency, stop, move |d| {
+                    this.clone().dispatch_hop(node.clone(), d, Some(from.clone()))
                 }),
                 None => spawn_consumer(&self.engine, subscription, concurrency, stop, move |d| {
-                    this.clone().on_rollback(d, Some(from.clone()))
+                    this.clone().dispatch_rollback(d, Some(from.clone()))
                 }),
             }
         }

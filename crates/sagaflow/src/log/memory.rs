@@ -235,6 +235,7 @@ mod tests {
             deadline_ms: u64::MAX,
             callback_url: None,
             owner: None,
+            version: None,
         }
     }
 

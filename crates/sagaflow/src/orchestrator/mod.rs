@@ -17,12 +17,16 @@ use crate::engine::{Engine, FlowRuntime, Registered, Stats};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 use crate::log::{ListFilter, SagaLog};
-use crate::saga::{Mode, Outcome, SagaRecord};
+use crate::saga::{FlowVersion, Mode, Outcome, SagaRecord};
 
 mod operator;
 
 pub use operator::RedriveFilter;
 mod recovery;
+mod versions;
+
+pub use versions::MissingVersion;
+pub(crate) use versions::describe_missing;
 mod replicas;
 
 /// What flow data must be: a serde type that can cross threads.
@@ -70,6 +74,11 @@ pub struct Options {
     /// callback is sent, holding its broker delivery: a slow receiver backs work up in
     /// the broker, not in this process's tasks and sockets.
     pub max_callback_deliveries: usize,
+    /// Start even when the log holds unfinished sagas of flow versions not
+    /// registered here (refused otherwise, [`Error::MissingVersions`]): those
+    /// sagas are left as they are, listed by [`Orchestrator::waiting_for_versions`],
+    /// and picked up by a start that registers their version again.
+    pub start_with_missing_versions: bool,
 }
 
 impl Default for Options {
@@ -88,6 +97,7 @@ impl Default for Options {
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(3),
             max_callback_deliveries: 256,
+            start_with_missing_versions: false,
         }
     }
 }
@@ -151,6 +161,10 @@ pub struct FlowInfo {
     pub rollback_topic: String,
     /// Whether an operator paused it (new calls refused).
     pub paused: bool,
+    /// The version new sagas start on.
+    pub version: FlowVersion,
+    /// Earlier versions kept for the sagas that started on them.
+    pub kept: Vec<FlowVersion>,
 }
 
 /// Engine counters, for tests and metrics.
@@ -207,7 +221,7 @@ impl OrchestratorBuilder {
     }
 
     fn register<D: FlowData>(mut self, facade: &str, mode: Mode, flow: Flow<D>) -> Self {
-        if let Err(e) = flow.validate(facade) {
+        if let Err(e) = flow.validate_versions(facade) {
             self.errors.push(e);
         }
         if facade.is_empty() || !facade.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -267,6 +281,7 @@ impl OrchestratorBuilder {
             flows.insert(facade, make(engine.clone()));
         }
         let orchestrator = Orchestrator { engine, flows: Arc::new(flows) };
+        orchestrator.check_versions().await?;
         for flow in orchestrator.flows.values() {
             flow.clone().start_consumers().await?;
         }

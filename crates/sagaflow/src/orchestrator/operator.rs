@@ -247,7 +247,14 @@ impl Orchestrator {
         wanted: &'static str,
     ) -> Result<SagaRecord> {
         let before = self.engine.log.get(request_id).await?.ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
-        let flow = self.flows.get(&before.facade).ok_or_else(|| Error::UnknownFacade(before.facade.clone()))?;
+        let flow = self.flow_of(&before).ok_or_else(|| Error::MissingVersions {
+            missing: vec![super::MissingVersion {
+                facade: before.facade.clone(),
+                version: before.version.clone(),
+                sagas: 1,
+                request_ids: vec![before.request_id.clone()],
+            }],
+        })?;
         let record = match self.engine.log.append(request_id, event).await {
             Ok(record) => record,
             Err(LogError::Transition(e)) => {

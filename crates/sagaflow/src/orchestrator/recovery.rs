@@ -36,7 +36,7 @@ impl Orchestrator {
                     {
                         continue;
                     }
-                    let Some(flow) = this.flows.get(&record.facade) else { continue };
+                    let Some(flow) = this.flow_of(&record) else { continue }; // waits for its version
                     let id = record.request_id.clone();
                     tracing::warn!(request_id = %id, status = %record.status(), "saga made no progress; resuming it");
                     if let Err(e) = flow.clone().recover(record, Resume::Stale).await {
@@ -61,17 +61,18 @@ impl Orchestrator {
         }
         tracing::info!(count = unfinished.len(), "recovering unfinished sagas");
         for record in unfinished {
-            match self.flows.get(&record.facade) {
+            match self.flow_of(&record) {
                 Some(flow) => {
                     let id = record.request_id.clone();
-                    if let Err(e) = flow.clone().recover(record, Resume::Restart).await {
+                    if let Err(e) = flow.recover(record, Resume::Restart).await {
                         tracing::error!(request_id = %id, error = %e, "could not recover saga; it stays unfinished");
                     }
                 }
-                None => tracing::error!(
+                None => tracing::warn!(
                     request_id = %record.request_id,
                     facade = %record.facade,
-                    "unfinished saga of a facade no longer registered; left as it is"
+                    version = ?record.version,
+                    "unfinished saga of a flow version not registered here; it waits for it"
                 ),
             }
         }

@@ -109,12 +109,12 @@ impl Orchestrator {
                 tracing::warn!(replica = %dead, sagas = records.len(), "took over the sagas of an expired replica");
             }
             for record in records {
-                let Some(flow) = self.flows.get(&record.facade) else {
-                    tracing::error!(request_id = %record.request_id, facade = %record.facade, "taken-over saga of a facade not registered here; left as it is");
+                let Some(flow) = self.flow_of(&record) else {
+                    tracing::warn!(request_id = %record.request_id, facade = %record.facade, version = ?record.version, "taken-over saga of a flow version not registered here; it waits for it");
                     continue;
                 };
                 let id = record.request_id.clone();
-                if let Err(e) = flow.clone().recover(record, Resume::Takeover).await {
+                if let Err(e) = flow.recover(record, Resume::Takeover).await {
                     tracing::warn!(request_id = %id, error = %e, "could not resume a taken-over saga; the sweep retries");
                 }
             }

@@ -65,6 +65,7 @@ fn new_saga(request_id: &str, facade: &str, steps: usize) -> NewSaga {
         deadline_ms: now_ms() + 3_600_000,
         callback_url: Some("http://127.0.0.1:9/callback?kind=conformance".to_owned()),
         owner: None,
+        version: None,
     }
 }
 

@@ -27,6 +27,7 @@ fn owned_saga(request_id: &str, owner: Option<&str>) -> NewSaga {
         deadline_ms: now_ms() + 3_600_000,
         callback_url: None,
         owner: owner.map(str::to_owned),
+        version: None,
     }
 }
 
