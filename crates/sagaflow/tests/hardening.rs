@@ -14,7 +14,7 @@ use sagaflow::{
     Broker, CallbackReport, CallbackSink, Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Node, NodeError,
     Options, Orchestrator, Outcome, RetryPolicy, SagaCallback, SagaEvent, SagaLog, SagaRecord, SagaStatus, Step,
 };
-use support::{Act, Scripted, calls, refused, taken};
+use support::{Act, Scripted, calls, refused, taken, wait_ended};
 
 const SYNC: &str = "Sync";
 const ASYNC: &str = "Async";
@@ -80,18 +80,6 @@ impl CallbackSink for Count {
         self.0.lock().unwrap().push(callback.request_id);
         CallbackReport { delivered: true, attempts: 1, error: None }
     }
-}
-
-async fn wait_ended(o: &Orchestrator, id: &str) -> SagaRecord {
-    for _ in 0..3000 {
-        if let Some(record) = o.saga(id).await.unwrap()
-            && record.state.is_ended()
-        {
-            return record;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("saga {id} did not end: {:?}", o.saga(id).await.unwrap())
 }
 
 async fn wait_status(o: &Orchestrator, id: &str, status: SagaStatus) {

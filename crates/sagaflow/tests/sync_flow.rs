@@ -11,7 +11,7 @@ use sagaflow::{
     Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Orchestrator, Outcome, RetryPolicy, SagaEvent, SagaLog,
     SagaRecord, SagaState, SagaStatus,
 };
-use support::{Act, Scripted, calls, refused, taken, unavailable};
+use support::{Act, Scripted, calls, refused, taken, unavailable, wait_ended};
 use tokio::time::Instant;
 
 const F: &str = "Booking";
@@ -301,18 +301,6 @@ async fn crashed_saga(log: &MemorySagaLog, deadline_ms: u64) {
     };
     log.begin(saga).await.unwrap();
     log.append("r1", SagaEvent::StepStarted { index: 0 }).await.unwrap();
-}
-
-async fn wait_ended(o: &Orchestrator, id: &str) -> SagaRecord {
-    for _ in 0..1000 {
-        if let Some(record) = o.saga(id).await.unwrap()
-            && record.state.is_ended()
-        {
-            return record;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("saga {id} did not end")
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,14 +6,13 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use sagaflow::{
     Error, Failure, Flow, FlowVersion, MemoryBroker, MemorySagaLog, MissingVersion, Mode, NewSaga, Node, NodeError,
     Options, Orchestrator, Outcome, SagaEvent, SagaLog, SagaRecord, SagaState, SagaStatus, Step, now_ms,
 };
 use serde_json::{Value, json};
-use support::{Scripted, calls, taken};
+use support::{Scripted, calls, taken, wait_ended};
 
 const F: &str = "Booking";
 
@@ -76,18 +75,6 @@ async fn in_flight(
         record = Some(log.append(id, event).await.unwrap());
     }
     record.unwrap_or(log.get(id).await.unwrap().unwrap())
-}
-
-async fn wait_ended(o: &Orchestrator, id: &str) -> SagaRecord {
-    for _ in 0..3000 {
-        if let Some(record) = o.saga(id).await.unwrap()
-            && record.state.is_ended()
-        {
-            return record;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("saga {id} did not end: {:?}", o.saga(id).await.unwrap())
 }
 
 fn undone(c: &Calls) -> Vec<String> {

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow::{Node, NodeError, Step};
+use sagaflow::{Node, NodeError, Orchestrator, SagaRecord, Step};
 
 /// What a scripted call does.
 #[derive(Clone, Debug)]
@@ -107,4 +107,17 @@ pub fn unavailable() -> NodeError {
 
 pub fn refused() -> NodeError {
     NodeError::from_grpc(9, "refused")
+}
+
+/// The saga once it has ended; panics after about 30 s (of the test's clock).
+pub async fn wait_ended(o: &Orchestrator, id: &str) -> SagaRecord {
+    for _ in 0..3000 {
+        if let Some(record) = o.saga(id).await.unwrap()
+            && record.state.is_ended()
+        {
+            return record;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("saga {id} did not end: {:?}", o.saga(id).await.unwrap())
 }
