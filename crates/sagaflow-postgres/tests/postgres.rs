@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use sagaflow::log::{Begin, LogError, Retention};
-use sagaflow::{Mode, NewSaga, SagaEvent, SagaLog, SagaStatus};
+use sagaflow::{Mode, NewSaga, SagaEvent, SagaLog, SagaStatus, StepStatus};
 use sagaflow_postgres::{Error, PostgresOptions, PostgresSagaLog};
 use serde_json::json;
 use support::TestDb;
@@ -345,4 +345,33 @@ async fn a_connection_dropped_by_the_server_while_idle_is_replaced() {
     assert!(log.get("kept").await.unwrap().is_some(), "the dead connection was replaced, not handed out");
     let new_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(log.pool()).await.unwrap();
     assert_ne!(new_pid, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_written_before_steps_had_a_status_is_read_and_written_anew() {
+    let Some(db) = TestDb::open().await else { return };
+    let schema = db.new_schema();
+    let first = db.connect(&schema).await;
+    first.begin(new_saga("old", 3)).await.unwrap();
+    first.append("old", SagaEvent::StepStarted { index: 0 }).await.unwrap();
+    first.append("old", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();
+    first.append("old", SagaEvent::StepStarted { index: 1 }).await.unwrap();
+    // The row as a release before per-step status wrote it.
+    sqlx::query("UPDATE sagaflow_sagas SET record = record - 'step_states' WHERE request_id = 'old'")
+        .execute(first.pool())
+        .await
+        .unwrap();
+    drop(first);
+    let log = db.connect(&schema).await;
+    let record = log.get("old").await.unwrap().expect("the old row");
+    let statuses: Vec<_> = record.step_states.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [StepStatus::Done, StepStatus::Running, StepStatus::Pending]);
+    let record = log.append("old", SagaEvent::StepCompleted { index: 1, attempts: 1, data: json!(2) }).await.unwrap();
+    assert_eq!((record.completed, record.step_status(1)), (2, StepStatus::Done));
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT record->'step_states' FROM sagaflow_sagas WHERE request_id = 'old'")
+            .fetch_one(log.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, json!([{ "status": "done" }, { "status": "done" }, { "status": "pending" }]));
 }

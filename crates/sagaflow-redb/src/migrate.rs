@@ -72,7 +72,7 @@ mod tests {
     use crate::store::tests::new_saga;
     use crate::{RedbOptions, RedbSagaLog};
 
-    /// Writes `records` the way the request-id-keyed log did.
+    /// Writes `records` the way the request-id-keyed log did: before steps had their own status.
     fn write_old_file(path: &std::path::Path, records: &[SagaRecord]) {
         let db = Database::create(path).unwrap();
         let txn = db.begin_write().unwrap();
@@ -84,7 +84,9 @@ mod tests {
             let mut ended_at = txn.open_table(OLD_ENDED_AT).unwrap();
             for r in records {
                 let id = r.request_id.as_str();
-                sagas.insert(id, serde_json::to_vec(r).unwrap().as_slice()).unwrap();
+                let mut old = serde_json::to_value(r).unwrap();
+                old.as_object_mut().unwrap().remove("step_states");
+                sagas.insert(id, serde_json::to_vec(&old).unwrap().as_slice()).unwrap();
                 by_created.insert((r.created_ms, id), ()).unwrap();
                 if r.state.is_ended() {
                     ended.insert((r.updated_ms, id), ()).unwrap();
@@ -110,7 +112,9 @@ mod tests {
         write_old_file(&dir.path().join(crate::FILE_NAME), &[running.clone(), done.clone()]);
 
         let log = RedbSagaLog::open(RedbOptions::new(dir.path()).prune_interval(std::time::Duration::MAX)).unwrap();
+        // Read with the steps' status derived from their position.
         assert_eq!(log.get("done").await.unwrap(), Some(done.clone()));
+        assert_eq!(done.step_status(0), sagaflow::StepStatus::Done);
         assert_eq!(log.unfinished().await.unwrap(), vec![running.clone()]);
         let listed: Vec<_> = log.list(ListFilter::default()).await.unwrap().into_iter().map(|r| r.request_id).collect();
         assert_eq!(listed, ["done", "running"], "newest first");

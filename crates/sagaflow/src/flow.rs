@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::node::{Node, NodeError};
 use crate::policy::RetryPolicy;
-use crate::saga::FlowVersion;
+use crate::saga::{FlowVersion, Shape};
 
 /// The default of [`Flow::max_data_bytes`]: 64 KiB of JSON.
 pub const DEFAULT_MAX_DATA_BYTES: usize = 64 * 1024;
@@ -187,7 +187,7 @@ impl<D: Send + Sync + 'static> Flow<D> {
 
     /// This flow's version: its fingerprint and label.
     pub fn version(&self) -> FlowVersion {
-        FlowVersion { fingerprint: self.fingerprint(), label: self.label.clone() }
+        FlowVersion { fingerprint: self.fingerprint(), label: self.label.clone(), shape: Shape::default() }
     }
 
     /// Every version registered with this flow: this one first, then the kept ones.

@@ -73,5 +73,5 @@ pub use orchestrator::{
 pub use policy::RetryPolicy;
 pub use saga::{
     Failure, FlowVersion, HistoryEntry, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState,
-    SagaStatus, TransitionError, now_ms,
+    SagaStatus, Shape, Stage, StepState, StepStatus, TransitionError, now_ms,
 };

@@ -23,7 +23,7 @@ impl<D: FlowData> FlowRuntime<D> {
         let id: &Arc<str> = &record.request_id.as_str().into();
         let last = self.flow.len().saturating_sub(1);
         loop {
-            let Next::Run(index) = record.next() else {
+            let Next::Run(Stage { first: index, len: 1 }) = record.next() else {
                 // Nothing to run here (recovered after its end, or while compensating): its outcome.
                 let mut waiter = self.engine.completions.register(id);
                 return self.outcome(&self.wait_end(&mut waiter, id).await?);

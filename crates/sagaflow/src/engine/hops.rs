@@ -246,13 +246,17 @@ impl<D: FlowData> FlowRuntime<D> {
         }
         match record.on_hop(index) {
             OnHop::Run => {}
-            OnHop::Resend(next) => {
-                // A redelivery after the step was recorded: the next hop may not
-                // have reached the broker, so send it again (the next consumer
-                // ignores it if it did).
-                self.publish_hop(id, next, record.data.clone()).await?;
+            OnHop::Resend(stage) => {
+                // A redelivery after the step was recorded: the next hops may not
+                // have reached the broker, so send them again (the next consumer
+                // ignores one that did).
+                for next in record.to_run(stage) {
+                    self.publish_hop(id, next, record.data.clone()).await?;
+                }
                 return Ok(true);
             }
+            OnHop::Done => return Ok(true),
+            OnHop::Join(_) => return Err(Error::Config("parallel stages run in sync flows only".into())),
             OnHop::Early(next) => {
                 return Err(Error::Config(format!("hop for step {index} arrived while saga is at step {next}")));
             }

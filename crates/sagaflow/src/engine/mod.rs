@@ -25,7 +25,7 @@ use crate::metrics as m;
 use crate::node::{NodeError, Phase, Step};
 use crate::orchestrator::{FlowData, FlowInfo, Options};
 use crate::saga::{
-    Failure, FlowVersion, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, now_ms,
+    Failure, FlowVersion, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, Stage, now_ms,
 };
 use crate::waiters::{Completions, Waiter};
 
@@ -586,7 +586,7 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
     async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()> {
         let id: Arc<str> = record.request_id.as_str().into();
         match (record.next(), self.mode) {
-            (Next::Run(index), Mode::Sync) => {
+            (Next::Run(Stage { first: index, .. }) | Next::Join(Stage { first: index, .. }), Mode::Sync) => {
                 let data = match self.decode(&id, record.data.clone()) {
                     Ok(data) => data,
                     Err(error) => return self.halt(&id, &error).await.map(drop),
@@ -610,7 +610,12 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                     .instrument(span),
                 );
             }
-            (Next::Run(index), _) => self.publish_hop(&id, index, record.data.clone()).await?,
+            (Next::Run(stage), _) => {
+                for index in record.to_run(stage) {
+                    self.publish_hop(&id, index, record.data.clone()).await?;
+                }
+            }
+            (Next::Join(_), _) => return Err(Error::Config("parallel stages run in sync flows only".into())),
             (Next::Compensate(_), _) => {
                 if let Err(e) = self.publish_rollback(&record).await {
                     tracing::warn!(request_id = %id, error = %e, "could not queue a compensation; compensating here");
@@ -651,7 +656,7 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                 self.finish(record).await;
                 Ok(())
             }
-            Next::Run(_) | Next::Wait => Ok(()),
+            Next::Run(_) | Next::Join(_) | Next::Wait => Ok(()),
         }
     }
 

@@ -164,6 +164,7 @@ macro_rules! saga_log_conformance_tests {
             saga_log_conformance_list_pages_by_cursor_and_time => list_pages_by_cursor_and_time,
             saga_log_conformance_concurrent_appends => concurrent_appends,
             saga_log_conformance_histories_round_trip => histories_round_trip,
+            saga_log_conformance_parallel_branches_round_trip => parallel_branches_round_trip,
             saga_log_conformance_durable_across_reopen => durable_across_reopen,
             saga_log_conformance_controls_are_kept => controls_are_kept,
             saga_log_conformance_leases_expire_and_renew => leases_expire_and_renew,
