@@ -1,4 +1,4 @@
-//! Flows: ordered nodes plus their policies.
+//! Flows: nodes in order, stages of parallel branches among them, plus their policies.
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::node::{Node, NodeError};
 use crate::policy::RetryPolicy;
-use crate::saga::{FlowVersion, Shape};
+use crate::saga::{FlowVersion, Shape, Stage};
 
 /// The default of [`Flow::max_data_bytes`]: 64 KiB of JSON.
 pub const DEFAULT_MAX_DATA_BYTES: usize = 64 * 1024;
@@ -20,7 +20,12 @@ pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default of [`Flow::deadline`].
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 
-/// An ordered list of nodes and the policies they run under.
+/// Nodes in order, some of them parallel branches, and the policies they run under.
+///
+/// Each node depends on the one before; a [`Parallel`] stage's branches depend
+/// on the node before the stage and run at once, each on its own copy of the
+/// flow data, and the node after the stage runs on their results merged by the
+/// stage's merge function.
 ///
 /// A flow is a value: build it once, clone it, register it under as many
 /// facades (and modes) as you like.
@@ -45,6 +50,8 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 /// ```
 pub struct Flow<D: Send + Sync + 'static> {
     pub(crate) nodes: Vec<Arc<dyn Node<D>>>,
+    /// The parallel stages, in order; empty for a flow of one node after another.
+    pub(crate) joins: Vec<Join<D>>,
     pub(crate) retry: RetryPolicy,
     pub(crate) compensation_retry: RetryPolicy,
     pub(crate) step_timeout: Duration,
@@ -59,6 +66,7 @@ impl<D: Send + Sync + 'static> Clone for Flow<D> {
     fn clone(&self) -> Self {
         Self {
             nodes: self.nodes.clone(),
+            joins: self.joins.clone(),
             retry: self.retry,
             compensation_retry: self.compensation_retry,
             step_timeout: self.step_timeout,
@@ -74,6 +82,7 @@ impl<D: Send + Sync + 'static> Default for Flow<D> {
     fn default() -> Self {
         Self {
             nodes: Vec::new(),
+            joins: Vec::new(),
             retry: RetryPolicy::default(),
             compensation_retry: RetryPolicy::compensation(),
             step_timeout: DEFAULT_STEP_TIMEOUT,
@@ -116,6 +125,147 @@ impl<D: Send + Sync + 'static> Flow<D> {
     pub fn shared_node(mut self, node: Arc<dyn Node<D>>) -> Self {
         self.nodes.push(node);
         self
+    }
+
+    /// Appends a stage of branches that run at once, after the nodes before
+    /// it and before the nodes after it.
+    ///
+    /// ```
+    /// use sagaflow::{Flow, Node, NodeError, Parallel, Step};
+    ///
+    /// #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// struct Trip { flight: Option<u64>, hotel: Option<u64> }
+    ///
+    /// struct Flight;
+    /// #[sagaflow::async_trait]
+    /// impl Node<Trip> for Flight {
+    ///     fn name(&self) -> &str { "Flight" }
+    ///     async fn action(&self, _: &Step, t: &mut Trip) -> Result<(), NodeError> { t.flight = Some(1); Ok(()) }
+    /// }
+    /// struct Hotel;
+    /// #[sagaflow::async_trait]
+    /// impl Node<Trip> for Hotel {
+    ///     fn name(&self) -> &str { "Hotel" }
+    ///     async fn action(&self, _: &Step, t: &mut Trip) -> Result<(), NodeError> { t.hotel = Some(2); Ok(()) }
+    /// }
+    ///
+    /// let flow: Flow<Trip> = Flow::new().parallel(
+    ///     Parallel::new().branch(Flight).branch(Hotel).merge(|trip: &mut Trip, branch: Trip| {
+    ///         trip.flight = trip.flight.or(branch.flight);
+    ///         trip.hotel = trip.hotel.or(branch.hotel);
+    ///     }),
+    /// );
+    /// assert_eq!(flow.len(), 2);
+    /// ```
+    pub fn parallel(mut self, parallel: Parallel<D>) -> Self {
+        let stage = Stage { first: self.nodes.len(), len: parallel.branches.len() };
+        self.nodes.extend(parallel.branches);
+        self.joins.push(Join { stage, merge: parallel.merge });
+        self
+    }
+}
+
+/// How a parallel stage's branch results come together.
+pub type Merge<D> = Arc<dyn Fn(&mut D, D) + Send + Sync>;
+
+/// A stage of a flow whose branches run at once (see [`Flow::parallel`]).
+///
+/// Each branch's action gets its own copy of the flow data as it was before
+/// the stage; once every branch is done, the merge function folds each
+/// branch's data into that data, in the order the branches were added.
+pub struct Parallel<D: Send + Sync + 'static> {
+    branches: Vec<Arc<dyn Node<D>>>,
+    merge: Option<Merge<D>>,
+}
+
+impl<D: Send + Sync + 'static> Default for Parallel<D> {
+    fn default() -> Self {
+        Self { branches: Vec::new(), merge: None }
+    }
+}
+
+impl<D: Send + Sync + 'static> Parallel<D> {
+    /// A stage with no branches yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a branch.
+    pub fn branch(mut self, node: impl Node<D>) -> Self {
+        self.branches.push(Arc::new(node));
+        self
+    }
+
+    /// Adds a branch shared with other flows.
+    pub fn shared_branch(mut self, node: Arc<dyn Node<D>>) -> Self {
+        self.branches.push(node);
+        self
+    }
+
+    /// Sets how a branch's data (the second argument) is folded into the
+    /// saga's (the first); required, so no branch's result is dropped unseen.
+    pub fn merge(mut self, merge: impl Fn(&mut D, D) + Send + Sync + 'static) -> Self {
+        self.merge = Some(Arc::new(merge));
+        self
+    }
+}
+
+/// A parallel stage of a flow: its steps and how their data merge.
+pub(crate) struct Join<D> {
+    pub(crate) stage: Stage,
+    pub(crate) merge: Option<Merge<D>>,
+}
+
+impl<D> Clone for Join<D> {
+    fn clone(&self) -> Self {
+        Self { stage: self.stage, merge: self.merge.clone() }
+    }
+}
+
+impl<D: Send + Sync + 'static> Flow<D> {
+    /// The stages of the flow, in order: each step alone, or a parallel stage.
+    pub(crate) fn stages(&self) -> impl Iterator<Item = Stage> + '_ {
+        let mut next = 0;
+        let mut joins = self.joins.iter().peekable();
+        std::iter::from_fn(move || {
+            if next >= self.nodes.len() {
+                return None;
+            }
+            let stage = match joins.next_if(|j| j.stage.first == next) {
+                Some(join) => join.stage,
+                None => Stage { first: next, len: 1 },
+            };
+            next += stage.len;
+            Some(stage)
+        })
+    }
+
+    /// Which steps run in parallel.
+    pub fn shape(&self) -> Shape {
+        if self.joins.is_empty() {
+            return Shape::default();
+        }
+        Shape::of_stages(self.stages().map(|s| s.len))
+    }
+
+    /// Whether this flow, or a version it keeps, has a parallel stage.
+    pub(crate) fn has_parallel_stages(&self) -> bool {
+        !self.joins.is_empty() || self.kept.iter().any(Flow::has_parallel_stages)
+    }
+
+    /// The parallel stage that starts at step `first`, if one does.
+    pub(crate) fn join_at(&self, first: usize) -> Option<&Join<D>> {
+        self.joins.iter().find(|j| j.stage.first == first)
+    }
+
+    /// Folds the data the branches of `stage` produced (in step order) into
+    /// `data`, with the stage's merge.
+    pub(crate) fn merge(&self, stage: Stage, data: &mut D, branches: impl IntoIterator<Item = D>) {
+        if let Some(merge) = self.join_at(stage.first).and_then(|j| j.merge.as_ref()) {
+            for branch in branches {
+                merge(data, branch);
+            }
+        }
     }
 }
 
@@ -187,7 +337,7 @@ impl<D: Send + Sync + 'static> Flow<D> {
 
     /// This flow's version: its fingerprint and label.
     pub fn version(&self) -> FlowVersion {
-        FlowVersion { fingerprint: self.fingerprint(), label: self.label.clone(), shape: Shape::default() }
+        FlowVersion { fingerprint: self.fingerprint(), label: self.label.clone(), shape: self.shape() }
     }
 
     /// Every version registered with this flow: this one first, then the kept ones.
@@ -195,14 +345,19 @@ impl<D: Send + Sync + 'static> Flow<D> {
         std::iter::once(self.version()).chain(self.kept.iter().map(Flow::version)).collect()
     }
 
-    /// The fingerprint of the flow's shape: its node names in order and which
-    /// of them have a compensation. The same shape has the same fingerprint in
-    /// every process and build (FNV-1a over a canonical text, as 16 hex digits).
+    /// The fingerprint of the flow's shape: its node names in order, which
+    /// of them have a compensation and which run in parallel. The same shape has
+    /// the same fingerprint in every process and build (FNV-1a over a canonical
+    /// text, as 16 hex digits): `A+c/B` for two nodes, `A/(B+c|C)/D` with a stage
+    /// of two branches.
     pub fn fingerprint(&self) -> String {
+        let name = |n: &Arc<dyn Node<D>>| format!("{}{}", n.name(), if n.has_compensation() { "+c" } else { "" });
         let shape: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("{}{}", n.name(), if n.has_compensation() { "+c" } else { "" }))
+            .stages()
+            .map(|stage| {
+                let names: Vec<String> = self.nodes[stage.steps()].iter().map(name).collect();
+                if stage.is_parallel() { format!("({})", names.join("|")) } else { names.join("") }
+            })
             .collect();
         fingerprint_of(&shape.join("/"))
     }
@@ -241,6 +396,20 @@ impl<D: Send + Sync + 'static> Flow<D> {
     pub(crate) fn validate(&self, facade: &str) -> Result<(), String> {
         if self.nodes.is_empty() {
             return Err(format!("flow `{facade}` has no nodes"));
+        }
+        for join in &self.joins {
+            if join.stage.len < 2 {
+                return Err(format!(
+                    "flow `{facade}`: a parallel stage at step {} needs two branches or more",
+                    join.stage.first
+                ));
+            }
+            if join.merge.is_none() {
+                return Err(format!(
+                    "flow `{facade}`: the parallel stage at step {} has no merge, so its branches' results would be lost",
+                    join.stage.first
+                ));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for node in &self.nodes {
@@ -414,6 +583,19 @@ mod tests {
         for other in others {
             assert_ne!(v1.fingerprint(), other.fingerprint(), "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_parallel_stage_is_part_of_the_shape() {
+        let branches = || Parallel::new().branch(Shape("B", true)).branch(Shape("C", false)).merge(|_, _| {});
+        let flow = Flow::new().node(Shape("A", false)).parallel(branches()).node(Shape("D", false));
+        assert_eq!(flow.fingerprint(), fingerprint_of("A/(B+c|C)/D"));
+        assert_ne!(flow.fingerprint(), shape(&[("A", false), ("B", true), ("C", false), ("D", false)]).fingerprint());
+        assert_eq!(flow.shape().stages(), [1, 2, 1]);
+        assert_eq!(flow.version().shape, flow.shape());
+        assert!(shape(&[("A", false), ("B", true)]).shape().is_linear());
+        let stages: Vec<_> = flow.stages().map(|s| (s.first, s.len)).collect();
+        assert_eq!(stages, [(0, 1), (1, 2), (3, 1)]);
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Compensations: each completed step undone in reverse, with retries, recorded one by one.
+//! Compensations: each completed step undone in reverse dependency order, with retries, recorded one by one.
+
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::*;
 
@@ -44,11 +46,13 @@ impl<D: FlowData> FlowRuntime<D> {
         }
     }
 
-    /// Runs every pending compensation of the saga, recording each; returns
-    /// the record once ended, or `None` if interrupted by shutdown.
+    /// Runs every pending compensation of the saga, recording each as it
+    /// ends: latest stage first, the steps of a stage (independent of each
+    /// other) at once. Returns the record once ended, or `None` if interrupted
+    /// by shutdown.
     pub(super) async fn compensate(&self, mut record: SagaRecord) -> Result<Option<Ended>> {
         let id: Arc<str> = record.request_id.as_str().into();
-        let data = match self.decode(&id, record.data.clone()) {
+        let data = match self.data_to_compensate(&record) {
             Ok(data) => data,
             Err(error) => {
                 // The stop's end effects ran in `halt`.
@@ -57,23 +61,31 @@ impl<D: FlowData> FlowRuntime<D> {
             }
         };
         let mut wrote_end = false;
-        while let Some(index) = record.next_compensation() {
-            if !self.flow.nodes[index].has_compensation() {
-                (record, wrote_end) =
-                    self.append_or_reload(&id, SagaEvent::StepCompensated { index, attempts: 0 }).await?;
-                continue;
+        while let Next::Compensate(stage) = record.next() {
+            let mut calls: FuturesUnordered<_> =
+                record.to_compensate(stage).map(|index| self.compensation_of(&id, index, &data)).collect();
+            while let Some(event) = calls.next().await {
+                let Some(event) = event else { return Ok(None) };
+                (record, wrote_end) = self.append_or_reload(&id, event).await?;
             }
-            let event = match self.run_compensation(&id, index, &data).await {
-                Ok(attempts) => SagaEvent::StepCompensated { index, attempts },
-                Err(CompensationError::Interrupted) => return Ok(None),
-                Err(CompensationError::GaveUp { error, attempts }) => {
-                    tracing::error!(step = index, attempts, %error, "compensation gave up; saga is stuck");
-                    SagaEvent::CompensationGaveUp { index, attempts, reason: error.to_string() }
-                }
-            };
-            (record, wrote_end) = self.append_or_reload(&id, event).await?;
         }
         Ok(Some(Ended { wrote_end: wrote_end && record.state.is_ended(), record }))
+    }
+
+    /// Runs step `index`'s compensation (none to run: done at once) and
+    /// returns the event that records how it ended; `None` if interrupted.
+    async fn compensation_of(&self, id: &Arc<str>, index: usize, data: &D) -> Option<SagaEvent> {
+        if !self.flow.nodes[index].has_compensation() {
+            return Some(SagaEvent::StepCompensated { index, attempts: 0 });
+        }
+        match self.run_compensation(id, index, data).await {
+            Ok(attempts) => Some(SagaEvent::StepCompensated { index, attempts }),
+            Err(CompensationError::Interrupted) => None,
+            Err(CompensationError::GaveUp { error, attempts }) => {
+                tracing::error!(step = index, attempts, %error, "compensation gave up; saga is stuck");
+                Some(SagaEvent::CompensationGaveUp { index, attempts, reason: error.to_string() })
+            }
+        }
     }
 
     /// Compensates the saga in this task (its rollback could not be queued)

@@ -21,68 +21,96 @@ impl<D: FlowData> FlowRuntime<D> {
         run: Run,
     ) -> Result<Outcome<D>> {
         let id: &Arc<str> = &record.request_id.as_str().into();
-        let last = self.flow.len().saturating_sub(1);
         loop {
-            let Next::Run(Stage { first: index, len: 1 }) = record.next() else {
-                // Nothing to run here (recovered after its end, or while compensating): its outcome.
-                let mut waiter = self.engine.completions.register(id);
-                return self.outcome(&self.wait_end(&mut waiter, id).await?);
-            };
-            match self.record_start(id, index).await {
-                Ok(()) => record.apply(&SagaEvent::StepStarted { index }).map_err(LogError::from)?,
-                // Moved on without this driver (aborted by an operator): follow the log.
-                Err(Error::Log(LogError::Transition(_))) => {
-                    record = self.reread(id).await?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            match self.run_action(id, index, &mut data, deadline, run == Run::Recovered).await {
-                Ok(attempts) => {
-                    let json = self.encode(id, &data)?;
-                    let event = SagaEvent::StepCompleted { index, attempts, data: json };
-                    record.apply(&event).map_err(LogError::from)?;
-                    if !record.state.is_ended() {
-                        match self.engine.durably(|| self.engine.log.append_queued(id, event.clone())).await {
-                            Ok(()) => {}
-                            Err(Error::Log(LogError::Transition(_))) => record = self.reread(id).await?,
-                            Err(e) => return Err(e),
-                        }
-                        continue;
-                    }
-                    let stored = match self.engine.durably(|| self.engine.log.append(id, event.clone())).await {
-                        Ok(stored) => stored,
+            let event = match record.next() {
+                Next::Run(Stage { first: index, len: 1 }) => {
+                    match self.record_start(id, index).await {
+                        Ok(()) => record.apply(&SagaEvent::StepStarted { index }).map_err(LogError::from)?,
+                        // Moved on without this driver (aborted by an operator): follow the log.
                         Err(Error::Log(LogError::Transition(_))) => {
                             record = self.reread(id).await?;
                             continue;
                         }
                         Err(e) => return Err(e),
-                    };
-                    if stored.state.is_ended() {
-                        self.finish(&stored).await;
-                        return Ok(Outcome::Completed(data));
                     }
-                    record = stored;
+                    match self.run_action(id, index, &mut data, deadline, run == Run::Recovered).await {
+                        Ok(attempts) => SagaEvent::StepCompleted { index, attempts, data: self.encode(id, &data)? },
+                        Err(ActionError::Interrupted) => return Err(Error::ShuttingDown),
+                        Err(ActionError::Failed { error, attempts, uncertain }) => {
+                            return self.fail_forward(id, index, error, attempts, uncertain, run).await;
+                        }
+                    }
                 }
-                Err(ActionError::Interrupted) => return Err(Error::ShuttingDown),
-                Err(ActionError::Failed { error, attempts, uncertain }) => {
+                Next::Run(stage) | Next::Join(stage) => {
+                    match self.run_branches(id, &mut record, &mut data, stage, deadline, run).await? {
+                        Branches::Joined => {
+                            SagaEvent::BranchesJoined { first: stage.first, data: self.encode(id, &data)? }
+                        }
+                        Branches::Failed { index, error, attempts, uncertain } => {
+                            return self.fail_forward(id, index, error, attempts, uncertain, run).await;
+                        }
+                        Branches::Moved => {
+                            record = self.reread(id).await?;
+                            continue;
+                        }
+                    }
+                }
+                Next::Compensate(_) | Next::Wait | Next::End => {
+                    // Nothing to run here (recovered after its end, or while compensating): its outcome.
                     let mut waiter = self.engine.completions.register(id);
-                    // Recovered: steps after this one may have run before the crash, unless
-                    // this one was refused outright (an idempotent upstream would have
-                    // answered a replay of a call that took effect with its result).
-                    let later = run == Run::Recovered && uncertain && index < last;
-                    let record = self.record_failure(id, index, error, attempts, uncertain, later).await?;
-                    if !record.state.is_ended()
-                        && let Err(e) = self.publish_rollback(&record).await
-                    {
-                        tracing::warn!(error = %e, "could not queue the compensation; compensating here");
-                        self.compensate_here(id, record).await?;
-                    }
-                    let record = self.wait_end(&mut waiter, id).await?;
-                    return self.outcome(&record);
+                    return self.outcome(&self.wait_end(&mut waiter, id).await?);
                 }
+            };
+            record.apply(&event).map_err(LogError::from)?;
+            if !record.state.is_ended() {
+                match self.engine.durably(|| self.engine.log.append_queued(id, event.clone())).await {
+                    Ok(()) => {}
+                    Err(Error::Log(LogError::Transition(_))) => record = self.reread(id).await?,
+                    Err(e) => return Err(e),
+                }
+                continue;
             }
+            let stored = match self.engine.durably(|| self.engine.log.append(id, event.clone())).await {
+                Ok(stored) => stored,
+                Err(Error::Log(LogError::Transition(_))) => {
+                    record = self.reread(id).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if stored.state.is_ended() {
+                self.finish(&stored).await;
+                return Ok(Outcome::Completed(data));
+            }
+            record = stored;
         }
+    }
+
+    /// Records a step's final failure, queues the compensation it starts and
+    /// waits for the saga's end.
+    async fn fail_forward(
+        &self,
+        id: &Arc<str>,
+        index: usize,
+        error: NodeError,
+        attempts: u32,
+        uncertain: bool,
+        run: Run,
+    ) -> Result<Outcome<D>> {
+        let mut waiter = self.engine.completions.register(id);
+        // Recovered: steps after this one may have run before the crash, unless
+        // this one was refused outright (an idempotent upstream would have
+        // answered a replay of a call that took effect with its result).
+        let later = run == Run::Recovered && uncertain && index + 1 < self.flow.len();
+        let record = self.record_failure(id, index, error, attempts, uncertain, later).await?;
+        if !record.state.is_ended()
+            && let Err(e) = self.publish_rollback(&record).await
+        {
+            tracing::warn!(error = %e, "could not queue the compensation; compensating here");
+            self.compensate_here(id, record).await?;
+        }
+        let record = self.wait_end(&mut waiter, id).await?;
+        self.outcome(&record)
     }
 
     /// Records a step's start without waiting for its commit: the step's

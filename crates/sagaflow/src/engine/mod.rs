@@ -29,8 +29,10 @@ use crate::saga::{
 };
 use crate::waiters::{Completions, Waiter};
 
+use branches::Branches;
 pub(crate) use claims::{Claim, Claims, Work};
 
+mod branches;
 mod claims;
 mod compensation;
 mod effects;
