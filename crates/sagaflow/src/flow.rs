@@ -248,11 +248,6 @@ impl<D: Send + Sync + 'static> Flow<D> {
         Shape::of_stages(self.stages().map(|s| s.len))
     }
 
-    /// Whether this flow, or a version it keeps, has a parallel stage.
-    pub(crate) fn has_parallel_stages(&self) -> bool {
-        !self.joins.is_empty() || self.kept.iter().any(Flow::has_parallel_stages)
-    }
-
     /// The parallel stage that starts at step `first`, if one does.
     pub(crate) fn join_at(&self, first: usize) -> Option<&Join<D>> {
         self.joins.iter().find(|j| j.stage.first == first)

@@ -1,14 +1,15 @@
-//! Parallel stages in a sync flow: branches at once, their data merged,
-//! compensation by the graph, recovery mid-stage; refused where hops travel.
+//! Parallel stages: branches at once (in-process, or one hop each), their
+//! data merged once, compensation by the graph, recovery mid-stage.
 
 mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use sagaflow::broker::{Message, REQUEST_ID_HEADER};
 use sagaflow::{
-    Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Orchestrator, Outcome, Parallel, RetryPolicy, SagaEvent,
-    SagaLog, SagaStatus, StepStatus,
+    Broker, Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Options, Orchestrator, Outcome, Parallel,
+    RetryPolicy, SagaEvent, SagaLog, SagaStatus, StepStatus,
 };
 use serde_json::json;
 use support::{Act, Scripted, calls, taken, unavailable, wait_ended};
@@ -146,23 +147,82 @@ async fn a_saga_recovered_mid_stage_runs_only_the_branches_not_done_and_merges_a
     assert_eq!(ran, ["c#1", "d#1", "e#1"], "b is not run again");
 }
 
-#[tokio::test]
-async fn a_parallel_flow_is_refused_where_hops_travel_over_the_broker() {
+/// A branch that takes `ms` milliseconds.
+fn branch(name: &'static str, c: &support::Calls, ms: u64) -> Scripted {
+    Scripted::new(name, c).always(Act::Sleep(Duration::from_millis(ms)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hops_run_each_branch_and_exactly_one_continues_after_the_last_despite_duplicates() {
+    const SAGAS: usize = 20;
     let c = calls();
-    for mode in [Mode::Async, Mode::Throttling] {
-        let flow = trip(
+    let flow = || {
+        trip(
             Scripted::new("a", &c),
-            [Scripted::new("b", &c), Scripted::new("c", &c), Scripted::new("d", &c)],
+            [branch("b", &c, 3), branch("c", &c, 1), branch("d", &c, 2)],
             Scripted::new("e", &c),
-        );
-        let builder = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()));
-        let builder = match mode {
-            Mode::Async => builder.asynchronous(F, flow),
-            _ => builder.throttling(F, flow),
-        };
-        let Err(Error::Config(reason)) = builder.start().await else { panic!("{mode} started a parallel flow") };
-        assert!(reason.contains("parallel stages, which run in sync flows only"), "{reason}");
+        )
+    };
+    let (broker, log) = (MemoryBroker::new(), Arc::new(MemorySagaLog::new()));
+    let options = Options { default_concurrency: 8, ..Options::default() };
+    // Two orchestrators on one broker and log: competing consumers of every hop topic.
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let o = Orchestrator::builder(Arc::new(broker.clone()), log.clone())
+            .options(options.clone())
+            .asynchronous(F, flow())
+            .start()
+            .await
+            .expect("orchestrator starts");
+        replicas.push(o);
     }
+    let info = replicas[0].flows().into_iter().find(|f| f.facade == F).unwrap();
+    let fingerprint = flow().version().fingerprint;
+    for n in 0..SAGAS {
+        let id = format!("r{n}");
+        replicas[n % 2].submit(F, &id, Vec::<String>::new(), None).await.unwrap();
+        // A copy of every branch's hop, as a broker redelivers one.
+        for step in 1..4 {
+            let hop = json!({ "request_id": id, "facade": F, "step": step, "data": ["a"], "version": fingerprint });
+            let message = Message::new(info.topics[step].clone(), serde_json::to_vec(&hop).unwrap())
+                .header(REQUEST_ID_HEADER, id.as_str());
+            broker.publish(message).await.unwrap();
+        }
+    }
+    for n in 0..SAGAS {
+        let record = wait_ended(&replicas[0], &format!("r{n}")).await;
+        assert_eq!(record.status(), SagaStatus::Completed, "{record:?}");
+        assert_eq!(record.data, json!(["a", "b", "c", "d", "e"]));
+        let joins = record.history.iter().filter(|h| h.event == "branches_joined").count();
+        assert_eq!(joins, 1, "one merge recorded for r{n}");
+    }
+    let after = taken(&c);
+    assert_eq!(after.iter().filter(|c| c.starts_with("e#")).count(), SAGAS, "one continuation per saga: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_parallel_flow_answers_its_caller_and_compensates_a_failed_branch() {
+    let c = calls();
+    let flow = trip(
+        Scripted::new("a", &c),
+        [branch("b", &c, 1), Scripted::new("c", &c).always(Act::Fail(support::refused())), branch("d", &c, 1)],
+        Scripted::new("e", &c),
+    );
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()))
+        .throttling(F, flow)
+        .start()
+        .await
+        .expect("orchestrator starts");
+    let Outcome::Compensated(failure) = o.run(F, "r1", Vec::<String>::new()).await.unwrap() else {
+        panic!("not compensated")
+    };
+    assert_eq!(failure.node, "c");
+    let record = wait_ended(&o, "r1").await;
+    assert_eq!(record.step_status(2), StepStatus::Failed);
+    assert_eq!(record.step_status(0), StepStatus::Compensated);
+    let calls = taken(&c);
+    assert_eq!(calls.last().map(String::as_str), Some("undo a#1"), "a is undone last: {calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("e#")), "{calls:?}");
 }
 
 #[tokio::test]

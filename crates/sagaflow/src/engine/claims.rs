@@ -30,6 +30,9 @@ tokio::task_local! {
 pub(crate) enum Work {
     /// Running step `n`'s action (or, for a sync saga, its steps from `n` on).
     Forward(usize),
+    /// Running the action of step `n`, a branch of a parallel stage: its
+    /// siblings may run beside it in this process.
+    Branch(usize),
     /// Running its compensations.
     Compensation,
 }
@@ -47,6 +50,7 @@ pub(crate) struct Claims {
 #[derive(Debug, Default)]
 struct Held {
     forward: HashMap<Arc<str>, usize>,
+    branches: HashSet<(Arc<str>, usize)>,
     compensation: HashSet<Arc<str>>,
 }
 
@@ -66,6 +70,11 @@ impl Claims {
                 }
                 held.forward.insert(id.clone(), step);
             }
+            Work::Branch(step) => {
+                if !held.branches.insert((id.clone(), step)) {
+                    return Err(work);
+                }
+            }
             Work::Compensation => {
                 if !held.compensation.insert(id.clone()) {
                     return Err(Work::Compensation);
@@ -78,13 +87,13 @@ impl Claims {
     /// Whether some task of this process works on the saga.
     pub(crate) fn is_claimed(&self, id: &str) -> bool {
         let held = self.lock();
-        held.forward.contains_key(id) || held.compensation.contains(id)
+        held.forward.contains_key(id) || held.compensation.contains(id) || held.branches.iter().any(|(b, _)| &**b == id)
     }
 
     /// Number of claims held.
     pub(crate) fn len(&self) -> usize {
         let held = self.lock();
-        held.forward.len() + held.compensation.len()
+        held.forward.len() + held.branches.len() + held.compensation.len()
     }
 }
 
@@ -101,6 +110,7 @@ impl Drop for Claim {
         let mut held = self.claims.lock();
         match self.work {
             Work::Forward(_) => held.forward.remove(&self.id),
+            Work::Branch(step) => held.branches.remove(&(self.id.clone(), step)).then_some(0),
             Work::Compensation => held.compensation.remove(&self.id).then_some(0),
         };
     }
@@ -160,5 +170,17 @@ mod tests {
         assert!(!claims.is_claimed("a"));
         assert_eq!(claims.len(), 0);
         assert!(claims.claim(&id, Work::Forward(1)).is_ok());
+    }
+
+    #[test]
+    fn branches_of_one_saga_are_claimed_apart() {
+        let claims = Arc::new(Claims::default());
+        let id: Arc<str> = "a".into();
+        let b = claims.claim(&id, Work::Branch(1)).expect("free");
+        let c = claims.claim(&id, Work::Branch(2)).expect("a sibling runs beside it");
+        assert_eq!(claims.claim(&id, Work::Branch(1)).unwrap_err(), Work::Branch(1), "a duplicate delivery");
+        assert_eq!(claims.len(), 2);
+        drop((b, c));
+        assert!(!claims.is_claimed("a"));
     }
 }

@@ -19,6 +19,59 @@ impl<D: FlowData> FlowRuntime<D> {
         self.publish(message).await
     }
 
+    /// Publishes the hops of what the saga runs next: the step after the one
+    /// recorded, or each branch of a parallel stage not done.
+    pub(super) async fn publish_next(&self, record: &SagaRecord) -> Result<()> {
+        if let Next::Run(stage) = record.next() {
+            for index in record.to_run(stage) {
+                self.publish_hop(&record.request_id, index, record.data.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Goes on from a step just recorded: the saga's end, the merge of a
+    /// stage whose last branch it was, or the next hops.
+    async fn continue_hops(&self, id: &Arc<str>, record: &SagaRecord) -> Result<()> {
+        match record.next() {
+            Next::End => {
+                self.finish(record).await;
+                Ok(())
+            }
+            Next::Join(stage) => self.join_hops(id, record, stage).await,
+            Next::Run(_) => self.publish_next(record).await,
+            Next::Compensate(_) | Next::Wait => Ok(()),
+        }
+    }
+
+    /// Merges the data of a parallel stage's branches (all done) and records
+    /// it; the one delivery whose merge the log records publishes what follows.
+    pub(super) async fn join_hops(&self, id: &Arc<str>, record: &SagaRecord, stage: Stage) -> Result<()> {
+        let merged = self.decode(id, record.data.clone()).and_then(|mut data| {
+            let branches = self.branch_outputs(id, record, stage, Vec::new())?;
+            self.flow.merge(stage, &mut data, branches);
+            self.encode(id, &data)
+        });
+        let data = match merged {
+            Ok(data) => data,
+            Err(error) => return self.halt(id, &error).await.map(drop),
+        };
+        let event = SagaEvent::BranchesJoined { first: stage.first, data };
+        match self.engine.durably(|| self.engine.log.append(id, event.clone())).await {
+            Ok(joined) => {
+                if joined.state.is_ended() {
+                    self.finish(&joined).await;
+                    Ok(())
+                } else {
+                    self.publish_next(&joined).await
+                }
+            }
+            // Another delivery merged first: it goes on.
+            Err(Error::Log(LogError::Transition(_))) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Publishes rollback work for the saga. Its message id is the same for
     /// every re-publish of one compensation round (so a broker that
     /// deduplicates drops the copies) and new after an operator's retry.
@@ -195,9 +248,15 @@ impl<D: FlowData> FlowRuntime<D> {
         let span = self.span(&hop.request_id);
         let id: Arc<str> = hop.request_id.into();
         async {
-            let claim = match self.engine.claims.claim(&id, Work::Forward(index)) {
+            // Branches of one stage run side by side; other steps one at a time.
+            let work = if self.version.shape.stage_of(index).is_parallel() {
+                Work::Branch(index)
+            } else {
+                Work::Forward(index)
+            };
+            let claim = match self.engine.claims.claim(&id, work) {
                 Ok(claim) => claim,
-                Err(Work::Forward(running)) if running == index => {
+                Err(running) if running == work => {
                     tracing::debug!(step = index, "hop already running here; duplicate settled");
                     return self.ack(delivery).await;
                 }
@@ -246,17 +305,21 @@ impl<D: FlowData> FlowRuntime<D> {
         }
         match record.on_hop(index) {
             OnHop::Run => {}
-            OnHop::Resend(stage) => {
+            OnHop::Resend(_) => {
                 // A redelivery after the step was recorded: the next hops may not
                 // have reached the broker, so send them again (the next consumer
                 // ignores one that did).
-                for next in record.to_run(stage) {
-                    self.publish_hop(id, next, record.data.clone()).await?;
-                }
+                self.publish_next(&record).await?;
                 return Ok(true);
             }
+            // A branch recorded, its siblings not all: the last of them continues.
             OnHop::Done => return Ok(true),
-            OnHop::Join(_) => return Err(Error::Config("parallel stages run in sync flows only".into())),
+            // Every branch recorded, the merge not (its writer stopped first).
+            OnHop::Join(stage) => {
+                drop(claim);
+                self.join_hops(id, &record, stage).await?;
+                return Ok(true);
+            }
             OnHop::Early(next) => {
                 return Err(Error::Config(format!("hop for step {index} arrived while saga is at step {next}")));
             }
@@ -286,19 +349,17 @@ impl<D: FlowData> FlowRuntime<D> {
         // A hop may be a redelivery whose first delivery called the action.
         match self.run_action(id, index, &mut data, deadline, true).await {
             Ok(attempts) => {
-                let json = self.encode(id, &data)?;
-                let event = SagaEvent::StepCompleted { index, attempts, data: json.clone() };
+                let event = SagaEvent::StepCompleted { index, attempts, data: self.encode(id, &data)? };
+                // A branch's siblings may be recorded meanwhile by other consumers: the
+                // log serializes the appends, so exactly one sees them all done and merges.
                 let record = match self.engine.durably(|| self.engine.log.append(id, event.clone())).await {
                     Ok(record) => record,
-                    Err(Error::Log(LogError::Transition(_))) => return Ok(true), // a duplicate recorded it first
+                    // A duplicate recorded it first, or a sibling's failure turned the saga back.
+                    Err(Error::Log(LogError::Transition(_))) => return Ok(true),
                     Err(e) => return Err(e),
                 };
                 drop(claim);
-                if record.state.is_ended() {
-                    self.finish(&record).await;
-                } else {
-                    self.publish_hop(id, index + 1, json).await?;
-                }
+                self.continue_hops(id, &record).await?;
                 Ok(true)
             }
             Err(ActionError::Interrupted) => Ok(false),

@@ -400,12 +400,13 @@ impl<D: FlowData> FlowRuntime<D> {
         let this = self.clone();
         let id = request_id.to_owned();
         let start = async move {
-            match this.engine.log.begin(this.new_saga(&id, json.clone(), callback_url)).await? {
+            let record = match this.engine.log.begin(this.new_saga(&id, json, callback_url)).await? {
                 Begin::Exists(existing) => return Ok(Some(existing)),
                 Begin::Pruned(tombstone) => return Err(tombstone.into()),
-                Begin::Started(_) => this.started(),
-            }
-            if let Err(error) = this.publish_hop(&id, 0, json).await {
+                Begin::Started(record) => record,
+            };
+            this.started();
+            if let Err(error) = this.publish_next(&record).await {
                 this.fail_unsent(&id, &error).await;
                 return Err(error);
             }
@@ -436,7 +437,9 @@ impl<D: FlowData> FlowRuntime<D> {
     /// A first hop the broker did not confirm: the saga ends compensated at
     /// once, and the caller gets the error. The hop may still have reached the
     /// broker (a lost confirm), so step 0 counts as possibly run and is
-    /// compensated; a hop delivered after this finds the saga ended.
+    /// compensated (with its siblings, whose hops may have gone out, when the
+    /// flow starts with parallel branches); a hop delivered after this finds
+    /// the saga ended.
     async fn fail_unsent(&self, request_id: &str, error: &Error) {
         let failure = Failure {
             step: 0,
@@ -445,7 +448,8 @@ impl<D: FlowData> FlowRuntime<D> {
             code: Some(14),
         };
         let compensate_failed = self.flow.nodes[0].has_compensation();
-        let event = SagaEvent::StepFailed { failure, attempts: 0, compensate_failed, later_steps_in_doubt: false };
+        let later_steps_in_doubt = self.version.shape.stage_of(0).is_parallel();
+        let event = SagaEvent::StepFailed { failure, attempts: 0, compensate_failed, later_steps_in_doubt };
         let id: Arc<str> = request_id.into();
         match self.engine.durably(|| self.engine.log.append(request_id, event.clone())).await {
             Ok(record) if record.state.is_ended() => self.finish(&record).await,
@@ -612,12 +616,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
                     .instrument(span),
                 );
             }
-            (Next::Run(stage), _) => {
-                for index in record.to_run(stage) {
-                    self.publish_hop(&id, index, record.data.clone()).await?;
-                }
-            }
-            (Next::Join(_), _) => return Err(Error::Config("parallel stages run in sync flows only".into())),
+            (Next::Run(_), _) => self.publish_next(&record).await?,
+            (Next::Join(stage), _) => self.join_hops(&id, &record, stage).await?,
             (Next::Compensate(_), _) => {
                 if let Err(e) = self.publish_rollback(&record).await {
                     tracing::warn!(request_id = %id, error = %e, "could not queue a compensation; compensating here");

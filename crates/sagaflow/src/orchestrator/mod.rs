@@ -224,11 +224,6 @@ impl OrchestratorBuilder {
         if let Err(e) = flow.validate_versions(facade) {
             self.errors.push(e);
         }
-        if mode != Mode::Sync && flow.has_parallel_stages() {
-            self.errors.push(format!(
-                "flow `{facade}` has parallel stages, which run in sync flows only: register it with `sync`"
-            ));
-        }
         if facade.is_empty() || !facade.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
             self.errors.push(format!("facade `{facade}` must be ASCII letters, digits, `_` or `-`"));
         }

@@ -93,6 +93,9 @@ impl Node<Vec<String>> for Scripted {
     }
 }
 
+/// Where scripted nodes record their calls.
+pub type Calls = Arc<Mutex<Vec<String>>>;
+
 pub fn calls() -> Arc<Mutex<Vec<String>>> {
     Arc::default()
 }
