@@ -27,14 +27,51 @@ pub enum StepStatus {
 }
 
 /// One step of a saga: its status and, for a branch of a parallel stage
-/// done and not yet merged, the flow data it produced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// done and not yet merged, the flow data it produced. Stored as its status
+/// alone (`"done"`) when it has no data, so a linear saga's record stays small.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "StoredStep")]
 pub struct StepState {
     /// Where it stands.
     pub status: StepStatus,
     /// The flow data after the branch's action, until the stage's branches are merged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+}
+
+impl Serialize for StepState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        match &self.output {
+            None => self.status.serialize(serializer),
+            Some(output) => {
+                let mut step = serializer.serialize_struct("StepState", 2)?;
+                step.serialize_field("status", &self.status)?;
+                step.serialize_field("output", output)?;
+                step.end()
+            }
+        }
+    }
+}
+
+/// A step as stored: its status alone, or with the data its branch produced.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredStep {
+    Status(StepStatus),
+    WithOutput {
+        status: StepStatus,
+        #[serde(default)]
+        output: Option<Value>,
+    },
+}
+
+impl From<StoredStep> for StepState {
+    fn from(stored: StoredStep) -> Self {
+        match stored {
+            StoredStep::Status(status) => Self { status, output: None },
+            StoredStep::WithOutput { status, output } => Self { status, output },
+        }
+    }
 }
 
 impl StepState {
