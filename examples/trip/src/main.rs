@@ -1,0 +1,114 @@
+//! `trip`: runs three trips (one that completes, one whose hotel refuses, one
+//! whose payment refuses) and prints what each service kept.
+//! `trip bench [SAGAS] [LATENCY_MS] [memory|redb]`: the sync latency of the
+//! three-branch stage against a single step with the same upstream latency,
+//! run side by side, on the in-memory or the embedded saga log.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Orchestrator, Outcome, Parallel, SagaLog};
+use sagaflow_redb::{RedbOptions, RedbSagaLog};
+use trip::node::Reserve;
+use trip::service::{Service, Services};
+use trip::{SYNC_TRIP, Trip};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        None => demo().await,
+        Some("bench") => {
+            let sagas = args.next().map(|a| a.parse()).transpose()?.unwrap_or(300);
+            let latency = args.next().map(|a| a.parse()).transpose()?.unwrap_or(20);
+            let dir = std::env::temp_dir().join(format!("trip-bench-{}", std::process::id()));
+            let log: Arc<dyn SagaLog> = match args.next().as_deref() {
+                None | Some("memory") => Arc::new(MemorySagaLog::new()),
+                Some("redb") => Arc::new(RedbSagaLog::open(RedbOptions::new(&dir))?),
+                Some(other) => anyhow::bail!("unknown saga log `{other}`: memory or redb"),
+            };
+            let result = bench(sagas, Duration::from_millis(latency), log).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
+        Some(other) => {
+            anyhow::bail!("unknown command `{other}`: run `trip` or `trip bench [SAGAS] [LATENCY_MS] [memory|redb]`")
+        }
+    }
+}
+
+async fn demo() -> anyhow::Result<()> {
+    let services = Services::new(Duration::from_millis(20));
+    let orchestrator = trip::orchestrator(&services).await?;
+    let faults: [(&str, Option<&Arc<Service>>); 3] =
+        [("trip-ok", None), ("trip-no-hotel", Some(&services.hotels)), ("trip-no-payment", Some(&services.payments))];
+    for (id, fault) in faults {
+        if let Some(service) = fault {
+            service.set_fault(true);
+        }
+        let started = Instant::now();
+        let outcome = orchestrator.run(SYNC_TRIP, id, Trip::new("Ada", 48_000)).await?;
+        let took = started.elapsed();
+        match outcome {
+            Outcome::Completed(trip) => println!("{id}: completed in {took:?}: {trip:?}"),
+            Outcome::Compensated(failure) => println!("{id}: compensated in {took:?}: {failure}"),
+            Outcome::Stuck { reason, .. } => println!("{id}: stuck: {reason}"),
+        }
+        for service in [&services.flights, &services.hotels, &services.cars, &services.payments] {
+            println!("    {:<8} {:?}", service.name(), service.booking(id));
+        }
+        if let Some(service) = fault {
+            service.set_fault(false);
+        }
+    }
+    orchestrator.shutdown().await;
+    Ok(())
+}
+
+async fn bench(sagas: usize, latency: Duration, log: Arc<dyn SagaLog>) -> anyhow::Result<()> {
+    let services = Services::new(latency);
+    let single = Flow::new().node(Reserve::flight(services.flights.clone()));
+    let parallel = Flow::new().parallel(
+        Parallel::new()
+            .branch(Reserve::flight(services.flights.clone()))
+            .branch(Reserve::hotel(services.hotels.clone()))
+            .branch(Reserve::car(services.cars.clone()))
+            .merge(Trip::merge),
+    );
+    let name = log.name();
+    let orchestrator = Orchestrator::builder(Arc::new(MemoryBroker::new()), log)
+        .sync("Single", single)
+        .sync("Parallel", parallel)
+        .start()
+        .await?;
+    let (mut one, mut three) = (Vec::with_capacity(sagas), Vec::with_capacity(sagas));
+    // Alternating, one saga at a time, so both see the same machine.
+    for n in 0..sagas {
+        for (facade, took) in [("Single", &mut one), ("Parallel", &mut three)] {
+            let started = Instant::now();
+            let outcome = orchestrator.run(facade, &format!("{facade}-{n}"), Trip::new("Ada", 1)).await?;
+            anyhow::ensure!(matches!(outcome, Outcome::Completed(_)), "{facade} saga {n} did not complete");
+            took.push(started.elapsed());
+        }
+    }
+    orchestrator.shutdown().await;
+    println!("{sagas} sagas per flow, upstream latency {latency:?}, {name} log, sync, one at a time, alternating");
+    let (p_one, p_three) = (report("single step", &mut one), report("three parallel branches", &mut three));
+    println!("p50 ratio (parallel / single): {:.3}", p_three.as_secs_f64() / p_one.as_secs_f64());
+    Ok(())
+}
+
+/// Prints the percentiles of `took` and returns its median.
+fn report(what: &str, took: &mut [Duration]) -> Duration {
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{what:<24} p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(at(0.5)),
+        ms(at(0.9)),
+        ms(at(0.99)),
+        ms(took[took.len() - 1])
+    );
+    at(0.5)
+}
