@@ -21,4 +21,9 @@ expect "$out" "  compensated: inventory: no product 999"
 out=$(cargo run -q -p sagaflow-nats --example async_nats)
 expect "$out" ": accepted"
 expect "$out" ": Completed with [\""
+out=$(cargo run -q -p trip)
+expect "$out" "trip-ok: completed in"
+expect "$out" "trip-no-hotel: compensated in"
+expect "$out" "step 1 (BookHotel) failed: hotels refused the booking (fault switch on)"
+expect "$out" "trip-no-payment: compensated in"
 echo "examples: passed"

@@ -42,7 +42,9 @@ impl<D: FlowData> FlowRuntime<D> {
                     }
                 }
                 Next::Run(stage) | Next::Join(stage) => {
-                    match self.run_branches(id, &mut record, &mut data, stage, deadline, run).await? {
+                    // Boxed: a linear saga's future stays as small as it was without stages.
+                    let branches = Box::pin(self.run_branches(id, &mut record, &mut data, stage, deadline, run));
+                    match branches.await? {
                         Branches::Joined => {
                             SagaEvent::BranchesJoined { first: stage.first, data: self.encode(id, &data)? }
                         }

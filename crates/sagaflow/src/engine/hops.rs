@@ -38,7 +38,8 @@ impl<D: FlowData> FlowRuntime<D> {
                 self.finish(record).await;
                 Ok(())
             }
-            Next::Join(stage) => self.join_hops(id, record, stage).await,
+            // Boxed: a linear saga's hop future stays as small as it was without stages.
+            Next::Join(stage) => Box::pin(self.join_hops(id, record, stage)).await,
             Next::Run(_) => self.publish_next(record).await,
             Next::Compensate(_) | Next::Wait => Ok(()),
         }
@@ -317,7 +318,7 @@ impl<D: FlowData> FlowRuntime<D> {
             // Every branch recorded, the merge not (its writer stopped first).
             OnHop::Join(stage) => {
                 drop(claim);
-                self.join_hops(id, &record, stage).await?;
+                Box::pin(self.join_hops(id, &record, stage)).await?;
                 return Ok(true);
             }
             OnHop::Early(next) => {
