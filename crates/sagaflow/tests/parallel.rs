@@ -231,6 +231,61 @@ async fn a_throttled_parallel_flow_answers_its_caller_and_compensates_a_failed_b
     assert!(!calls.iter().any(|c| c.starts_with("e#")), "{calls:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_sagas_recovered_mid_stage_send_the_hops_not_done_or_merge_what_is() {
+    let c = calls();
+    let flow = || {
+        trip(
+            Scripted::new("a", &c),
+            [Scripted::new("b", &c), Scripted::new("c", &c), Scripted::new("d", &c)],
+            Scripted::new("e", &c),
+        )
+    };
+    // As a crash left it, its hops lost with the process: b done, c started, d not.
+    let log = Arc::new(MemorySagaLog::new());
+    let saga = NewSaga {
+        request_id: "r1".into(),
+        facade: F.into(),
+        mode: Mode::Async,
+        steps: 5,
+        data: json!([]),
+        deadline_ms: sagaflow::now_ms() + 60_000,
+        callback_url: None,
+        owner: None,
+        version: Some(flow().version()),
+    };
+    log.begin(saga.clone()).await.unwrap();
+    for event in [
+        SagaEvent::StepStarted { index: 0 },
+        SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(["a"]) },
+        SagaEvent::StepStarted { index: 1 },
+        SagaEvent::StepStarted { index: 2 },
+        SagaEvent::StepCompleted { index: 1, attempts: 1, data: json!(["a", "b"]) },
+    ] {
+        log.append("r1", event).await.unwrap();
+    }
+    // And one whose every branch was recorded, the merge not.
+    log.begin(NewSaga { request_id: "r2".into(), ..saga }).await.unwrap();
+    log.append("r2", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(["a"]) }).await.unwrap();
+    for (index, name) in [(3, "d"), (1, "b"), (2, "c")] {
+        let data = json!(["a", name]);
+        log.append("r2", SagaEvent::StepCompleted { index, attempts: 1, data }).await.unwrap();
+    }
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log)
+        .asynchronous(F, flow())
+        .start()
+        .await
+        .expect("orchestrator starts");
+    for id in ["r1", "r2"] {
+        let record = wait_ended(&o, id).await;
+        assert_eq!(record.status(), SagaStatus::Completed, "{id}");
+        assert_eq!(record.data, json!(["a", "b", "c", "d", "e"]), "{id}: merged in branch order");
+    }
+    let mut ran = taken(&c);
+    ran.sort();
+    assert_eq!(ran, ["c#1", "d#1", "e#1", "e#1"], "no branch recorded done is run again");
+}
+
 #[tokio::test]
 async fn a_parallel_stage_without_a_merge_or_with_one_branch_is_refused() {
     let c = calls();
