@@ -429,3 +429,86 @@ pub async fn nack_delay(harness: &dyn BrokerHarness) {
     assert!(nacked_back, "the nacked message came back");
     close(&[&broker]).await;
 }
+
+/// The engine's hops over this broker for a flow with a parallel stage: each
+/// branch travels as a hop of its own, two orchestrators consume them, and
+/// every saga merges its branches once and continues once after the last.
+pub async fn parallel_stage_hops(harness: &dyn BrokerHarness) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::{Flow, MemorySagaLog, Node, NodeError, Options, Orchestrator, Parallel, SagaStatus, Step};
+
+    /// Appends its name to the data, counting its calls.
+    struct Mark(&'static str, Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl Node<Vec<String>> for Mark {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn action(&self, _: &Step, data: &mut Vec<String>) -> Result<(), NodeError> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            data.push(self.0.to_owned());
+            Ok(())
+        }
+    }
+
+    const SAGAS: usize = 10;
+    let (branches, last) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let flow = || {
+        let merge = |all: &mut Vec<String>, branch: Vec<String>| {
+            for name in branch {
+                if !all.contains(&name) {
+                    all.push(name);
+                }
+            }
+        };
+        let stage = ["b", "c", "d"]
+            .into_iter()
+            .fold(Parallel::new(), |stage, name| stage.branch(Mark(name, branches.clone())))
+            .merge(merge);
+        Flow::new().node(Mark("a", Arc::default())).parallel(stage).node(Mark("e", last.clone()))
+    };
+    let options = Options { topic_prefix: unique_name("conformance-parallel"), ..Options::default() };
+    let log = Arc::new(MemorySagaLog::new());
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let start = Orchestrator::builder(connect(harness).await, log.clone())
+            .options(options.clone())
+            .asynchronous("Parallel", flow())
+            .start();
+        replicas.push(within("an orchestrator starting", start).await.expect("an orchestrator starts"));
+    }
+    for n in 0..SAGAS {
+        let id = format!("saga-{n}");
+        let submit = replicas[n % 2].submit("Parallel", &id, Vec::<String>::new(), None);
+        within("a saga's submit", submit).await.expect("the first hop is queued");
+    }
+    let records = within("every saga's end", async {
+        loop {
+            let mut ended = Vec::new();
+            for n in 0..SAGAS {
+                match replicas[0].saga(&format!("saga-{n}")).await.expect("the log answers") {
+                    Some(record) if record.state.is_ended() => ended.push(record),
+                    _ => break,
+                }
+            }
+            if ended.len() == SAGAS {
+                return ended;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for record in &records {
+        assert_eq!(record.status(), SagaStatus::Completed, "{record:?}");
+        assert_eq!(record.data, serde_json::json!(["a", "b", "c", "d", "e"]), "{}", record.request_id);
+        let merges = record.history.iter().filter(|h| h.event == "branches_joined").count();
+        assert_eq!(merges, 1, "{}: one merge", record.request_id);
+    }
+    assert_eq!(last.load(Ordering::Relaxed), SAGAS, "the step after the stage ran once per saga");
+    assert!(branches.load(Ordering::Relaxed) >= 3 * SAGAS, "every branch ran");
+    for replica in replicas {
+        within("an orchestrator's shutdown", replica.shutdown()).await;
+    }
+}

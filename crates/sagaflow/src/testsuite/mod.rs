@@ -141,6 +141,7 @@ macro_rules! broker_conformance_tests {
             broker_conformance_graceful_close => graceful_close,
             broker_conformance_publish_after_close_fails => publish_after_close_fails,
             broker_conformance_nack_delay => nack_delay,
+            broker_conformance_parallel_stage_hops => parallel_stage_hops,
         );
     };
 }
