@@ -287,6 +287,33 @@ async fn async_sagas_recovered_mid_stage_send_the_hops_not_done_or_merge_what_is
 }
 
 #[tokio::test]
+async fn a_saga_begun_before_versions_is_never_run_on_a_parallel_flow_of_its_length() {
+    let c = calls();
+    let log = Arc::new(MemorySagaLog::new());
+    let saga = NewSaga {
+        request_id: "old".into(),
+        facade: F.into(),
+        mode: Mode::Sync,
+        steps: 5,
+        data: json!([]),
+        deadline_ms: sagaflow::now_ms() + 60_000,
+        callback_url: None,
+        owner: None,
+        version: None,
+    };
+    log.begin(saga).await.unwrap();
+    let flow = trip(
+        Scripted::new("a", &c),
+        [Scripted::new("b", &c), Scripted::new("c", &c), Scripted::new("d", &c)],
+        Scripted::new("e", &c),
+    );
+    let started = Orchestrator::builder(Arc::new(MemoryBroker::new()), log).sync(F, flow).start().await;
+    let Err(Error::MissingVersions { missing }) = started else { panic!("started on a flow of another shape") };
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert!(taken(&c).is_empty());
+}
+
+#[tokio::test]
 async fn a_parallel_stage_without_a_merge_or_with_one_branch_is_refused() {
     let c = calls();
     let no_merge = Flow::new().parallel(Parallel::new().branch(Scripted::new("b", &c)).branch(Scripted::new("c", &c)));

@@ -149,7 +149,8 @@ pub(crate) trait Registered: Send + Sync + 'static {
     fn mode(&self) -> Mode;
     /// The registered version of the facade's flow that runs this saga: the one it
     /// started on. A saga that recorded none (begun before versions were recorded)
-    /// runs on the current flow, or the first kept one, with as many steps as it has.
+    /// runs on the current flow, or the first kept one, of one step after another
+    /// with as many steps as it has.
     fn resolve(self: Arc<Self>, record: &SagaRecord) -> Option<Arc<dyn Registered>>;
     async fn start_consumers(self: Arc<Self>) -> Result<()>;
     async fn recover(self: Arc<Self>, record: SagaRecord, why: Resume) -> Result<()>;
@@ -559,7 +560,11 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
     fn resolve(self: Arc<Self>, record: &SagaRecord) -> Option<Arc<dyn Registered>> {
         let runtime = match &record.version {
             Some(version) => self.runtime_for(Some(&version.fingerprint)),
-            None => std::iter::once(&self).chain(&self.kept).find(|r| r.flow.len() == record.steps).cloned(),
+            // Begun before versions were recorded, so before parallel stages: a linear flow.
+            None => std::iter::once(&self)
+                .chain(&self.kept)
+                .find(|r| r.flow.len() == record.steps && r.version.shape.is_linear())
+                .cloned(),
         };
         runtime.map(|r| r as Arc<dyn Registered>)
     }
