@@ -30,9 +30,11 @@ impl<D: FlowData> FlowRuntime<D> {
         Ok(())
     }
 
-    /// Goes on from a step just recorded: the saga's end, the merge of a
-    /// stage whose last branch it was, or the next hops.
-    async fn continue_hops(&self, id: &Arc<str>, record: &SagaRecord) -> Result<()> {
+    /// Goes on from step `step`, just recorded: the saga's end, the merge of a
+    /// stage whose last branch it was, or the next stage's hops. A branch whose
+    /// siblings are not all done leaves the going on to the last of them: their
+    /// hops are out already, and sending them again would run them twice.
+    async fn continue_hops(&self, id: &Arc<str>, record: &SagaRecord, step: usize) -> Result<()> {
         match record.next() {
             Next::End => {
                 self.finish(record).await;
@@ -40,9 +42,24 @@ impl<D: FlowData> FlowRuntime<D> {
             }
             // Boxed: a linear saga's hop future stays as small as it was without stages.
             Next::Join(stage) => Box::pin(self.join_hops(id, record, stage)).await,
+            Next::Run(stage) if stage.contains(step) => Ok(()),
             Next::Run(_) => self.publish_next(record).await,
             Next::Compensate(_) | Next::Wait => Ok(()),
         }
+    }
+
+    /// Sends again the hops of the saga's current stage that may not have
+    /// reached the broker: a step's, or the branches' not started (one started
+    /// has had its hop delivered, and the broker delivers it again if its
+    /// consumer stopped).
+    async fn resend(&self, record: &SagaRecord, stage: Stage) -> Result<()> {
+        if !stage.is_parallel() {
+            return self.publish_next(record).await;
+        }
+        for index in stage.steps().filter(|&i| record.step_status(i) == StepStatus::Pending) {
+            self.publish_hop(&record.request_id, index, record.data.clone()).await?;
+        }
+        Ok(())
     }
 
     /// Merges the data of a parallel stage's branches (all done) and records
@@ -306,11 +323,11 @@ impl<D: FlowData> FlowRuntime<D> {
         }
         match record.on_hop(index) {
             OnHop::Run => {}
-            OnHop::Resend(_) => {
+            OnHop::Resend(stage) => {
                 // A redelivery after the step was recorded: the next hops may not
                 // have reached the broker, so send them again (the next consumer
                 // ignores one that did).
-                self.publish_next(&record).await?;
+                self.resend(&record, stage).await?;
                 return Ok(true);
             }
             // A branch recorded, its siblings not all: the last of them continues.
@@ -360,7 +377,7 @@ impl<D: FlowData> FlowRuntime<D> {
                     Err(e) => return Err(e),
                 };
                 drop(claim);
-                self.continue_hops(id, &record).await?;
+                self.continue_hops(id, &record, index).await?;
                 Ok(true)
             }
             Err(ActionError::Interrupted) => Ok(false),
