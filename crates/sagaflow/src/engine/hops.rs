@@ -49,13 +49,10 @@ impl<D: FlowData> FlowRuntime<D> {
     }
 
     /// Sends again the hops of the saga's current stage that may not have
-    /// reached the broker: a step's, or the branches' not started (one started
-    /// has had its hop delivered, and the broker delivers it again if its
-    /// consumer stopped).
+    /// reached the broker: those of its steps not started. A started step has
+    /// had its hop delivered, and the broker delivers it again if its consumer
+    /// stopped; a second copy would only run it twice at once.
     async fn resend(&self, record: &SagaRecord, stage: Stage) -> Result<()> {
-        if !stage.is_parallel() {
-            return self.publish_next(record).await;
-        }
         for index in stage.steps().filter(|&i| record.step_status(i) == StepStatus::Pending) {
             self.publish_hop(&record.request_id, index, record.data.clone()).await?;
         }
