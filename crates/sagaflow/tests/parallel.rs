@@ -313,6 +313,33 @@ async fn a_saga_begun_before_versions_is_never_run_on_a_parallel_flow_of_its_len
     assert!(taken(&c).is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_data_over_the_limit_fails_the_stage_and_compensates_every_branch() {
+    for mode in [Mode::Sync, Mode::Throttling] {
+        let c = calls();
+        // Each branch's data (`["a","b"]`, 9 bytes) fits; the merge's (`["a","b","c","d"]`, 17) does not.
+        let flow = trip(
+            Scripted::new("a", &c),
+            [Scripted::new("b", &c), Scripted::new("c", &c), Scripted::new("d", &c)],
+            Scripted::new("e", &c),
+        )
+        .max_data_bytes(12);
+        let builder = Orchestrator::builder(Arc::new(MemoryBroker::new()), Arc::new(MemorySagaLog::new()));
+        let builder = if mode == Mode::Sync { builder.sync(F, flow) } else { builder.throttling(F, flow) };
+        let o = builder.start().await.expect("orchestrator starts");
+        let Outcome::Compensated(failure) = o.run(F, "r1", Vec::<String>::new()).await.unwrap() else {
+            panic!("{mode}: not compensated")
+        };
+        assert_eq!((failure.step, failure.node.as_str()), (1, "b"), "{mode}");
+        assert!(failure.error.contains("over the flow's limit of 12 bytes"), "{mode}: {failure}");
+        let calls = taken(&c);
+        assert_eq!(calls.last().map(String::as_str), Some("undo a#1"), "{mode}: {calls:?}");
+        let undone = calls.iter().filter(|c| c.starts_with("undo")).count();
+        assert_eq!(undone, 4, "{mode}: every branch ran, so every branch is undone: {calls:?}");
+        assert!(!calls.iter().any(|c| c.starts_with("e#")), "{mode}: {calls:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_parallel_stage_without_a_merge_or_with_one_branch_is_refused() {
     let c = calls();

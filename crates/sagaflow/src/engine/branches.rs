@@ -71,6 +71,10 @@ impl<D: FlowData> FlowRuntime<D> {
         drop(running);
         let branches = self.branch_outputs(id, record, stage, outputs)?;
         self.flow.merge(stage, data, branches);
+        if let Some(error) = self.flow.oversize(data) {
+            // Every branch ran: the stage, failed at its first step, is compensated whole.
+            return Ok(Branches::Failed { index: stage.first, error, attempts: 0, uncertain: true });
+        }
         Ok(Branches::Joined)
     }
 

@@ -65,10 +65,18 @@ impl<D: FlowData> FlowRuntime<D> {
         let merged = self.decode(id, record.data.clone()).and_then(|mut data| {
             let branches = self.branch_outputs(id, record, stage, Vec::new())?;
             self.flow.merge(stage, &mut data, branches);
-            self.encode(id, &data)
+            Ok((self.flow.oversize(&data), self.encode(id, &data)?))
         });
         let data = match merged {
-            Ok(data) => data,
+            Ok((None, data)) => data,
+            Ok((Some(error), _)) => {
+                // Every branch ran: the stage, failed at its first step, is compensated whole.
+                return match self.record_failure(id, stage.first, error, 0, true, false).await {
+                    Ok(failed) if !failed.state.is_ended() => self.publish_rollback(&failed).await,
+                    Ok(_) | Err(Error::Log(LogError::Transition(_))) => Ok(()),
+                    Err(e) => Err(e),
+                };
+            }
             Err(error) => return self.halt(id, &error).await.map(drop),
         };
         let event = SagaEvent::BranchesJoined { first: stage.first, data };

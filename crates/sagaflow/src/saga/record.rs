@@ -239,6 +239,15 @@ impl SagaRecord {
             && self.pending().contains(&index)
     }
 
+    /// Whether `stage` is a parallel stage whose branches are all done and not
+    /// merged: its merge may still fail (the merged data too large), which
+    /// fails the stage at its first step.
+    fn merge_due(&self, stage: Stage) -> bool {
+        stage.is_parallel()
+            && stage.first == self.completed
+            && stage.steps().all(|i| self.step_states[i].status == StepStatus::Done)
+    }
+
     /// The step statuses of a record stored before steps had their own.
     fn legacy_step_states(&self) -> Vec<StepState> {
         let mut states = vec![StepState::PENDING; self.steps];
@@ -320,7 +329,9 @@ impl SagaRecord {
             (
                 SagaState::Running,
                 SagaEvent::StepFailed { failure, attempts, compensate_failed, later_steps_in_doubt },
-            ) if current.contains(failure.step) && self.step_status(failure.step) != StepStatus::Done => {
+            ) if current.contains(failure.step)
+                && (self.step_status(failure.step) != StepStatus::Done || self.merge_due(current)) =>
+            {
                 let failed = failure.step;
                 // Done steps, and running siblings (cancelled, in doubt), are undone; the failed
                 // step if an attempt may have taken effect; every step from its stage on if the

@@ -290,8 +290,18 @@ fn branches_complete_in_any_order_and_join_once() {
     let join = SagaEvent::BranchesJoined { first: 1, data: json!({ "all": true }) };
     assert!(r.apply(&join).is_err(), "no merge before every branch is done");
     r.apply(&SagaEvent::StepCompleted { index: 3, attempts: 1, data: json!({ "car": 3 }) }).unwrap();
+    let failed_branch = |step| SagaEvent::StepFailed {
+        failure: failure(step),
+        attempts: 0,
+        compensate_failed: true,
+        later_steps_in_doubt: false,
+    };
+    assert!(r.apply(&failed_branch(2)).is_err(), "a done branch does not fail while a sibling runs");
     r.apply(&SagaEvent::StepCompleted { index: 1, attempts: 2, data: json!({ "flight": 1 }) }).unwrap();
     assert_eq!(r.next(), Next::Join(branches));
+    let mut merge_failed = r.clone();
+    merge_failed.apply(&failed_branch(1)).unwrap();
+    assert_eq!(merge_failed.pending(), [3, 2, 1, 0], "a failed merge undoes every branch");
     assert_eq!((r.on_hop(1), r.on_hop(0)), (OnHop::Join(branches), OnHop::Join(branches)));
     r.apply(&join).unwrap();
     assert!(r.apply(&join).is_err(), "exactly one merge is recorded");
