@@ -1,14 +1,17 @@
 //! sagaflow: a Saga orchestrator for services that speak gRPC.
 //!
 //! A [`Flow`] is an ordered list of reusable [`Node`]s (an action and its
-//! compensation) registered under a facade name on an [`Orchestrator`]. A
+//! compensation), some of them the branches of a [`Parallel`] stage that run
+//! at once, registered under a facade name on an [`Orchestrator`]. A
 //! flow runs in one of three [`Mode`]s: *sync* (the caller waits, nodes run
 //! in order in-process), *async* (the caller is answered at once, each hop
 //! travels over the [`Broker`], the outcome goes to a callback) and
 //! *throttling* (the caller waits, hops are queued on this pod's topics and
 //! consumed with bounded concurrency). When a node fails for good, the nodes
-//! that completed are compensated in reverse, keyed by the request id. Every
-//! state change goes through the [`SagaLog`] before it is acted on.
+//! that completed (or may have) are compensated in reverse dependency order,
+//! keyed by the request id. Every state change goes through the [`SagaLog`]
+//! before it is acted on, and what runs next is decided from the saga's
+//! record alone ([`SagaRecord::next`]).
 //!
 //! ```
 //! use std::sync::Arc;
