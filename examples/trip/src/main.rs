@@ -3,11 +3,16 @@
 //! `trip bench [SAGAS] [LATENCY_MS] [memory|redb]`: the sync latency of the
 //! three-branch stage against a single step with the same upstream latency,
 //! run side by side, on the in-memory or the embedded saga log.
+//! `trip drive LOG COUNT REFUSE_EVERY`: runs trips `trip-0` to `trip-{COUNT-1}`
+//! on a durable saga log (`redb:DIR` or `postgres:URL#SCHEMA`), finishing first
+//! what a previous run left unfinished, the hotel refusing every trip whose
+//! number is a multiple of REFUSE_EVERY; the crash test kills it mid-run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Orchestrator, Outcome, Parallel, SagaLog};
+use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Options, Orchestrator, Outcome, Parallel, SagaLog};
+use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
 use sagaflow_redb::{RedbOptions, RedbSagaLog};
 use trip::node::Reserve;
 use trip::service::{Service, Services};
@@ -31,8 +36,16 @@ async fn main() -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
+        Some("drive") => {
+            let (Some(log), Some(count), Some(refuse_every)) = (args.next(), args.next(), args.next()) else {
+                anyhow::bail!("usage: trip drive redb:DIR|postgres:URL#SCHEMA COUNT REFUSE_EVERY");
+            };
+            drive(&log, count.parse()?, refuse_every.parse()?).await
+        }
         Some(other) => {
-            anyhow::bail!("unknown command `{other}`: run `trip` or `trip bench [SAGAS] [LATENCY_MS] [memory|redb]`")
+            anyhow::bail!(
+                "unknown command `{other}`: run `trip`, `trip bench [SAGAS] [LATENCY_MS] [memory|redb]` or `trip drive`"
+            )
         }
     }
 }
@@ -61,6 +74,57 @@ async fn demo() -> anyhow::Result<()> {
             service.set_fault(false);
         }
     }
+    orchestrator.shutdown().await;
+    Ok(())
+}
+
+/// Opens the durable saga log `spec` names: `redb:DIR` or `postgres:URL#SCHEMA`.
+async fn open_log(spec: &str) -> anyhow::Result<Arc<dyn SagaLog>> {
+    if let Some(dir) = spec.strip_prefix("redb:") {
+        return Ok(Arc::new(RedbSagaLog::open(RedbOptions::new(dir))?));
+    }
+    if let Some((url, schema)) = spec.strip_prefix("postgres:").and_then(|s| s.split_once('#')) {
+        let options = PostgresOptions::from_url(url)?.schema(schema);
+        return Ok(Arc::new(PostgresSagaLog::connect(options).await?));
+    }
+    anyhow::bail!("unknown saga log `{spec}`: redb:DIR or postgres:URL#SCHEMA")
+}
+
+async fn drive(log: &str, count: u64, refuse_every: u64) -> anyhow::Result<()> {
+    let log = open_log(log).await?;
+    let services = Services::new(Duration::from_millis(20));
+    services.hotels.refuse_every(refuse_every);
+    // The same pod id in every run: a shared log gives a restarted driver its own sagas back.
+    let options = Options { pod_id: "trip-drive".into(), ..Options::default() };
+    let orchestrator = Arc::new(
+        Orchestrator::builder(Arc::new(MemoryBroker::new()), log.clone())
+            .options(options)
+            .sync(SYNC_TRIP, trip::trip_flow(&services))
+            .start() // finishes what a previous run left
+            .await?,
+    );
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let (orchestrator, next) = (orchestrator.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= count {
+                        return Ok::<_, sagaflow::Error>(());
+                    }
+                    orchestrator.run(SYNC_TRIP, &format!("trip-{n}"), Trip::new("Ada", 1)).await?;
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await??;
+    }
+    while !log.unfinished().await?.is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("drove {count} trips, {} of them unfinished from a previous run", orchestrator.stats().recovered);
     orchestrator.shutdown().await;
     Ok(())
 }

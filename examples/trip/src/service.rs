@@ -25,6 +25,7 @@ pub struct Service {
     name: &'static str,
     latency: Duration,
     fault: AtomicBool,
+    refuse_every: AtomicU64,
     next_id: AtomicU64,
     bookings: Mutex<HashMap<String, Booking>>,
 }
@@ -36,6 +37,7 @@ impl Service {
             name,
             latency,
             fault: AtomicBool::new(false),
+            refuse_every: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             bookings: Mutex::default(),
         })
@@ -46,11 +48,21 @@ impl Service {
         self.fault.store(on, Ordering::Relaxed);
     }
 
+    /// Refuses every booking whose request id ends in a multiple of `n` (0: none),
+    /// the same in every process, so a test knows which sagas compensate.
+    pub fn refuse_every(&self, n: u64) {
+        self.refuse_every.store(n, Ordering::Relaxed);
+    }
+
     /// Books for `request_id`; the same request id gets the same booking.
     pub async fn book(&self, request_id: &str) -> Result<u64, Refused> {
         tokio::time::sleep(self.latency).await;
         if self.fault.load(Ordering::Relaxed) {
             return Err(Refused(format!("{} refused the booking (fault switch on)", self.name)));
+        }
+        let every = self.refuse_every.load(Ordering::Relaxed);
+        if every > 0 && number_of(request_id).is_some_and(|n| n.is_multiple_of(every)) {
+            return Err(Refused(format!("{} refused booking `{request_id}` (refuses every {every})", self.name)));
         }
         let mut bookings = self.bookings.lock().unwrap_or_else(|e| e.into_inner());
         match bookings.get(request_id) {
@@ -79,6 +91,12 @@ impl Service {
     pub fn name(&self) -> &'static str {
         self.name
     }
+}
+
+/// The number a request id ends in, if it ends in digits.
+pub fn number_of(request_id: &str) -> Option<u64> {
+    let digits = request_id.len() - request_id.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    request_id[request_id.len() - digits..].parse().ok()
 }
 
 /// The four services a trip needs.
