@@ -103,6 +103,8 @@ async fn drive(log: &str, count: u64, refuse_every: u64) -> anyhow::Result<()> {
             .start() // finishes what a previous run left
             .await?,
     );
+    let recovered = orchestrator.stats().recovered;
+    println!("driving: {recovered} trips unfinished from a previous run");
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let callers: Vec<_> = (0..8)
         .map(|_| {
@@ -124,7 +126,7 @@ async fn drive(log: &str, count: u64, refuse_every: u64) -> anyhow::Result<()> {
     while !log.unfinished().await?.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("drove {count} trips, {} of them unfinished from a previous run", orchestrator.stats().recovered);
+    println!("drove {count} trips");
     orchestrator.shutdown().await;
     Ok(())
 }

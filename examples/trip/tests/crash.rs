@@ -3,7 +3,8 @@
 //! at the end every trip has ended as its number says: compensated when the
 //! hotel refuses it, completed with every booking and the payment otherwise.
 
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use rand::Rng;
@@ -25,11 +26,37 @@ fn drive(log: &str) -> Child {
         .expect("trip drive starts")
 }
 
-/// Kills the driver three times at random moments, then lets a last run finish.
+/// Starts the driver and waits for its first line: it has recovered what a
+/// previous run left and drives trips. Returns the driver, the rest of its
+/// output (kept open: the driver still writes to it) and how many trips it
+/// found unfinished.
+async fn started(spec: &str) -> (Child, BufReader<ChildStdout>, u64) {
+    let mut child = drive(spec);
+    let stdout = child.stdout.take().expect("piped");
+    let first = tokio::task::spawn_blocking(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).map(|_| (reader, line))
+    });
+    let (reader, line) = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("the driver starts within a minute")
+        .unwrap()
+        .expect("the driver's first line");
+    let recovered = line
+        .strip_prefix("driving: ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the driver's first line: {line:?}"));
+    (child, reader, recovered)
+}
+
+/// Kills the driver three times at random moments while it drives trips,
+/// then lets a last run finish.
 async fn kill_and_finish(spec: &str) {
     for kill in 0..KILLS {
-        let mut child = drive(spec);
-        let after = Duration::from_millis(rand::rng().random_range(300..900));
+        let (mut child, _output, _) = started(spec).await;
+        let after = Duration::from_millis(rand::rng().random_range(200..700));
         tokio::time::sleep(after).await;
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the driver ended before kill {kill}: {status}");
@@ -37,19 +64,18 @@ async fn kill_and_finish(spec: &str) {
         child.kill().expect("kill -9"); // SIGKILL
         child.wait().expect("the killed driver is reaped");
     }
-    let spec = spec.to_owned();
-    let last =
-        tokio::task::spawn_blocking(move || drive(&spec).wait_with_output()).await.unwrap().expect("the last run ends");
-    let said = String::from_utf8_lossy(&last.stdout);
-    assert!(last.status.success(), "the last run failed: {said}");
-    // The last kill left sagas in flight, some of them mid-stage: the last run finished them.
-    let recovered: u64 = said
-        .split(", ")
-        .nth(1)
-        .and_then(|part| part.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the last run's report: {said}"));
-    assert!(recovered > 0, "the last run found nothing unfinished: {said}");
+    let (mut last, mut output, recovered) = started(spec).await;
+    // The last kill left sagas in flight, some of them mid-stage: the last run finishes them.
+    assert!(recovered > 0, "the last run found nothing unfinished");
+    let (status, said) = tokio::task::spawn_blocking(move || {
+        let mut said = String::new();
+        output.read_to_string(&mut said).map(|_| (last.wait(), said))
+    })
+    .await
+    .unwrap()
+    .expect("the last run's output");
+    assert!(status.expect("the last run ends").success(), "the last run failed: {said}");
+    assert!(said.contains(&format!("drove {TRIPS} trips")), "{said}");
 }
 
 /// Every trip's record in `log` ended as its number says.
