@@ -263,9 +263,9 @@ impl SagaRecord {
             }
             SagaState::Completed => {}
             SagaState::Compensating { failure, pending } | SagaState::Stuck { failure, pending, .. } => {
-                mark_compensation(&mut states, failure.step, pending)
+                mark_compensation(&mut states, Some(failure.step), pending)
             }
-            SagaState::Compensated { failure } => mark_compensation(&mut states, failure.step, &[]),
+            SagaState::Compensated { failure } => mark_compensation(&mut states, Some(failure.step), &[]),
         }
         states
     }
@@ -348,7 +348,7 @@ impl SagaRecord {
                             }
                     })
                     .collect();
-                mark_compensation(&mut self.step_states, failed, &pending);
+                mark_compensation(&mut self.step_states, Some(failed), &pending);
                 entry.step = Some(failed);
                 entry.attempts = Some(*attempts);
                 entry.error = Some(failure.error.clone());
@@ -461,22 +461,23 @@ impl SagaRecord {
             .rev()
             .filter(|&i| matches!(self.step_states[i].status, StepStatus::Done | StepStatus::Running))
             .collect();
-        mark_compensation(&mut self.step_states, usize::MAX, &pending);
+        mark_compensation(&mut self.step_states, None, &pending);
         (Failure { step, node: String::new(), error, code: None }, pending)
     }
 }
 
 /// Marks the steps of a saga turning to compensation: `pending` are due,
 /// the failed step is failed unless it is one of them, the others keep their status.
-fn mark_compensation(states: &mut [StepState], failed: usize, pending: &[usize]) {
+fn mark_compensation(states: &mut [StepState], failed: Option<usize>, pending: &[usize]) {
     for (i, state) in states.iter_mut().enumerate() {
         if pending.contains(&i) {
             // A branch's unmerged output stays: its compensation reads it.
             state.status = StepStatus::Compensating;
-        } else if i == failed {
+        } else if Some(i) == failed {
             *state = StepState::with(StepStatus::Failed);
-        } else if state.status == StepStatus::Done && failed != usize::MAX {
-            // Compensated already (a legacy record's steps past its pending ones).
+        } else if state.status == StepStatus::Done {
+            // Done and not pending: compensated already (only in a record stored
+            // before steps had their own status; a new failure makes every done step pending).
             state.status = StepStatus::Compensated;
         }
     }
