@@ -18,11 +18,10 @@ use serde_json::{Value, json};
 pub use super::replicas::{
     claim_takes_over_exactly_once, ends_are_announced, leases_expire_and_renew, restart_keeps_own_sagas,
 };
+pub use super::stages::parallel_branches_round_trip;
 use super::{unique_name, within};
 use crate::log::{Begin, ListCursor, ListFilter, LogError, Retention, SagaLog, Tombstone};
-use crate::saga::{
-    Failure, FlowVersion, Mode, NewSaga, SagaEvent, SagaRecord, SagaState, SagaStatus, Shape, StepStatus, now_ms,
-};
+use crate::saga::{Failure, Mode, NewSaga, SagaEvent, SagaRecord, SagaState, SagaStatus, now_ms};
 
 /// Opens the saga log under test.
 #[async_trait]
@@ -53,11 +52,11 @@ pub trait LogHarness: Send + Sync + 'static {
     }
 }
 
-async fn fresh(harness: &dyn LogHarness) -> Arc<dyn SagaLog> {
+pub(super) async fn fresh(harness: &dyn LogHarness) -> Arc<dyn SagaLog> {
     within("a fresh log from the harness", harness.fresh()).await
 }
 
-fn new_saga(request_id: &str, facade: &str, steps: usize) -> NewSaga {
+pub(super) fn new_saga(request_id: &str, facade: &str, steps: usize) -> NewSaga {
     NewSaga {
         request_id: request_id.to_owned(),
         facade: facade.to_owned(),
@@ -71,12 +70,12 @@ fn new_saga(request_id: &str, facade: &str, steps: usize) -> NewSaga {
     }
 }
 
-fn failure(step: usize) -> Failure {
+pub(super) fn failure(step: usize) -> Failure {
     Failure { step, node: format!("Node{step}"), error: "refused: out of stock".to_owned(), code: Some(10) }
 }
 
 /// Begins a saga that must be new, checking the record is `SagaRecord::new`'s.
-async fn begin(log: &dyn SagaLog, saga: NewSaga) -> SagaRecord {
+pub(super) async fn begin(log: &dyn SagaLog, saga: NewSaga) -> SagaRecord {
     let what = format!("begin of `{}`", saga.request_id);
     let record = match within(&what, log.begin(saga.clone())).await {
         Ok(Begin::Started(record)) => record,
@@ -95,7 +94,7 @@ async fn begin(log: &dyn SagaLog, saga: NewSaga) -> SagaRecord {
 
 /// Appends `event` to `before`'s saga, checking the result is `SagaRecord::apply`'s
 /// and that `get` returns the same.
-async fn append(log: &dyn SagaLog, before: &SagaRecord, event: SagaEvent) -> SagaRecord {
+pub(super) async fn append(log: &dyn SagaLog, before: &SagaRecord, event: SagaEvent) -> SagaRecord {
     let id = &before.request_id;
     let what = format!("append of {event:?} to `{id}`");
     let after = match within(&what, log.append(id, event.clone())).await {
@@ -116,7 +115,7 @@ async fn append(log: &dyn SagaLog, before: &SagaRecord, event: SagaEvent) -> Sag
     after
 }
 
-async fn get(log: &dyn SagaLog, request_id: &str) -> Option<SagaRecord> {
+pub(super) async fn get(log: &dyn SagaLog, request_id: &str) -> Option<SagaRecord> {
     let what = format!("get of `{request_id}`");
     match within(&what, log.get(request_id)).await {
         Ok(record) => record,
@@ -143,7 +142,7 @@ async fn unfinished_of(log: &dyn SagaLog, ours: &BTreeSet<String>) -> BTreeMap<S
 }
 
 /// Runs the steps of `record` from its next one to `until` (excluded), each started and completed.
-async fn complete_steps(log: &dyn SagaLog, mut record: SagaRecord, until: usize) -> SagaRecord {
+pub(super) async fn complete_steps(log: &dyn SagaLog, mut record: SagaRecord, until: usize) -> SagaRecord {
     for index in record.completed..until {
         record = append(log, &record, SagaEvent::StepStarted { index }).await;
         let data = json!({ "request": record.request_id, "step": index });
@@ -339,7 +338,7 @@ pub async fn refused_transition_leaves_record(harness: &dyn LogHarness) {
     }
 }
 
-async fn refused(log: &dyn SagaLog, current: &SagaRecord, event: SagaEvent, state: SagaStatus) {
+pub(super) async fn refused(log: &dyn SagaLog, current: &SagaRecord, event: SagaEvent, state: SagaStatus) {
     let id = &current.request_id;
     let what = format!("append of {event:?} to `{id}` in state {state}");
     match within(&what, log.append(id, event)).await {
@@ -591,92 +590,6 @@ pub async fn histories_round_trip(harness: &dyn LogHarness) {
     for saga in [forward, backward] {
         assert_eq!(get(&*log, &saga.request_id).await, Some(saga), "the whole record round-trips");
     }
-}
-
-/// A saga of a flow with a stage of three parallel branches between two steps.
-fn parallel_saga(request_id: &str, facade: &str) -> NewSaga {
-    let mut saga = new_saga(request_id, facade, 5);
-    saga.version =
-        Some(FlowVersion { fingerprint: "conformance".into(), label: None, shape: Shape::of_stages([1, 3, 1]) });
-    saga
-}
-
-/// A parallel stage's branches: each step's status and unmerged data are
-/// stored and read back; branches completed at once from several tasks are
-/// each recorded; of concurrent merges exactly one is; a failed branch turns
-/// its done and running siblings to compensation, before the step they follow.
-pub async fn parallel_branches_round_trip(harness: &dyn LogHarness) {
-    let log = fresh(harness).await;
-    let facade = unique_name("Facade");
-    let record = begin(&*log, parallel_saga(&unique_name("joined"), &facade)).await;
-    let mut record = complete_steps(&*log, record, 1).await;
-    for index in 1..4 {
-        record = append(&*log, &record, SagaEvent::StepStarted { index }).await;
-    }
-    let branch =
-        append(&*log, &record, SagaEvent::StepCompleted { index: 2, attempts: 1, data: json!({ "hotel": 2 }) }).await;
-    assert_eq!(branch.step_states[2].output, Some(json!({ "hotel": 2 })));
-    assert_eq!(branch.completed, 1, "a branch waits for the merge");
-    let id = branch.request_id.clone();
-    let tasks: Vec<_> = [1, 3]
-        .into_iter()
-        .map(|index| {
-            let (log, id) = (log.clone(), id.clone());
-            tokio::spawn(async move {
-                let data = json!({ "branch": index });
-                log.append(&id, SagaEvent::StepCompleted { index, attempts: 1, data }).await
-            })
-        })
-        .collect();
-    for task in tasks {
-        within("a branch's completion", task).await.expect("task").expect("each branch is recorded");
-    }
-    let merges: Vec<_> = (0..4)
-        .map(|n| {
-            let (log, id) = (log.clone(), id.clone());
-            tokio::spawn(async move {
-                log.append(&id, SagaEvent::BranchesJoined { first: 1, data: json!({ "merge": n }) }).await
-            })
-        })
-        .collect();
-    let mut joined = Vec::new();
-    for task in merges {
-        match within("a merge", task).await.expect("task") {
-            Ok(record) => joined.push(record),
-            Err(LogError::Transition(_)) => {}
-            Err(e) => panic!("a merge failed: {e}"),
-        }
-    }
-    assert_eq!(joined.len(), 1, "exactly one of four concurrent merges is recorded");
-    let record = get(&*log, &id).await.expect("the saga");
-    assert_eq!((record.completed, &record.data), (4, &joined[0].data));
-    assert!(record.step_states.iter().take(4).all(|s| s.status == StepStatus::Done && s.output.is_none()));
-    let record = complete_steps(&*log, record, 5).await;
-    assert_eq!(record.status(), SagaStatus::Completed);
-
-    let record = begin(&*log, parallel_saga(&unique_name("failed"), &facade)).await;
-    let mut record = complete_steps(&*log, record, 1).await;
-    for index in 1..4 {
-        record = append(&*log, &record, SagaEvent::StepStarted { index }).await;
-    }
-    let record =
-        append(&*log, &record, SagaEvent::StepCompleted { index: 3, attempts: 1, data: json!({ "car": 3 }) }).await;
-    let failed = SagaEvent::StepFailed {
-        failure: failure(1),
-        attempts: 1,
-        compensate_failed: false,
-        later_steps_in_doubt: false,
-    };
-    let record = append(&*log, &record, failed).await;
-    assert_eq!(record.pending(), [3, 2, 0], "the done and the running sibling, then the step before");
-    let statuses: Vec<_> = record.step_states.iter().map(|s| s.status).collect();
-    use StepStatus::*;
-    assert_eq!(statuses, [Compensating, Failed, Compensating, Compensating, Pending]);
-    refused(&*log, &record, SagaEvent::StepCompensated { index: 0, attempts: 1 }, SagaStatus::Compensating).await;
-    let record = append(&*log, &record, SagaEvent::StepCompensated { index: 2, attempts: 1 }).await;
-    let record = append(&*log, &record, SagaEvent::StepCompensated { index: 3, attempts: 1 }).await;
-    let record = append(&*log, &record, SagaEvent::StepCompensated { index: 0, attempts: 1 }).await;
-    assert_eq!(record.status(), SagaStatus::Compensated);
 }
 
 fn rich_data(step: u64) -> Value {

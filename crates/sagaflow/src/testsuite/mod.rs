@@ -43,6 +43,7 @@
 pub mod broker;
 pub mod log;
 mod replicas;
+mod stages;
 
 use std::fmt;
 use std::io::Write as _;
