@@ -22,6 +22,7 @@ const EVENT_LABELS = {
   resolved: 'operator settled the compensation by hand',
   callback_delivered: 'callback delivered',
   callback_failed: 'callback failed',
+  branches_joined: 'branches merged',
 };
 
 const app = {
@@ -183,8 +184,8 @@ function line(x1, y1, x2, y2, cls, marker) {
   return svg('line', { x1, y1, x2, y2, class: `edge ${cls}`, 'marker-end': `url(#${marker})` });
 }
 
-function box(x, y, w, caption, name, cls, title) {
-  return svg('g', { class: `box ${cls}` },
+function box(x, y, w, caption, name, cls, title, data = {}) {
+  return svg('g', { class: `box ${cls}`, ...data },
     svg('title', {}, title),
     svg('rect', { x, y, width: w, height: BOX_H, rx: 7 }),
     svg('text', { x: x + w / 2, y: y + 17, class: 'caption' }, caption),
@@ -197,13 +198,52 @@ function terminal(x, y, label, cls) {
     svg('text', { x: x + TERM_W / 2, y: y + BOX_H / 2 + 5, class: 'name' }, label));
 }
 
-// Draws a flow: Start → nodes in order → Completed on top; under each node its
-// compensation; a failed node leads to the compensation of the step before it,
-// compensations run right to left, and the last one ends in Compensated.
+// The flow's stages, each a list of step indexes: one step each in a flow of
+// one step after another, several where branches run at once. `shape` is the
+// version's stage sizes, absent for a linear flow.
+function stagesOf(nodes, shape) {
+  const sizes = shape && shape.length ? shape : nodes.map(() => 1);
+  const stages = [];
+  let first = 0;
+  for (const size of sizes) {
+    stages.push(Array.from({ length: size }, (_, k) => first + k));
+    first += size;
+  }
+  return stages;
+}
+
+// Where each step sits: its stage, its branch (0 in a one-step stage) and the
+// stage's size; and the step's label, "2" or, for a branch, "1b".
+function placesOf(stages) {
+  const places = [];
+  stages.forEach((steps, stage) => steps.forEach((step, branch) => {
+    const label = steps.length > 1 ? `${stage + 1}${String.fromCharCode(97 + branch)}` : `${stage + 1}`;
+    places[step] = { stage, branch, size: steps.length, label };
+  }));
+  return places;
+}
+
+// The stages of the version a saga runs on, when the API says which; else its flow's.
+function sagaStages(saga, flow) {
+  const nodes = saga.step_details.map((s) => s.node);
+  const shape = saga.version && saga.version.shape ? saga.version.shape
+    : flow && flow.nodes.length === nodes.length && flow.version ? flow.version.shape : null;
+  return stagesOf(nodes, shape);
+}
+
+const ROW = BOX_H + 12;
+
+// Draws a flow: Start → stages in order → Completed on top, the branches of a
+// parallel stage stacked in its column; under them their compensations. A
+// failed step leads to the compensations of the stage before it (a failed
+// branch's siblings are compensated too); compensations run right to left,
+// a stage's at once, and the last ones end in Compensated.
 // `marks` (optional) colours one saga's path: {action: [...], compensation: [...], end}.
 function drawFlow(flow, marks) {
-  const n = flow.nodes.length;
-  const widths = flow.nodes.map((name) => Math.max(128, textWidth(name, 14) + 28));
+  const stages = stagesOf(flow.nodes, flow.version && flow.version.shape);
+  const rows = Math.max(1, ...stages.map((s) => s.length));
+  const compTop = BOTTOM_Y + (rows - 1) * ROW;
+  const widths = stages.map((steps) => Math.max(128, ...steps.map((i) => textWidth(flow.nodes[i], 14) + 28)));
   const xs = [];
   let x = 10 + TERM_W + GAP;
   for (const w of widths) {
@@ -211,71 +251,83 @@ function drawFlow(flow, marks) {
     x += w + GAP;
   }
   const width = x + TERM_W + 10;
-  const height = BOTTOM_Y + BOX_H + 14;
+  const height = compTop + (rows - 1) * ROW + BOX_H + 14;
   const id = `m${++app.markers}`;
+  const said = stages.map((steps) => steps.map((i) => flow.nodes[i]).join(' and ')
+    + (steps.length > 1 ? ' at once' : '')).join(' then ');
   const root = svg('svg', {
     class: 'flow-diagram',
     viewBox: `0 0 ${width} ${height}`,
     width,
     height,
     role: 'img',
-    'aria-label': `${flow.facade}: ${flow.nodes.join(' then ')}`,
+    'aria-label': `${flow.facade}: ${said}`,
     'data-facade': flow.facade,
+    'data-stages': stages.map((s) => s.length).join(','),
   });
   const defs = svg('defs');
   for (const cls of ['forward', 'failure', 'rollback']) arrowMarker(defs, `${id}-${cls}`, cls);
   root.append(defs);
-  const midTop = TOP_Y + BOX_H / 2;
-  const midBottom = BOTTOM_Y + BOX_H / 2;
   const end = marks ? marks.end : null;
+  const topOf = (branch) => TOP_Y + branch * ROW;
+  const compOf = (branch) => compTop + branch * ROW;
 
-  // The forward path.
+  // The forward path: every step of a stage follows every step of the one before.
   root.append(terminal(10, TOP_Y, 'start', marks ? 'reached' : ''));
-  let from = 10 + TERM_W;
-  for (let i = 0; i < n; i += 1) {
-    root.append(line(from, midTop, xs[i] - 2, midTop, 'forward', `${id}-forward`));
-    from = xs[i] + widths[i];
-  }
-  const doneX = xs.length ? from + GAP : 10 + TERM_W + GAP;
-  root.append(line(from, midTop, doneX - 2, midTop, 'forward', `${id}-forward`));
+  let from = [{ x: 10 + TERM_W, y: TOP_Y + BOX_H / 2 }];
+  stages.forEach((steps, k) => {
+    for (const p of from) {
+      steps.forEach((_, b) => root.append(line(p.x, p.y, xs[k] - 2, topOf(b) + BOX_H / 2, 'forward', `${id}-forward`)));
+    }
+    from = steps.map((_, b) => ({ x: xs[k] + widths[k], y: topOf(b) + BOX_H / 2 }));
+  });
+  const doneX = xs.length ? x : 10 + TERM_W + GAP;
+  for (const p of from) root.append(line(p.x, p.y, doneX - 2, TOP_Y + BOX_H / 2, 'forward', `${id}-forward`));
   root.append(terminal(doneX, TOP_Y, 'completed', end === 'completed' ? 'reached completed' : ''));
-  root.append(terminal(10, BOTTOM_Y, 'compensated', end === 'compensated' ? 'reached compensated' : end === 'stuck' ? 'reached stuck' : ''));
+  root.append(terminal(10, compTop, 'compensated', end === 'compensated' ? 'reached compensated' : end === 'stuck' ? 'reached stuck' : ''));
 
-  // Where the rollback goes from step i: the nearest compensable step before it, else the end.
+  // Where the rollback goes from stage k: the nearest stage before it with compensations, else the end.
   const compensable = (i) => Boolean(flow.compensations[i]);
-  const below = (i) => {
-    for (let j = i - 1; j >= 0; j -= 1) if (compensable(j)) return j;
+  const below = (k) => {
+    for (let j = k - 1; j >= 0; j -= 1) if (stages[j].some(compensable)) return j;
     return -1;
   };
-  const target = (j) => (j < 0 ? { x: 10 + TERM_W / 2, y: BOTTOM_Y + 6 } : { x: xs[j] + widths[j] / 2, y: BOTTOM_Y });
-  for (let i = 0; i < n; i += 1) {
-    const t = target(below(i));
-    const sx = xs[i] + widths[i] / 2 - (i === 0 ? 0 : 14);
-    const edge = line(sx, TOP_Y + BOX_H, t.x + (below(i) < 0 ? 18 : 14), t.y - 2, 'failure', `${id}-failure`);
-    root.append(edge);
-  }
-  for (let i = 0; i < n; i += 1) {
-    if (!compensable(i)) continue;
-    const j = below(i);
-    const toX = j < 0 ? 10 + TERM_W : xs[j] + widths[j];
-    root.append(line(xs[i], midBottom, toX + 2, midBottom, 'rollback', `${id}-rollback`));
-  }
+  const targets = (j) => (j < 0 ? [{ x: 10 + TERM_W, y: compTop + BOX_H / 2, top: { x: 10 + TERM_W / 2, y: compTop + 6 } }]
+    : stages[j].map((i, b) => ({ i, b })).filter(({ i }) => compensable(i)).map(({ b }) => ({
+      x: xs[j] + widths[j], y: compOf(b) + BOX_H / 2, top: { x: xs[j] + widths[j] / 2, y: compOf(b) } })));
+  stages.forEach((steps, k) => {
+    const first = targets(below(k))[0].top;
+    steps.forEach((_, b) => {
+      const sx = xs[k] + widths[k] / 2 - (k === 0 ? 0 : 14) + b * 6;
+      root.append(line(sx, topOf(b) + BOX_H, first.x + (below(k) < 0 ? 18 : 14), first.y - 2, 'failure', `${id}-failure`));
+    });
+    steps.forEach((i, b) => {
+      if (!compensable(i)) return;
+      for (const t of targets(below(k))) {
+        root.append(line(xs[k], compOf(b) + BOX_H / 2, t.x + 2, t.y, 'rollback', `${id}-rollback`));
+      }
+    });
+  });
   // Boxes last, over the edges.
-  for (let i = 0; i < n; i += 1) {
+  const places = placesOf(stages);
+  stages.forEach((steps, k) => steps.forEach((i, b) => {
+    const place = places[i];
+    const data = { 'data-step': i, 'data-stage': k, 'data-branch': b };
+    const what = place.size > 1 ? `branch ${String.fromCharCode(97 + b)} of step ${k + 1}` : `step ${k + 1}`;
     const state = marks ? marks.action[i] : '';
-    root.append(box(xs[i], TOP_Y, widths[i], `step ${i + 1}`, flow.nodes[i], `node ${state || ''}`,
-      `${flow.nodes[i]}: action of step ${i + 1}${state ? ` (${state})` : ''}`));
+    root.append(box(xs[k], topOf(b), widths[k], `step ${place.label}`, flow.nodes[i], `node ${state || ''}`,
+      `${flow.nodes[i]}: action of ${what}${state ? ` (${state})` : ''}`, data));
     if (compensable(i)) {
       const cstate = marks ? marks.compensation[i] : '';
-      root.append(box(xs[i], BOTTOM_Y, widths[i], 'compensate', flow.nodes[i], `comp ${cstate || ''}`,
-        `compensation of ${flow.nodes[i]}${cstate ? ` (${cstate})` : ''}`));
+      root.append(box(xs[k], compOf(b), widths[k], 'compensate', flow.nodes[i], `comp ${cstate || ''}`,
+        `compensation of ${flow.nodes[i]}${cstate ? ` (${cstate})` : ''}`, data));
     }
-  }
-  if (n) {
-    // Labelled once, beside where the last node's failure edge leaves it (the edges run down-left).
-    const last = n - 1;
+  }));
+  if (stages.length) {
+    // Labelled once, beside where the last stage's failure edge leaves it (the edges run down-left).
+    const last = stages.length - 1;
     const lx = xs[last] + widths[last] / 2 - (last === 0 ? 0 : 14) + 8;
-    root.append(svg('text', { x: lx, y: TOP_Y + BOX_H + 16, class: 'edge-label' }, 'final error'));
+    root.append(svg('text', { x: lx, y: topOf(stages[last].length - 1) + BOX_H + 16, class: 'edge-label' }, 'final error'));
   }
   return root;
 }
@@ -456,8 +508,15 @@ function resetPaging() {
 
 // ------------------------------------------------------------------ one saga
 
+// A step's action as it ended: one still "running" in a saga that went on to
+// roll back was a branch cancelled beside a failed sibling, its effect in doubt.
+function actionStatus(saga, step) {
+  const status = step.action.status;
+  return status === 'running' && saga.status !== 'running' ? 'cancelled' : status;
+}
+
 function sagaMarks(saga) {
-  const action = saga.step_details.map((s) => s.action.status);
+  const action = saga.step_details.map((s) => actionStatus(saga, s));
   const compensation = saga.step_details.map((s) => s.compensation.status);
   const end = ['completed', 'compensated', 'stuck'].includes(saga.status) ? saga.status : null;
   return { action, compensation, end };
@@ -469,16 +528,20 @@ function nodeOf(saga, step) {
   return view && view.node ? view.node : `step ${step + 1}`;
 }
 
-function renderTimeline(saga) {
+function renderTimeline(saga, places) {
   const list = el('ol', { id: 'saga-timeline', class: 'timeline' });
   for (const entry of saga.history) {
     const rollback = entry.event === 'step_failed';
     const stuck = entry.event === 'compensation_gave_up';
-    const node = nodeOf(saga, entry.step);
+    const joined = entry.event === 'branches_joined';
+    const node = joined ? '' : nodeOf(saga, entry.step);
+    const place = entry.step === null || entry.step === undefined ? null : places[entry.step];
+    const branch = place && place.size > 1 && !joined ? place.label : null;
     list.append(el('li', {
-      class: `entry event-${entry.event}${rollback ? ' rollback' : ''}${stuck ? ' stuck' : ''}`,
+      class: `entry event-${entry.event}${rollback ? ' rollback' : ''}${stuck ? ' stuck' : ''}${branch ? ' branch' : ''}`,
       'data-event': entry.event,
       'data-node': node,
+      'data-branch': branch,
     },
     el('div', { class: 'when' },
       el('time', { datetime: new Date(entry.at_ms).toISOString() }, clock(entry.at_ms)),
@@ -486,6 +549,8 @@ function renderTimeline(saga) {
     el('div', { class: 'what' },
       el('span', { class: 'event' }, EVENT_LABELS[entry.event] || entry.event),
       node ? el('span', { class: 'node' }, node) : null,
+      branch ? el('span', { class: 'branch-label', title: `a branch of step ${place.stage + 1}, run beside ${place.size - 1} other${place.size === 2 ? '' : 's'}` }, `branch ${branch}`) : null,
+      joined && place ? el('span', { class: 'node' }, `step ${place.stage + 1}: ${place.size} branches merged`) : null,
       entry.attempts ? el('span', { class: 'attempts' }, `${entry.attempts} attempt${entry.attempts === 1 ? '' : 's'}`) : null,
       entry.error ? el('code', { class: 'error' }, entry.error) : null,
       entry.by && !entry.error ? el('span', { class: 'by' }, `by ${entry.by}${entry.reason ? `: ${entry.reason}` : ''}`) : null)));
@@ -493,14 +558,14 @@ function renderTimeline(saga) {
   return list;
 }
 
-function renderSteps(saga) {
+function renderSteps(saga, places) {
   const rows = saga.step_details.map((step) => {
     const a = step.action;
     const c = step.compensation;
     const took = a.started_ms && a.ended_ms ? span(a.ended_ms - a.started_ms) : '';
     return el('tr', {},
-      el('td', {}, `${step.index + 1}. ${step.node || ''}`),
-      el('td', {}, el('span', { class: `phase phase-${a.status}` }, a.status.replace('_', ' '))),
+      el('td', {}, `${places[step.index] ? places[step.index].label : step.index + 1}. ${step.node || ''}`),
+      el('td', {}, el('span', { class: `phase phase-${actionStatus(saga, step)}` }, actionStatus(saga, step).replace('_', ' '))),
       el('td', {}, a.attempts || ''),
       el('td', {}, took),
       el('td', {}, el('span', { class: `phase phase-${c.status}` }, c.status.replace('_', ' ')),
@@ -533,9 +598,10 @@ function renderSaga(saga) {
   const actions = sagaActions(saga);
   if (actions) holder.append(actions);
   if (flow) holder.append(el('div', { class: 'saga-flow' }, drawFlow(flow, sagaMarks(saga))));
-  holder.append(renderSteps(saga));
+  const places = placesOf(sagaStages(saga, flow));
+  holder.append(renderSteps(saga, places));
   holder.append(el('h4', {}, 'Timeline'));
-  holder.append(renderTimeline(saga));
+  holder.append(renderTimeline(saga, places));
 }
 
 async function showSaga(requestId) {
