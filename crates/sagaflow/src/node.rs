@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 /// One reusable saga step: an action and an optional compensation.
 ///
-/// Returning `Ok` moves the saga on; a [retryable](ErrorKind::Retryable) error
+/// Returning `Ok` moves the saga on; a [retryable](ErrorKind::is_retryable) error
 /// is retried per the flow's policy; a [permanent](ErrorKind::Permanent) error,
 /// or retries used up, turns the saga to compensating. A node never calls
 /// "next" or "rollback" itself.
@@ -50,7 +50,7 @@ pub trait Node<D: Send + Sync + 'static>: Send + Sync + 'static {
     }
 
     /// Re-decides whether an error of this node is retryable; the default keeps
-    /// the kind given by the gRPC code mapping in [`ErrorKind::from_grpc_code`].
+    /// the kind the error was made with (for a gRPC status, `ErrorKind::from_grpc_code`).
     fn classify(&self, error: NodeError) -> NodeError {
         error
     }
@@ -75,29 +75,36 @@ impl<D: Send + Sync + 'static, N: Node<D> + ?Sized> Node<D> for Arc<N> {
     }
 }
 
-/// Whether a node error is worth another attempt.
+/// What a node error tells the engine: whether another attempt may succeed,
+/// and whether the failed call may still have taken effect (so that a step
+/// that ends on it is compensated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ErrorKind {
-    /// Transient (unavailable, timed out, overloaded): retried per the policy.
+    /// Transient (unavailable, a lost connection): retried per the policy.
+    /// The call may have taken effect.
     Retryable,
-    /// A refusal (business rule, bad argument): the saga compensates at once.
+    /// The call got no answer in time: retried per the policy. It may have
+    /// taken effect.
+    TimedOut,
+    /// Refused before it took effect (overloaded, rate-limited): retried per
+    /// the policy, and nothing of it needs compensating.
+    Refused,
+    /// Final (a business refusal, a bad argument): the saga compensates at
+    /// once, without compensating this step.
     Permanent,
 }
 
 impl ErrorKind {
-    /// The one place where gRPC status codes map to retryable or permanent.
-    ///
-    /// `UNAVAILABLE` (14), `DEADLINE_EXCEEDED` (4), `RESOURCE_EXHAUSTED` (8),
-    /// `ABORTED` from a transport (never from our upstreams) is *not* retried:
-    /// DTM and our mocks use `ABORTED` for a business refusal. `UNKNOWN` (2)
-    /// and `INTERNAL` (13) are retried, since they are what a crashed
-    /// connection looks like; everything else is permanent.
-    pub fn from_grpc_code(code: i32) -> Self {
-        match code {
-            2 | 4 | 8 | 13 | 14 => ErrorKind::Retryable,
-            _ => ErrorKind::Permanent,
-        }
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(self) -> bool {
+        self != ErrorKind::Permanent
+    }
+
+    /// Whether a call that failed so may still have taken effect upstream.
+    pub fn may_have_taken_effect(self) -> bool {
+        matches!(self, ErrorKind::Retryable | ErrorKind::TimedOut)
     }
 }
 
@@ -110,19 +117,31 @@ pub struct NodeError {
 }
 
 impl NodeError {
-    /// A transient failure worth retrying.
+    /// A transient failure worth retrying; the call may have taken effect.
     pub fn retryable(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Retryable, code: None, message: message.into() }
+        Self::of_kind(ErrorKind::Retryable, message)
     }
 
-    /// A refusal: the saga compensates without retrying this step.
+    /// A call refused before it took effect (overloaded): retried, not compensated.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self::of_kind(ErrorKind::Refused, message)
+    }
+
+    /// A final refusal: the saga compensates without retrying this step.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Permanent, code: None, message: message.into() }
+        Self::of_kind(ErrorKind::Permanent, message)
     }
 
-    /// An error from a gRPC status code, classified by [`ErrorKind::from_grpc_code`].
-    pub fn from_grpc(code: i32, message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::from_grpc_code(code), code: Some(code), message: message.into() }
+    /// An error of `kind`.
+    pub fn of_kind(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, code: None, message: message.into() }
+    }
+
+    /// The same error carrying the upstream's status code, kept in the saga's
+    /// failure record and shown beside the message.
+    pub fn with_code(mut self, code: i32) -> Self {
+        self.code = Some(code);
+        self
     }
 
     /// The same error with another kind (for [`Node::classify`]).
@@ -131,17 +150,17 @@ impl NodeError {
         self
     }
 
-    /// Whether the error is retryable or permanent.
+    /// What the error tells the engine.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
     /// Whether another attempt may succeed.
     pub fn is_retryable(&self) -> bool {
-        self.kind == ErrorKind::Retryable
+        self.kind.is_retryable()
     }
 
-    /// The gRPC status code it came from, if any.
+    /// The upstream's status code it came from, if any.
     pub fn code(&self) -> Option<i32> {
         self.code
     }
@@ -152,14 +171,14 @@ impl NodeError {
     }
 
     pub(crate) fn timeout(after: Duration) -> Self {
-        Self { kind: ErrorKind::Retryable, code: Some(4), message: format!("timed out after {after:?}") }
+        Self::of_kind(ErrorKind::TimedOut, format!("timed out after {after:?}"))
     }
 }
 
 impl fmt::Display for NodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.code {
-            Some(code) => write!(f, "{} (grpc code {code})", self.message),
+            Some(code) => write!(f, "{} (code {code})", self.message),
             None => f.write_str(&self.message),
         }
     }
@@ -167,10 +186,35 @@ impl fmt::Display for NodeError {
 
 impl std::error::Error for NodeError {}
 
+/// gRPC status codes as node errors: the one place they are classified.
 #[cfg(feature = "tonic")]
-impl From<tonic::Status> for NodeError {
-    fn from(status: tonic::Status) -> Self {
-        NodeError::from_grpc(status.code() as i32, status.message())
+mod grpc {
+    use super::{ErrorKind, NodeError};
+
+    impl ErrorKind {
+        /// The kind of a gRPC status code.
+        ///
+        /// `UNAVAILABLE`, `UNKNOWN` and `INTERNAL` (what a crashed connection
+        /// looks like) are retryable, `DEADLINE_EXCEEDED` timed out,
+        /// `RESOURCE_EXHAUSTED` refused before it took effect; everything else
+        /// is permanent, `ABORTED` included: DTM and our mocks use it for a
+        /// business refusal.
+        pub fn from_grpc_code(code: tonic::Code) -> Self {
+            use tonic::Code;
+            match code {
+                Code::Unavailable | Code::Unknown | Code::Internal => ErrorKind::Retryable,
+                Code::DeadlineExceeded => ErrorKind::TimedOut,
+                Code::ResourceExhausted => ErrorKind::Refused,
+                _ => ErrorKind::Permanent,
+            }
+        }
+    }
+
+    impl From<tonic::Status> for NodeError {
+        fn from(status: tonic::Status) -> Self {
+            NodeError::of_kind(ErrorKind::from_grpc_code(status.code()), status.message())
+                .with_code(status.code() as i32)
+        }
     }
 }
 
@@ -323,6 +367,41 @@ fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kind_says_whether_to_retry_and_whether_the_call_may_have_taken_effect() {
+        let cases = [
+            (NodeError::retryable("connection reset"), true, true),
+            (NodeError::timeout(Duration::from_millis(300)), true, true),
+            (NodeError::refused("over capacity"), true, false),
+            (NodeError::permanent("out of stock"), false, false),
+        ];
+        for (error, retry, in_doubt) in cases {
+            assert_eq!((error.is_retryable(), error.kind().may_have_taken_effect()), (retry, in_doubt), "{error:?}");
+        }
+        assert_eq!(NodeError::timeout(Duration::from_millis(300)).to_string(), "timed out after 300ms");
+        assert_eq!(NodeError::permanent("no").with_code(9).to_string(), "no (code 9)");
+    }
+
+    #[cfg(feature = "tonic")]
+    #[test]
+    fn grpc_statuses_map_to_kinds_and_keep_their_code() {
+        use tonic::{Code, Status};
+        let cases = [
+            (Code::Unavailable, ErrorKind::Retryable),
+            (Code::Unknown, ErrorKind::Retryable),
+            (Code::Internal, ErrorKind::Retryable),
+            (Code::DeadlineExceeded, ErrorKind::TimedOut),
+            (Code::ResourceExhausted, ErrorKind::Refused),
+            (Code::Aborted, ErrorKind::Permanent),
+            (Code::InvalidArgument, ErrorKind::Permanent),
+            (Code::FailedPrecondition, ErrorKind::Permanent),
+        ];
+        for (code, kind) in cases {
+            let error = NodeError::from(Status::new(code, "upstream says so"));
+            assert_eq!((error.kind(), error.code(), error.message()), (kind, Some(code as i32), "upstream says so"));
+        }
+    }
 
     #[cfg(feature = "tonic")]
     #[test]

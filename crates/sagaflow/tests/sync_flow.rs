@@ -223,13 +223,13 @@ async fn invalid_flows_are_refused_at_start() {
 #[tokio::test(start_paused = true)]
 async fn an_overload_refusal_is_retried_and_not_compensated_itself() {
     let c = calls();
-    let overloaded = sagaflow::NodeError::from_grpc(8, "over capacity");
+    let overloaded = sagaflow::NodeError::refused("over capacity");
     let o = start(Flow::new().node(Scripted::new("a", &c)).node(Scripted::new("b", &c).always(Act::Fail(overloaded))))
         .await;
     let Outcome::Compensated(failure) = o.run(F, "r1", Vec::<String>::new()).await.unwrap() else {
         panic!("not compensated")
     };
-    assert_eq!(failure.code, Some(8));
+    assert_eq!((failure.node.as_str(), failure.error.as_str(), failure.code), ("b", "over capacity", None));
     // Retried three times; b refused every call for load, so only a is undone.
     assert_eq!(taken(&c), ["a#1", "b#1", "b#2", "b#3", "undo a#1"]);
 }

@@ -211,9 +211,8 @@ impl<D: FlowData> FlowRuntime<D> {
                 Err(_) => NodeError::timeout(budget),
             };
             // A transient error may hide an effect (a timeout, a lost connection), so the
-            // failed step is compensated too; an explicit overload refusal
-            // (RESOURCE_EXHAUSTED) says the call was not taken, so it is not.
-            if error.is_retryable() && error.code() != Some(RESOURCE_EXHAUSTED) {
+            // failed step is compensated too; a refusal before the call took effect is not.
+            if error.kind().may_have_taken_effect() {
                 uncertain = true;
             }
             if !error.is_retryable() || attempt >= policy.max_attempts {

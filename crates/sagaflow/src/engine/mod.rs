@@ -40,9 +40,6 @@ mod effects;
 mod forward;
 mod hops;
 
-/// gRPC's RESOURCE_EXHAUSTED: the callee refused the call for load.
-const RESOURCE_EXHAUSTED: i32 = 8;
-
 /// A facade's pause: who set it, and whether new calls wait for the resume instead of being
 /// refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,7 +444,7 @@ impl<D: FlowData> FlowRuntime<D> {
             step: 0,
             node: self.node_names[0].to_string(),
             error: format!("could not queue the first step: {error}"),
-            code: Some(14),
+            code: None,
         };
         let compensate_failed = self.flow.nodes[0].has_compensation();
         let later_steps_in_doubt = self.version.shape.stage_of(0).is_parallel();

@@ -105,11 +105,11 @@ pub fn taken(calls: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
 }
 
 pub fn unavailable() -> NodeError {
-    NodeError::from_grpc(14, "upstream unavailable")
+    NodeError::retryable("upstream unavailable").with_code(14)
 }
 
 pub fn refused() -> NodeError {
-    NodeError::from_grpc(9, "refused")
+    NodeError::permanent("refused").with_code(9)
 }
 
 /// The saga once it has ended; panics after about 30 s (of the test's clock).
