@@ -370,3 +370,60 @@ async fn a_first_hop_the_broker_did_not_confirm_ends_compensated_with_step_0_und
     assert_eq!(record.status(), SagaStatus::Compensated);
     assert_eq!(taken(&c), ["undo a#1"]);
 }
+
+/// A saga whose end was recorded but whose callback never went out (the process died between
+/// the two) is called back by the next start, once; one whose delivery was recorded is not.
+#[tokio::test]
+async fn a_start_sends_the_callbacks_a_crash_cut_off_and_only_those() {
+    let c = calls();
+    let flow = || Flow::new().node(Scripted::new("a", &c));
+    let log = Arc::new(MemorySagaLog::new());
+    for (id, delivered) in [("cut-off", false), ("delivered", true)] {
+        let saga = NewSaga {
+            request_id: id.into(),
+            facade: ASYNC.into(),
+            mode: Mode::Async,
+            steps: 1,
+            data: serde_json::json!([]),
+            deadline_ms: sagaflow::now_ms() + 60_000,
+            callback_url: Some("http://receiver.test/cb".into()),
+            owner: None,
+            version: Some(flow().version()),
+        };
+        assert!(matches!(log.begin(saga).await.unwrap(), Begin::Started(_)));
+        log.append(id, SagaEvent::StepStarted { index: 0 }).await.unwrap();
+        let data = serde_json::json!(["a"]);
+        let record = log.append(id, SagaEvent::StepCompleted { index: 0, attempts: 1, data }).await.unwrap();
+        assert_eq!(record.status(), SagaStatus::Completed);
+        if delivered {
+            log.append(id, SagaEvent::CallbackDelivered { delivered: true, attempts: 1, error: None }).await.unwrap();
+        }
+    }
+
+    let start = |sink: Arc<Count>| {
+        Orchestrator::builder(Arc::new(MemoryBroker::new()), log.clone())
+            .callbacks(sink)
+            .asynchronous(ASYNC, flow())
+            .start()
+    };
+    let sink = Arc::new(Count::default());
+    let o = start(sink.clone()).await.unwrap();
+    for _ in 0..500 {
+        let recorded = o.saga("cut-off").await.unwrap().unwrap().history.last().unwrap().event.clone();
+        if recorded == "callback_delivered" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*sink.0.lock().unwrap(), ["cut-off"]);
+    assert_eq!(o.saga("cut-off").await.unwrap().unwrap().history.last().unwrap().event, "callback_delivered");
+    o.shutdown().await;
+
+    // The delivery is recorded now: the next start sends nothing.
+    let again = Arc::new(Count::default());
+    let o = start(again.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(again.0.lock().unwrap().is_empty(), "{:?}", again.0.lock().unwrap());
+    assert!(taken(&c).is_empty(), "no step ran again: {:?}", taken(&c));
+    o.shutdown().await;
+}

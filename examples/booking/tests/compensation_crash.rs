@@ -5,9 +5,9 @@
 //! recovery queues them again: still each saga ends once, each order is cancelled, each
 //! callback is POSTed once, and the in-flight gauge ends at 0.
 //!
-//! The kill lands between the ends of two waves of compensations, not as a saga ends: a saga
-//! whose end is recorded but whose callback is not yet POSTed when the process dies never gets
-//! its callback (see the ignored test below, which kills right then).
+//! A second run kills as the first saga ends: a saga whose end is recorded but whose callback
+//! is not yet POSTed (or its delivery not yet recorded) when the process dies gets its callback
+//! from the restart, at most once more (receivers deduplicate by `Idempotency-Key`).
 //!
 //! Verified to fail on 76014b4 (before in-process claims and end effects run by the terminal
 //! record's writer only): the redelivered rollback and the recovery's re-publish both
@@ -49,10 +49,9 @@ async fn a_kill_during_compensations_compensates_and_calls_back_once() {
     run(KillAt::BetweenEnds).await;
 }
 
-/// At-most-once today: the end of a saga is recorded before its callback is POSTed, and a
-/// saga found ended at the restart is not called back.
+/// The end of a saga is recorded before its callback is POSTed: a saga found ended at the
+/// restart with no delivery recorded is called back then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a kill between a saga's recorded end and its callback's POST loses the callback"]
 async fn a_kill_as_a_saga_ends_still_calls_it_back() {
     run(KillAt::FirstEnd).await;
 }
@@ -134,13 +133,18 @@ async fn run(kill_at: KillAt) {
         repeated += usize::from(order.cancel_calls > 1);
     }
 
-    // Each outcome reached its callback once.
+    // Each outcome reached its callback once; killed as a saga ended, a callback POSTed just
+    // before the kill may come once more from the restart, the same one.
     callbacks.wait_all(&ids, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await; // time for a duplicate to show
+    let most = if kill_at == KillAt::FirstEnd { 2 } else { 1 };
+    let mut twice = 0;
     for (i, id) in ids.iter().enumerate() {
         let received = callbacks.of(id);
-        assert_eq!(received.len(), 1, "{id}: callbacks {received:?}");
+        assert!((1..=most).contains(&received.len()), "{id}: callbacks {received:?}");
+        assert!(received.windows(2).all(|w| w[0] == w[1]), "{id}: different callbacks {received:?}");
         assert_eq!(received[0]["status"], if is_fault(i) { "compensated" } else { "completed" }, "{id}");
+        twice += usize::from(received.len() > 1);
     }
 
     // The restarted orchestrator counted in flight exactly the sagas it took over and ended.
@@ -156,7 +160,8 @@ async fn run(kill_at: KillAt) {
     let taken_over = recovered(&stack.orchestrator_log());
     assert!(taken_over > 0, "the restart recovered no saga");
     println!(
-        "compensation crash: {compensated} compensated, {taken_over} recovered at restart, {repeated} cancels repeated"
+        "compensation crash: {compensated} compensated, {taken_over} recovered at restart, {repeated} cancels repeated, \
+         {twice} callbacks sent twice"
     );
 }
 

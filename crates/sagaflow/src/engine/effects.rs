@@ -33,50 +33,57 @@ impl<D: FlowData> FlowRuntime<D> {
             .increment(1);
         metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).decrement(1.0);
         self.engine.completions.complete(record);
-        if let (Some(url), Some(sink)) = (&record.callback_url, &self.engine.callbacks) {
-            // Never closed, so always a slot in the end.
-            let Ok(slot) = self.engine.callback_slots.clone().acquire_owned().await else { return };
-            let callback = SagaCallback {
-                request_id: record.request_id.clone(),
-                facade: record.facade.clone(),
-                status: match &record.state {
-                    SagaState::Completed => CallbackStatus::Completed,
-                    SagaState::Compensated { .. } => CallbackStatus::Compensated,
-                    _ => CallbackStatus::Stuck,
-                },
-                data: record.data.clone(),
-                error: match &record.state {
-                    SagaState::Compensated { failure } => Some(failure.to_string()),
-                    SagaState::Stuck { reason, .. } => Some(reason.clone()),
-                    _ => None,
-                },
+        self.engine.send_callback(record).await;
+    }
+}
+
+impl Engine {
+    /// Sends the callback of the ended saga `record`, if it has one, and records
+    /// the delivery (or its failure) in its history once the receiver answered.
+    pub(crate) async fn send_callback(&self, record: &SagaRecord) {
+        let (Some(url), Some(sink)) = (&record.callback_url, &self.callbacks) else { return };
+        // Never closed, so always a slot in the end.
+        let Ok(slot) = self.callback_slots.clone().acquire_owned().await else { return };
+        let callback = SagaCallback {
+            request_id: record.request_id.clone(),
+            facade: record.facade.clone(),
+            status: match &record.state {
+                SagaState::Completed => CallbackStatus::Completed,
+                SagaState::Compensated { .. } => CallbackStatus::Compensated,
+                _ => CallbackStatus::Stuck,
+            },
+            data: record.data.clone(),
+            error: match &record.state {
+                SagaState::Compensated { failure } => Some(failure.to_string()),
+                SagaState::Stuck { reason, .. } => Some(reason.clone()),
+                _ => None,
+            },
+        };
+        let sink = sink.clone();
+        let url = url.clone();
+        let log = self.log.clone();
+        let id = record.request_id.clone();
+        let deliver = async move {
+            let _slot = slot;
+            let report = sink.deliver(&url, callback).await;
+            let result = if report.delivered { "delivered" } else { "failed" };
+            metrics::counter!(m::CALLBACKS, "result" => result).increment(1);
+            if report.delivered {
+                tracing::debug!(attempts = report.attempts, "callback delivered");
+            } else {
+                tracing::warn!(attempts = report.attempts, error = ?report.error, "callback not delivered");
+            }
+            let event = SagaEvent::CallbackDelivered {
+                delivered: report.delivered,
+                attempts: report.attempts,
+                error: report.error,
             };
-            let sink = sink.clone();
-            let url = url.clone();
-            let log = self.engine.log.clone();
-            let id = record.request_id.clone();
-            let deliver = async move {
-                let _slot = slot;
-                let report = sink.deliver(&url, callback).await;
-                let result = if report.delivered { "delivered" } else { "failed" };
-                metrics::counter!(m::CALLBACKS, "result" => result).increment(1);
-                if report.delivered {
-                    tracing::debug!(attempts = report.attempts, "callback delivered");
-                } else {
-                    tracing::warn!(attempts = report.attempts, error = ?report.error, "callback not delivered");
-                }
-                let event = SagaEvent::CallbackDelivered {
-                    delivered: report.delivered,
-                    attempts: report.attempts,
-                    error: report.error,
-                };
-                // Queued: nothing waits on this record, and a callback is not re-sent after a
-                // crash either way, so it shares the commit of other sagas' writes.
-                if let Err(e) = log.append_queued(&id, event).await {
-                    tracing::warn!(error = %e, "could not record the callback delivery");
-                }
-            };
-            self.engine.tasks.spawn(deliver.instrument(tracing::Span::current()));
-        }
+            // Awaited, so that a crash right after leaves little room for a second POST: a
+            // start sends the callbacks of sagas that ended without one recorded.
+            if let Err(e) = log.append(&id, event).await {
+                tracing::warn!(error = %e, "could not record the callback delivery");
+            }
+        };
+        self.tasks.spawn(deliver.instrument(tracing::Span::current()));
     }
 }

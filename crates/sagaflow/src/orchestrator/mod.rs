@@ -74,6 +74,10 @@ pub struct Options {
     /// callback is sent, holding its broker delivery: a slow receiver backs work up in
     /// the broker, not in this process's tasks and sockets.
     pub max_callback_deliveries: usize,
+    /// At start, the callbacks of sagas this replica ended (before a crash)
+    /// no longer than this before, and whose delivery was never recorded,
+    /// are sent; receivers deduplicate a second POST by its `Idempotency-Key`.
+    pub callback_replay_window: Duration,
     /// Start even when the log holds unfinished sagas of flow versions not
     /// registered here (refused otherwise, [`Error::MissingVersions`]): those
     /// sagas are left as they are, listed by [`Orchestrator::waiting_for_versions`],
@@ -97,6 +101,7 @@ impl Default for Options {
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(3),
             max_callback_deliveries: 256,
+            callback_replay_window: Duration::from_secs(600),
             start_with_missing_versions: false,
         }
     }

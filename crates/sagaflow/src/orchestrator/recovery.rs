@@ -2,7 +2,8 @@
 
 use crate::engine::Resume;
 use crate::error::Result;
-use crate::saga::now_ms;
+use crate::log::{ListCursor, ListFilter};
+use crate::saga::{SagaRecord, SagaStatus, now_ms};
 
 use super::Orchestrator;
 
@@ -52,14 +53,14 @@ impl Orchestrator {
     /// same `pod_id`), not the ones other live replicas drive.
     pub(super) async fn recover(&self) -> Result<()> {
         let me = self.engine.options.pod_id.as_str();
+        let started_ms = now_ms();
         let mut unfinished = self.engine.log.unfinished_of(me).await?;
         if self.engine.log.shared() {
             unfinished.retain(|r| r.owner.as_deref() == Some(me));
         }
-        if unfinished.is_empty() {
-            return Ok(());
+        if !unfinished.is_empty() {
+            tracing::info!(count = unfinished.len(), "recovering unfinished sagas");
         }
-        tracing::info!(count = unfinished.len(), "recovering unfinished sagas");
         for record in unfinished {
             match self.flow_of(&record) {
                 Some(flow) => {
@@ -76,6 +77,57 @@ impl Orchestrator {
                 ),
             }
         }
+        self.resend_callbacks(started_ms).await
+    }
+
+    /// Sends the callbacks that a crash cut off: of sagas this replica ended
+    /// before `started_ms`, within `callback_replay_window`, whose history
+    /// ends without a callback delivery (the end is recorded before its POST).
+    async fn resend_callbacks(&self, started_ms: u64) -> Result<()> {
+        const PAGE: usize = 1_000;
+        if self.engine.callbacks.is_none() {
+            return Ok(());
+        }
+        let me = self.engine.options.pod_id.as_str();
+        let since = started_ms.saturating_sub(self.engine.options.callback_replay_window.as_millis() as u64);
+        let mut sent = 0;
+        for status in [SagaStatus::Completed, SagaStatus::Compensated, SagaStatus::Stuck] {
+            let mut after = None;
+            loop {
+                let filter = ListFilter {
+                    status: Some(status),
+                    since_ms: Some(since),
+                    limit: PAGE,
+                    after,
+                    ..ListFilter::default()
+                };
+                let page = self.engine.log.list(filter).await?;
+                for record in &page {
+                    let mine = !self.engine.log.shared() || record.owner.as_deref() == Some(me);
+                    if mine && record.updated_ms < started_ms && callback_cut_off(record) {
+                        tracing::info!(request_id = %record.request_id, "sending a callback a crash cut off");
+                        self.engine.send_callback(record).await;
+                        sent += 1;
+                    }
+                }
+                if page.len() < PAGE {
+                    break;
+                }
+                after = page.last().map(ListCursor::of);
+            }
+        }
+        if sent > 0 {
+            tracing::info!(count = sent, "sent callbacks a crash had cut off");
+        }
         Ok(())
     }
+}
+
+/// Whether an ended saga with a callback URL has no delivery recorded since it ended.
+fn callback_cut_off(record: &SagaRecord) -> bool {
+    record.callback_url.is_some()
+        && record
+            .history
+            .last()
+            .is_some_and(|entry| !matches!(entry.event.as_str(), "callback_delivered" | "callback_failed"))
 }
