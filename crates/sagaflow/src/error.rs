@@ -84,6 +84,17 @@ pub enum Error {
     /// A flow or the orchestrator was configured wrongly.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A hop came before its saga could take it (another step of the saga runs
+    /// here, or an earlier one is not recorded yet); the broker delivers it again.
+    #[error("saga `{request_id}` cannot take the hop of step {step} yet: {why}")]
+    HopNotReady {
+        /// The saga.
+        request_id: String,
+        /// The step the hop is for.
+        step: usize,
+        /// What it waits for.
+        why: String,
+    },
     /// The caller stopped waiting before the saga ended; the saga goes on.
     #[error("saga `{0}` did not end within the wait timeout; it goes on in the background")]
     WaitTimeout(String),

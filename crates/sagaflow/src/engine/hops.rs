@@ -284,7 +284,11 @@ impl<D: FlowData> FlowRuntime<D> {
                     return self.ack(delivery).await;
                 }
                 Err(_) => {
-                    let busy = Error::Config(format!("saga `{id}` is busy with another step here"));
+                    let busy = Error::HopNotReady {
+                        request_id: id.to_string(),
+                        step: index,
+                        why: "another step of the saga runs here".into(),
+                    };
                     return self.retry_later(delivery, &busy).await;
                 }
             };
@@ -344,7 +348,8 @@ impl<D: FlowData> FlowRuntime<D> {
                 return Ok(true);
             }
             OnHop::Early(next) => {
-                return Err(Error::Config(format!("hop for step {index} arrived while saga is at step {next}")));
+                let why = format!("the saga is at step {next}");
+                return Err(Error::HopNotReady { request_id: id.to_string(), step: index, why });
             }
             OnHop::Compensate => {
                 self.publish_rollback(&record).await?;
