@@ -72,7 +72,8 @@ async fn two_replicas_racing_on_one_saga_record_each_step_once() {
     let record = a.get(id).await.unwrap().unwrap();
     assert_eq!(record.status(), SagaStatus::Completed);
     assert_eq!(record.completed, STEPS);
-    let completions: Vec<_> = record.history.iter().filter(|h| h.event == "step_completed").collect();
+    let completions: Vec<_> =
+        record.history.iter().filter(|h| h.event == sagaflow::HistoryEvent::StepCompleted).collect();
     assert_eq!(completions.len(), STEPS);
     for (index, entry) in completions.iter().enumerate() {
         assert_eq!(entry.step, Some(index));
@@ -124,7 +125,7 @@ async fn many_writers_on_two_pools_lose_no_update() {
     assert_eq!(won, STEPS, "each step is recorded by exactly one writer");
     let record = b.get(id).await.unwrap().unwrap();
     assert_eq!(record.status(), SagaStatus::Completed);
-    assert_eq!(record.history.iter().filter(|h| h.event == "step_completed").count(), STEPS);
+    assert_eq!(record.history.iter().filter(|h| h.event == sagaflow::HistoryEvent::StepCompleted).count(), STEPS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

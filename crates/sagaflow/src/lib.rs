@@ -75,6 +75,6 @@ pub use orchestrator::{
 };
 pub use policy::RetryPolicy;
 pub use saga::{
-    Failure, FlowVersion, HistoryEntry, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState,
-    SagaStatus, Shape, Stage, StepState, StepStatus, TransitionError, now_ms,
+    Failure, FlowVersion, HistoryEntry, HistoryEvent, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord,
+    SagaState, SagaStatus, Shape, Stage, StepState, StepStatus, TransitionError, now_ms,
 };

@@ -76,7 +76,7 @@ async fn async_hops_run_in_order_and_call_back() {
     // The delivery is recorded in the saga's history.
     for _ in 0..100 {
         let record = s.orchestrator.saga("r1").await.unwrap().unwrap();
-        if record.history.iter().any(|h| h.event == "callback_delivered") {
+        if record.history.iter().any(|h| h.event == sagaflow::HistoryEvent::CallbackDelivered) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -409,14 +409,17 @@ async fn a_start_sends_the_callbacks_a_crash_cut_off_and_only_those() {
     let sink = Arc::new(Count::default());
     let o = start(sink.clone()).await.unwrap();
     for _ in 0..500 {
-        let recorded = o.saga("cut-off").await.unwrap().unwrap().history.last().unwrap().event.clone();
-        if recorded == "callback_delivered" {
+        let recorded = o.saga("cut-off").await.unwrap().unwrap().history.last().unwrap().event;
+        if recorded == sagaflow::HistoryEvent::CallbackDelivered {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(*sink.0.lock().unwrap(), ["cut-off"]);
-    assert_eq!(o.saga("cut-off").await.unwrap().unwrap().history.last().unwrap().event, "callback_delivered");
+    assert_eq!(
+        o.saga("cut-off").await.unwrap().unwrap().history.last().unwrap().event,
+        sagaflow::HistoryEvent::CallbackDelivered
+    );
     o.shutdown().await;
 
     // The delivery is recorded now: the next start sends nothing.

@@ -48,11 +48,9 @@ async fn status_is(o: &Orchestrator, id: &str, status: SagaStatus) -> SagaRecord
 /// Waits until `step` of the saga was started.
 async fn started(o: &Orchestrator, id: &str, step: usize) {
     for _ in 0..2000 {
-        if o.saga(id)
-            .await
-            .unwrap()
-            .is_some_and(|r| r.history.iter().any(|h| h.event == "step_started" && h.step == Some(step)))
-        {
+        if o.saga(id).await.unwrap().is_some_and(|r| {
+            r.history.iter().any(|h| h.event == sagaflow::HistoryEvent::StepStarted && h.step == Some(step))
+        }) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -98,7 +96,11 @@ async fn an_aborted_saga_stops_at_the_next_step_and_compensates_once_in_every_mo
         assert_eq!(aborted.status(), SagaStatus::Compensating, "{mode}");
         let record = status_is(&o, "r1", SagaStatus::Compensated).await;
         let SagaStatus::Compensated = record.status() else { unreachable!() };
-        assert!(record.history.iter().any(|h| h.event == "aborted"), "{mode}: {:?}", record.history);
+        assert!(
+            record.history.iter().any(|h| h.event == sagaflow::HistoryEvent::Aborted),
+            "{mode}: {:?}",
+            record.history
+        );
         // Step b was in flight: undone too; step c never started.
         assert_eq!(taken(&c), ["a#1", "b#1", "undo b#1", "undo a#1"], "{mode}");
         match caller.await.unwrap() {
@@ -186,7 +188,8 @@ async fn stuck_sagas_are_resolved_by_hand_or_redriven_in_bulk_within_the_flows_c
     let resolved = o.resolve("r0", 1, "ops", "refunded by hand in the payment console").await.unwrap();
     assert_eq!(resolved.status(), SagaStatus::Compensating);
     let r0 = status_is(&o, "r0", SagaStatus::Compensated).await;
-    let entry = r0.history.iter().find(|h| h.event == "resolved").expect("the resolve is recorded");
+    let entry =
+        r0.history.iter().find(|h| h.event == sagaflow::HistoryEvent::Resolved).expect("the resolve is recorded");
     assert_eq!((entry.by.as_deref(), entry.step), (Some("ops"), Some(1)));
     assert_eq!(entry.reason.as_deref(), Some("refunded by hand in the payment console"));
 
@@ -201,7 +204,11 @@ async fn stuck_sagas_are_resolved_by_hand_or_redriven_in_bulk_within_the_flows_c
     assert_eq!(o.redrive(&all, 1000, false, "ops").await.unwrap(), 39);
     for i in 1..40 {
         let record = status_is(&o, &format!("r{i}"), SagaStatus::Compensated).await;
-        let retry = record.history.iter().find(|h| h.event == "retry_compensation").expect("the retry is recorded");
+        let retry = record
+            .history
+            .iter()
+            .find(|h| h.event == sagaflow::HistoryEvent::RetryCompensation)
+            .expect("the retry is recorded");
         assert_eq!((retry.by.as_deref(), retry.reason.as_deref()), (Some("ops"), Some("redrive")));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -199,7 +199,7 @@ async fn hops_run_each_branch_and_exactly_one_continues_after_the_last_despite_d
         let record = wait_ended(&replicas[0], &format!("r{n}")).await;
         assert_eq!(record.status(), SagaStatus::Completed, "{record:?}");
         assert_eq!(record.data, json!(["a", "b", "c", "d", "e"]));
-        let joins = record.history.iter().filter(|h| h.event == "branches_joined").count();
+        let joins = record.history.iter().filter(|h| h.event == sagaflow::HistoryEvent::BranchesJoined).count();
         assert_eq!(joins, 1, "one merge recorded for r{n}");
     }
     let after = taken(&c);

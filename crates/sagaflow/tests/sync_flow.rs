@@ -76,7 +76,7 @@ async fn retryable_errors_are_retried_with_exponential_backoff() {
     assert_eq!(started.elapsed(), Duration::from_millis(300));
     assert_eq!(taken(&c), ["a#1", "a#2", "a#3", "b#1"]);
     let record = o.saga("r1").await.unwrap().unwrap();
-    let completed = record.history.iter().find(|h| h.event == "step_completed").unwrap();
+    let completed = record.history.iter().find(|h| h.event == sagaflow::HistoryEvent::StepCompleted).unwrap();
     assert_eq!(completed.attempts, Some(3));
 }
 

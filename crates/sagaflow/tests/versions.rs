@@ -269,7 +269,7 @@ async fn undecodable_data_stops_the_saga_stuck(mode: Mode) {
     o.retry_stuck("bad", "ops").await.unwrap();
     let again = wait_ended(&o, "bad").await;
     assert_eq!(again.status(), SagaStatus::Stuck);
-    assert_eq!(again.history.iter().filter(|h| h.event == "halted").count(), 2);
+    assert_eq!(again.history.iter().filter(|h| h.event == sagaflow::HistoryEvent::Halted).count(), 2);
     o.shutdown().await;
 
     // Retried after a deploy that reads the data: compensated.

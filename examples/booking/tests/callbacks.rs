@@ -115,7 +115,7 @@ async fn callbacks_are_keyed_signed_and_a_retry_keeps_its_key() {
     loop {
         let record = s.running.orchestrator.saga("cb-signed-1").await.unwrap().unwrap();
         assert_eq!(record.status(), SagaStatus::Completed);
-        if let Some(entry) = record.history.iter().find(|h| h.event == "callback_delivered") {
+        if let Some(entry) = record.history.iter().find(|h| h.event == sagaflow::HistoryEvent::CallbackDelivered) {
             assert_eq!(entry.attempts, Some(2));
             break;
         }

@@ -163,7 +163,11 @@ async fn an_abort_on_one_replica_stops_a_saga_another_replica_drives() {
     for id in &ids {
         let record = &records[id];
         assert_eq!(record.status(), SagaStatus::Compensated, "{id}");
-        let aborted = record.history.iter().find(|h| h.event == "aborted").expect("the abort is in the history");
+        let aborted = record
+            .history
+            .iter()
+            .find(|h| h.event == sagaflow::HistoryEvent::Aborted)
+            .expect("the abort is in the history");
         assert!(aborted.error.as_deref().unwrap_or_default().contains("aborted by bob: partner outage"));
     }
     let effects = cluster.check_effects(&records).await;

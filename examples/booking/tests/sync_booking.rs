@@ -103,7 +103,8 @@ async fn an_upstream_unavailable_for_a_moment_is_retried() {
     assert!(reply.payment_id > 0);
     late.await.unwrap();
     let record = s.running.orchestrator.saga("late").await.unwrap().unwrap();
-    let payment_step = record.history.iter().find(|h| h.event == "step_completed" && h.step == Some(1)).unwrap();
+    let payment_step =
+        record.history.iter().find(|h| h.event == sagaflow::HistoryEvent::StepCompleted && h.step == Some(1)).unwrap();
     assert!(payment_step.attempts.unwrap() > 1, "the payment needed retries: {payment_step:?}");
     assert_eq!(payment.snapshot().records.len(), 1);
     s.running.shutdown().await.unwrap();

@@ -85,7 +85,7 @@ async fn check(log: &dyn SagaLog) {
     let mut compensated = 0;
     for record in records {
         let n = trip::service::number_of(&record.request_id).expect("a numbered trip");
-        let merges = record.history.iter().filter(|h| h.event == "branches_joined").count();
+        let merges = record.history.iter().filter(|h| h.event == sagaflow::HistoryEvent::BranchesJoined).count();
         assert!(merges <= 1, "{}: merged {merges} times", record.request_id);
         if n.is_multiple_of(REFUSE_EVERY) {
             compensated += 1;

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, body::Bytes};
-use sagaflow::{RedriveFilter, SagaRecord};
+use sagaflow::{HistoryEvent, RedriveFilter, SagaRecord};
 use serde::{Deserialize, Serialize};
 
 use super::sagas::shown;
@@ -238,10 +238,10 @@ fn audit_of(record: &SagaRecord) -> Audit {
         .history
         .iter()
         .filter_map(|entry| {
-            let action = match entry.event.as_str() {
-                "aborted" => "abort",
-                "resolved" => "resolve",
-                "retry_compensation" => "retry",
+            let action = match entry.event {
+                HistoryEvent::Aborted => "abort",
+                HistoryEvent::Resolved => "resolve",
+                HistoryEvent::RetryCompensation => "retry",
                 _ => return None,
             };
             Some(AuditEntry {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use sagaflow::log::{ListCursor, ListFilter};
-use sagaflow::{Failure, Orchestrator, SagaRecord, SagaState, SagaStatus};
+use sagaflow::{Failure, HistoryEvent, Orchestrator, SagaRecord, SagaState, SagaStatus};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminState, NEXT_CURSOR_HEADER, error, json_error};
@@ -275,19 +275,19 @@ fn detail(record: SagaRecord, nodes: Option<(&[String], &[bool])>) -> SagaDetail
         .collect();
     for entry in &record.history {
         let Some(step) = entry.step.and_then(|i| steps.get_mut(i)) else { continue };
-        match entry.event.as_str() {
-            "step_started" => {
+        match entry.event {
+            HistoryEvent::StepStarted => {
                 step.action = Phase { status: "running", started_ms: Some(entry.at_ms), ..Phase::default() };
             }
-            "step_completed" | "step_failed" => {
-                step.action.status = if entry.event == "step_completed" { "completed" } else { "failed" };
+            HistoryEvent::StepCompleted | HistoryEvent::StepFailed => {
+                step.action.status = if entry.event == HistoryEvent::StepCompleted { "completed" } else { "failed" };
                 step.action.ended_ms = Some(entry.at_ms);
                 step.action.attempts = entry.attempts;
                 step.action.error.clone_from(&entry.error);
             }
-            "step_compensated" | "compensation_gave_up" => {
+            HistoryEvent::StepCompensated | HistoryEvent::CompensationGaveUp => {
                 step.compensation = Phase {
-                    status: if entry.event == "step_compensated" { "compensated" } else { "gave_up" },
+                    status: if entry.event == HistoryEvent::StepCompensated { "compensated" } else { "gave_up" },
                     started_ms: None,
                     ended_ms: Some(entry.at_ms),
                     attempts: entry.attempts,

@@ -100,7 +100,7 @@ impl<D: FlowData> FlowRuntime<D> {
     /// deduplicates drops the copies) and new after an operator's retry.
     pub(super) async fn publish_rollback(&self, record: &SagaRecord) -> Result<()> {
         let request_id = record.request_id.as_str();
-        let round = record.history.iter().filter(|h| h.event == "retry_compensation").count();
+        let round = record.history.iter().filter(|h| h.event == HistoryEvent::RetryCompensation).count();
         let msg = RollbackMessage {
             request_id: request_id.to_owned(),
             facade: self.facade.to_string(),

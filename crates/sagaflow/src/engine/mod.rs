@@ -25,8 +25,8 @@ use crate::metrics as m;
 use crate::node::{NodeError, Phase, Step};
 use crate::orchestrator::{FlowData, FlowInfo, Options};
 use crate::saga::{
-    Failure, FlowVersion, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, Stage, StepStatus,
-    now_ms,
+    Failure, FlowVersion, HistoryEvent, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord, SagaState, Stage,
+    StepStatus, now_ms,
 };
 use crate::waiters::{Completions, Waiter};
 

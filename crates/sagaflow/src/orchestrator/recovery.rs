@@ -3,7 +3,7 @@
 use crate::engine::Resume;
 use crate::error::Result;
 use crate::log::{ListCursor, ListFilter};
-use crate::saga::{SagaRecord, SagaStatus, now_ms};
+use crate::saga::{HistoryEvent, SagaRecord, SagaStatus, now_ms};
 
 use super::Orchestrator;
 
@@ -81,7 +81,7 @@ impl Orchestrator {
     }
 
     /// Sends the callbacks that a crash cut off: of sagas this replica ended
-    /// before `started_ms`, within `callback_replay_window`, whose history
+    /// by `started_ms`, within `callback_replay_window`, whose history
     /// ends without a callback delivery (the end is recorded before its POST).
     async fn resend_callbacks(&self, started_ms: u64) -> Result<()> {
         const PAGE: usize = 1_000;
@@ -104,7 +104,7 @@ impl Orchestrator {
                 let page = self.engine.log.list(filter).await?;
                 for record in &page {
                     let mine = !self.engine.log.shared() || record.owner.as_deref() == Some(me);
-                    if mine && record.updated_ms < started_ms && callback_cut_off(record) {
+                    if mine && record.updated_ms <= started_ms && callback_cut_off(record) {
                         tracing::info!(request_id = %record.request_id, "sending a callback a crash cut off");
                         self.engine.send_callback(record).await;
                         sent += 1;
@@ -129,5 +129,5 @@ fn callback_cut_off(record: &SagaRecord) -> bool {
         && record
             .history
             .last()
-            .is_some_and(|entry| !matches!(entry.event.as_str(), "callback_delivered" | "callback_failed"))
+            .is_some_and(|entry| !matches!(entry.event, HistoryEvent::CallbackDelivered | HistoryEvent::CallbackFailed))
 }

@@ -311,13 +311,73 @@ impl fmt::Display for FlowVersion {
     }
 }
 
+/// What a line of a saga's history records (stored as its snake_case name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum HistoryEvent {
+    /// The saga began.
+    Started,
+    /// A step's action started.
+    StepStarted,
+    /// A step's action succeeded.
+    StepCompleted,
+    /// The branches of a parallel stage were merged.
+    BranchesJoined,
+    /// A step failed for good: the rollback starts.
+    StepFailed,
+    /// A step's compensation succeeded (or was settled by hand).
+    StepCompensated,
+    /// A compensation used up its attempts: the saga is stuck.
+    CompensationGaveUp,
+    /// An operator retried a stuck saga's compensation.
+    RetryCompensation,
+    /// An operator aborted the saga.
+    Aborted,
+    /// An operator settled a stuck compensation by hand.
+    Resolved,
+    /// The saga stopped stuck before a step could run (its data no longer decodes).
+    Halted,
+    /// The callback was delivered.
+    CallbackDelivered,
+    /// The callback was not delivered.
+    CallbackFailed,
+}
+
+impl HistoryEvent {
+    /// Its stored name, e.g. `step_completed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryEvent::Started => "started",
+            HistoryEvent::StepStarted => "step_started",
+            HistoryEvent::StepCompleted => "step_completed",
+            HistoryEvent::BranchesJoined => "branches_joined",
+            HistoryEvent::StepFailed => "step_failed",
+            HistoryEvent::StepCompensated => "step_compensated",
+            HistoryEvent::CompensationGaveUp => "compensation_gave_up",
+            HistoryEvent::RetryCompensation => "retry_compensation",
+            HistoryEvent::Aborted => "aborted",
+            HistoryEvent::Resolved => "resolved",
+            HistoryEvent::Halted => "halted",
+            HistoryEvent::CallbackDelivered => "callback_delivered",
+            HistoryEvent::CallbackFailed => "callback_failed",
+        }
+    }
+}
+
+impl fmt::Display for HistoryEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One line of a saga's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     /// Unix ms.
     pub at_ms: u64,
     /// The event, without its data.
-    pub event: String,
+    pub event: HistoryEvent,
     /// The step it concerns.
     pub step: Option<usize>,
     /// Attempts made, when known.
@@ -337,21 +397,25 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn event_name(event: &SagaEvent) -> &'static str {
+fn history_event(event: &SagaEvent) -> HistoryEvent {
     match event {
-        SagaEvent::StepStarted { .. } => "step_started",
-        SagaEvent::StepCompleted { .. } => "step_completed",
-        SagaEvent::BranchesJoined { .. } => "branches_joined",
-        SagaEvent::StepFailed { .. } => "step_failed",
-        SagaEvent::StepCompensated { .. } => "step_compensated",
-        SagaEvent::CompensationGaveUp { .. } => "compensation_gave_up",
-        SagaEvent::RetryCompensation { .. } => "retry_compensation",
-        SagaEvent::Aborted { .. } => "aborted",
-        SagaEvent::Resolved { .. } => "resolved",
-        SagaEvent::Halted { .. } => "halted",
-        SagaEvent::CallbackDelivered { delivered: true, .. } => "callback_delivered",
-        SagaEvent::CallbackDelivered { delivered: false, .. } => "callback_failed",
+        SagaEvent::StepStarted { .. } => HistoryEvent::StepStarted,
+        SagaEvent::StepCompleted { .. } => HistoryEvent::StepCompleted,
+        SagaEvent::BranchesJoined { .. } => HistoryEvent::BranchesJoined,
+        SagaEvent::StepFailed { .. } => HistoryEvent::StepFailed,
+        SagaEvent::StepCompensated { .. } => HistoryEvent::StepCompensated,
+        SagaEvent::CompensationGaveUp { .. } => HistoryEvent::CompensationGaveUp,
+        SagaEvent::RetryCompensation { .. } => HistoryEvent::RetryCompensation,
+        SagaEvent::Aborted { .. } => HistoryEvent::Aborted,
+        SagaEvent::Resolved { .. } => HistoryEvent::Resolved,
+        SagaEvent::Halted { .. } => HistoryEvent::Halted,
+        SagaEvent::CallbackDelivered { delivered: true, .. } => HistoryEvent::CallbackDelivered,
+        SagaEvent::CallbackDelivered { delivered: false, .. } => HistoryEvent::CallbackFailed,
     }
+}
+
+fn event_name(event: &SagaEvent) -> &'static str {
+    history_event(event).as_str()
 }
 
 fn describe(event: &SagaEvent) -> String {

@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    Failure, FlowVersion, HistoryEntry, Mode, NewSaga, SagaEvent, SagaState, SagaStatus, Shape, Stage, TransitionError,
-    describe, event_name, now_ms,
+    Failure, FlowVersion, HistoryEntry, HistoryEvent, Mode, NewSaga, SagaEvent, SagaState, SagaStatus, Shape, Stage,
+    TransitionError, describe, history_event, now_ms,
 };
 
 /// Where one step of a saga stands.
@@ -191,7 +191,7 @@ impl SagaRecord {
             version: start.version,
             history: vec![HistoryEntry {
                 at_ms: now,
-                event: "started".into(),
+                event: HistoryEvent::Started,
                 step: None,
                 attempts: None,
                 error: None,
@@ -254,7 +254,7 @@ impl SagaRecord {
         for state in states.iter_mut().take(self.completed) {
             state.status = StepStatus::Done;
         }
-        let running = self.history.last().filter(|h| h.event == "step_started").and_then(|h| h.step);
+        let running = self.history.last().filter(|h| h.event == HistoryEvent::StepStarted).and_then(|h| h.step);
         match &self.state {
             SagaState::Running => {
                 if let Some(state) = running.and_then(|i| states.get_mut(i)) {
@@ -279,7 +279,7 @@ impl SagaRecord {
         };
         let mut entry = HistoryEntry {
             at_ms: now_ms(),
-            event: event_name(event).into(),
+            event: history_event(event),
             step: None,
             attempts: None,
             error: None,

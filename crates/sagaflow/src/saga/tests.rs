@@ -310,7 +310,7 @@ fn branches_complete_in_any_order_and_join_once() {
     assert_eq!((r.next(), r.on_hop(2)), (Next::Run(one(4)), OnHop::Resend(one(4))));
     complete(&mut r, 4);
     assert_eq!(r.state, SagaState::Completed);
-    assert_eq!(r.history.iter().filter(|h| h.event == "branches_joined").count(), 1);
+    assert_eq!(r.history.iter().filter(|h| h.event == HistoryEvent::BranchesJoined).count(), 1);
 }
 
 #[test]

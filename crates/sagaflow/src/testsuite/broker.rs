@@ -503,7 +503,7 @@ pub async fn parallel_stage_hops(harness: &dyn BrokerHarness) {
     for record in &records {
         assert_eq!(record.status(), SagaStatus::Completed, "{record:?}");
         assert_eq!(record.data, serde_json::json!(["a", "b", "c", "d", "e"]), "{}", record.request_id);
-        let merges = record.history.iter().filter(|h| h.event == "branches_joined").count();
+        let merges = record.history.iter().filter(|h| h.event == crate::saga::HistoryEvent::BranchesJoined).count();
         assert_eq!(merges, 1, "{}: one merge", record.request_id);
     }
     assert_eq!(last.load(Ordering::Relaxed), SAGAS, "the step after the stage ran once per saga");
