@@ -96,9 +96,16 @@ async fn the_dashboard_draws_the_branches_of_a_parallel_flow_and_of_a_sagas_time
     }
     assert!(diagram.contains("data-step=\"3\" data-stage=\"1\" data-branch=\"0\""), "{diagram}");
 
+    // Each flow names its version; the saga names the version it runs on.
+    let fingerprint = orchestrator.flows().iter().find(|f| f.facade == SYNC_TRIP).unwrap().version.fingerprint.clone();
+    let current = element(flows, "class=\"version current\"", "span");
+    assert!(current.contains(&format!("data-fingerprint=\"{fingerprint}\"")), "{current}");
+
     // The refused saga: its hotel failed in branch 1b, the flight and the car were compensated.
     let saga = element(&refused_page, "id=\"saga\"", "section");
     assert!(saga.contains("data-request-id=\"trip-refused\""), "{saga}");
+    let own = element(saga, "class=\"version saga-version\"", "span");
+    assert!(own.contains(&format!("data-fingerprint=\"{fingerprint}\"")), "{own}");
     let timeline = element(saga, "id=\"saga-timeline\"", "ol");
     assert!(
         timeline.contains("data-event=\"step_failed\" data-node=\"BookHotel\" data-branch=\"1b\""),

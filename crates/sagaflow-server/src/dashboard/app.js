@@ -332,6 +332,28 @@ function drawFlow(flow, marks) {
   return root;
 }
 
+// A flow version as people name it: its label, else its fingerprint's start.
+function versionName(version) {
+  if (!version) return '';
+  return version.label || version.fingerprint.slice(0, 12);
+}
+
+// The versions a flow runs: the current one, and those kept for sagas begun on them.
+function versionsLine(flow) {
+  if (!flow.version) return null;
+  const kept = (flow.kept || []).map((v) => el('span', {
+    class: 'version kept', title: `fingerprint ${v.fingerprint}: kept for the sagas begun on it`, 'data-fingerprint': v.fingerprint,
+  }, versionName(v)));
+  return el('div', { class: 'versions' },
+    'version ',
+    el('span', {
+      class: 'version current', title: `fingerprint ${flow.version.fingerprint}: new sagas start on it`,
+      'data-fingerprint': flow.version.fingerprint,
+    }, versionName(flow.version)),
+    kept.length ? ' · kept: ' : null,
+    ...kept);
+}
+
 function renderFlows() {
   const holder = clear($('flows'));
   for (const flow of app.flows) {
@@ -350,6 +372,7 @@ function renderFlows() {
           flow.paused ? el('span', { class: 'paused-label' }, 'paused — new calls refused') : null,
           toggle,
           el('span', { class: 'hint' }, ` ${topics}rollback: ${flow.rollback_topic}`)),
+        versionsLine(flow),
         drawFlow(flow)),
     );
   }
@@ -584,7 +607,11 @@ function renderSaga(saga) {
     el('h3', {}, saga.request_id),
     badge(saga.status),
     el('span', { class: 'hint' },
-      ` ${saga.facade} · ${saga.mode} · started ${dateTime(saga.created_ms)} · ${span(saga.duration_ms)}`)));
+      ` ${saga.facade} · ${saga.mode} · started ${dateTime(saga.created_ms)} · ${span(saga.duration_ms)}`),
+    saga.version ? el('span', {
+      class: 'version saga-version', title: `flow version fingerprint ${saga.version.fingerprint}`,
+      'data-fingerprint': saga.version.fingerprint,
+    }, `version ${versionName(saga.version)}`) : null));
   if (saga.rollback_reason) {
     holder.append(el('div', { id: 'rollback-reason', class: 'reason rollback' },
       el('strong', {}, 'Rolled back because '), saga.rollback_reason));
@@ -597,7 +624,14 @@ function renderSaga(saga) {
   }
   const actions = sagaActions(saga);
   if (actions) holder.append(actions);
-  if (flow) holder.append(el('div', { class: 'saga-flow' }, drawFlow(flow, sagaMarks(saga))));
+  const otherVersion = saga.version && flow && flow.version && saga.version.fingerprint !== flow.version.fingerprint;
+  if (otherVersion) {
+    // The diagram is the current version's; this saga runs on its own, whose steps are below.
+    holder.append(el('p', { class: 'hint other-version' },
+      `Runs on version ${versionName(saga.version)}, not on the current ${versionName(flow.version)}: its steps are listed below.`));
+  } else if (flow) {
+    holder.append(el('div', { class: 'saga-flow' }, drawFlow(flow, sagaMarks(saga))));
+  }
   const places = placesOf(sagaStages(saga, flow));
   holder.append(renderSteps(saga, places));
   holder.append(el('h4', {}, 'Timeline'));
