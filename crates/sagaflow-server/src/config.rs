@@ -48,12 +48,13 @@ impl Default for RetentionConfig {
     }
 }
 
-/// Topics and their consumers, as in the original's `message_queue` section.
+/// Topics and their consumers (the `message_queue` section).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MessageQueueConfig {
-    /// Prefix of every topic name.
-    pub topic_prefix: String,
+    /// Prefix of every topic name; unset, the service's own default
+    /// ([`crate::settings::ServiceConfig::TOPIC_PREFIX`]), else the core's.
+    pub topic_prefix: Option<String>,
     /// Consumers of a topic not listed below.
     pub default_concurrency: usize,
     /// Deliveries after which a message is dead-lettered.
@@ -64,7 +65,13 @@ pub struct MessageQueueConfig {
 
 impl Default for MessageQueueConfig {
     fn default() -> Self {
-        Self { topic_prefix: "booking".into(), default_concurrency: 16, max_deliveries: 5, topics: Vec::new() }
+        let options = sagaflow::Options::default();
+        Self {
+            topic_prefix: None,
+            default_concurrency: options.default_concurrency,
+            max_deliveries: options.max_deliveries,
+            topics: Vec::new(),
+        }
     }
 }
 

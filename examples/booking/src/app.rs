@@ -1,27 +1,26 @@
-//! Wiring: builds the broker, the saga log, the flows and the servers from a [`Config`].
+//! Wiring: the mock upstreams (when they run in this process), the booking flows on them, and
+//! the orchestrator service of [`sagaflow_server::Server`] serving the booking API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use sagaflow::log::Retention;
-use sagaflow::{Broker, Orchestrator, SagaLog};
-use sagaflow_server::backends::{self, BrokerSettings, LogSettings};
+use sagaflow::{Broker, Orchestrator};
+use sagaflow_server::server::bind;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
-use tonic::transport::{Channel, Endpoint, Server};
-use tonic_health::ServingStatus;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::callback::{CallbackPolicy, HttpCallbacks};
-use crate::config::{Config, RetentionConfig};
+use crate::config::Config;
 use crate::facade;
 use crate::handler::BookingHandler;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::pb::booking_service_server::BookingServiceServer;
 use crate::upstream::{OrderMock, PaymentMock, serve_order, serve_payment};
+
+pub use sagaflow_server::backends::LOG_SERVING_GAUGE;
+pub use sagaflow_server::settings::SALVAGE_WAL_ENV;
 
 /// The booking service, running.
 pub struct Running {
@@ -39,12 +38,9 @@ pub struct Running {
     pub broker: Arc<dyn Broker>,
     /// The in-process mocks, when they run here.
     pub mocks: Option<(OrderMock, PaymentMock)>,
-    shutdown: CancellationToken,
-    servers: Vec<JoinHandle<anyhow::Result<()>>>,
-}
-
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} to {addr}"))
+    service: sagaflow_server::Running,
+    stop_mocks: CancellationToken,
+    mock_servers: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
 fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
@@ -52,50 +48,6 @@ fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect_lazy())
-}
-
-/// Set to `1` or `true`: the embedded saga log replays the intact entries of a damaged
-/// write-ahead file instead of refusing to open ([`sagaflow_redb::RedbOptions::salvage_wal`]).
-pub const SALVAGE_WAL_ENV: &str = "SAGAFLOW_SALVAGE_WAL";
-
-pub use sagaflow_server::backends::LOG_SERVING_GAUGE;
-
-/// The broker the config names.
-async fn broker(config: &Config) -> anyhow::Result<Arc<dyn Broker>> {
-    backends::connect_broker(BrokerSettings {
-        kind: config.broker,
-        url: config.broker_url.as_deref(),
-        connection_name: format!("sagaflow-{}", config.pod_id),
-        queue_expiry: config.broker_queue_expiry_ms.map(Duration::from_millis),
-    })
-    .await
-}
-
-/// The saga log the config names.
-async fn saga_log(config: &Config) -> anyhow::Result<Arc<dyn SagaLog>> {
-    backends::open_saga_log(log_settings(config)).await
-}
-
-/// Where and how the config keeps the saga log.
-pub fn log_settings(config: &Config) -> LogSettings<'_> {
-    LogSettings {
-        kind: config.saga_log,
-        url: config.saga_log_url.as_deref(),
-        schema: config.saga_log_schema.as_deref(),
-        retention: retention(&config.retention),
-        salvage_wal: std::env::var(SALVAGE_WAL_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
-        cache_bytes: config.saga_log_cache_mib << 20,
-    }
-}
-
-/// The retention the config describes.
-fn retention(config: &RetentionConfig) -> Retention {
-    Retention {
-        max_age: Duration::from_secs(config.max_age_secs),
-        max_ended: config.max_ended,
-        tombstone_age: Duration::from_secs(config.tombstone_age_secs),
-        max_tombstones: config.max_tombstones,
-    }
 }
 
 /// Binds `what` to `addr` and spawns `serve` on the listener; returns the bound address.
@@ -142,99 +94,42 @@ pub async fn start_proxy(
     start_server(addr, "benchmark proxy", |l| crate::proxy::serve(l, proxy, shutdown.cancelled_owned())).await
 }
 
-/// Starts the orchestrator (and, if configured, the mocks) and serves the booking API.
+/// Starts the mocks (if configured in this process) and the orchestrator serving the booking API.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    crate::admin::prometheus();
-    let callbacks = CallbackPolicy::new(&config.callbacks).map_err(anyhow::Error::msg)?;
-    let admin_hosts = crate::admin::AdminHosts::new(config.http_listen, &config.admin_hosts)?;
-    let shutdown = CancellationToken::new();
-    let mut servers = Vec::new();
-    let (order_addr, payment_addr, mocks) = if config.upstream.in_process {
-        let order = OrderMock::new(config.upstream.order.clone());
-        let payment = PaymentMock::new(config.upstream.payment.clone());
-        let (order_addr, o) = start_order(config.upstream.order_addr, order.clone(), shutdown.clone()).await?;
-        let (payment_addr, p) = start_payment(config.upstream.payment_addr, payment.clone(), shutdown.clone()).await?;
-        servers.extend([o, p]);
+    let stop_mocks = CancellationToken::new();
+    let mut mock_servers = Vec::new();
+    let upstream = &config.app.upstream;
+    let (order_addr, payment_addr, mocks) = if upstream.in_process {
+        let order = OrderMock::new(upstream.order.clone());
+        let payment = PaymentMock::new(upstream.payment.clone());
+        let (order_addr, o) = start_order(upstream.order_addr, order.clone(), stop_mocks.clone()).await?;
+        let (payment_addr, p) = start_payment(upstream.payment_addr, payment.clone(), stop_mocks.clone()).await?;
+        mock_servers.extend([o, p]);
         (order_addr, payment_addr, Some((order, payment)))
     } else {
-        (config.upstream.order_addr, config.upstream.payment_addr, None)
+        (upstream.order_addr, upstream.payment_addr, None)
     };
-
-    let flow = facade::booking_flow(channel(order_addr)?, channel(payment_addr)?, &config.flow);
-    let broker = broker(&config).await?;
-    let saga_log = saga_log(&config).await?;
-    let builder = Orchestrator::builder(broker.clone(), saga_log.clone())
-        .options(config.orchestrator_options())
-        .callbacks(Arc::new(HttpCallbacks::new(&config.callbacks)?));
-    let orchestrator = facade::register(builder, flow).start().await.context("starting the orchestrator")?;
-    check_topics(&config, &orchestrator)?;
-
-    let listener = bind(config.grpc_listen, "orchestrator gRPC API").await?;
-    let grpc_addr = listener.local_addr()?;
-    let admin_listener = bind(config.http_listen, "admin HTTP API").await?;
-    let http_addr = admin_listener.local_addr()?;
-    let callbacks = callbacks
-        .deny_own(grpc_addr, "gRPC API (grpc_listen)")
-        .deny_own(http_addr, "admin HTTP API (http_listen)")
-        .resolve_names()
-        .await;
-    let handler = BookingHandler::new(orchestrator.clone(), callbacks);
-    let service = BookingServiceServer::new(handler);
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status(<BookingServiceServer<BookingHandler> as NamedService>::NAME, ServingStatus::Serving)
-        .await;
-    reporter.set_service_status("", ServingStatus::Serving).await;
-    let service_name = <BookingServiceServer<BookingHandler> as NamedService>::NAME;
-    servers.push(backends::watch_log_health(saga_log, reporter, vec![service_name], shutdown.clone()));
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let v1 = reflection().build_v1()?;
-    let v1alpha = reflection().build_v1alpha()?;
-    let stop = shutdown.clone();
-    servers.push(tokio::spawn(async move {
-        Server::builder()
-            .add_service(service)
-            .add_service(health)
-            .add_service(v1)
-            .add_service(v1alpha)
-            .serve_with_incoming_shutdown(crate::upstream::incoming(listener), async move { stop.cancelled().await })
-            .await
-            .context("orchestrator gRPC server failed")
-    }));
-    servers.push(tokio::spawn(crate::admin::serve(
-        admin_listener,
-        orchestrator.clone(),
-        config.admin_token.clone(),
-        config.public_metrics,
-        admin_hosts.bound_to(http_addr),
-        shutdown.clone(),
-    )));
-    tracing::info!(%grpc_addr, %http_addr, %order_addr, %payment_addr, pod_id = %config.pod_id, "booking orchestrator serving");
-    Ok(Running { grpc_addr, http_addr, order_addr, payment_addr, orchestrator, broker, mocks, shutdown, servers })
-}
-
-/// Every configured topic id must name a topic of a registered flow.
-fn check_topics(config: &Config, orchestrator: &Orchestrator) -> anyhow::Result<()> {
-    let prefix = &config.message_queue.topic_prefix;
-    let known: Vec<String> = orchestrator
-        .flows()
-        .iter()
-        .flat_map(|f| f.nodes.iter().map(|n| format!("{}.{n}", f.facade)).chain([format!("{}.rollback", f.facade)]))
-        .collect();
-    for (i, topic) in config.message_queue.topics.iter().enumerate() {
-        if !known.contains(&topic.id) {
-            anyhow::bail!(
-                "message_queue.topics[{i}]: unknown topic id `{}` (known: {}; on the broker they are prefixed with `{prefix}.`)",
-                topic.id,
-                known.join(", ")
-            );
-        }
-    }
-    Ok(())
+    let flow = facade::booking_flow(channel(order_addr)?, channel(payment_addr)?, &config.app.flow);
+    let service = sagaflow_server::Server::new(config)
+        .file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .start(
+            |orchestrator| facade::register(orchestrator, flow),
+            |cx| BookingServiceServer::new(BookingHandler::new(cx.orchestrator, cx.callbacks)),
+        )
+        .await?;
+    tracing::info!(%order_addr, %payment_addr, "booking upstreams");
+    Ok(Running {
+        grpc_addr: service.grpc_addr,
+        http_addr: service.http_addr,
+        order_addr,
+        payment_addr,
+        orchestrator: service.orchestrator.clone(),
+        broker: service.broker.clone(),
+        mocks,
+        service,
+        stop_mocks,
+        mock_servers,
+    })
 }
 
 impl std::fmt::Debug for Running {
@@ -251,9 +146,9 @@ impl std::fmt::Debug for Running {
 impl Running {
     /// Stops serving, lets sagas in flight reach a recorded state, and waits for the servers.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        self.orchestrator.shutdown().await;
-        for server in self.servers {
+        self.stop_mocks.cancel();
+        self.service.shutdown().await?;
+        for server in self.mock_servers {
             server.await??;
         }
         Ok(())
@@ -261,6 +156,6 @@ impl Running {
 
     /// A token cancelled when the service stops.
     pub fn stopping(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.service.stopping()
     }
 }

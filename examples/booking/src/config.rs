@@ -1,18 +1,10 @@
-//! `app.yaml` and its environment overrides.
-//!
-//! The file comes from `--config`, else `$OCH_PATH/app.yaml`, else the
-//! built-in defaults; then `POD_ID`, `SAGAFLOW_BROKER`, `SAGAFLOW_BROKER_URL`,
-//! `SAGAFLOW_LOG`, `SAGAFLOW_LOG_URL`, `SAGAFLOW_GRPC_LISTEN`, `SAGAFLOW_HTTP_LISTEN`,
-//! `SAGAFLOW_ADMIN_TOKEN` and `SAGAFLOW_CALLBACK_SECRET` override it.
-//! Unknown keys are an error that names the key, and so is a duration or count out of its
-//! range ([`Config::validate`]).
+//! `app.yaml` and its environment overrides: the keys every orchestrator service reads
+//! ([`sagaflow_server::Config`]: listeners, broker, saga log, retention, topics, callbacks,
+//! replicas, the environment variables) and booking's own, `upstream` and `flow`
+//! ([`BookingConfig`]).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use sagaflow_server::config::{HOUR_MS, WEEK_MS, within};
 use serde::Deserialize;
 
 use crate::upstream::MockConfig;
@@ -20,62 +12,29 @@ pub use sagaflow_server::backends::{BrokerKind, LogKind};
 pub use sagaflow_server::config::{
     CallbackConfig, FlowConfig, MessageQueueConfig, ReplicasConfig, RetentionConfig, RetryConfig, TopicConfig,
 };
-/// Most consumers of one topic in one pod.
-const MAX_CONSUMERS: usize = 4_096;
-/// Shortest `callbacks.secret`: an HMAC key shorter than this is guessable.
-const MIN_SECRET_LEN: usize = 16;
 
 /// The whole configuration of the booking service.
-#[derive(Debug, Clone, Deserialize)]
+pub type Config = sagaflow_server::Config<BookingConfig>;
+
+/// Booking's own keys.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// This pod's id: throttled topics end in it.
-    pub pod_id: String,
-    /// Where the orchestrator's gRPC API listens.
-    pub grpc_listen: SocketAddr,
-    /// Where the admin HTTP API (health, sagas, retry) listens.
-    pub http_listen: SocketAddr,
-    /// Bearer token the admin API requires (mandatory off loopback).
-    pub admin_token: Option<String>,
-    /// Whether `/metrics` is served without the token.
-    pub public_metrics: bool,
-    /// OTLP/HTTP endpoint to export traces to (e.g. `http://127.0.0.1:4318/v1/traces`); off when unset.
-    pub otlp_endpoint: Option<String>,
-    /// Which broker carries the hops: `memory`, `rabbitmq` or `nats`; left at `memory`, the
-    /// scheme of `broker_url` (`amqp://`, `nats://`) chooses.
-    pub broker: BrokerKind,
-    /// The broker's URL, credentials included (never logged); each driver has a local default.
-    pub broker_url: Option<String>,
-    /// RabbitMQ only: let the broker delete a queue idle (no consumer) this long, with its
-    /// messages. Off by default; for tests and short-lived pods.
-    pub broker_queue_expiry_ms: Option<u64>,
-    /// Which saga log records the sagas: `embedded` (default), `postgres` or `memory`; left at
-    /// `embedded` or `memory`, the scheme of `saga_log_url` (`postgres://`, `redb:DIR`,
-    /// `memory:`) chooses.
-    pub saga_log: LogKind,
-    /// The saga log's directory (embedded, default `./data`, also as `redb:DIR`) or URL (postgres).
-    pub saga_log_url: Option<String>,
-    /// PostgreSQL schema of the saga tables (default: the connection's search path).
-    pub saga_log_schema: Option<String>,
-    /// Embedded log only: MiB of the database file's pages kept in memory (default 32).
-    pub saga_log_cache_mib: usize,
-    /// How long ended sagas are kept.
-    pub retention: RetentionConfig,
+pub struct BookingConfig {
     /// The upstream services.
     pub upstream: UpstreamConfig,
-    /// Topics and consumers.
-    pub message_queue: MessageQueueConfig,
     /// Retry and timeout policies of the booking flows.
     pub flow: FlowConfig,
-    /// How long a sync or throttled caller waits for its saga, in ms.
-    pub wait_timeout_ms: u64,
-    /// The HTTP callbacks of async sagas.
-    pub callbacks: CallbackConfig,
-    /// Several replicas sharing the PostgreSQL saga log: leases and takeover.
-    pub replicas: ReplicasConfig,
-    /// Further `Host` names the admin API answers to without the token (`name` for any port,
-    /// `name:port`), e.g. a reverse proxy's; its bound address always is one.
-    pub admin_hosts: Vec<String>,
+}
+
+impl sagaflow_server::ServiceConfig for BookingConfig {
+    const KEYS: &'static [&'static str] = &["upstream", "flow"];
+    const TOPIC_PREFIX: Option<&'static str> = Some("booking");
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.upstream.order.validate().map_err(|e| anyhow::anyhow!("upstream.order.{e}"))?;
+        self.upstream.payment.validate().map_err(|e| anyhow::anyhow!("upstream.payment.{e}"))?;
+        self.flow.validate()
+    }
 }
 
 /// Where the upstreams are, and how the in-process mocks behave.
@@ -106,166 +65,6 @@ impl Default for UpstreamConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            pod_id: "local".into(),
-            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 10000)),
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 10090)),
-            admin_token: None,
-            public_metrics: true,
-            otlp_endpoint: None,
-            broker: BrokerKind::Memory,
-            broker_url: None,
-            broker_queue_expiry_ms: None,
-            saga_log: LogKind::Embedded,
-            saga_log_url: None,
-            saga_log_schema: None,
-            saga_log_cache_mib: sagaflow_redb::DEFAULT_CACHE_SIZE >> 20,
-            retention: RetentionConfig::default(),
-            upstream: UpstreamConfig::default(),
-            message_queue: MessageQueueConfig::default(),
-            flow: FlowConfig::default(),
-            wait_timeout_ms: 30_000,
-            callbacks: CallbackConfig::default(),
-            replicas: ReplicasConfig::default(),
-            admin_hosts: Vec::new(),
-        }
-    }
-}
-
-impl Config {
-    /// Reads the configuration: `explicit`, else `$OCH_PATH/app.yaml`, else
-    /// the defaults; then the environment; then checks it.
-    pub fn load(explicit: Option<&Path>) -> anyhow::Result<Self> {
-        let path = match explicit {
-            Some(path) => Some(path.to_owned()),
-            None => std::env::var_os("OCH_PATH").map(|dir| PathBuf::from(dir).join("app.yaml")).filter(|p| p.exists()),
-        };
-        let mut config = match &path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                Self::from_yaml(&text).with_context(|| format!("in {}", path.display()))?
-            }
-            None => Self::default(),
-        };
-        config.apply_env(|name| std::env::var(name).ok())?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Parses yaml; unknown keys are errors naming the key.
-    pub fn from_yaml(text: &str) -> anyhow::Result<Self> {
-        if text.trim().is_empty() {
-            return Ok(Self::default());
-        }
-        Ok(serde_norway::from_str(text)?)
-    }
-
-    /// Applies the environment overrides, read through `var`.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-        if let Some(pod) = var("POD_ID").filter(|v| !v.is_empty()) {
-            self.pod_id = pod;
-        }
-        if let Some(kind) = var("SAGAFLOW_BROKER").filter(|v| !v.is_empty()) {
-            self.broker = serde_norway::from_str(&kind)
-                .map_err(|_| anyhow::anyhow!("SAGAFLOW_BROKER=`{kind}`: expected one of memory, rabbitmq, nats"))?;
-        }
-        if let Some(url) = var("SAGAFLOW_BROKER_URL").filter(|v| !v.is_empty()) {
-            self.broker_url = Some(url);
-        }
-        if let Some(kind) = var("SAGAFLOW_LOG").filter(|v| !v.is_empty()) {
-            self.saga_log = serde_norway::from_str(&kind)
-                .map_err(|_| anyhow::anyhow!("SAGAFLOW_LOG=`{kind}`: expected one of embedded, postgres, memory"))?;
-        }
-        if let Some(url) = var("SAGAFLOW_LOG_URL").filter(|v| !v.is_empty()) {
-            self.saga_log_url = Some(url);
-        }
-        if let Some(endpoint) = var("SAGAFLOW_OTLP_ENDPOINT").filter(|v| !v.is_empty()) {
-            self.otlp_endpoint = Some(endpoint);
-        }
-        if let Some(token) = var("SAGAFLOW_ADMIN_TOKEN").filter(|v| !v.is_empty()) {
-            self.admin_token = Some(token);
-        }
-        if let Some(secret) = var("SAGAFLOW_CALLBACK_SECRET").filter(|v| !v.is_empty()) {
-            self.callbacks.secret = Some(secret);
-        }
-        if let Some(addr) = var("SAGAFLOW_HTTP_LISTEN").filter(|v| !v.is_empty()) {
-            self.http_listen = addr.parse().with_context(|| format!("SAGAFLOW_HTTP_LISTEN=`{addr}`"))?;
-        }
-        if let Some(addr) = var("SAGAFLOW_GRPC_LISTEN").filter(|v| !v.is_empty()) {
-            self.grpc_listen = addr.parse().with_context(|| format!("SAGAFLOW_GRPC_LISTEN=`{addr}`"))?;
-        }
-        Ok(())
-    }
-
-    /// Checks what the types cannot: every duration and count lies in its range (the error
-    /// names the key: `callbacks.timeout_ms must be between 1 and 600000, got 0`).
-    pub fn validate(&self) -> anyhow::Result<()> {
-        if self.pod_id.is_empty() || !self.pod_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            bail!("pod_id `{}` must be ASCII letters, digits, `-` or `_`", self.pod_id);
-        }
-        BrokerKind::resolve(self.broker, self.broker_url.as_deref())?;
-        LogKind::resolve(self.saga_log, self.saga_log_url.as_deref())?;
-        if let Some(ms) = self.broker_queue_expiry_ms {
-            within("broker_queue_expiry_ms", ms, 1_000..=WEEK_MS)?;
-        }
-        within("saga_log_cache_mib", self.saga_log_cache_mib, 1..=64 << 10)?;
-        within("retention.max_age_secs", self.retention.max_age_secs, 1..=10 * 365 * 24 * 3600)?;
-        within("retention.max_ended", self.retention.max_ended, 0..=100_000_000)?;
-        within("message_queue.default_concurrency", self.message_queue.default_concurrency, 1..=MAX_CONSUMERS)?;
-        within("message_queue.max_deliveries", self.message_queue.max_deliveries, 1..=1_000)?;
-        for (i, topic) in self.message_queue.topics.iter().enumerate() {
-            match topic.concurrency {
-                None => bail!("message_queue.topics[{i}] (`{}`): `concurrency` is required", topic.id),
-                Some(n) => within(&format!("message_queue.topics[{i}].concurrency"), n, 1..=MAX_CONSUMERS)?,
-            }
-        }
-        self.upstream.order.validate().map_err(|e| anyhow::anyhow!("upstream.order.{e}"))?;
-        self.upstream.payment.validate().map_err(|e| anyhow::anyhow!("upstream.payment.{e}"))?;
-        self.flow.validate()?;
-        within("wait_timeout_ms", self.wait_timeout_ms, 1..=HOUR_MS)?;
-        crate::admin::check_access(self.http_listen, self.admin_token.as_deref())?;
-        within("callbacks.attempts", self.callbacks.attempts, 1..=20)?;
-        within("callbacks.timeout_ms", self.callbacks.timeout_ms, 1..=600_000)?;
-        if let Some(secret) = &self.callbacks.secret
-            && secret.len() < MIN_SECRET_LEN
-        {
-            bail!("callbacks.secret must be at least {MIN_SECRET_LEN} bytes, got {}", secret.len());
-        }
-        let r = &self.replicas;
-        if !(100..=3_600_000).contains(&r.lease_ttl_ms) || r.lease_renew_ms == 0 || r.lease_renew_ms >= r.lease_ttl_ms {
-            bail!(
-                "replicas.lease_ttl_ms must be between 100 and 3600000 and replicas.lease_renew_ms between 1 and below it \
-                 (got {} and {})",
-                r.lease_ttl_ms,
-                r.lease_renew_ms
-            );
-        }
-        Ok(())
-    }
-
-    /// The orchestrator options these settings describe.
-    pub fn orchestrator_options(&self) -> sagaflow::Options {
-        sagaflow::Options {
-            topic_prefix: self.message_queue.topic_prefix.clone(),
-            pod_id: self.pod_id.clone(),
-            default_concurrency: self.message_queue.default_concurrency,
-            topic_concurrency: self
-                .message_queue
-                .topics
-                .iter()
-                .filter_map(|t| t.concurrency.map(|c| (t.id.clone(), c)))
-                .collect(),
-            max_deliveries: self.message_queue.max_deliveries,
-            wait_timeout: Duration::from_millis(self.wait_timeout_ms),
-            lease_ttl: Duration::from_millis(self.replicas.lease_ttl_ms),
-            lease_renew_interval: Duration::from_millis(self.replicas.lease_renew_ms),
-            ..sagaflow::Options::default()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,15 +80,23 @@ mod tests {
     #[test]
     fn the_embedded_log_cache_size_reaches_its_options() {
         let default = Config::default();
-        let embedded = |config: &Config| {
-            sagaflow_server::backends::embedded_options(&crate::app::log_settings(config), "/tmp/unused")
-        };
+        let embedded =
+            |config: &Config| sagaflow_server::backends::embedded_options(&config.log_settings(), "/tmp/unused");
         assert_eq!(embedded(&default).cache_bytes(), sagaflow_redb::DEFAULT_CACHE_SIZE);
         let config = Config::from_yaml("saga_log_cache_mib: 4\n").unwrap();
         config.validate().unwrap();
         assert_eq!(embedded(&config).cache_bytes(), 4 << 20);
         let zero = Config::from_yaml("saga_log_cache_mib: 0\n").unwrap().validate().unwrap_err();
         assert_eq!(zero.to_string(), "saga_log_cache_mib must be between 1 and 65536, got 0");
+    }
+
+    #[test]
+    fn booking_topics_are_prefixed_booking_unless_configured() {
+        assert_eq!(Config::default().orchestrator_options().topic_prefix, "booking");
+        let config = Config::from_yaml("message_queue:\n  max_deliveries: 3\n").unwrap();
+        assert_eq!(config.orchestrator_options().topic_prefix, "booking");
+        let config = Config::from_yaml("message_queue:\n  topic_prefix: shop\n").unwrap();
+        assert_eq!(config.orchestrator_options().topic_prefix, "shop");
     }
 
     #[test]

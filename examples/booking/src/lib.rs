@@ -1,10 +1,11 @@
 //! The booking demo: a sagaflow orchestrator for CreateOrder → CreatePayment,
 //! with mock Order and Payment services.
 //!
-//! Layout, as in the original: [`facade`] registers the flows, [`node`] holds
-//! the steps, [`handler`] serves the gRPC API, [`topic`] names the topics.
-//! What any orchestrator service needs beside that (the admin API and dashboard,
-//! HTTP callbacks) comes from `sagaflow-server`.
+//! [`facade`] registers the flows, [`node`] holds the steps, [`handler`] serves the gRPC API,
+//! [`topic`] names the topics, [`config`] adds booking's keys (`upstream`, `flow`) to the
+//! shared ones, [`upstream`] holds the mocks, and [`app`] starts them beside the service.
+//! The service itself (configuration, broker and log, admin API and dashboard, callbacks,
+//! health, drain) is `sagaflow-server`'s [`sagaflow_server::Server`].
 
 pub mod app;
 pub mod config;

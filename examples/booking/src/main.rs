@@ -114,25 +114,26 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     match cli.part.unwrap_or(Part::All) {
         Part::All => run_orchestrator(config).await,
         Part::Orchestrator => {
-            config.upstream.in_process = false;
+            config.app.upstream.in_process = false;
             run_orchestrator(config).await
         }
         Part::Order(args) => {
-            args.apply(&mut config.upstream.order)?;
-            let addr = args.listen.unwrap_or(config.upstream.order_addr);
+            args.apply(&mut config.app.upstream.order)?;
+            let addr = args.listen.unwrap_or(config.app.upstream.order_addr);
             let stop = CancellationToken::new();
-            let (addr, server) = app::start_order(addr, OrderMock::new(config.upstream.order), stop.clone()).await?;
+            let (addr, server) =
+                app::start_order(addr, OrderMock::new(config.app.upstream.order), stop.clone()).await?;
             tracing::info!(%addr, "order service serving");
             terminated().await;
             stop.cancel();
             server.await.context("order service task")?
         }
         Part::Payment(args) => {
-            args.apply(&mut config.upstream.payment)?;
-            let addr = args.listen.unwrap_or(config.upstream.payment_addr);
+            args.apply(&mut config.app.upstream.payment)?;
+            let addr = args.listen.unwrap_or(config.app.upstream.payment_addr);
             let stop = CancellationToken::new();
             let (addr, server) =
-                app::start_payment(addr, PaymentMock::new(config.upstream.payment), stop.clone()).await?;
+                app::start_payment(addr, PaymentMock::new(config.app.upstream.payment), stop.clone()).await?;
             tracing::info!(%addr, "payment service serving");
             terminated().await;
             stop.cancel();
@@ -142,8 +143,8 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
             let stop = CancellationToken::new();
             let (addr, server) = app::start_proxy(
                 args.listen.unwrap_or(config.grpc_listen),
-                args.order.unwrap_or(config.upstream.order_addr),
-                args.payment.unwrap_or(config.upstream.payment_addr),
+                args.order.unwrap_or(config.app.upstream.order_addr),
+                args.payment.unwrap_or(config.app.upstream.payment_addr),
                 stop.clone(),
             )
             .await?;

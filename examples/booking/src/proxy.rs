@@ -105,7 +105,7 @@ pub async fn serve(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     Server::builder()
         .add_service(BookingServiceServer::new(proxy))
-        .serve_with_incoming_shutdown(crate::upstream::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(sagaflow_server::server::incoming(listener), shutdown)
         .await
         .with_context(|| format!("benchmark proxy on {addr:?} failed"))
 }

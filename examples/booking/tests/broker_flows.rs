@@ -56,7 +56,7 @@ fn throttled(config: &mut Config, concurrency: usize) {
 
 async fn throttling_holds_upstreams_under_their_capacity(mut config: Config) {
     throttled(&mut config, 8);
-    for mock in [&mut config.upstream.order, &mut config.upstream.payment] {
+    for mock in [&mut config.app.upstream.order, &mut config.app.upstream.payment] {
         mock.capacity = 10;
         mock.latency = Duration::from_millis(5);
     }
@@ -85,7 +85,7 @@ async fn throttling_holds_upstreams_under_their_capacity(mut config: Config) {
 
 async fn a_throttled_caller_times_out_but_the_saga_completes(mut config: Config) {
     config.wait_timeout_ms = 200;
-    config.upstream.order.latency = Duration::from_millis(600);
+    config.app.upstream.order.latency = Duration::from_millis(600);
     let mut s = start(config).await;
     let status = s.client.handle_throttling_booking(with_id(Some("thr-slow"), booking(1, 1, false))).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -201,7 +201,7 @@ fn reachable(name: &str, port: u16) -> bool {
 /// Topics of their own per test, so tests running at once on one server do not share work.
 fn isolate(config: &mut Config) {
     let run = uuid::Uuid::new_v4().simple().to_string();
-    config.message_queue.topic_prefix = format!("e2e-{}", &run[..12]);
+    config.message_queue.topic_prefix = Some(format!("e2e-{}", &run[..12]));
     config.pod_id = format!("pod-{}", &run[..6]);
 }
 

@@ -63,7 +63,7 @@ async fn throttled_callers_get_their_answers_across_a_broker_restart() {
     config.broker = BrokerKind::Nats;
     config.broker_url = Some(format!("nats://127.0.0.1:{port}"));
     config.wait_timeout_ms = 60_000;
-    config.upstream.order.latency = Duration::from_millis(40);
+    config.app.upstream.order.latency = Duration::from_millis(40);
     config.message_queue.topics =
         [topic::THROTTLING_CREATE_ORDER, topic::THROTTLING_CREATE_PAYMENT, topic::THROTTLING_ROLLBACK]
             .into_iter()

@@ -73,7 +73,7 @@ async fn completed_and_compensated(s: &mut Service) -> (String, String) {
 
 /// A config whose compensations give up after two attempts, so a saga gets stuck quickly.
 fn quick_to_stick(mut config: Config) -> Config {
-    config.flow.compensation_retry.max_attempts = 2;
+    config.app.flow.compensation_retry.max_attempts = 2;
     config
 }
 
@@ -144,8 +144,8 @@ async fn drive_the_dashboard(config: Config, host: &str, token: Option<&str>, sc
 
     let mut config = quick_to_stick(config);
     // A slowed payment keeps a saga running (each attempt waits this long) until the page aborts it.
-    config.flow.step_timeout_ms = 20_000;
-    config.flow.deadline_ms = 180_000;
+    config.app.flow.step_timeout_ms = 20_000;
+    config.app.flow.deadline_ms = 180_000;
     let mut s = start(config).await;
     // A little of everything, so the counts and the screenshot show each outcome.
     for _ in 0..3 {

@@ -38,7 +38,7 @@ async fn a_callback_url_over_2_kib_is_refused_and_nothing_is_stored() {
 async fn flow_data_over_its_cap_is_refused() {
     let mut config = test_config();
     // A booking is 75 bytes of JSON; the smallest cap allowed is 64.
-    config.flow.max_data_bytes = 64;
+    config.app.flow.max_data_bytes = 64;
     config.callbacks.attempts = 1;
     let mut s = start(config).await;
     let sync = s.client.handle_sync_booking(with_id(Some("big-sync"), booking(1, 1, false))).await.unwrap_err();

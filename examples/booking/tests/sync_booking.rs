@@ -86,10 +86,10 @@ async fn an_upstream_unavailable_for_a_moment_is_retried() {
     // Reserve a port for the payment service, which is not up yet.
     let payment_addr = std::net::TcpListener::bind(any_port()).unwrap().local_addr().unwrap();
     let mut config = test_config();
-    config.upstream.in_process = false;
-    config.upstream.order_addr = order_addr;
-    config.upstream.payment_addr = payment_addr;
-    config.flow.retry.max_attempts = 8;
+    config.app.upstream.in_process = false;
+    config.app.upstream.order_addr = order_addr;
+    config.app.upstream.payment_addr = payment_addr;
+    config.app.flow.retry.max_attempts = 8;
     let mut s = start(config).await;
     let payment = PaymentMock::new(Default::default());
     let late = {

@@ -13,5 +13,5 @@ mod store;
 
 pub use order::OrderMock;
 pub use payment::PaymentMock;
-pub use server::{incoming, serve_order, serve_payment};
+pub use server::{serve_order, serve_payment};
 pub use store::MockConfig;

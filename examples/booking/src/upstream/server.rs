@@ -3,8 +3,8 @@
 use std::future::Future;
 
 use anyhow::Context as _;
+use sagaflow_server::server::incoming;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::{server::NamedService, service::Routes, transport::Server};
 use tonic_health::{ServingStatus, pb::health_server::HealthServer};
 
@@ -59,11 +59,4 @@ async fn serve(
         routes.add_service(health).add_service(reflection().build_v1()?).add_service(reflection().build_v1alpha()?);
     Server::builder().add_routes(routes).serve_with_incoming_shutdown(incoming(listener), shutdown).await?;
     Ok(())
-}
-
-/// Accepted connections with Nagle's algorithm off. A gRPC answer is several small writes
-/// (headers, message, trailers); with Nagle on, the last waits for the peer's delayed ACK, and
-/// answers stalled for 40 ms every few hundred milliseconds under load.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
 }

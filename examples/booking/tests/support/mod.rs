@@ -43,10 +43,10 @@ pub fn test_config() -> Config {
         saga_log: booking::config::LogKind::Memory,
         ..Config::default()
     };
-    config.upstream.order_addr = any_port();
-    config.upstream.payment_addr = any_port();
-    config.flow.retry.initial_backoff_ms = 20;
-    config.flow.compensation_retry.initial_backoff_ms = 20;
+    config.app.upstream.order_addr = any_port();
+    config.app.upstream.payment_addr = any_port();
+    config.app.flow.retry.initial_backoff_ms = 20;
+    config.app.flow.compensation_retry.initial_backoff_ms = 20;
     config
 }
 
