@@ -100,6 +100,9 @@ pub struct Config<A = NoKeys> {
     /// Further `Host` names the admin API answers to without the token (`name` for any port,
     /// `name:port`), e.g. a reverse proxy's; its bound address always is one.
     pub admin_hosts: Vec<String>,
+    /// Start even when the log holds unfinished sagas of flow versions not registered here,
+    /// leaving them waiting for their version (refused otherwise).
+    pub start_with_missing_versions: bool,
     /// The service's own keys ([`ServiceConfig::KEYS`]).
     #[serde(skip)]
     pub app: A,
@@ -128,6 +131,7 @@ impl<A: Default> Default for Config<A> {
             callbacks: CallbackConfig::default(),
             replicas: ReplicasConfig::default(),
             admin_hosts: Vec::new(),
+            start_with_missing_versions: options.start_with_missing_versions,
             app: A::default(),
         }
     }
@@ -282,6 +286,7 @@ impl<A: ServiceConfig> Config<A> {
             wait_timeout: Duration::from_millis(self.wait_timeout_ms),
             lease_ttl: Duration::from_millis(self.replicas.lease_ttl_ms),
             lease_renew_interval: Duration::from_millis(self.replicas.lease_renew_ms),
+            start_with_missing_versions: self.start_with_missing_versions,
             ..sagaflow::Options::default()
         }
     }

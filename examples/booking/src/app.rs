@@ -109,7 +109,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     } else {
         (upstream.order_addr, upstream.payment_addr, None)
     };
-    let flow = facade::booking_flow(channel(order_addr)?, channel(payment_addr)?, &config.app.flow);
+    let flow =
+        facade::versioned_flow(channel(order_addr)?, channel(payment_addr)?, &config.app.flow, config.app.flow_version);
     let service = sagaflow_server::Server::new(config)
         .file_descriptor_set(FILE_DESCRIPTOR_SET)
         .start(

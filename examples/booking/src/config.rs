@@ -24,10 +24,27 @@ pub struct BookingConfig {
     pub upstream: UpstreamConfig,
     /// Retry and timeout policies of the booking flows.
     pub flow: FlowConfig,
+    /// Which booking flow new sagas start on, and which are kept for sagas in flight.
+    pub flow_version: FlowVariant,
+}
+
+/// The booking flow's versions, for deploying a changed flow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum FlowVariant {
+    /// CreateOrder → CreatePayment.
+    #[default]
+    #[serde(rename = "v1")]
+    V1,
+    /// CheckBooking → CreateOrder → CreatePayment, with v1 kept for the sagas begun on it.
+    #[serde(rename = "v2")]
+    V2,
+    /// v2 alone: sagas begun on v1 need it kept, or the start is refused.
+    #[serde(rename = "v2-only")]
+    V2Only,
 }
 
 impl sagaflow_server::ServiceConfig for BookingConfig {
-    const KEYS: &'static [&'static str] = &["upstream", "flow"];
+    const KEYS: &'static [&'static str] = &["upstream", "flow", "flow_version"];
     const TOPIC_PREFIX: Option<&'static str> = Some("booking");
 
     fn validate(&self) -> anyhow::Result<()> {

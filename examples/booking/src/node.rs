@@ -105,3 +105,26 @@ impl Node<Booking> for CreatePayment {
         Ok(())
     }
 }
+
+/// Checks a booking before any upstream is called (the first step of flow v2): a count whose
+/// price overflows is refused here, with nothing to undo.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckBooking;
+
+#[sagaflow::async_trait]
+impl Node<Booking> for CheckBooking {
+    fn name(&self) -> &str {
+        "CheckBooking"
+    }
+
+    async fn action(&self, _step: &Step, booking: &mut Booking) -> Result<(), NodeError> {
+        match amount(booking.count) {
+            Some(_) => Ok(()),
+            None => Err(NodeError::permanent(format!("the price of {} items overflows", booking.count))),
+        }
+    }
+
+    fn has_compensation(&self) -> bool {
+        false
+    }
+}
