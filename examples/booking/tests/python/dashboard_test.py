@@ -178,10 +178,10 @@ class Browser:
         self.call("Input.insertText", {"text": text}, session=True)
 
     def click(self, selector: str) -> None:
-        """Clicks the element with the mouse, at its centre."""
+        """Clicks the element with the mouse, at its centre (scrolled into the window first)."""
         box = self.evaluate(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView({{block: 'center'}});"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
             self.call(
