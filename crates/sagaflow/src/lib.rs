@@ -71,7 +71,7 @@ pub use log::{MemorySagaLog, SagaLog};
 pub use node::{ErrorKind, Node, NodeError, Phase, SAGA_METADATA, Step};
 pub use orchestrator::{
     FlowData, FlowInfo, MAX_REQUEST_ID_LEN, MissingVersion, Options, Orchestrator, OrchestratorBuilder,
-    OrchestratorStats, RedriveFilter,
+    OrchestratorStats, RedriveFilter, VersionRole, VersionUse,
 };
 pub use policy::RetryPolicy;
 pub use saga::{

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use sagaflow::{
     Error, Failure, Flow, FlowVersion, MemoryBroker, MemorySagaLog, MissingVersion, Mode, NewSaga, Node, NodeError,
-    Options, Orchestrator, Outcome, SagaEvent, SagaLog, SagaRecord, SagaState, SagaStatus, Step, now_ms,
+    Options, Orchestrator, Outcome, SagaEvent, SagaLog, SagaRecord, SagaState, SagaStatus, Step, VersionRole, now_ms,
 };
 use serde_json::{Value, json};
 use support::{Scripted, calls, taken, wait_ended};
@@ -200,6 +200,18 @@ async fn sagas_left_waiting_for_their_version_end_once_it_is_registered_again() 
     assert_eq!(per_version, [(None, vec!["older".to_owned()]), (Some(v1_version()), vec!["old".to_owned()])]);
     assert_eq!(o.saga("old").await.unwrap().unwrap(), before, "left as it was");
     assert_eq!(o.saga("older").await.unwrap().unwrap(), unversioned, "left as it was");
+    // The admin view: v2 current with nothing unfinished, v1 and the unversioned saga missing.
+    let uses: Vec<_> = o
+        .version_use()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.version.map(|v| v.fingerprint), u.role, u.unfinished))
+        .collect();
+    let v2_fingerprint = v2(&calls()).version().fingerprint;
+    assert!(uses.contains(&(Some(v2_fingerprint.clone()), VersionRole::Current, 0)), "{uses:?}");
+    assert!(uses.contains(&(Some(v1_version().fingerprint), VersionRole::Missing, 1)), "{uses:?}");
+    assert!(uses.contains(&(None, VersionRole::Missing, 1)), "{uses:?}");
     assert_eq!(
         o.run(F, "new", Vec::<String>::new()).await.unwrap(),
         Outcome::Completed(vec!["B".into(), "A".into(), "D".into(), "C".into()])
@@ -213,6 +225,16 @@ async fn sagas_left_waiting_for_their_version_end_once_it_is_registered_again() 
     let o = start(&log, Mode::Sync, v2(&c).keep(v1(&c)), Options::default()).await.unwrap();
     assert_eq!(wait_ended(&o, "old").await.status(), SagaStatus::Compensated);
     assert_eq!(wait_ended(&o, "older").await.status(), SagaStatus::Completed);
+    // v1 kept, its sagas ended: it can be retired.
+    let uses: Vec<_> = o
+        .version_use()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.version.map(|v| v.fingerprint), u.role, u.unfinished))
+        .collect();
+    assert_eq!(uses.len(), 2, "{uses:?}");
+    assert!(uses.contains(&(Some(v1_version().fingerprint), VersionRole::Kept, 0)), "{uses:?}");
     assert_eq!(undone(&c), ["undo B#1", "undo A#1"]);
     assert_eq!(run(&c), ["B#1", "C#1"], "the unversioned saga ran on v1, the version with its three steps");
     assert!(o.waiting_for_versions().await.unwrap().is_empty());

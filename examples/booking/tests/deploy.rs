@@ -130,6 +130,16 @@ async fn sagas_begun_on_v1_finish_on_v1_after_a_deploy_and_a_start_without_v1_is
         }
     }
     assert!(waiting > 0, "no v1 saga was left waiting for its version");
+    // The admin API counts them under the version they wait for.
+    let url = format!("http://127.0.0.1:{}/api/versions", stack.http);
+    let uses: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    let missing: Vec<&Value> = uses.as_array().unwrap().iter().filter(|u| u["role"] == "missing").collect();
+    assert_eq!(missing.len(), 1, "{uses:#}");
+    assert_eq!(
+        (&missing[0]["facade"], &missing[0]["version"]["label"]),
+        (&Value::from("AsyncBooking"), &Value::from("v1"))
+    );
+    assert_eq!(missing[0]["unfinished"].as_u64(), Some(waiting), "{uses:#}");
     let (orders_before, _) = support::upstream_records(stack.order_addr(), stack.payment_addr()).await;
 
     // v1 registered again: they end on v1.

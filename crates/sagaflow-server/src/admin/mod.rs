@@ -89,6 +89,7 @@ pub fn router(orchestrator: Orchestrator, token: Option<String>, public_metrics:
     let (open, guarded) = if public_metrics { (metrics_route, Router::new()) } else { (Router::new(), metrics_route) };
     let api = guarded
         .route("/api/flows", get(flows))
+        .route("/api/versions", get(versions))
         .merge(sagas::routes())
         .merge(operator::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
@@ -190,6 +191,14 @@ fn error(error: Error) -> Response {
 
 async fn flows(State(state): State<AdminState>) -> Response {
     Json(state.orchestrator.flows()).into_response()
+}
+
+/// Each flow version with its unfinished sagas, and the versions unfinished sagas wait for.
+async fn versions(State(state): State<AdminState>) -> Response {
+    match state.orchestrator.version_use().await {
+        Ok(uses) => Json(uses).into_response(),
+        Err(e) => error(e),
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ const EVENT_LABELS = {
 const app = {
   flows: [],
   flowsByFacade: new Map(),
+  // Unfinished sagas per flow version (`/api/versions`).
+  versions: [],
   timer: null,
   // Cursors of the pages shown before the current one; the current page's own cursor.
   pageCursors: [],
@@ -338,20 +340,33 @@ function versionName(version) {
   return version.label || version.fingerprint.slice(0, 12);
 }
 
-// The versions a flow runs: the current one, and those kept for sagas begun on them.
+// How many unfinished sagas run on a version of a facade ('' when not known).
+function unfinishedOn(facade, version) {
+  const use = app.versions.find((u) => u.facade === facade && u.version && u.version.fingerprint === version.fingerprint);
+  return use ? ` · ${use.unfinished} unfinished` : '';
+}
+
+// The versions a flow runs: the current one, those kept for sagas begun on them, each
+// with its unfinished sagas, and the versions some of its sagas wait for.
 function versionsLine(flow) {
   if (!flow.version) return null;
   const kept = (flow.kept || []).map((v) => el('span', {
     class: 'version kept', title: `fingerprint ${v.fingerprint}: kept for the sagas begun on it`, 'data-fingerprint': v.fingerprint,
-  }, versionName(v)));
+  }, `${versionName(v)}${unfinishedOn(flow.facade, v)}`));
+  const missing = app.versions.filter((u) => u.facade === flow.facade && u.role === 'missing').map((u) => el('span', {
+    class: 'version missing', title: 'not registered here: these sagas wait for a start that registers it',
+    'data-fingerprint': u.version ? u.version.fingerprint : '',
+  }, `${u.version ? versionName(u.version) : 'unversioned'} · ${u.unfinished} waiting`));
   return el('div', { class: 'versions' },
     'version ',
     el('span', {
       class: 'version current', title: `fingerprint ${flow.version.fingerprint}: new sagas start on it`,
       'data-fingerprint': flow.version.fingerprint,
-    }, versionName(flow.version)),
+    }, `${versionName(flow.version)}${unfinishedOn(flow.facade, flow.version)}`),
     kept.length ? ' · kept: ' : null,
-    ...kept);
+    ...kept,
+    missing.length ? ' · waiting for: ' : null,
+    ...missing);
 }
 
 function renderFlows() {
@@ -389,6 +404,13 @@ async function loadFlows() {
   const { body } = await apiJson('api/flows');
   app.flows = body;
   app.flowsByFacade = new Map(body.map((f) => [f.facade, f]));
+  try {
+    app.versions = (await apiJson('api/versions')).body;
+  } catch (error) {
+    if (error instanceof Unauthorized) throw error;
+    console.warn(`versions: ${error.message}`);
+    setLive(`versions: ${error.message}`, 'error');
+  }
 }
 
 async function setPaused(facade, paused) {

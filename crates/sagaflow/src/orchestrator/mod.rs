@@ -25,8 +25,8 @@ pub use operator::RedriveFilter;
 mod recovery;
 mod versions;
 
-pub use versions::MissingVersion;
 pub(crate) use versions::describe_missing;
+pub use versions::{MissingVersion, VersionRole, VersionUse};
 mod replicas;
 
 /// What flow data must be: a serde type that can cross threads.

@@ -28,6 +28,32 @@ pub struct MissingVersion {
     pub request_ids: Vec<String>,
 }
 
+/// How a flow version stands here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionRole {
+    /// New sagas of the facade start on it.
+    Current,
+    /// Kept beside the current one for the sagas begun on it.
+    Kept,
+    /// Not registered here: its unfinished sagas wait for a start that registers it.
+    Missing,
+}
+
+/// How many unfinished sagas of one facade run on one flow version: what tells
+/// when a kept version can be retired (none left) and which sagas wait for one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionUse {
+    /// The facade.
+    pub facade: String,
+    /// The version; `None` for sagas begun before versions were recorded.
+    pub version: Option<FlowVersion>,
+    /// How it stands here.
+    pub role: VersionRole,
+    /// Its unfinished sagas (running, compensating or stuck), on every replica.
+    pub unfinished: usize,
+}
+
 /// The missing versions, as the refusal to start names them.
 pub(crate) fn describe_missing(missing: &[MissingVersion]) -> String {
     missing
@@ -72,6 +98,36 @@ impl Orchestrator {
         let mut missing: Vec<MissingVersion> = missing.into_values().collect();
         missing.iter_mut().for_each(|m| m.request_ids.sort());
         Ok(missing)
+    }
+
+    /// Every registered flow version with its unfinished sagas, then the
+    /// versions unfinished sagas need that are not registered here.
+    pub async fn version_use(&self) -> Result<Vec<VersionUse>> {
+        let mut uses: BTreeMap<(String, Option<String>), VersionUse> = BTreeMap::new();
+        for flow in self.flows() {
+            let versions = std::iter::once((flow.version, VersionRole::Current))
+                .chain(flow.kept.into_iter().map(|v| (v, VersionRole::Kept)));
+            for (version, role) in versions {
+                let key = (flow.facade.clone(), Some(version.fingerprint.clone()));
+                uses.insert(
+                    key,
+                    VersionUse { facade: flow.facade.clone(), version: Some(version), role, unfinished: 0 },
+                );
+            }
+        }
+        for record in self.engine.log.unfinished().await? {
+            let resolved = self.flow_of(&record).map(|flow| flow.info().version.fingerprint);
+            let key =
+                (record.facade.clone(), resolved.or_else(|| record.version.as_ref().map(|v| v.fingerprint.clone())));
+            let entry = uses.entry(key).or_insert_with(|| VersionUse {
+                facade: record.facade.clone(),
+                version: record.version.clone(),
+                role: VersionRole::Missing,
+                unfinished: 0,
+            });
+            entry.unfinished += 1;
+        }
+        Ok(uses.into_values().collect())
     }
 
     /// At start: refuses when unfinished sagas need a version not registered,
