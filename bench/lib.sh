@@ -5,7 +5,9 @@
 # Environment: BENCH_BIN_DIR (prebuilt binaries), BENCH_OUT (output directory), RUST_LOG (the
 # orchestrator's and proxy's log filter, default warn), ORCHESTRATOR_ENV (extra NAME=VALUE words
 # for the orchestrator's environment, e.g. TOKIO_WORKER_THREADS=1), BENCH_KEEP_LOGS=1 (scripts
-# that call keep_logs copy the stacks' logs to $OUT/logs/).
+# that call keep_logs copy the stacks' logs to $OUT/logs/), ORCHESTRATOR_WRAP (words run before the
+# orchestrator, e.g. a valgrind command line), BIN_ORCHESTRATOR (another orchestrator binary),
+# START_TIMEOUT (seconds a process may take to listen, default 30).
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
@@ -54,10 +56,11 @@ start() {
     STARTED+=("$LAST_PID")
 }
 
-# wait_port PORT PID LOG: until PORT accepts connections; fails if PID exits first or after 30 s.
+# wait_port PORT PID LOG: until PORT accepts connections; fails if PID exits first or after
+# START_TIMEOUT seconds (default 30).
 wait_port() {
     local port=$1 pid=$2 log=$3
-    for _ in $(seq 150); do
+    for _ in $(seq $((${START_TIMEOUT:-30} * 5))); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
         if ! kill -0 "$pid" 2>/dev/null; then
             echo "process $pid exited before listening on $port:" >&2
@@ -66,7 +69,7 @@ wait_port() {
         fi
         sleep 0.2
     done
-    echo "nothing listens on $port after 30 s" >&2
+    echo "nothing listens on $port after ${START_TIMEOUT:-30} s" >&2
     return 1
 }
 
@@ -166,7 +169,9 @@ start_orchestrator() {
         fi
         echo "${STACK_YAML:-}"
     } >"$dir/app.yaml"
-    start "$dir/orchestrator.log" env RUST_LOG="${RUST_LOG:-warn}" ${ORCHESTRATOR_ENV:-} "$BIN/booking" --config "$dir/app.yaml" orchestrator
+    # shellcheck disable=SC2086 # ORCHESTRATOR_WRAP and ORCHESTRATOR_ENV are lists of words
+    start "$dir/orchestrator.log" env RUST_LOG="${RUST_LOG:-warn}" ${ORCHESTRATOR_ENV:-} ${ORCHESTRATOR_WRAP:-} \
+        "${BIN_ORCHESTRATOR:-$BIN/booking}" --config "$dir/app.yaml" orchestrator
     ORCHESTRATOR_PID=$LAST_PID
     wait_port "$GRPC" "$ORCHESTRATOR_PID" "$dir/orchestrator.log" || return 1
 }

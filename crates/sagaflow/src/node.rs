@@ -305,20 +305,30 @@ impl Step {
     /// request id, so every hop of a saga, on any replica, shares one trace;
     /// the span id is this step, attempt and phase.
     pub fn traceparent(&self) -> String {
-        let trace = fnv1a(0xcbf2_9ce4_8422_2325, self.request_id.as_bytes());
-        let trace_hi = fnv1a(trace ^ 0x9e37_79b9_7f4a_7c15, self.request_id.as_bytes());
+        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
+    }
+
+    /// [`traceparent`](Self::traceparent) as the 55 ASCII bytes of the header, built without
+    /// formatting machinery: it is made for every upstream call.
+    fn traceparent_bytes(&self) -> [u8; 55] {
+        let id = self.request_id.as_bytes();
+        let trace = fnv1a(0xcbf2_9ce4_8422_2325, id);
+        let trace_hi = fnv1a(trace ^ 0x9e37_79b9_7f4a_7c15, id);
         let phase = match self.phase {
             Phase::Action => b'a',
             Phase::Compensation => b'c',
         };
-        let mut span_input = Vec::with_capacity(self.request_id.len() + 16);
-        span_input.extend_from_slice(self.request_id.as_bytes());
-        span_input.extend_from_slice(&(self.index as u64).to_le_bytes());
-        span_input.extend_from_slice(&self.attempt.to_le_bytes());
-        span_input.push(phase);
-        let span = fnv1a(0x8422_2325_cbf2_9ce4, &span_input);
+        // The span id hashes the request id, then the step, attempt and phase.
+        let span = fnv1a(fnv1a(0x8422_2325_cbf2_9ce4, id), &(self.index as u64).to_le_bytes());
+        let span = fnv1a(fnv1a(span, &self.attempt.to_le_bytes()), &[phase]);
+        let mut header = *b"00-00000000000000000000000000000000-0000000000000000-01";
         // All-zero ids are invalid in W3C trace context.
-        format!("00-{:016x}{:016x}-{:016x}-01", trace_hi | 1, trace, span | 1)
+        for (at, value) in [(3, trace_hi | 1), (19, trace), (36, span | 1)] {
+            for (i, digit) in header[at..at + 16].iter_mut().enumerate() {
+                *digit = b"0123456789abcdef"[((value >> (60 - 4 * i)) & 0xf) as usize];
+            }
+        }
+        header
     }
 }
 
@@ -334,26 +344,26 @@ impl Step {
     /// A gRPC request for this step's upstream call: `message` with the
     /// [`SAGA_METADATA`] and the step's deadline as the call's timeout.
     pub fn grpc_request<T>(&self, message: T) -> Result<tonic::Request<T>, NodeError> {
-        use tonic::metadata::MetadataValue;
-        let mut request = tonic::Request::new(message);
-        let phase = match self.phase {
-            Phase::Action => "forward",
-            Phase::Compensation => "compensation",
+        use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+        let [request_id, facade, node, phase, attempt, traceparent] = SAGA_METADATA;
+        let text = |name: &str, value: &str| {
+            MetadataValue::try_from(value)
+                .map_err(|_| NodeError::permanent(format!("{name} `{value}` is not valid gRPC metadata")))
         };
-        let values = [
-            self.request_id().to_owned(),
-            self.facade().to_owned(),
-            self.node().to_owned(),
-            phase.to_owned(),
-            self.attempt.to_string(),
-            self.traceparent(),
-        ];
-        for (name, value) in SAGA_METADATA.into_iter().zip(values) {
-            let value: MetadataValue<_> = value
-                .parse()
-                .map_err(|_| NodeError::permanent(format!("{name} `{value}` is not valid gRPC metadata")))?;
-            request.metadata_mut().insert(name, value);
-        }
+        let mut metadata = MetadataMap::with_capacity(SAGA_METADATA.len() + 1);
+        metadata.insert(MetadataKey::from_static(request_id), text(request_id, self.request_id())?);
+        metadata.insert(MetadataKey::from_static(facade), text(facade, self.facade())?);
+        metadata.insert(MetadataKey::from_static(node), text(node, self.node())?);
+        let phase_value = match self.phase {
+            Phase::Action => MetadataValue::from_static("forward"),
+            Phase::Compensation => MetadataValue::from_static("compensation"),
+        };
+        metadata.insert(MetadataKey::from_static(phase), phase_value);
+        metadata.insert(MetadataKey::from_static(attempt), MetadataValue::from(self.attempt));
+        let trace = MetadataValue::try_from(&self.traceparent_bytes()[..])
+            .map_err(|_| NodeError::permanent("traceparent is not valid gRPC metadata"))?;
+        metadata.insert(MetadataKey::from_static(traceparent), trace);
+        let mut request = tonic::Request::from_parts(metadata, Default::default(), message);
         request.set_timeout(self.remaining());
         Ok(request)
     }
@@ -423,6 +433,8 @@ mod tests {
             ["req-1", "CreateBooking", "CreatePayment", "compensation", "3"]
         );
         assert_eq!(get("traceparent"), step.traceparent());
+        // Pinned: replicas of different versions must derive the same trace for a saga.
+        assert_eq!(get("traceparent"), "00-fe71351046001ab7fddbeef2b6ce4891-a1bbd496f1331655-01");
         assert!(!get("grpc-timeout").is_empty(), "the step's deadline is the call's timeout");
         let bad = Step::detached("line\nbreak", "N", Duration::from_secs(1));
         assert!(bad.grpc_request(()).unwrap_err().to_string().contains("x-request-id"));

@@ -323,7 +323,9 @@ impl<D: FlowData> FlowRuntime<D> {
         let this = self.clone();
         let id: Arc<str> = request_id.into();
         let span = self.span(request_id);
-        let saga = async move {
+        // Boxed once here: the saga's future is several KiB, and every wrapper below (task
+        // local, span, tracker, the task's cell and its output slot) would move it again.
+        let saga = Box::pin(async move {
             let _slot = slot;
             let record = match this.engine.log.begin(this.new_saga(&id, json, None)).await? {
                 Begin::Exists(existing) => return Ok(Err(existing)),
@@ -336,7 +338,7 @@ impl<D: FlowData> FlowRuntime<D> {
             };
             let deadline = Instant::now() + this.flow.saga_timeout;
             this.drive_forward(record, data, deadline, Run::Fresh).await.map(Ok)
-        };
+        });
         // A caller is not kept waiting on an outage of the log: told after a
         // moment, it may ask again with the same request id; the saga goes on.
         let (outage, mut told) = tokio::sync::watch::channel(None);
