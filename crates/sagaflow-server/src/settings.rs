@@ -93,6 +93,11 @@ pub struct Config<A = NoKeys> {
     pub message_queue: MessageQueueConfig,
     /// How long a sync or throttled caller waits for its saga, in ms.
     pub wait_timeout_ms: u64,
+    /// Sync sagas run at once; callers beyond it wait for a slot.
+    pub max_running_sagas: usize,
+    /// Sync callers that may wait for a slot; beyond them a call is refused at once
+    /// (`RESOURCE_EXHAUSTED`), which bounds the memory in hand whatever the load.
+    pub max_waiting_sagas: usize,
     /// The HTTP callbacks of async sagas.
     pub callbacks: CallbackConfig,
     /// Several replicas sharing the PostgreSQL saga log: leases and takeover.
@@ -128,6 +133,8 @@ impl<A: Default> Default for Config<A> {
             retention: RetentionConfig::default(),
             message_queue: MessageQueueConfig::default(),
             wait_timeout_ms: options.wait_timeout.as_millis() as u64,
+            max_running_sagas: options.max_running_sagas,
+            max_waiting_sagas: options.max_waiting_sagas,
             callbacks: CallbackConfig::default(),
             replicas: ReplicasConfig::default(),
             admin_hosts: Vec::new(),
@@ -241,6 +248,8 @@ impl<A: ServiceConfig> Config<A> {
         }
         self.app.validate()?;
         within("wait_timeout_ms", self.wait_timeout_ms, 1..=HOUR_MS)?;
+        within("max_running_sagas", self.max_running_sagas, 1..=1 << 20)?;
+        within("max_waiting_sagas", self.max_waiting_sagas, 0..=1 << 20)?;
         crate::admin::check_access(self.http_listen, self.admin_token.as_deref())?;
         within("callbacks.attempts", self.callbacks.attempts, 1..=20)?;
         within("callbacks.timeout_ms", self.callbacks.timeout_ms, 1..=600_000)?;
@@ -284,6 +293,8 @@ impl<A: ServiceConfig> Config<A> {
                 .collect(),
             max_deliveries: self.message_queue.max_deliveries,
             wait_timeout: Duration::from_millis(self.wait_timeout_ms),
+            max_running_sagas: self.max_running_sagas,
+            max_waiting_sagas: self.max_waiting_sagas,
             lease_ttl: Duration::from_millis(self.replicas.lease_ttl_ms),
             lease_renew_interval: Duration::from_millis(self.replicas.lease_renew_ms),
             start_with_missing_versions: self.start_with_missing_versions,

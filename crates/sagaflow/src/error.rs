@@ -137,6 +137,16 @@ pub enum Error {
         /// Each missing version, with how many sagas need it.
         missing: Vec<MissingVersion>,
     },
+    /// Too many sync sagas in hand: `running` run and `waiting` callers wait
+    /// for a slot (`Options::max_running_sagas`, `Options::max_waiting_sagas`).
+    /// Nothing was started; the caller may retry later, with the same request id.
+    #[error("overloaded: {running} sagas are running and {waiting} callers wait for a slot; retry later")]
+    Overloaded {
+        /// The running sagas' bound.
+        running: usize,
+        /// The waiting callers' bound.
+        waiting: usize,
+    },
     /// The orchestrator is shutting down and takes no new sagas.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,

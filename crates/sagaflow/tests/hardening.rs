@@ -430,3 +430,56 @@ async fn a_start_sends_the_callbacks_a_crash_cut_off_and_only_those() {
     assert!(taken(&c).is_empty(), "no step ran again: {:?}", taken(&c));
     o.shutdown().await;
 }
+
+/// A node that waits until the test opens its gate.
+struct Gated(Arc<tokio::sync::Semaphore>);
+
+#[sagaflow::async_trait]
+impl Node<Vec<String>> for Gated {
+    fn name(&self) -> &str {
+        "gated"
+    }
+    async fn action(&self, _: &Step, data: &mut Vec<String>) -> Result<(), NodeError> {
+        self.0.acquire().await.expect("gate open").forget();
+        data.push("gated".into());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_call_beyond_the_running_and_waiting_sagas_is_refused_and_starts_nothing() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let log = Arc::new(MemorySagaLog::new());
+    let options = Options { max_running_sagas: 2, max_waiting_sagas: 1, ..Options::default() };
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log.clone())
+        .options(options)
+        .sync(SYNC, Flow::new().node(Gated(gate.clone())))
+        .start()
+        .await
+        .unwrap();
+    // Two run (held at the gate), one waits for a slot.
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let o = o.clone();
+            tokio::spawn(async move { o.run(SYNC, &format!("held-{i}"), Vec::<String>::new()).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while log.list(ListFilter::default()).await.unwrap().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "two sagas never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    match o.run(SYNC, "one-too-many", Vec::<String>::new()).await {
+        Err(Error::Overloaded { running: 2, waiting: 1 }) => {}
+        other => panic!("expected Overloaded, got {other:?}"),
+    }
+    assert!(log.get("one-too-many").await.unwrap().is_none(), "a refused call starts nothing");
+    gate.add_permits(3);
+    for task in held {
+        assert!(matches!(task.await.unwrap(), Ok(Outcome::Completed(_))));
+    }
+    // Room again: the refused request id is taken now.
+    gate.add_permits(1);
+    assert!(matches!(o.run(SYNC, "one-too-many", Vec::<String>::new()).await, Ok(Outcome::Completed(_))));
+}

@@ -92,6 +92,7 @@ fn status(request_id: &str, error: Error) -> Status {
         Error::WaitTimeout(_) => Status::deadline_exceeded(format!(
             "booking {request_id} did not finish in time; it goes on, and its outcome will be recorded"
         )),
+        Error::Overloaded { .. } => Status::resource_exhausted(format!("booking {request_id}: {error}")),
         Error::ShuttingDown => Status::unavailable("the orchestrator is shutting down; retry on another replica"),
         Error::Paused { .. } => Status::unavailable(error.to_string()),
         Error::TaskLost(_) => {

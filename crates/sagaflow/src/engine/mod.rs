@@ -65,6 +65,8 @@ pub(crate) struct Engine {
     pub(crate) pauses_changed: tokio::sync::Notify,
     /// Slots for sync sagas running here (see `Options::max_running_sagas`).
     pub(crate) running: Arc<tokio::sync::Semaphore>,
+    /// Sync sagas taken in: running or waiting for a slot (see `Options::max_waiting_sagas`).
+    pub(crate) admitted: Arc<tokio::sync::Semaphore>,
     /// Slots for callbacks being delivered (see `Options::max_callback_deliveries`).
     pub(crate) callback_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) callbacks: Option<Arc<dyn CallbackSink>>,
@@ -317,6 +319,15 @@ impl<D: FlowData> FlowRuntime<D> {
     /// the caller only waits for its outcome.
     pub(crate) async fn run_sync(self: &Arc<Self>, request_id: &str, data: D) -> Result<Outcome<D>> {
         let json = self.flow.encode_new(request_id, &data)?;
+        // Beyond the sagas running and the callers waiting for a slot, a call is refused
+        // rather than queued: the memory in hand stays bounded whatever the load.
+        let admitted = self.engine.admitted.clone().try_acquire_owned().map_err(|e| match e {
+            tokio::sync::TryAcquireError::Closed => Error::ShuttingDown,
+            tokio::sync::TryAcquireError::NoPermits => Error::Overloaded {
+                running: self.engine.options.max_running_sagas,
+                waiting: self.engine.options.max_waiting_sagas,
+            },
+        })?;
         // The slot is taken while the caller still waits: one who gives up
         // before a slot is free has started nothing.
         let slot = self.engine.running.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
@@ -326,7 +337,7 @@ impl<D: FlowData> FlowRuntime<D> {
         // Boxed once here: the saga's future is several KiB, and every wrapper below (task
         // local, span, tracker, the task's cell and its output slot) would move it again.
         let saga = Box::pin(async move {
-            let _slot = slot;
+            let _slot = (slot, admitted);
             let record = match this.engine.log.begin(this.new_saga(&id, json, None)).await? {
                 Begin::Exists(existing) => return Ok(Err(existing)),
                 Begin::Pruned(tombstone) => return Err(tombstone.into()),

@@ -61,6 +61,11 @@ pub struct Options {
     /// Sync sagas run at once in this process (fresh and recovered); callers
     /// beyond it wait for a slot.
     pub max_running_sagas: usize,
+    /// Sync callers that may wait for a running slot; a call beyond them is
+    /// refused at once with [`Error::Overloaded`], so that the memory of the
+    /// sagas in hand is bounded by these two settings rather than by the load
+    /// (each holds its request, its record and its upstream calls' buffers).
+    pub max_waiting_sagas: usize,
     /// How often unfinished sagas are checked for having made no progress for
     /// longer than their timeout (and resumed if nothing here drives them).
     pub stale_sweep_interval: Duration,
@@ -96,7 +101,8 @@ impl Default for Options {
             max_deliveries: 5,
             redelivery_delay: Duration::from_millis(200),
             wait_timeout: Duration::from_secs(30),
-            max_running_sagas: 4096,
+            max_running_sagas: 1024,
+            max_waiting_sagas: 1024,
             stale_sweep_interval: Duration::from_secs(30),
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(3),
@@ -274,6 +280,9 @@ impl OrchestratorBuilder {
             paused: Default::default(),
             pauses_changed: tokio::sync::Notify::new(),
             running: Arc::new(tokio::sync::Semaphore::new(self.options.max_running_sagas)),
+            admitted: Arc::new(tokio::sync::Semaphore::new(
+                self.options.max_running_sagas.saturating_add(self.options.max_waiting_sagas),
+            )),
             callback_slots: Arc::new(tokio::sync::Semaphore::new(self.options.max_callback_deliveries)),
             options: self.options,
             callbacks: self.callbacks,
