@@ -96,7 +96,7 @@ impl MockArgs {
 
 /// mimalloc rather than glibc's malloc: the orchestrator's hot path (HTTP/2 frames, protobuf
 /// and JSON buffers, saga records) allocates and frees small blocks on two worker threads, and
-/// glibc's allocator took about a quarter of its CPU in `bench/profile.sh`.
+/// glibc's allocator takes about a quarter of its CPU there (`bench/profile.sh` shows it).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -22,7 +22,7 @@ pub struct MemorySagaLog {
 #[derive(Debug, Default)]
 struct State {
     /// Boxed, and sized for the retention up front: growing a map of whole records under the
-    /// lock stalled every saga for up to 160 ms (seen in `bench/compare.sh` latency plots).
+    /// lock would stall every saga while it copies them (up to 160 ms at the default retention).
     sagas: HashMap<String, Box<SagaRecord>>,
     /// Every saga's position in the list order (newest first, ties by request id), so that
     /// a page is read from where it starts rather than sorted out of every saga.
