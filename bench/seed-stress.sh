@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The original project's stress test, reproduced: 500 requests/s for 30 s against the booking
+# The stress test of the Go project (seed), reproduced: 500 requests/s for 30 s against the booking
 # orchestrator, once with the sync flow and once with the throttling flow, each on a fresh stack:
 #
 #   - OrderService and PaymentService mocks as their own processes, each with a call latency of
 #     LATENCY_MS (40) and a CAPACITY (12) in flight, above which they refuse calls with
 #     RESOURCE_EXHAUSTED, as an overloaded service would. 500/s × 40 ms needs 20 calls in flight
 #     per service: the sync flow's unbounded concurrency overwhelms them, as it overwhelmed the
-#     original's upstreams (which were OOM-killed).
+#     upstreams of the Go project (seed) (which were OOM-killed).
 #   - the orchestrator as its own process, its throttling topics consumed by CONSUMERS (10) per
 #     topic, below the capacity: the broker holds the backlog and the upstreams never see more.
 #
@@ -15,7 +15,7 @@
 # The overload is RATE × LATENCY_MS / 1000 / CAPACITY (1.67× here); for 5× the upstreams' capacity:
 #   RATE=500 DURATION=10s CAPACITY=4 CONSUMERS=4 FLOWS=throttling bench/seed-stress.sh
 #
-# `--replicas N` is the original's deployment: N orchestrator processes (POD_ID <id>-0 .. <id>-N-1)
+# `--replicas N` is the deployment of the Go project (seed): N orchestrator processes (POD_ID <id>-0 .. <id>-N-1)
 # sharing one PostgreSQL saga log (a fresh schema in the local `test` database) and one broker
 # (BROKER: nats by default, or rabbitmq), with the load spread over them round robin, as a gRPC
 # load balancer would. Each replica consumes its own throttling topics with CONSUMERS, by default

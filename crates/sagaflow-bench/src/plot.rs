@@ -1,4 +1,4 @@
-//! The PNG of a run, like the original's figures: every request's latency over time, and the
+//! The PNG of a run, like the figures of the Go project (seed): every request's latency over time, and the
 //! throughput per second below it.
 
 use std::path::Path;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sagaflow::log::{Begin, Lease, ListFilter, LogError, LogHealth, Retention, SagaLog};
 use sagaflow::{NewSaga, SagaEvent, SagaRecord};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions, Postgres};
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder};
 
 use crate::ends::Ends;
@@ -115,6 +115,18 @@ impl PostgresSagaLog {
         })
     }
 
+    /// The plan PostgreSQL runs [`SagaLog::list`] with for `filter`, run and measured: the
+    /// output of `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`, for tests that a page far into the
+    /// list costs what the first one does.
+    #[doc(hidden)]
+    pub async fn explain_list(&self, filter: &ListFilter) -> Result<serde_json::Value, LogError> {
+        let select = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT request_id, record::text FROM sagaflow_sagas";
+        let mut query = list_query(select, filter);
+        let plan: sqlx::types::Json<serde_json::Value> =
+            query.build_query_scalar().fetch_one(&self.pool).await.map_err(|e| self.unavailable("explain list", e))?;
+        Ok(plan.0)
+    }
+
     /// The connection pool, for admin queries on the same database.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -160,6 +172,38 @@ async fn create_schema(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
         Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("23505" | "42P06")) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The statement of [`SagaLog::list`] from `select` on: keyset paging, where the cursor is a
+/// position in (created_at DESC, request_id), so that a page deep in the list is one range of
+/// `sagaflow_sagas_created_idx` like the first. The cursor's bound on `created_at` alone is
+/// what the index range starts from; the test on `request_id` only sorts out the sagas of the
+/// cursor's own millisecond.
+fn list_query(select: &str, filter: &ListFilter) -> QueryBuilder<Postgres> {
+    let mut query = QueryBuilder::new(select);
+    query.push(" WHERE true");
+    if let Some(facade) = &filter.facade {
+        query.push(" AND facade = ").push_bind(facade.clone());
+    }
+    if let Some(status) = filter.status {
+        query.push(" AND status = ").push_bind(status.to_string());
+    }
+    if let Some(since) = filter.since_ms {
+        query.push(" AND created_at >= to_timestamp(").push_bind(ms(since)).push("::float8 / 1000)");
+    }
+    if let Some(until) = filter.until_ms {
+        query.push(" AND created_at < to_timestamp(").push_bind(ms(until)).push("::float8 / 1000)");
+    }
+    if let Some(after) = &filter.after {
+        query.push(" AND created_at <= to_timestamp(").push_bind(ms(after.created_ms)).push("::float8 / 1000)");
+        query.push(" AND (created_at < to_timestamp(").push_bind(ms(after.created_ms));
+        query.push("::float8 / 1000) OR request_id > ").push_bind(after.request_id.clone()).push(")");
+    }
+    query.push(" ORDER BY created_at DESC, request_id");
+    if filter.limit > 0 {
+        query.push(" LIMIT ").push_bind(i64::try_from(filter.limit).unwrap_or(i64::MAX));
+    }
+    query
 }
 
 /// Reads a stored record back.
@@ -213,30 +257,7 @@ impl SagaLog for PostgresSagaLog {
     }
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
-        // Keyset paging: the cursor is a position in (created_at DESC, request_id), so a
-        // page deep in the list is one index range like the first.
-        let mut query = QueryBuilder::new("SELECT request_id, record::text FROM sagaflow_sagas WHERE true");
-        if let Some(facade) = &filter.facade {
-            query.push(" AND facade = ").push_bind(facade);
-        }
-        if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.to_string());
-        }
-        if let Some(since) = filter.since_ms {
-            query.push(" AND created_at >= to_timestamp(").push_bind(ms(since)).push("::float8 / 1000)");
-        }
-        if let Some(until) = filter.until_ms {
-            query.push(" AND created_at < to_timestamp(").push_bind(ms(until)).push("::float8 / 1000)");
-        }
-        if let Some(after) = &filter.after {
-            query.push(" AND (created_at < to_timestamp(").push_bind(ms(after.created_ms));
-            query.push("::float8 / 1000) OR (created_at = to_timestamp(").push_bind(ms(after.created_ms));
-            query.push("::float8 / 1000) AND request_id > ").push_bind(&after.request_id).push("))");
-        }
-        query.push(" ORDER BY created_at DESC, request_id");
-        if filter.limit > 0 {
-            query.push(" LIMIT ").push_bind(i64::try_from(filter.limit).unwrap_or(i64::MAX));
-        }
+        let mut query = list_query("SELECT request_id, record::text FROM sagaflow_sagas", &filter);
         let rows: Vec<(String, String)> =
             query.build_query_as().fetch_all(&self.pool).await.map_err(|e| self.unavailable("list", e))?;
         rows.iter().map(|(id, text)| decode(id, text)).collect()

@@ -349,7 +349,7 @@ impl Acknowledger for RabbitMqAcker {
         let mut dead = self.message.clone();
         dead.topic = dead_letter_topic(topic);
         dead.headers.insert(DEAD_LETTER_REASON_HEADER.into(), reason.into());
-        // Confirmed in the dead-letter queue before the original goes.
+        // Confirmed in the dead-letter queue before the delivery itself is acked.
         publish::publish(&self.connector, &dead).await?;
         self.ack_now().await
     }

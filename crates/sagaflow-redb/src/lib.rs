@@ -55,5 +55,7 @@ mod wal;
 
 pub use error::{Error, Result};
 pub use options::{DEFAULT_CACHE_SIZE, FILE_NAME, RedbOptions};
+#[doc(hidden)]
+pub use store::ListReads;
 pub use store::{RedbSagaLog, WriteStats};
 pub use wal::WAL_FILE_NAME;

@@ -96,7 +96,7 @@ impl MockArgs {
 
 /// mimalloc rather than glibc's malloc: the orchestrator's hot path (HTTP/2 frames, protobuf
 /// and JSON buffers, saga records) allocates and frees small blocks on two worker threads, and
-/// glibc's allocator took about a quarter of its CPU in `bench/profile.sh`. The `system-alloc`
+/// glibc's allocator takes about a quarter of its CPU there (`bench/profile.sh` shows it). The `system-alloc`
 /// feature keeps the system allocator, so that valgrind's tools see every allocation
 /// (`bench/cost.sh`).
 #[cfg(not(feature = "system-alloc"))]

@@ -4,8 +4,8 @@
 //! with the same request id returns that outcome and books nothing more; and the upstreams hold
 //! no order without its payment or its cancellation.
 //!
-//! Verified to fail on 76014b4 (before sagas ran detached from their callers): the sagas stay
-//! `running` with their order taken and no payment.
+//! What it catches: a saga tied to its caller's call. Cancelled with the call, the sagas would
+//! stay `running` with their order taken and no payment.
 
 mod support;
 

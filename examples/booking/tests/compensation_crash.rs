@@ -9,9 +9,9 @@
 //! is not yet POSTed (or its delivery not yet recorded) when the process dies gets its callback
 //! from the restart, at most once more (receivers deduplicate by `Idempotency-Key`).
 //!
-//! Verified to fail on 76014b4 (before in-process claims and end effects run by the terminal
-//! record's writer only): the redelivered rollback and the recovery's re-publish both
-//! compensated, and the callback was POSTed twice.
+//! What it catches: a saga driven twice in one process. Without in-process claims, and with end
+//! effects run by more than the writer of the terminal record, the redelivered rollback and the
+//! recovery's re-publish would both compensate, and the callback would be POSTed twice.
 
 mod support;
 

@@ -6,8 +6,9 @@
 //! outage). Every booking gets its answer, every saga ends, nothing is dead-lettered, and every
 //! async booking's callback arrives, once.
 //!
-//! Verified to fail on 76014b4 (before log writes waited out an unavailable log): hops nacked
-//! during the stop used up their deliveries and were dead-lettered, their sagas never ended.
+//! What it catches: log writes that fail rather than wait out an unavailable log. Hops nacked
+//! during the stop would use up their deliveries and be dead-lettered, and their sagas would
+//! never end.
 
 mod support;
 

@@ -101,7 +101,7 @@ fn a_failed_start_names_the_server_but_not_its_password() {
     let nats = unused_port();
     let postgres = unused_port();
     // Each: the settings, how the error names the server, and a line showing that the
-    // debug logging that used to print the password ran.
+    // debug logging that could print the password ran.
     let cases = [
         (
             format!("broker: nats\nbroker_url: nats://saga:{NATS_PASSWORD}@127.0.0.1:{nats}\n"),
@@ -274,7 +274,7 @@ async fn logs_and_the_admin_api_never_show_credentials() {
         .output();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(status.success(), "booking exited with {status}:\n{output}");
-    // The paths that used to print credentials ran: async-nats dialling, the failed callback.
+    // The paths that could print credentials ran: async-nats dialling, the failed callback.
     assert!(output.contains("async_nats::connector"), "async-nats debug logging is on:\n{output}");
     assert!(output.contains("callback not delivered"), "the failed delivery is logged:\n{output}");
     assert_no_secret("the logs", &output);

@@ -72,7 +72,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     assert_eq!(status.code(), Code::InvalidArgument);
     // Nothing reached the upstreams, and the service goes on.
     assert!(s.orders().await.records.is_empty());
-    // A Count of 0, as in the original README's call, means 1.
+    // A Count of 0, as in the call in the README of the Go project (seed), means 1.
     let reply = s.client.handle_sync_booking(with_id(Some("zero"), booking(1, 0, false))).await.unwrap().into_inner();
     assert!(reply.order_id > 0);
     s.running.shutdown().await.unwrap();

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::overlay::Overlay;
 use super::request::{Reply, Request};
-use super::shared::Shared;
+use super::shared::{Counters, Shared};
 use super::tables::{BY_CREATED, IDS, SAGAS, UNFINISHED, decode};
 use super::writer::Writer;
 use crate::error::{Error, Result};
@@ -63,6 +63,17 @@ pub struct WriteStats {
     pub checkpoints: u64,
     /// Times the file was closed and opened again after a write failed.
     pub reopens: u64,
+}
+
+/// What [`SagaLog::list`] has read since the log was opened: the work a page costs, which
+/// tests compare between pages near the start of the list and far into it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListReads {
+    /// Entries of the creation index visited.
+    pub index_entries: u64,
+    /// Records read and decoded.
+    pub records: u64,
 }
 
 impl WriteStats {
@@ -114,6 +125,16 @@ impl RedbSagaLog {
             stored: counters.stored.load(Ordering::Relaxed),
             checkpoints: counters.checkpoints.load(Ordering::Relaxed),
             reopens: counters.reopens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What `list` has read so far.
+    #[doc(hidden)]
+    pub fn list_reads(&self) -> ListReads {
+        let counters = &self.shared.counters;
+        ListReads {
+            index_entries: counters.listed_keys.load(Ordering::Relaxed),
+            records: counters.listed_records.load(Ordering::Relaxed),
         }
     }
 
@@ -220,7 +241,8 @@ impl SagaLog for RedbSagaLog {
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
         self.sync().await?;
-        self.read(move |txn| list(txn, &filter)).await
+        let shared = self.shared.clone();
+        self.read(move |txn| list(txn, &filter, &shared.counters)).await
     }
 
     fn name(&self) -> &'static str {
@@ -249,7 +271,7 @@ impl SagaLog for RedbSagaLog {
 /// Newest first, ties by request id ascending (as [`sagaflow::MemorySagaLog`] orders them),
 /// read from the creation index where the filter's window starts: a page deep in the list
 /// costs what the first one does.
-fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
+fn list(txn: &ReadTransaction, filter: &ListFilter, counters: &Counters) -> Result<Vec<SagaRecord>> {
     let sagas = txn.open_table(SAGAS)?;
     let limit = if filter.limit == 0 { usize::MAX } else { filter.limit };
     let mut out = Vec::new();
@@ -268,6 +290,7 @@ fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
     let mut group_ms = None;
     let take_group = |group: &mut Vec<u64>, out: &mut Vec<SagaRecord>| -> Result<()> {
         let mut records = Vec::with_capacity(group.len());
+        counters.listed_records.fetch_add(group.len() as u64, Ordering::Relaxed);
         for seq in group.drain(..) {
             let Some(bytes) = sagas.get(seq)? else { continue };
             let record = decode(bytes.value())?;
@@ -281,6 +304,7 @@ fn list(txn: &ReadTransaction, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
     };
     for entry in txn.open_table(BY_CREATED)?.range((oldest, 0)..=(newest, u64::MAX))?.rev() {
         let (key, _) = entry?;
+        counters.listed_keys.fetch_add(1, Ordering::Relaxed);
         let (ms, seq) = key.value();
         if group_ms != Some(ms) {
             take_group(&mut group, &mut out)?;

@@ -26,8 +26,10 @@ mod damage_tests;
 #[cfg(test)]
 mod outage_tests;
 #[cfg(test)]
+mod paging_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
-pub use handle::{RedbSagaLog, WriteStats};
+pub use handle::{ListReads, RedbSagaLog, WriteStats};
 pub(crate) use request::Request;
 pub(crate) use tables::{Tables, decode};

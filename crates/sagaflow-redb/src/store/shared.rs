@@ -1,5 +1,5 @@
 //! What the handle and the writer thread share: the open database file, whether writes are
-//! being refused, and the writer's counts.
+//! being refused, and the counts of what the writer and the readers did.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use redb::Database;
 use sagaflow::log::{LogError, LogHealth};
 
-/// The writer's counts behind [`WriteStats`](super::WriteStats).
+/// The counts behind [`WriteStats`](super::WriteStats) and [`ListReads`](super::ListReads).
 #[derive(Debug, Default)]
 pub(super) struct Counters {
     pub(super) batches: AtomicU64,
@@ -16,6 +16,10 @@ pub(super) struct Counters {
     pub(super) stored: AtomicU64,
     pub(super) checkpoints: AtomicU64,
     pub(super) reopens: AtomicU64,
+    /// Creation-index entries read by `list`.
+    pub(super) listed_keys: AtomicU64,
+    /// Records read by `list`.
+    pub(super) listed_records: AtomicU64,
 }
 
 /// State the handle reads and the writer sets.

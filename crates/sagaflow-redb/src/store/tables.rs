@@ -11,9 +11,9 @@ use crate::wal::Op;
 // Every saga gets a sequence number at its start, in start order, and every table but `IDS` is
 // keyed by it: the sagas running at once then sit side by side at the right edge of each B-tree,
 // whatever their request ids look like, and a commit rewrites a few leaves there. Keyed by
-// request id, as before, random ids (UUIDv4) scattered each commit over as many leaves as it had
-// sagas: 0.47x the throughput of time-ordered ids (`examples/log_load.rs`). Files written with
-// the request-id keys are converted when opened ([`crate::migrate`]).
+// random request ids (UUIDv4), a commit would touch as many leaves as it has sagas: 0.47x the
+// throughput of time-ordered keys (`examples/log_load.rs`). Files whose tables are keyed by
+// request id are converted when opened ([`crate::migrate`]).
 
 /// request id → sequence number: the only table written at a random place, once per saga.
 pub(crate) const IDS: TableDefinition<'static, &str, u64> = TableDefinition::new("ids");
