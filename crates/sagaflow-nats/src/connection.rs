@@ -29,6 +29,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
 use futures::StreamExt;
+use sagaflow::ErrorSource;
 use sagaflow::broker::{Broker, BrokerError, Message, SubscribeOptions, Subscription};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -113,15 +114,19 @@ impl NatsBroker {
             })
             .connect(servers)
             .await
-            .map_err(|e| Error::Connect(format!("{redacted}: {e}")))?;
+            .map_err(|e| Error::Connect { context: redacted.to_string(), source: Some(ErrorSource::new(e)) })?;
         let jetstream = jetstream::ContextBuilder::new().timeout(options.request_timeout).build(client.clone());
         // The raw account-info call: its typed form expects fields only newer servers send.
-        let not_enabled = |why: String| {
-            Error::JetStream(format!("JetStream is not available on {redacted} (start nats-server with -js): {why}"))
+        let not_enabled = |why: String| Error::JetStream {
+            context: format!("JetStream is not available on {redacted} (start nats-server with -js): {why}"),
+            source: None,
         };
         let info = client.request("$JS.API.INFO", bytes::Bytes::new()).await.map_err(|e| match e.kind() {
             async_nats::RequestErrorKind::NoResponders => not_enabled("no JetStream API responded".into()),
-            _ => Error::Unavailable(format!("asking {redacted} for JetStream account info: {e}")),
+            _ => Error::Unavailable {
+                context: format!("asking {redacted} for JetStream account info"),
+                source: Some(ErrorSource::new(e)),
+            },
         })?;
         const ERROR_FIELD: &[u8] = b"\"error\"";
         if info.payload.windows(ERROR_FIELD.len()).any(|w| w == ERROR_FIELD) {
@@ -212,10 +217,11 @@ impl Shared {
     }
 
     /// An error for `what` failing with `cause`: unavailable when the connection is down.
-    pub(crate) fn failure(&self, what: String, cause: impl std::fmt::Display) -> Error {
+    pub(crate) fn failure(&self, what: String, cause: impl std::error::Error + Send + Sync + 'static) -> Error {
+        let source = Some(ErrorSource::new(cause));
         match self.client.connection_state() {
-            State::Connected => Error::JetStream(format!("{what}: {cause}")),
-            state => Error::Unavailable(format!("{what}: {cause} (connection {state:?})")),
+            State::Connected => Error::JetStream { context: what, source },
+            state => Error::Unavailable { context: format!("{what} (connection {state:?})"), source },
         }
     }
 
@@ -244,9 +250,12 @@ impl Shared {
             .await
             .map_err(|e| self.failure(format!("creating stream `{name}` for subject `{subject}`"), e))?;
         if !stream.cached_info().config.subjects.contains(&subject) {
-            return Err(Error::JetStream(format!(
-                "stream `{name}` exists but does not hold subject `{subject}`; delete it or change the stream prefix"
-            )));
+            return Err(Error::JetStream {
+                context: format!(
+                    "stream `{name}` exists but does not hold subject `{subject}`; delete it or change the stream prefix"
+                ),
+                source: None,
+            });
         }
         lock(&self.known_streams).insert(name);
         Ok(())

@@ -8,6 +8,7 @@ use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
+use sagaflow::ErrorSource;
 use sagaflow::broker::{BrokerError, Message};
 use tokio::time::Instant;
 
@@ -40,7 +41,7 @@ pub(crate) async fn send(shared: &Shared, message: Message, fallback_id: Option<
     let subject = shared.subject(&message.topic);
     let timeout = shared.options.publish_timeout;
     let deadline = Instant::now() + timeout;
-    let mut last = Failure::Retry("no confirmation yet".into());
+    let mut last = Failure::Retry(Cause::new("no confirmation yet", None));
     for attempt in 0u32.. {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let once = try_publish(shared, &message.topic, &subject, headers.clone(), message.payload.clone());
@@ -64,32 +65,61 @@ pub(crate) async fn send(shared: &Shared, message: Message, fallback_id: Option<
     }
     let state = shared.client.connection_state();
     Err(match last {
-        Failure::Refused(reason) if state == async_nats::connection::State::Connected => {
-            BrokerError::NotConfirmed { topic: message.topic, reason }
+        Failure::Refused(cause) if state == async_nats::connection::State::Connected => {
+            BrokerError::NotConfirmed { topic: message.topic, reason: cause.reason, source: cause.source }
         }
-        failure => BrokerError::Unavailable(format!(
-            "publish to `{}` not confirmed by NATS within {timeout:?} (connection {state:?}, last error: {}); \
-             it may or may not have been stored",
-            message.topic,
-            failure.reason()
-        )),
+        Failure::Fatal(e) => e,
+        Failure::Retry(cause) | Failure::Refused(cause) => BrokerError::Unavailable {
+            context: format!(
+                "publish to `{}` not confirmed by NATS within {timeout:?} (connection {state:?}); \
+                 it may or may not have been stored; last error: {}",
+                message.topic, cause.reason
+            ),
+            source: cause.source,
+        },
     })
 }
 
 /// Why one attempt failed.
 enum Failure {
     /// Transient (timeout, connection loss, stream missing): try again.
-    Retry(String),
+    Retry(Cause),
     /// The server refused while reachable (e.g. stream creation); retried, but reported as such.
-    Refused(String),
+    Refused(Cause),
     /// Retrying cannot help.
     Fatal(BrokerError),
+}
+
+/// Why an attempt failed, and the client's error behind it.
+struct Cause {
+    reason: String,
+    source: Option<ErrorSource>,
+}
+
+impl Cause {
+    fn new(reason: impl Into<String>, source: Option<ErrorSource>) -> Self {
+        Cause { reason: reason.into(), source }
+    }
+}
+
+impl From<Error> for Cause {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Connect { context, source }
+            | Error::Unavailable { context, source }
+            | Error::JetStream { context, source } => Cause { reason: context, source },
+            other => Cause::new(other.to_string(), None),
+        }
+    }
 }
 
 impl Failure {
     fn reason(&self) -> String {
         match self {
-            Failure::Retry(reason) | Failure::Refused(reason) => reason.clone(),
+            Failure::Retry(cause) | Failure::Refused(cause) => match &cause.source {
+                Some(source) => format!("{}: {source}", cause.reason),
+                None => cause.reason.clone(),
+            },
             Failure::Fatal(e) => e.to_string(),
         }
     }
@@ -103,8 +133,8 @@ async fn try_publish(
     payload: bytes::Bytes,
 ) -> Result<PublishAck, Failure> {
     shared.ensure_stream(topic).await.map_err(|e| match e {
-        Error::JetStream(reason) => Failure::Refused(reason),
-        other => Failure::Retry(other.to_string()),
+        refused @ Error::JetStream { .. } => Failure::Refused(refused.into()),
+        other => Failure::Retry(other.into()),
     })?;
     let publish = PublishMessage::build().headers(headers).payload(payload);
     let sent = shared.jetstream.send_publish(subject.to_string(), publish).await;
@@ -115,17 +145,15 @@ async fn try_publish(
     result.map_err(|e| match e.kind() {
         PublishErrorKind::StreamNotFound => {
             shared.forget_stream(topic);
-            Failure::Retry(format!("no stream for `{subject}` (yet)"))
+            Failure::Retry(Cause::new(format!("no stream for `{subject}` (yet)"), Some(ErrorSource::new(e))))
         }
         PublishErrorKind::MaxPayloadExceeded => Failure::Fatal(BrokerError::Invalid(format!(
             "message to `{topic}` is larger than the server's max_payload ({} bytes): {e}",
             shared.client.max_payload()
         ))),
         // The server answered with an error (limits, a sealed stream): retrying cannot help.
-        PublishErrorKind::Other => {
-            Failure::Fatal(BrokerError::NotConfirmed { topic: topic.to_string(), reason: e.to_string() })
-        }
-        _ => Failure::Retry(e.to_string()),
+        PublishErrorKind::Other => Failure::Fatal(BrokerError::not_confirmed(topic, "refused by the server", e)),
+        _ => Failure::Retry(Cause::new("publish not confirmed", Some(ErrorSource::new(e)))),
     })
 }
 

@@ -57,7 +57,7 @@ pub(crate) async fn subscribe(shared: &Arc<Shared>, options: SubscribeOptions) -
         .client
         .subscribe(inbox.clone())
         .await
-        .map_err(|e| BrokerError::Unavailable(format!("subscribing to a NATS inbox: {e}")))?;
+        .map_err(|e| BrokerError::unavailable("subscribing to a NATS inbox", e))?;
     let state = Arc::new(SubState {
         stream: shared.stream_name(&options.topic),
         options,
@@ -406,14 +406,20 @@ impl Pending {
                 Ok(())
             }
             Err(e) => Err(match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => BrokerError::Other(format!(
-                    "settling a delivery from stream `{}`: its consumer no longer exists; it will be redelivered",
-                    self.state.stream
-                )),
-                _ => BrokerError::Unavailable(format!(
-                    "settling a delivery from stream `{}` not confirmed: {e}; it will be redelivered",
-                    self.state.stream
-                )),
+                async_nats::RequestErrorKind::NoResponders => BrokerError::other(
+                    format!(
+                        "settling a delivery from stream `{}`: its consumer no longer exists; it will be redelivered",
+                        self.state.stream
+                    ),
+                    e,
+                ),
+                _ => BrokerError::unavailable(
+                    format!(
+                        "settling a delivery from stream `{}` not confirmed, it will be redelivered",
+                        self.state.stream
+                    ),
+                    e,
+                ),
             }),
         }
     }

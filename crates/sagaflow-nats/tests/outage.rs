@@ -141,7 +141,7 @@ async fn consumer_resumes_after_server_restart() {
 
         // The publish waits for the reconnect (bounded); retry once more if the server is slow to start.
         let mut published = broker.publish(numbered(topic, 1)).await;
-        if let Err(BrokerError::Unavailable(e)) = &published {
+        if let Err(e @ BrokerError::Unavailable { .. }) = &published {
             eprintln!("first publish after restart: {e}; retrying");
             published = broker.publish(numbered(topic, 1)).await;
         }
@@ -180,7 +180,7 @@ async fn publishes_during_outage_are_confirmed_or_fail_unavailable() {
                     let took = started.elapsed();
                     match &outcome {
                         Ok(()) => {}
-                        Err(BrokerError::Unavailable(e)) => {
+                        Err(e @ BrokerError::Unavailable { .. }) => {
                             eprintln!("publish {i} failed after {took:?}: {e}");
                             assert!(
                                 took <= PUBLISH_TIMEOUT + Duration::from_secs(1),

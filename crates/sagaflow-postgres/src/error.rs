@@ -42,6 +42,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for LogError {
     fn from(error: Error) -> Self {
-        LogError::Unavailable(error.to_string())
+        // The context is this error's message without its cause, which stays the source.
+        match error {
+            Error::Options(why) => LogError::unavailable_msg(why),
+            Error::Connect { target, source } => {
+                LogError::unavailable(format!("cannot connect to PostgreSQL at {target}"), source)
+            }
+            Error::Migrate { target, source } => {
+                LogError::unavailable(format!("cannot migrate the saga log at {target}"), source)
+            }
+            Error::Database { target, what, source } => {
+                LogError::unavailable(format!("PostgreSQL at {target}: {what} failed"), source)
+            }
+        }
     }
 }

@@ -144,7 +144,7 @@ impl PostgresSagaLog {
     }
 
     fn unavailable(&self, what: &str, error: sqlx::Error) -> LogError {
-        LogError::Unavailable(format!("PostgreSQL at {}: {what} failed: {error}", self.target))
+        LogError::unavailable(format!("PostgreSQL at {}: {what} failed", self.target), error)
     }
 }
 
@@ -208,12 +208,12 @@ fn list_query(select: &str, filter: &ListFilter) -> QueryBuilder<Postgres> {
 
 /// Reads a stored record back.
 pub(crate) fn decode(request_id: &str, text: &str) -> Result<SagaRecord, LogError> {
-    serde_json::from_str(text).map_err(|e| LogError::Corrupt(format!("saga `{request_id}`: {e}")))
+    serde_json::from_str(text).map_err(|e| LogError::corrupt(format!("saga `{request_id}`"), e))
 }
 
 pub(crate) fn encode(record: &SagaRecord) -> Result<String, LogError> {
     serde_json::to_string(record)
-        .map_err(|e| LogError::Corrupt(format!("saga `{}` cannot be serialized: {e}", record.request_id)))
+        .map_err(|e| LogError::corrupt(format!("saga `{}` cannot be serialized", record.request_id), e))
 }
 
 /// Unix ms as a `float8` bind (Postgres has no unsigned integers); the SQL

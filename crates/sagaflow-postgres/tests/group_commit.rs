@@ -197,7 +197,10 @@ async fn the_database_going_away_mid_batch_fails_it_and_later_writes_succeed() {
         sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(waiting).fetch_one(&mut admin).await.unwrap();
     assert!(killed);
     let failed = blocked.await.unwrap();
-    assert!(matches!(&failed, Err(LogError::Unavailable(m)) if m.contains("127.0.0.1")), "{failed:?}");
+    let failed = failed.unwrap_err();
+    assert!(matches!(&failed, LogError::Unavailable { .. }) && failed.to_string().contains("127.0.0.1"), "{failed:?}");
+    let source = std::error::Error::source(&failed).expect("the driver's error is kept");
+    assert!(source.downcast_ref::<sqlx::Error>().is_some(), "{source:?}");
     sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
     // Nothing of the failed batch was written, and the writer connects again for the next.
     assert_eq!(events(&log.get("held").await.unwrap().unwrap()), ["started"]);

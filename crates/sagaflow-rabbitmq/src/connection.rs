@@ -14,13 +14,14 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
 use rand::Rng;
+use sagaflow::ErrorSource;
 use sagaflow::broker::{Broker, BrokerError, Message, SubscribeOptions, Subscription, dead_letter_topic};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Failure, Result};
 use crate::options::RabbitMqOptions;
 use crate::{publish, subscribe};
 
@@ -80,7 +81,8 @@ impl RabbitMqBroker {
             Err(_) => Err(Error::Unavailable {
                 endpoint: connector.options.endpoint(),
                 waited: wait,
-                reason: connector.last_error(),
+                reason: connector.last_error().reason,
+                source: connector.last_error().source.map(ErrorSource::new),
             }),
         }
     }
@@ -170,7 +172,7 @@ pub(crate) struct Connector {
     pub(crate) closing: CancellationToken,
     /// Cancelled once the connection itself must go.
     shutdown: CancellationToken,
-    last_error: Mutex<String>,
+    last_error: Mutex<Failure>,
     pub(crate) unsettled: Unsettled,
 }
 
@@ -186,16 +188,16 @@ impl Connector {
             link: watch::Sender::new(Link::Down),
             closing: CancellationToken::new(),
             shutdown: CancellationToken::new(),
-            last_error: Mutex::new("not connected yet".into()),
+            last_error: Mutex::new(Failure::msg("not connected yet")),
             unsettled: Unsettled::default(),
         }
     }
 
-    fn last_error(&self) -> String {
+    fn last_error(&self) -> Failure {
         lock(&self.last_error).clone()
     }
 
-    fn set_last_error(&self, error: String) {
+    fn set_last_error(&self, error: Failure) {
         *lock(&self.last_error) = error;
     }
 
@@ -216,12 +218,16 @@ impl Connector {
                 Some(deadline) => match tokio::time::timeout_at(deadline, link.changed()).await {
                     Ok(changed) => changed,
                     Err(_) => {
-                        return Err(BrokerError::Unavailable(format!(
-                            "RabbitMQ at {} unreachable for {:?}: {}",
-                            self.options.endpoint(),
-                            started.elapsed(),
-                            self.last_error()
-                        )));
+                        let last = self.last_error();
+                        return Err(BrokerError::Unavailable {
+                            context: format!(
+                                "RabbitMQ at {} unreachable for {:?}: {}",
+                                self.options.endpoint(),
+                                started.elapsed(),
+                                last.reason
+                            ),
+                            source: last.source.map(ErrorSource::new),
+                        });
                     }
                 },
                 None => link.changed().await,
@@ -235,7 +241,7 @@ impl Connector {
     /// Tells the supervisor that `live` failed an operation, so it checks it now.
     pub(crate) fn report_broken(&self, live: &Live, error: &lapin::Error) {
         if !live.connection.status().connected() {
-            self.set_last_error(error.to_string());
+            self.set_last_error(Failure::of("connection failed", error.clone()));
         }
         live.broken.notify_one();
     }
@@ -293,14 +299,14 @@ impl Connector {
     }
 
     /// One connection attempt: connect, then declare the exchange.
-    async fn open(&self) -> Result<Arc<Live>, String> {
+    async fn open(&self) -> Result<Arc<Live>, Failure> {
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.options.connection_name.as_str()));
         let connect = Connection::connect_uri(self.options.uri.clone(), properties);
         let connection = match tokio::time::timeout(ATTEMPT_TIMEOUT, connect).await {
             Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+            Ok(Err(e)) => return Err(Failure::of("connecting", e)),
+            Err(_) => return Err(Failure::msg(format!("no answer within {ATTEMPT_TIMEOUT:?}"))),
         };
         let live = Arc::new(Live {
             connection,
@@ -314,23 +320,24 @@ impl Connector {
             Ok(Ok(())) => Ok(live),
             Ok(Err(e)) => {
                 close_connection(&live.connection).await;
-                Err(format!("declaring exchange `{}`: {e}", self.options.exchange))
+                Err(Failure::of(format!("declaring exchange `{}`", self.options.exchange), e))
             }
-            Err(_) => {
-                Err(format!("declaring exchange `{}`: no answer within {ATTEMPT_TIMEOUT:?}", self.options.exchange))
-            }
+            Err(_) => Err(Failure::msg(format!(
+                "declaring exchange `{}`: no answer within {ATTEMPT_TIMEOUT:?}",
+                self.options.exchange
+            ))),
         }
     }
 
     /// Waits until `live` fails (`Some(reason)`) or shutdown (`None`).
-    async fn watch(&self, live: &Live) -> Option<String> {
+    async fn watch(&self, live: &Live) -> Option<Failure> {
         let mut events = live.connection.events_listener();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 event = events.next() => {
                     if let Some(Event::Error(error)) = event {
-                        return Some(error.to_string());
+                        return Some(Failure::of("connection error", error));
                     }
                 }
                 _ = live.broken.notified() => {}
@@ -345,7 +352,7 @@ impl Connector {
                 } else {
                     "not connected"
                 };
-                return Some(format!("connection {state}"));
+                return Some(Failure::msg(format!("connection {state}")));
             }
         }
     }

@@ -77,25 +77,27 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
     let mut soft_failures = 0u32;
     let mut nacks = 0u32;
     // What went wrong last, for the error once the deadline passes.
-    let mut last_failure: Option<String> = None;
-    let give_up = |nacks: u32, last_failure: &Option<String>| match last_failure {
-        None if nacks > 0 => BrokerError::NotConfirmed {
-            topic: topic.to_owned(),
-            reason: format!("the broker nacked it {nacks} time(s) within {timeout:?}: it could not take the message"),
-        },
-        None => BrokerError::Unavailable(format!("publish to `{topic}` not confirmed within {timeout:?}")),
-        Some(failure) => BrokerError::Unavailable(format!(
-            "publish to `{topic}` not confirmed within {timeout:?} (last failure: {failure})"
-        )),
+    let mut last_failure: Option<lapin::Error> = None;
+    let give_up = |nacks: u32, last_failure: &Option<lapin::Error>| match last_failure {
+        None if nacks > 0 => BrokerError::not_confirmed_msg(
+            topic,
+            format!("the broker nacked it {nacks} time(s) within {timeout:?}: it could not take the message"),
+        ),
+        None => BrokerError::unavailable_msg(format!("publish to `{topic}` not confirmed within {timeout:?}")),
+        Some(failure) => BrokerError::unavailable(
+            format!("publish to `{topic}` not confirmed within {timeout:?}; last failure"),
+            failure.clone(),
+        ),
     };
     loop {
         if failures > 0 && Instant::now() >= deadline {
             return Err(give_up(nacks, &last_failure));
         }
         let live = connector.live(Some(deadline)).await.map_err(|e| match e {
-            BrokerError::Unavailable(why) => {
-                BrokerError::Unavailable(format!("publish to `{topic}` gave up after {timeout:?}: {why}"))
-            }
+            BrokerError::Unavailable { context, source } => BrokerError::Unavailable {
+                context: format!("publish to `{topic}` gave up after {timeout:?}: {context}"),
+                source,
+            },
             other => other,
         })?;
         let attempt = attempt(connector, &live, message, route, declare_route, properties.clone());
@@ -109,10 +111,10 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
                     declare_route = true;
                     continue;
                 }
-                return Err(BrokerError::NotConfirmed {
-                    topic: topic.to_owned(),
-                    reason: format!("returned by the broker: {} {}", returned.reply_code, returned.reply_text),
-                });
+                return Err(BrokerError::not_confirmed_msg(
+                    topic,
+                    format!("returned by the broker: {} {}", returned.reply_code, returned.reply_text),
+                ));
             }
             Ok(Confirmation::Nack(None)) => {
                 // The broker did not take it: a queue without a leader (as
@@ -125,10 +127,7 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
             }
             Ok(Confirmation::NotRequested) => {
                 // Unreachable while the publisher channel is put in confirm mode on open.
-                return Err(BrokerError::NotConfirmed {
-                    topic: topic.to_owned(),
-                    reason: "the channel is not in confirm mode".into(),
-                });
+                return Err(BrokerError::not_confirmed_msg(topic, "the channel is not in confirm mode"));
             }
             Err(error) => {
                 if is_connection_error(&error) {
@@ -143,7 +142,7 @@ async fn send(connector: &Connector, message: &Message, route: Route<'_>) -> Res
                     }
                 }
                 tracing::debug!(%topic, %error, attempt = failures + 1, "publish failed; retrying");
-                last_failure = Some(error.to_string());
+                last_failure = Some(error);
             }
         }
         failures += 1;

@@ -285,7 +285,7 @@ struct RabbitMqAcker {
 
 impl RabbitMqAcker {
     fn channel_gone(&self) -> BrokerError {
-        BrokerError::Unavailable(format!(
+        BrokerError::unavailable_msg(format!(
             "the channel that delivered this `{}` message is closed; the broker will redeliver it",
             self.spec.options.topic
         ))

@@ -236,7 +236,7 @@ async fn consumers_and_publishers_survive_a_broker_crash() {
     wait_disconnected(&consumer).await;
     let acked = in_flight.ack().await;
     assert!(
-        matches!(acked, Err(BrokerError::Unavailable(_))),
+        matches!(acked, Err(BrokerError::Unavailable { .. })),
         "a delivery whose channel died cannot be acked, got {acked:?}"
     );
 
@@ -244,9 +244,9 @@ async fn consumers_and_publishers_survive_a_broker_crash() {
     let hasty_result = hasty.publish(message(&topic, &run, 2)).await;
     let took = started.elapsed();
     match &hasty_result {
-        Err(BrokerError::Unavailable(why)) => {
+        Err(why @ BrokerError::Unavailable { .. }) => {
             assert!(took < HASTY + Duration::from_secs(2), "gave up after {took:?}, beyond its {HASTY:?} bound");
-            assert!(why.contains(&topic), "the error names the topic: {why}");
+            assert!(why.to_string().contains(&topic), "the error names the topic: {why}");
         }
         other => panic!("a publish during the outage must fail with Unavailable within its bound, got {other:?}"),
     }
@@ -263,7 +263,9 @@ async fn consumers_and_publishers_survive_a_broker_crash() {
     node.wait_ready().await;
     match timeout(PATIENT, waiting).await {
         Ok(Ok(Ok(()))) => confirmed.push(3),
-        Ok(Ok(Err(BrokerError::Unavailable(why)))) => println!("the patient publish gave up within its bound: {why}"),
+        Ok(Ok(Err(why @ BrokerError::Unavailable { .. }))) => {
+            println!("the patient publish gave up within its bound: {why}")
+        }
         other => panic!("the publish issued during the outage: {other:?}"),
     }
     patient.publish(message(&topic, &run, 4)).await.expect("publish after the restart");
@@ -300,4 +302,8 @@ async fn connect_gives_up_within_its_timeout() {
     assert!(matches!(error, Error::Unavailable { .. }), "{error:?}");
     let shown = error.to_string();
     assert!(shown.contains(&format!("127.0.0.1:{port}")) && !shown.contains("s3cr3t"), "{shown}");
+    // The refused connection is lapin's error, kept as the source, as a broker error too.
+    let lapin_source = |e: &dyn std::error::Error| e.source().is_some_and(|s| s.is::<lapin::Error>());
+    assert!(lapin_source(&error), "{error:?}");
+    assert!(lapin_source(&BrokerError::from(error)));
 }

@@ -16,9 +16,9 @@ pub(crate) fn path(db: &Path) -> PathBuf {
 pub(crate) fn read(path: &Path) -> Result<BTreeMap<String, String>, LogError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| LogError::Corrupt(format!("operator switches in {}: {e}", path.display()))),
+            .map_err(|e| LogError::corrupt(format!("operator switches in {}", path.display()), e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(LogError::Unavailable(format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Err(LogError::unavailable(format!("cannot read {}", path.display()), e)),
     }
 }
 
@@ -30,10 +30,11 @@ pub(crate) fn set(path: &Path, key: &str, value: Option<&str>) -> Result<(), Log
         Some(value) => controls.insert(key.to_owned(), value.to_owned()),
         None => controls.remove(key),
     };
-    let failed = |e: std::io::Error| LogError::Unavailable(format!("cannot write {}: {e}", path.display()));
+    let failed = |e: std::io::Error| LogError::unavailable(format!("cannot write {}", path.display()), e);
     let aside = path.with_extension("json.new");
     let mut file = std::fs::File::create(&aside).map_err(failed)?;
-    let json = serde_json::to_vec_pretty(&controls).map_err(|e| LogError::Corrupt(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&controls)
+        .map_err(|e| LogError::corrupt("operator switches cannot be serialized", e))?;
     file.write_all(&json).map_err(failed)?;
     file.sync_all().map_err(failed)?;
     std::fs::rename(&aside, path).map_err(failed)?;
@@ -57,6 +58,6 @@ mod tests {
         set(&file, "pause:A", None).unwrap();
         assert_eq!(read(&file).unwrap().into_iter().collect::<Vec<_>>(), [("pause:B".to_owned(), "ops".to_owned())]);
         std::fs::write(&file, b"{ not json").unwrap();
-        assert!(matches!(read(&file), Err(LogError::Corrupt(_))));
+        assert!(matches!(read(&file), Err(LogError::Corrupt { .. })));
     }
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use sagaflow::ErrorSource;
 use sagaflow::log::LogError;
 
 /// The embedded saga log's failure.
@@ -97,11 +98,43 @@ macro_rules! from_redb {
 
 from_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
+impl Error {
+    /// The message without the cause, and the cause (the file system's or redb's error).
+    fn split(self) -> (String, Option<ErrorSource>) {
+        match self {
+            Error::CreateDir { path, source } => {
+                (format!("cannot create saga log directory {}", path.display()), Some(ErrorSource::new(source)))
+            }
+            Error::Open { path, source } => {
+                (format!("cannot open saga log {}", path.display()), Some(ErrorSource::new(source)))
+            }
+            Error::Wal { path, source } => {
+                (format!("saga log write-ahead file {}", path.display()), Some(ErrorSource::new(source)))
+            }
+            Error::Spawn(source) => {
+                ("cannot start the saga log writer thread".to_owned(), Some(ErrorSource::new(source)))
+            }
+            Error::Storage(source) => ("saga log storage failed".to_owned(), Some(ErrorSource::new(source))),
+            other => (other.to_string(), None),
+        }
+    }
+
+    /// A failed write as the saga log's error that refuses writes until the file is open again.
+    pub(crate) fn into_outage(self) -> LogError {
+        let (context, source) = self.split();
+        LogError::Unavailable { context: format!("saga log cannot write: {context}"), source }
+    }
+}
+
 impl From<Error> for LogError {
     fn from(e: Error) -> Self {
         match e {
-            Error::Corrupt(what) => LogError::Corrupt(what),
-            other => LogError::Unavailable(other.to_string()),
+            Error::Corrupt(what) => LogError::corrupt_msg(what),
+            Error::Outage(why) => LogError::unavailable_msg(why),
+            other => {
+                let (context, source) = other.split();
+                LogError::Unavailable { context, source }
+            }
         }
     }
 }

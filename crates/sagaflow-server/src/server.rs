@@ -1,5 +1,6 @@
 //! The runtime of an orchestrator service: [`Server::serve`] takes the configuration, the
-//! flows to register and the service's gRPC API, and runs them on the broker and saga log the
+//! flows to register and the service's gRPC API (more services beside it with
+//! [`Server::grpc_service`]), and runs them on the broker and saga log the
 //! configuration names, beside the admin HTTP API, the dashboard, Prometheus metrics, the
 //! gRPC health and reflection services and the HTTP callback sink, until SIGINT or SIGTERM;
 //! then it drains the sagas in flight.
@@ -17,6 +18,7 @@ use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::codegen::http::Request;
 use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -34,11 +36,30 @@ pub struct Context {
 }
 
 /// An orchestrator service about to run.
-#[derive(Debug)]
 pub struct Server<A = crate::settings::NoKeys> {
     config: Config<A>,
     service_name: String,
     descriptors: Vec<&'static [u8]>,
+    /// The services added beside the API, by name.
+    services: Vec<(&'static str, AddService)>,
+}
+
+/// Builds one more gRPC service from the started orchestrator and adds it to the routes.
+type AddService = Box<dyn FnOnce(&Context, &mut RoutesBuilder) + Send>;
+
+/// The services the server adds itself; a user's service of the same name is refused.
+const OWN_SERVICES: [&str; 3] =
+    ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+
+impl<A: std::fmt::Debug> std::fmt::Debug for Server<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .field("service_name", &self.service_name)
+            .field("descriptors", &self.descriptors.len())
+            .field("grpc_services", &self.services.len())
+            .finish()
+    }
 }
 
 /// An orchestrator service, running.
@@ -70,7 +91,32 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
 impl<A: ServiceConfig> Server<A> {
     /// A service run as `config` says; its traces are exported as `sagaflow`.
     pub fn new(config: Config<A>) -> Self {
-        Self { config, service_name: "sagaflow".into(), descriptors: Vec::new() }
+        Self { config, service_name: "sagaflow".into(), descriptors: Vec::new(), services: Vec::new() }
+    }
+
+    /// Serves one more gRPC service on the gRPC port, beside the API given to
+    /// [`serve`](Self::serve); `build` makes it from the started orchestrator. Call it once per
+    /// service. Each is reported healthy while the saga log is, like the API. Two services of
+    /// one name are refused at start.
+    ///
+    /// ```rust,ignore
+    /// Server::new(config)
+    ///     .grpc_service(|cx| OperatorServiceServer::new(Operator::new(cx.orchestrator.clone())))
+    ///     .serve(register, |cx| BookingServiceServer::new(BookingHandler::new(cx.orchestrator, cx.callbacks)))
+    ///     .await
+    /// ```
+    pub fn grpc_service<G, S>(mut self, build: G) -> Self
+    where
+        G: FnOnce(&Context) -> S + Send + 'static,
+        S: Service<Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        let add: AddService = Box::new(move |context, routes| {
+            routes.add_service(build(context));
+        });
+        self.services.push((S::NAME, add));
+        self
     }
 
     /// The service name its traces are exported under.
@@ -113,8 +159,9 @@ impl<A: ServiceConfig> Server<A> {
     }
 
     /// Connects to the broker and opens the saga log, starts an orchestrator with the flows
-    /// `register` adds, and serves the gRPC API `grpc` builds (with health and reflection) and
-    /// the admin HTTP API. Logs and traces are the caller's to set up ([`telemetry::init`]).
+    /// `register` adds, and serves the gRPC API `grpc` builds, the services added with
+    /// [`grpc_service`](Self::grpc_service), health and reflection, and the admin HTTP API.
+    /// Logs and traces are the caller's to set up ([`telemetry::init`]).
     pub async fn start<R, G, S>(self, register: R, grpc: G) -> anyhow::Result<Running>
     where
         R: FnOnce(OrchestratorBuilder) -> OrchestratorBuilder,
@@ -124,6 +171,9 @@ impl<A: ServiceConfig> Server<A> {
         S::Future: Send + 'static,
     {
         let config = self.config;
+        let services: Vec<&'static str> =
+            [S::NAME].into_iter().chain(self.services.iter().map(|(name, _)| *name)).collect();
+        names(&services)?;
         admin::prometheus();
         let callbacks = CallbackPolicy::new(&config.callbacks).map_err(anyhow::Error::msg)?;
         let admin_hosts = admin::AdminHosts::new(config.http_listen, &config.admin_hosts)?;
@@ -147,11 +197,18 @@ impl<A: ServiceConfig> Server<A> {
             .deny_own(http_addr, "admin HTTP API (http_listen)")
             .resolve_names()
             .await;
-        let service = grpc(Context { orchestrator: orchestrator.clone(), callbacks });
+        let context = Context { orchestrator: orchestrator.clone(), callbacks };
+        let mut routes = RoutesBuilder::default();
+        for (_, add) in self.services {
+            add(&context, &mut routes);
+        }
+        routes.add_service(grpc(context));
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter.set_service_status(S::NAME, ServingStatus::Serving).await;
+        for name in &services {
+            reporter.set_service_status(*name, ServingStatus::Serving).await;
+        }
         reporter.set_service_status("", ServingStatus::Serving).await;
-        servers.push(backends::watch_log_health(saga_log, reporter, vec![S::NAME], shutdown.clone()));
+        servers.push(backends::watch_log_health(saga_log, reporter, services.clone(), shutdown.clone()));
         let reflection = || {
             let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
@@ -162,7 +219,7 @@ impl<A: ServiceConfig> Server<A> {
         let stop = shutdown.clone();
         servers.push(tokio::spawn(async move {
             tonic::transport::Server::builder()
-                .add_service(service)
+                .add_routes(routes.routes())
                 .add_service(health)
                 .add_service(v1)
                 .add_service(v1alpha)
@@ -178,9 +235,22 @@ impl<A: ServiceConfig> Server<A> {
             admin_hosts.bound_to(http_addr),
             shutdown.clone(),
         )));
-        tracing::info!(%grpc_addr, %http_addr, pod_id = %config.pod_id, service = S::NAME, "orchestrator serving");
+        tracing::info!(%grpc_addr, %http_addr, pod_id = %config.pod_id, services = ?services, "orchestrator serving");
         Ok(Running { grpc_addr, http_addr, orchestrator, broker, shutdown, servers })
     }
+}
+
+/// Refuses two gRPC services of one name (their routes would clash), by name.
+fn names(services: &[&'static str]) -> anyhow::Result<()> {
+    for (i, name) in services.iter().enumerate() {
+        if OWN_SERVICES.contains(name) {
+            anyhow::bail!("gRPC service `{name}` is served by sagaflow-server itself; it cannot be added again");
+        }
+        if services[..i].contains(name) {
+            anyhow::bail!("gRPC service `{name}` is added twice; each service can be served once");
+        }
+    }
+    Ok(())
 }
 
 /// Every configured topic id must name a topic of a registered flow.

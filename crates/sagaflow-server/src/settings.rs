@@ -339,24 +339,29 @@ mod tests {
     #[serde(deny_unknown_fields, default)]
     struct Shop {
         warehouse: String,
+        flow: crate::config::FlowConfig,
     }
 
     impl Default for Shop {
         fn default() -> Self {
-            Self { warehouse: "north".into() }
+            Self { warehouse: "north".into(), flow: Default::default() }
         }
     }
 
     impl ServiceConfig for Shop {
-        const KEYS: &'static [&'static str] = &["warehouse"];
+        const KEYS: &'static [&'static str] = &["warehouse", "flow"];
         const TOPIC_PREFIX: Option<&'static str> = Some("shop");
 
         fn validate(&self) -> anyhow::Result<()> {
             if self.warehouse.is_empty() {
                 bail!("warehouse must not be empty");
             }
-            Ok(())
+            self.flow.validate()
         }
+    }
+
+    fn invalid(yaml: &str) -> String {
+        Config::<Shop>::from_yaml(yaml).unwrap().validate().unwrap_err().to_string()
     }
 
     #[test]
@@ -395,6 +400,119 @@ mod tests {
         assert_eq!(config.orchestrator_options().topic_prefix, "e2e");
         let config = Config::<Shop>::from_yaml("message_queue:\n  default_concurrency: 2\n").unwrap();
         assert_eq!(config.orchestrator_options().topic_prefix, "shop");
+    }
+
+    #[test]
+    fn the_embedded_log_cache_size_reaches_its_options() {
+        let default = Config::<NoKeys>::default();
+        let embedded =
+            |config: &Config<NoKeys>| crate::backends::embedded_options(&config.log_settings(), "/tmp/unused");
+        assert_eq!(embedded(&default).cache_bytes(), sagaflow_redb::DEFAULT_CACHE_SIZE);
+        let config = Config::<NoKeys>::from_yaml("saga_log_cache_mib: 4\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(embedded(&config).cache_bytes(), 4 << 20);
+        let zero = Config::<NoKeys>::from_yaml("saga_log_cache_mib: 0\n").unwrap().validate().unwrap_err();
+        assert_eq!(zero.to_string(), "saga_log_cache_mib must be between 1 and 65536, got 0");
+    }
+
+    #[test]
+    fn unknown_shared_keys_are_named() {
+        let err = Config::<Shop>::from_yaml("pod_id: a\nbrokr: memory\n").unwrap_err().to_string();
+        assert!(err.contains("brokr"), "{err}");
+        let err = Config::<Shop>::from_yaml("flow:\n  retry:\n    max_atempts: 3\n").unwrap_err().to_string();
+        assert!(err.contains("max_atempts"), "{err}");
+    }
+
+    #[test]
+    fn a_topic_without_concurrency_is_an_error() {
+        let config = Config::<Shop>::from_yaml(
+            "message_queue:\n  topics:\n    - id: Checkout.Reserve\n      is_throttling: true\n",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("concurrency") && err.contains("Checkout.Reserve"), "{err}");
+    }
+
+    #[test]
+    fn a_url_chooses_the_backend_unless_the_kind_named_says_otherwise() {
+        let config =
+            Config::<Shop>::from_yaml("saga_log_url: postgres://u@127.0.0.1/db\nbroker_url: nats://127.0.0.1:4222\n");
+        config.unwrap().validate().unwrap();
+        assert_eq!(
+            invalid("broker: rabbitmq\nbroker_url: nats://127.0.0.1:4222\n"),
+            "broker is Rabbitmq but broker_url names a Nats broker"
+        );
+        assert_eq!(
+            invalid("saga_log: postgres\nsaga_log_url: redb:./data\n"),
+            "saga_log is Postgres but saga_log_url names a Embedded log"
+        );
+    }
+
+    #[test]
+    fn durations_and_counts_out_of_range_are_named() {
+        let cases = [
+            ("callbacks:\n  timeout_ms: 0\n", "callbacks.timeout_ms must be between 1 and 600000, got 0"),
+            ("callbacks:\n  attempts: 0\n", "callbacks.attempts must be between 1 and 20, got 0"),
+            (
+                "flow:\n  deadline_ms: 18446744073709551615\n",
+                "flow.deadline_ms must be between 1 and 604800000, got 18446744073709551615",
+            ),
+            ("flow:\n  step_timeout_ms: 0\n", "flow.step_timeout_ms must be between 1 and 3600000, got 0"),
+            ("flow:\n  max_data_bytes: 10\n", "flow.max_data_bytes must be between 64 and 16777216, got 10"),
+            ("flow:\n  retry:\n    max_attempts: 0\n", "flow.retry.max_attempts must be between 1 and 1000, got 0"),
+            (
+                "flow:\n  compensation_retry:\n    max_backoff_ms: 99999999999\n",
+                "flow.compensation_retry.max_backoff_ms must be between 0 and 3600000, got 99999999999",
+            ),
+            ("flow:\n  retry:\n    multiplier: .nan\n", "flow.retry.multiplier must be between 1 and 100, got NaN"),
+            ("flow:\n  retry:\n    jitter: 2\n", "flow.retry.jitter must be between 0 and 1, got 2"),
+            ("wait_timeout_ms: 0\n", "wait_timeout_ms must be between 1 and 3600000, got 0"),
+            ("broker_queue_expiry_ms: 5\n", "broker_queue_expiry_ms must be between 1000 and 604800000, got 5"),
+            ("retention:\n  max_age_secs: 0\n", "retention.max_age_secs must be between 1 and 315360000, got 0"),
+            (
+                "retention:\n  max_ended: 100000001\n",
+                "retention.max_ended must be between 0 and 100000000, got 100000001",
+            ),
+            (
+                "message_queue:\n  default_concurrency: 100000\n",
+                "message_queue.default_concurrency must be between 1 and 4096, got 100000",
+            ),
+            ("message_queue:\n  max_deliveries: 0\n", "message_queue.max_deliveries must be between 1 and 1000, got 0"),
+            (
+                "message_queue:\n  topics:\n    - {id: Checkout.rollback, concurrency: 0}\n",
+                "message_queue.topics[0].concurrency must be between 1 and 4096, got 0",
+            ),
+            ("callbacks:\n  secret: short\n", "callbacks.secret must be at least 16 bytes, got 5"),
+        ];
+        for (yaml, expected) in cases {
+            assert_eq!(invalid(yaml), expected, "for {yaml:?}");
+        }
+    }
+
+    #[test]
+    fn the_callback_secret_comes_from_the_environment_and_is_not_shown() {
+        let mut config = Config::<NoKeys>::default();
+        config
+            .apply_env(|name| (name == "SAGAFLOW_CALLBACK_SECRET").then(|| "0123456789abcdef-secret".into()))
+            .unwrap();
+        assert_eq!(config.callbacks.secret.as_deref(), Some("0123456789abcdef-secret"));
+        config.validate().unwrap();
+        assert!(!format!("{config:?}").contains("0123456789abcdef-secret"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut config = Config::<NoKeys>::default();
+        config
+            .apply_env(|name| match name {
+                "POD_ID" => Some("pod-7".into()),
+                "SAGAFLOW_BROKER" => Some("memory".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.pod_id, "pod-7");
+        let err = config.apply_env(|name| (name == "SAGAFLOW_BROKER").then(|| "kafka".into())).unwrap_err();
+        assert!(err.to_string().contains("kafka"));
     }
 
     #[test]

@@ -162,5 +162,106 @@ impl From<Tombstone> for Error {
     }
 }
 
+/// The underlying failure a driver error keeps as its [`source`](std::error::Error::source):
+/// the database's, file system's or broker client's own error. Shared, so that one failure
+/// can answer several waiters (a group commit) and be passed on without losing it.
+///
+/// It derefs to the error itself, so `source()` of the error that holds it gives the driver's
+/// error (which `downcast_ref` finds), not this wrapper.
+#[derive(Clone)]
+pub struct ErrorSource(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl ErrorSource {
+    /// Keeps `error` as a cause.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ErrorSource(std::sync::Arc::new(error))
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for ErrorSource {
+    fn from(error: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        ErrorSource(error.into())
+    }
+}
+
+impl std::ops::Deref for ErrorSource {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+/// Shows a driver error's context followed by its source's message, so a log line holds the cause.
+pub(crate) struct WithSource<'a>(pub(crate) &'a str, pub(crate) &'a Option<ErrorSource>);
+
+impl std::fmt::Display for WithSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Some(source) => write!(f, "{}: {source}", self.0),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
 /// `Result` with the core's [`Error`] as its default error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::io;
+
+    use super::*;
+
+    fn io_source(error: &dyn std::error::Error) -> &io::Error {
+        error.source().expect("the cause is kept").downcast_ref::<io::Error>().expect("the cause is the io::Error")
+    }
+
+    #[test]
+    fn a_wrapped_io_error_is_the_log_errors_source() {
+        let error = LogError::unavailable("writing saga `a`", io::Error::new(io::ErrorKind::StorageFull, "disk full"));
+        assert_eq!(io_source(&error).kind(), io::ErrorKind::StorageFull);
+        assert_eq!(error.to_string(), "saga log unavailable: writing saga `a`: disk full");
+        // Through the core's error as well: `Error::Log` is transparent.
+        let error = Error::from(error);
+        assert_eq!(io_source(&error).kind(), io::ErrorKind::StorageFull);
+
+        let corrupt = LogError::corrupt("saga `b`", io::Error::other("bad json"));
+        assert_eq!(io_source(&corrupt).to_string(), "bad json");
+        let plain = LogError::unavailable_msg("closing");
+        assert!(plain.source().is_none());
+        assert_eq!(plain.to_string(), "saga log unavailable: closing");
+    }
+
+    #[test]
+    fn a_wrapped_io_error_is_the_broker_errors_source() {
+        let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        for error in [
+            BrokerError::unavailable("connecting to 127.0.0.1:1", refused()),
+            BrokerError::not_confirmed("orders", "nacked", refused()),
+            BrokerError::other("declaring a queue", refused()),
+        ] {
+            assert_eq!(io_source(&error).kind(), io::ErrorKind::ConnectionRefused, "{error}");
+            assert!(error.to_string().ends_with(": refused"), "{error}");
+            assert_eq!(io_source(&Error::from(error)).kind(), io::ErrorKind::ConnectionRefused);
+        }
+        assert!(BrokerError::unavailable_msg("gone").source().is_none());
+        assert_eq!(
+            BrokerError::not_confirmed_msg("orders", "nacked").to_string(),
+            "publish to `orders` not confirmed: nacked"
+        );
+    }
+}

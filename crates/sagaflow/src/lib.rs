@@ -65,7 +65,7 @@ mod waiters;
 pub use async_trait::async_trait;
 pub use broker::{Broker, MemoryBroker};
 pub use callback::{CallbackReport, CallbackSink, CallbackStatus, SagaCallback};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorSource, Result};
 pub use flow::{DEFAULT_DEADLINE, DEFAULT_MAX_DATA_BYTES, DEFAULT_STEP_TIMEOUT, Flow, Merge, Parallel};
 pub use log::{MemorySagaLog, SagaLog};
 pub use node::{ErrorKind, Node, NodeError, Phase, SAGA_METADATA, Step};

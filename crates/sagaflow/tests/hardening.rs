@@ -34,7 +34,7 @@ struct Outage {
 impl Outage {
     fn check(&self) -> Result<(), LogError> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(LogError::Unavailable("switched off by the test".into()));
+            return Err(LogError::unavailable("switched off by the test", std::io::Error::other("disk unplugged")));
         }
         Ok(())
     }
@@ -191,8 +191,11 @@ async fn a_log_outage_mid_flow_delays_sagas_and_dead_letters_nothing() {
     for (i, run) in sync.into_iter().enumerate() {
         match run.await.unwrap() {
             Ok(Outcome::Completed(_)) => {}
-            Err(Error::Log(LogError::Unavailable(reason))) => {
-                assert!(reason.contains("ask again"), "{reason}");
+            Err(Error::Log(error @ LogError::Unavailable { .. })) => {
+                assert!(error.to_string().contains("ask again"), "{error}");
+                // The caller's error still carries the store's own failure.
+                let source = std::error::Error::source(&error).expect("the store's error is kept");
+                assert!(source.downcast_ref::<std::io::Error>().is_some(), "{source:?}");
                 told += 1;
             }
             other => panic!("s{i}: {other:?}"),
@@ -334,7 +337,7 @@ impl Broker for Unconfirmed {
     async fn publish(&self, message: Message) -> Result<(), sagaflow::broker::BrokerError> {
         if self.refuse.load(Ordering::SeqCst) {
             let topic = message.topic.clone();
-            return Err(sagaflow::broker::BrokerError::NotConfirmed { topic, reason: "switched off".into() });
+            return Err(sagaflow::broker::BrokerError::not_confirmed_msg(topic, "switched off"));
         }
         self.inner.publish(message).await
     }

@@ -1,5 +1,6 @@
 //! The gRPC `pb.BookingService`: validates requests and invokes the flows by facade.
 
+use sagaflow::log::LogError;
 use sagaflow::{Error, Orchestrator, Outcome};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -98,7 +99,16 @@ fn status(request_id: &str, error: Error) -> Status {
         Error::TaskLost(_) => {
             Status::unavailable(format!("booking {request_id}: {error}; ask again with the same x-request-id"))
         }
+        // The saga is not in a state this call applies to, or its flow version is not deployed here.
+        Error::MissingVersions { .. } | Error::WrongState { .. } => {
+            Status::failed_precondition(format!("booking {request_id}: {error}"))
+        }
+        Error::HopNotReady { .. } => Status::unavailable(format!("booking {request_id}: {error}")),
         Error::Broker(e) => Status::unavailable(format!("booking {request_id}: message broker: {e}")),
+        Error::Log(LogError::NotFound(_)) => Status::not_found(format!("booking {request_id}: {error}")),
+        Error::Log(e @ (LogError::Corrupt { .. } | LogError::Transition(_))) => {
+            Status::internal(format!("booking {request_id}: saga log: {e}"))
+        }
         Error::Log(e) => Status::unavailable(format!("booking {request_id}: saga log: {e}")),
         other => Status::internal(format!("booking {request_id}: {other}")),
     }
@@ -179,6 +189,24 @@ impl BookingService for BookingHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orchestrator_errors_get_the_status_a_caller_can_act_on() {
+        let code = |error: Error| status("r1", error).code();
+        assert_eq!(code(Error::InvalidRequestId("empty".into())), tonic::Code::InvalidArgument);
+        let not_stuck = Error::WrongState {
+            request_id: "r1".into(),
+            status: sagaflow::SagaStatus::Completed,
+            operation: "retry",
+            wanted: "stuck",
+        };
+        assert_eq!(code(not_stuck), tonic::Code::FailedPrecondition);
+        assert_eq!(code(Error::Log(LogError::NotFound("r1".into()))), tonic::Code::NotFound);
+        let down = status("r1", Error::Log(LogError::unavailable_msg("PostgreSQL at db:5432: cannot connect")));
+        assert_eq!(down.code(), tonic::Code::Unavailable);
+        assert!(down.message().contains("cannot connect"), "{}", down.message());
+        assert_eq!(code(Error::Config("bad".into())), tonic::Code::Internal);
+    }
 
     #[test]
     fn count_zero_means_one_and_bad_fields_are_named() {

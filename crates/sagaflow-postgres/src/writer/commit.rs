@@ -39,7 +39,7 @@ impl Writer {
         let mut index: HashMap<String, usize> = HashMap::new();
         for request in batch {
             let Some(id) = request.request_id() else {
-                request.fail("closing");
+                request.fail(&LogError::unavailable_msg("closing"));
                 continue;
             };
             match index.get(id) {
@@ -78,7 +78,7 @@ impl Writer {
         let missed = match self.optimistic(&mut conn, sagas).await {
             Ok(missed) => missed,
             Err((sagas, e)) => {
-                let why = self.why(&e);
+                let why = self.why(e);
                 self.failed(&why);
                 return self.fail(sagas, &why);
             }
@@ -86,7 +86,7 @@ impl Writer {
         if !missed.is_empty()
             && let Err((sagas, e)) = self.locked(&mut conn, missed).await
         {
-            let why = self.why(&e);
+            let why = self.why(e);
             self.failed(&why);
             return self.fail(sagas, &why);
         }
@@ -95,12 +95,12 @@ impl Writer {
         tracing::trace!(sagas = count, micros = started.elapsed().as_micros() as u64, "batch written");
     }
 
-    fn why(&self, error: &sqlx::Error) -> String {
-        format!("PostgreSQL at {}: writing a batch failed: {error}", self.connect.target)
+    fn why(&self, error: sqlx::Error) -> LogError {
+        LogError::unavailable(format!("PostgreSQL at {}: writing a batch failed", self.connect.target), error)
     }
 
     /// Fails the sagas' awaited requests with `why`; their queued appends wait for the next batch.
-    fn fail(&mut self, sagas: Vec<Saga>, why: &str) {
+    fn fail(&mut self, sagas: Vec<Saga>, why: &LogError) {
         let mut queued = Vec::new();
         for request in sagas.into_iter().flat_map(|s| s.requests) {
             if request.is_awaited() {
@@ -182,10 +182,10 @@ impl Writer {
                     }
                     let vanishing: Vec<Saga> = sagas.into_iter().filter(|s| !s.requests.is_empty()).collect();
                     for saga in vanishing {
-                        let why = format!(
+                        let why = LogError::unavailable_msg(format!(
                             "PostgreSQL at {}: saga `{}` kept appearing and vanishing during begin",
                             self.connect.target, saga.id
-                        );
+                        ));
                         saga.requests.into_iter().for_each(|r| r.fail(&why));
                     }
                     return Ok(());
@@ -304,9 +304,8 @@ async fn read_rows(
         .map(|(id, version, text)| {
             let base = match (decode(&id, &text), version.parse::<u32>()) {
                 (Ok(record), Ok(version)) => Base::Stored(Entry::new(record, version)),
-                (Err(LogError::Corrupt(why)), _) => Base::Corrupt(why),
-                (Err(e), _) => Base::Corrupt(e.to_string()),
-                (_, Err(e)) => Base::Corrupt(format!("saga `{id}`: row version `{version}`: {e}")),
+                (Err(e), _) => Base::Corrupt(e),
+                (_, Err(e)) => Base::Corrupt(LogError::corrupt(format!("saga `{id}`: row version `{version}`"), e)),
             };
             (id, base)
         })

@@ -114,7 +114,7 @@ impl Writers {
     }
 
     fn closed(&self) -> LogError {
-        LogError::Unavailable(format!("PostgreSQL at {}: the saga log is closed", self.target))
+        LogError::unavailable_msg(format!("PostgreSQL at {}: the saga log is closed", self.target))
     }
 
     async fn call<T>(&self, request_id: &str, make: impl FnOnce(request::Reply<T>) -> Request) -> Result<T, LogError> {
@@ -184,7 +184,7 @@ struct Writer {
     conn: Option<PgConnection>,
     last_used: Instant,
     /// When a connect last failed, and why.
-    connect_failed: Option<(Instant, String)>,
+    connect_failed: Option<(Instant, LogError)>,
     cache: Cache,
     /// Requests for the next batch, before any new one: those after a saga's begin in its
     /// batch, and the queued appends of a batch that failed.
@@ -332,7 +332,7 @@ impl Writer {
         if unstored > 0 {
             tracing::warn!(target = %self.connect.target, unstored, "saga log closed with writes it could not store");
         }
-        let why = format!("PostgreSQL at {}: the saga log is closed", self.connect.target);
+        let why = LogError::unavailable_msg(format!("PostgreSQL at {}: the saga log is closed", self.connect.target));
         self.held.drain(..).for_each(|r| r.fail(&why));
         self.rx.close();
         while let Ok(request) = self.rx.try_recv() {
@@ -354,7 +354,7 @@ impl Writer {
 
     /// The connection for a batch, taken out of the writer: connected now if need be, pinged
     /// first if it was idle a while. An error says why there is none.
-    async fn connection(&mut self) -> Result<PgConnection, String> {
+    async fn connection(&mut self) -> Result<PgConnection, LogError> {
         if let Some(mut conn) = self.conn.take() {
             if self.last_used.elapsed() < PING_WHEN_IDLE_FOR || conn.ping().await.is_ok() {
                 return Ok(conn);
@@ -367,27 +367,27 @@ impl Writer {
             return Err(why.clone());
         }
         let connected = tokio::time::timeout(self.connect.timeout, PgConnection::connect_with(&self.connect.options));
-        let error = match connected.await {
+        let context = format!("PostgreSQL at {}: cannot connect", self.connect.target);
+        let why = match connected.await {
             Ok(Ok(conn)) => {
                 self.connect_failed = None;
                 self.health.set(None);
                 self.last_used = Instant::now();
                 return Ok(conn);
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no connection within {:?}", self.connect.timeout),
+            Ok(Err(e)) => LogError::unavailable(context, e),
+            Err(_) => LogError::unavailable_msg(format!("{context}: no connection within {:?}", self.connect.timeout)),
         };
-        let why = format!("PostgreSQL at {}: cannot connect: {error}", self.connect.target);
         self.connect_failed = Some((Instant::now(), why.clone()));
-        self.health.set(Some(why.clone()));
+        self.health.set(Some(why.to_string()));
         Err(why)
     }
 
     /// After a failed batch: the connection is gone (the next batch makes a new one) and the
     /// log reports why until then.
-    fn failed(&mut self, why: &str) {
+    fn failed(&mut self, why: &LogError) {
         self.conn = None;
-        self.health.set(Some(why.to_owned()));
+        self.health.set(Some(why.to_string()));
         tracing::warn!(target = %self.connect.target, error = %why, "saga log batch failed; connecting again for the next");
     }
 

@@ -23,7 +23,7 @@ pub(crate) enum Base {
     /// No row, and a tombstone: pruned.
     Pruned(Tombstone),
     /// A row whose record cannot be read.
-    Corrupt(String),
+    Corrupt(LogError),
 }
 
 impl Base {
@@ -74,9 +74,7 @@ pub(crate) fn plan(requests: &[Request], base: Base) -> Plan {
     let mut inserted = false;
     for request in requests {
         let answer = match (request, &mut current) {
-            (Request::Begin { .. } | Request::Append { .. }, Current::Corrupt(why)) => {
-                Err(LogError::Corrupt(why.clone()))
-            }
+            (Request::Begin { .. } | Request::Append { .. }, Current::Corrupt(why)) => Err(why.clone()),
             (Request::Begin { record, .. }, Current::Absent) => {
                 current = Current::Record((**record).clone());
                 inserted = true;
@@ -97,7 +95,7 @@ pub(crate) fn plan(requests: &[Request], base: Base) -> Plan {
                     Err(refused) => Err(refused),
                 }
             }
-            (Request::Close(_), _) => Err(LogError::Unavailable("closing".into())),
+            (Request::Close(_), _) => Err(LogError::unavailable_msg("closing")),
         };
         answers.push(answer);
     }
@@ -109,11 +107,7 @@ pub(crate) fn plan(requests: &[Request], base: Base) -> Plan {
             Ok(json) => (Write::Update { record, json, version }, None),
             Err(e) => {
                 // Nothing is written: every request of the saga says why.
-                let why = match e {
-                    LogError::Corrupt(why) => why,
-                    other => other.to_string(),
-                };
-                answers.iter_mut().for_each(|a| *a = Err(LogError::Corrupt(why.clone())));
+                answers.iter_mut().for_each(|a| *a = Err(e.clone()));
                 (Write::None, None)
             }
         },
@@ -131,5 +125,5 @@ enum Current {
     Record(SagaRecord),
     Absent,
     Pruned(Tombstone),
-    Corrupt(String),
+    Corrupt(LogError),
 }

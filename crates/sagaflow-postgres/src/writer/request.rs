@@ -50,13 +50,13 @@ impl Request {
             Request::Begin { reply, .. } => {
                 let _ = reply.send(result.and_then(|answer| match answer {
                     Answer::Begin(begin) => Ok(begin),
-                    Answer::Append(_) => Err(LogError::Unavailable("a begin was answered as an append".into())),
+                    Answer::Append(_) => Err(LogError::unavailable_msg("a begin was answered as an append")),
                 }));
             }
             Request::Append { reply: Some(reply), .. } => {
                 let _ = reply.send(result.and_then(|answer| match answer {
                     Answer::Append(Some(record)) => Ok(record),
-                    _ => Err(LogError::Unavailable("an append was answered without its record".into())),
+                    _ => Err(LogError::unavailable_msg("an append was answered without its record")),
                 }));
             }
             Request::Append { reply: None, request_id, .. } => {
@@ -71,7 +71,7 @@ impl Request {
     }
 
     /// Answers with `why` the request could not be stored.
-    pub(crate) fn fail(self, why: &str) {
-        self.answer(Err(LogError::Unavailable(why.to_owned())));
+    pub(crate) fn fail(self, why: &LogError) {
+        self.answer(Err(why.clone()));
     }
 }

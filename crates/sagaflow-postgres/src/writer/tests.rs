@@ -210,7 +210,8 @@ async fn a_failed_batch_fails_its_callers_and_keeps_its_queued_appends() {
     bench.writer.last_used = Instant::now(); // not idle: no ping finds it dead before the batch
     let z1 = append("z", SagaEvent::StepStarted { index: 0 });
     bench.batch(vec![queued("y", SagaEvent::StepStarted { index: 0 }), z1.0]).await;
-    assert!(matches!(z1.1.await.unwrap(), Err(LogError::Unavailable(m)) if m.contains("127.0.0.1")));
+    let failed = z1.1.await.unwrap().unwrap_err();
+    assert!(matches!(&failed, LogError::Unavailable { .. }) && failed.to_string().contains("127.0.0.1"), "{failed}");
     assert!(!bench.writer.health.get().unwrap_or_default().is_empty(), "the writer reports why it is down");
     assert_eq!(bench.writer.held.len(), 1, "the queued append waits for the next batch");
     // The next batch connects again, stores the queued append first, then what came after it.

@@ -160,7 +160,7 @@ impl RedbSagaLog {
     ) -> Result<T, LogError> {
         let db = self.shared.db()?;
         let task = tokio::task::spawn_blocking(move || read(&db.begin_read()?));
-        task.await.map_err(|e| LogError::Unavailable(format!("saga log read task failed: {e}")))?.map_err(Into::into)
+        task.await.map_err(|e| LogError::unavailable("saga log read task failed", e))?.map_err(Into::into)
     }
 }
 
@@ -252,7 +252,7 @@ impl SagaLog for RedbSagaLog {
     async fn controls(&self) -> Result<Vec<(String, String)>, LogError> {
         let file = crate::controls::path(&self.path);
         let read = tokio::task::spawn_blocking(move || crate::controls::read(&file));
-        let controls = read.await.map_err(|e| LogError::Unavailable(format!("reading switches failed: {e}")))??;
+        let controls = read.await.map_err(|e| LogError::unavailable("reading switches failed", e))??;
         Ok(controls.into_iter().collect())
     }
 
@@ -260,7 +260,7 @@ impl SagaLog for RedbSagaLog {
         let _one_at_a_time = self.controls.lock().await;
         let (file, key, value) = (crate::controls::path(&self.path), key.to_owned(), value.map(str::to_owned));
         let write = tokio::task::spawn_blocking(move || crate::controls::set(&file, &key, value.as_deref()));
-        write.await.map_err(|e| LogError::Unavailable(format!("writing a switch failed: {e}")))?
+        write.await.map_err(|e| LogError::unavailable("writing a switch failed", e))?
     }
 
     fn health(&self) -> LogHealth {

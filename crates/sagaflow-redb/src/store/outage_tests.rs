@@ -47,12 +47,16 @@ async fn a_full_disk_refuses_writes_cleanly_until_it_has_room_and_loses_nothing_
         assert!(Instant::now() < deadline, "no write was refused");
         match log.begin(new_saga(&format!("during-{}", answered.len()))).await {
             Ok(Begin::Started(record)) => answered.push(record),
-            Err(LogError::Unavailable(why)) => break why,
+            Err(refused @ LogError::Unavailable { .. }) => break refused,
             other => panic!("begin on a full disk: {other:?}"),
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    assert!(why.contains("No space left"), "{why}");
+    assert!(why.to_string().contains("No space left"), "{why}");
+    // The refusal keeps redb's error (which holds the file system's) as its source.
+    let source = std::error::Error::source(&why).expect("the store's error is kept");
+    assert!(source.is::<redb::Error>() || source.is::<redb::DatabaseError>(), "{source:?}");
+    assert!(source.to_string().contains("No space left"), "{source}");
     match log.health() {
         LogHealth::NotServing(why) => assert!(why.contains("No space left"), "{why}"),
         other => panic!("health on a full disk: {other:?}"),
@@ -61,7 +65,7 @@ async fn a_full_disk_refuses_writes_cleanly_until_it_has_room_and_loses_nothing_
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!log.health().is_serving());
     let refused = log.append("before-0", SagaEvent::RetryCompensation { by: None, reason: None }).await;
-    assert!(matches!(refused, Err(LogError::Unavailable(_))), "{refused:?}");
+    assert!(matches!(refused, Err(LogError::Unavailable { .. })), "{refused:?}");
     assert!(faults.injected.load(Ordering::SeqCst) > 1, "the file was tried again");
 
     // Room again: the log opens its file again by itself, and new sagas succeed.
@@ -89,7 +93,7 @@ async fn a_failed_write_ahead_append_is_refused_and_never_replayed() {
     let kept = run_to_end(&log, "kept").await;
     // The entry is written, and its sync fails: the bytes may be on disk, the write is refused.
     faults.wal.store(true, Ordering::SeqCst);
-    assert!(matches!(log.begin(new_saga("refused")).await, Err(LogError::Unavailable(_))));
+    assert!(matches!(log.begin(new_saga("refused")).await, Err(LogError::Unavailable { .. })));
     // A crash now does not replay it either.
     let image = crash_image(dir.path(), true);
     faults.wal.store(false, Ordering::SeqCst);
@@ -116,11 +120,11 @@ async fn a_queued_append_taken_while_writes_fail_is_applied_once_they_succeed() 
     log.begin(new_saga("s")).await.unwrap();
     faults.redb.store(true, Ordering::SeqCst);
     // A listing checkpoints the begin first, which fails: from its answer on, writes are refused.
-    assert!(matches!(log.list(sagaflow::log::ListFilter::default()).await, Err(LogError::Unavailable(_))));
+    assert!(matches!(log.list(sagaflow::log::ListFilter::default()).await, Err(LogError::Unavailable { .. })));
     assert!(!log.health().is_serving());
     log.append_queued("s", SagaEvent::StepStarted { index: 0 }).await.unwrap();
     // Taken in order: this one refused, the one before was taken while writes failed too.
-    assert!(matches!(log.begin(new_saga("probe")).await, Err(LogError::Unavailable(_))));
+    assert!(matches!(log.begin(new_saga("probe")).await, Err(LogError::Unavailable { .. })));
     faults.redb.store(false, Ordering::SeqCst);
     serving(&log).await;
     let done = log.append("s", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();

@@ -36,9 +36,9 @@ pub(super) enum Answer {
 }
 
 /// Sends `result`, or `failed` if the batch did not commit.
-pub(super) fn answer<T>(reply: Reply<T>, result: Verdict<T>, failed: Option<&str>) {
+pub(super) fn answer<T>(reply: Reply<T>, result: Verdict<T>, failed: Option<&LogError>) {
     let result = match failed {
-        Some(why) => Err(LogError::Unavailable(why.to_owned())),
+        Some(why) => Err(why.clone()),
         None => result,
     };
     // The caller may have given up waiting; its write stands regardless.
@@ -47,7 +47,7 @@ pub(super) fn answer<T>(reply: Reply<T>, result: Verdict<T>, failed: Option<&str
 
 impl Answer {
     /// Sends the result, or `failed` if the batch did not commit.
-    pub(super) fn send(self, failed: Option<&str>) {
+    pub(super) fn send(self, failed: Option<&LogError>) {
         match self {
             Answer::Begin(reply, result) => answer(reply, result, failed),
             // No record: a queued append, whose caller does not wait for an answer.
@@ -70,7 +70,7 @@ impl Request {
     }
 
     /// Answers the request with `why` it could not be taken.
-    pub(super) fn fail(self, why: &str) {
+    pub(super) fn fail(self, why: &LogError) {
         match self {
             Request::Begin(_, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
             Request::Append(_, _, reply) => answer(reply, Err(Error::Closed.into()), Some(why)),
@@ -90,7 +90,8 @@ pub(super) fn settle<R, T>(
     match outcome {
         Ok(result) => wrap(reply, result),
         Err(e) => {
-            let result = Err(LogError::Unavailable(e.to_string()));
+            // Sent as the batch's failure, cause and all, which replaces every answer of it.
+            let result = Err(LogError::unavailable_msg(e.to_string()));
             *fatal = Some(e);
             wrap(reply, result)
         }

@@ -29,7 +29,7 @@ pub(super) struct Shared {
     /// The database file, for reads; `None` while the writer reopens it.
     db: RwLock<Option<Arc<Database>>>,
     /// Why writes are refused, while they are.
-    outage: Mutex<Option<String>>,
+    outage: Mutex<Option<LogError>>,
 }
 
 impl Shared {
@@ -40,7 +40,7 @@ impl Shared {
     /// The database file, unless it is being reopened.
     pub(super) fn db(&self) -> Result<Arc<Database>, LogError> {
         let db = self.db.read().unwrap_or_else(PoisonError::into_inner).clone();
-        db.ok_or_else(|| LogError::Unavailable(self.refusal()))
+        db.ok_or_else(|| self.refusal())
     }
 
     pub(super) fn set_db(&self, db: Option<Arc<Database>>) {
@@ -51,20 +51,33 @@ impl Shared {
     pub(super) fn health(&self) -> LogHealth {
         match &*self.outage.lock().unwrap_or_else(PoisonError::into_inner) {
             None => LogHealth::Serving,
-            Some(why) => LogHealth::NotServing(why.clone()),
+            // Without the error's own prefix: the health says it is not serving already.
+            Some(LogError::Unavailable { context, source: Some(source) }) => {
+                LogHealth::NotServing(format!("{context}: {source}"))
+            }
+            Some(LogError::Unavailable { context, source: None }) => LogHealth::NotServing(context.clone()),
+            Some(why) => LogHealth::NotServing(why.to_string()),
         }
     }
 
     /// Notes why writes are refused from now on, or, with `None`, that they are accepted again.
-    pub(super) fn set_outage(&self, why: Option<String>) {
+    pub(super) fn set_outage(&self, why: Option<LogError>) {
         *self.outage.lock().unwrap_or_else(PoisonError::into_inner) = why;
     }
 
-    /// What a caller refused during an outage is told.
-    pub(super) fn refusal(&self) -> String {
+    /// Why writes are refused, as the health says it.
+    pub(super) fn refusal_text(&self) -> String {
         match self.health() {
             LogHealth::NotServing(why) => why,
             _ => "the saga log is reopening its file".to_owned(),
+        }
+    }
+
+    /// What a caller refused during an outage is told.
+    pub(super) fn refusal(&self) -> LogError {
+        match &*self.outage.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(why) => why.clone(),
+            None => LogError::unavailable_msg("the saga log is reopening its file"),
         }
     }
 }

@@ -180,13 +180,24 @@ fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn error(error: Error) -> Response {
-    let status = match &error {
-        Error::Log(sagaflow::log::LogError::NotFound(_)) | Error::UnknownFacade(_) => StatusCode::NOT_FOUND,
-        Error::Config(_) | Error::WrongState { .. } => StatusCode::CONFLICT,
-        Error::Log(_) | Error::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
+    json_error(http_status(&error), error.to_string())
+}
+
+/// The HTTP status for an orchestrator error: what the operator asked for does not exist (404),
+/// does not fit the saga's state (409), or was malformed (400); the log or broker is out of
+/// reach (503); anything else is the server's own failure (500).
+fn http_status(error: &Error) -> StatusCode {
+    use sagaflow::log::LogError;
+    match error {
+        Error::Log(LogError::NotFound(_)) | Error::UnknownFacade(_) => StatusCode::NOT_FOUND,
+        Error::WrongState { .. } | Error::Log(LogError::Transition(_)) | Error::MissingVersions { .. } => {
+            StatusCode::CONFLICT
+        }
+        Error::InvalidRequestId(_) => StatusCode::BAD_REQUEST,
+        Error::Log(LogError::Corrupt { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Log(_) | Error::Broker(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    json_error(status, error.to_string())
+    }
 }
 
 async fn flows(State(state): State<AdminState>) -> Response {
@@ -204,6 +215,24 @@ async fn versions(State(state): State<AdminState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_map_to_what_the_operator_can_act_on() {
+        use sagaflow::log::LogError;
+        let not_stuck = Error::WrongState {
+            request_id: "a".into(),
+            status: sagaflow::SagaStatus::Completed,
+            operation: "retry",
+            wanted: "stuck",
+        };
+        assert_eq!(http_status(&not_stuck), StatusCode::CONFLICT);
+        assert_eq!(http_status(&Error::Log(LogError::NotFound("a".into()))), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(&Error::InvalidRequestId("empty".into())), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(&Error::Log(LogError::unavailable_msg("down"))), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(http_status(&Error::Log(LogError::corrupt_msg("saga `a`"))), StatusCode::INTERNAL_SERVER_ERROR);
+        // Invalid configuration is the server's own fault, never the operator's request.
+        assert_eq!(http_status(&Error::Config("bad".into())), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 
     #[test]
     fn tokens_compare_whole() {

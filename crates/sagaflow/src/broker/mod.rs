@@ -19,6 +19,8 @@ use bytes::Bytes;
 
 pub use memory::MemoryBroker;
 
+use crate::error::{ErrorSource, WithSource};
+
 /// The header that carries a message's request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The header carrying a message's id, stable across re-publishes of the
@@ -104,19 +106,28 @@ impl SubscribeOptions {
 }
 
 /// A broker driver's failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
     /// The broker could not be reached, or dropped the connection.
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
+    #[error("broker unavailable: {}", WithSource(context, source))]
+    Unavailable {
+        /// What failed, where (never with a password).
+        context: String,
+        /// The broker client's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
+    },
     /// The broker refused or did not confirm a publish.
-    #[error("publish to `{topic}` not confirmed: {reason}")]
+    #[error("publish to `{topic}` not confirmed: {}", WithSource(reason, source))]
     NotConfirmed {
         /// The topic.
         topic: String,
         /// Why.
         reason: String,
+        /// The broker client's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// The broker was closed.
     #[error("broker closed")]
@@ -125,8 +136,50 @@ pub enum BrokerError {
     #[error("invalid broker request: {0}")]
     Invalid(String),
     /// Anything else the driver reports.
-    #[error("broker error: {0}")]
-    Other(String),
+    #[error("broker error: {}", WithSource(context, source))]
+    Other {
+        /// What failed.
+        context: String,
+        /// The broker client's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
+    },
+}
+
+impl BrokerError {
+    /// The broker could not be reached doing `context`, because of `source`.
+    pub fn unavailable(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BrokerError::Unavailable { context: context.into(), source: Some(ErrorSource::new(source)) }
+    }
+
+    /// The broker is unavailable, as the driver itself found, with no underlying error.
+    pub fn unavailable_msg(context: impl Into<String>) -> Self {
+        BrokerError::Unavailable { context: context.into(), source: None }
+    }
+
+    /// A publish to `topic` was refused or not confirmed, because of `source`.
+    pub fn not_confirmed(
+        topic: impl Into<String>,
+        reason: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        BrokerError::NotConfirmed { topic: topic.into(), reason: reason.into(), source: Some(ErrorSource::new(source)) }
+    }
+
+    /// A publish to `topic` was refused or not confirmed, as the driver itself found.
+    pub fn not_confirmed_msg(topic: impl Into<String>, reason: impl Into<String>) -> Self {
+        BrokerError::NotConfirmed { topic: topic.into(), reason: reason.into(), source: None }
+    }
+
+    /// Another failure of the driver doing `context`, because of `source`.
+    pub fn other(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BrokerError::Other { context: context.into(), source: Some(ErrorSource::new(source)) }
+    }
+
+    /// Another failure the driver itself found, with no underlying error.
+    pub fn other_msg(context: impl Into<String>) -> Self {
+        BrokerError::Other { context: context.into(), source: None }
+    }
 }
 
 /// A message broker driver.

@@ -22,7 +22,8 @@ const OUTAGE_NOTICE: Duration = Duration::from_secs(1);
 
 tokio::task_local! {
     /// Where a saga's task tells its waiting caller that the log is unavailable.
-    pub(crate) static OUTAGE: tokio::sync::watch::Sender<Option<String>>;
+    /// It carries the log's context and its underlying error.
+    pub(crate) static OUTAGE: tokio::sync::watch::Sender<Option<(String, Option<crate::ErrorSource>)>>;
 }
 
 /// What a process does with a saga it holds a claim on.
@@ -131,13 +132,15 @@ impl Engine {
         let since = tokio::time::Instant::now();
         loop {
             match op().await {
-                Err(LogError::Unavailable(reason)) => {
+                Err(error @ LogError::Unavailable { .. }) => {
                     metrics::counter!(m::LOG_RETRIES).increment(1);
                     if delay == LOG_RETRY_FIRST {
-                        tracing::warn!(%reason, "saga log unavailable; retrying until it is back");
+                        tracing::warn!(reason = %error, "saga log unavailable; retrying until it is back");
                     }
-                    if since.elapsed() >= OUTAGE_NOTICE {
-                        let _ = OUTAGE.try_with(|caller| caller.send_replace(Some(reason.clone())));
+                    if since.elapsed() >= OUTAGE_NOTICE
+                        && let LogError::Unavailable { context, source } = error
+                    {
+                        let _ = OUTAGE.try_with(|caller| caller.send_replace(Some((context, source))));
                     }
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown),

@@ -357,10 +357,13 @@ impl<D: FlowData> FlowRuntime<D> {
         let answer = tokio::select! {
             answer = self.detached(request_id, saga) => answer,
             Ok(reason) = told.wait_for(Option::is_some) => {
-                let reason = reason.clone().unwrap_or_default();
-                return Err(Error::Log(LogError::Unavailable(format!(
-                    "{reason}; saga `{request_id}` goes on once the log is back: ask again with the same request id"
-                ))));
+                let (context, source) = reason.clone().unwrap_or_default();
+                return Err(Error::Log(LogError::Unavailable {
+                    context: format!(
+                        "saga `{request_id}` goes on once the log is back, ask again with the same request id; {context}"
+                    ),
+                    source,
+                }));
             }
         };
         match answer {

@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 pub use memory::MemorySagaLog;
 pub use replicas::{Lease, check_owner};
 
+use crate::error::{ErrorSource, WithSource};
 use crate::saga::{NewSaga, SagaEvent, SagaRecord, SagaStatus, TransitionError};
 
 /// A saga log backend's failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum LogError {
     /// No saga with this request id.
@@ -24,11 +25,23 @@ pub enum LogError {
     #[error(transparent)]
     Transition(#[from] TransitionError),
     /// The store could not be reached or failed to write.
-    #[error("saga log unavailable: {0}")]
-    Unavailable(String),
+    #[error("saga log unavailable: {}", WithSource(context, source))]
+    Unavailable {
+        /// What failed, where (never with a password).
+        context: String,
+        /// The store's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
+    },
     /// A stored record could not be read back.
-    #[error("saga log record corrupt: {0}")]
-    Corrupt(String),
+    #[error("saga log record corrupt: {}", WithSource(context, source))]
+    Corrupt {
+        /// Which record, and what is wrong with it.
+        context: String,
+        /// The decoder's or store's error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
+    },
     /// The saga belongs to another replica now (it was taken over while this
     /// one's lease had expired): this replica must stop driving it.
     #[error("saga `{request_id}` is driven by replica `{owner}` now")]
@@ -41,6 +54,28 @@ pub enum LogError {
     /// This replica's lease expired and its sagas were taken over.
     #[error("replica `{0}` lost its lease; its sagas were taken over")]
     LeaseLost(String),
+}
+
+impl LogError {
+    /// The store failed doing `context`, because of `source`.
+    pub fn unavailable(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        LogError::Unavailable { context: context.into(), source: Some(ErrorSource::new(source)) }
+    }
+
+    /// The store is unavailable for a reason of the log's own, with no underlying error.
+    pub fn unavailable_msg(context: impl Into<String>) -> Self {
+        LogError::Unavailable { context: context.into(), source: None }
+    }
+
+    /// A stored record described by `context` could not be decoded, because of `source`.
+    pub fn corrupt(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        LogError::Corrupt { context: context.into(), source: Some(ErrorSource::new(source)) }
+    }
+
+    /// A stored record is corrupt, as the log itself found, with no underlying error.
+    pub fn corrupt_msg(context: impl Into<String>) -> Self {
+        LogError::Corrupt { context: context.into(), source: None }
+    }
 }
 
 /// What [`SagaLog::begin`] found.
@@ -304,7 +339,7 @@ pub trait SagaLog: Send + Sync + 'static {
     /// Sets (`Some`) or clears (`None`) an operator's switch.
     async fn set_control(&self, key: &str, value: Option<&str>) -> Result<(), LogError> {
         let _ = (key, value);
-        Err(LogError::Unavailable(format!("the {} saga log keeps no operator switches", self.name())))
+        Err(LogError::unavailable_msg(format!("the {} saga log keeps no operator switches", self.name())))
     }
 
     /// Request ids of sagas that ended, written by any process sharing the

@@ -154,7 +154,7 @@ impl Writer {
 
     /// The open file; an error while it is closed after a failure.
     fn store(&self) -> Result<&Store> {
-        self.store.as_ref().ok_or_else(|| Error::Outage(self.shared.refusal()))
+        self.store.as_ref().ok_or_else(|| Error::Outage(self.shared.refusal_text()))
     }
 
     /// Takes requests until every sender is gone, then stores what is left and stops.
@@ -232,7 +232,7 @@ impl Writer {
                 Ok(())
             });
             if let Err(e) = checkpointed {
-                self.enter_outage(e);
+                let _ = self.enter_outage(e);
                 continue;
             }
             // Checked after every batch too, so a busy writer still prunes; one chunk at a
@@ -246,7 +246,9 @@ impl Writer {
                             Instant::now().checked_add(self.prune_interval)
                         }
                     }
-                    Err(e) => self.enter_outage(e),
+                    Err(e) => {
+                        let _ = self.enter_outage(e);
+                    }
                 }
             }
         }
@@ -563,9 +565,8 @@ impl Writer {
         };
         // The records this batch changed hold changes no file has.
         self.cache.undo_batch(staged.stored.iter().map(|(id, _)| id.as_str()));
-        let why = format!("saga log write failed: {e}");
         // Refusing from now on, before anyone hears of this batch.
-        self.enter_outage(e);
+        let why = self.enter_outage(e);
         answers.into_iter().for_each(|a| a.send(Some(&why)));
         prunes.into_iter().for_each(|(now, reply)| Request::Prune(now, reply).fail(&why));
         syncs.into_iter().for_each(|reply| Request::Sync(reply).fail(&why));

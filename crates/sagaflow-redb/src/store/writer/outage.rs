@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use sagaflow::log::LogError;
+
 use super::{Request, Store, Writer};
 use crate::error::Error;
 
@@ -35,16 +37,19 @@ pub(super) struct Outage {
 impl Writer {
     /// A write failed with `error`: refuse writes from now on, close the file, and try to open
     /// it again at once.
-    pub(super) fn enter_outage(&mut self, error: Error) {
-        let why = format!("saga log cannot write: {error}");
+    pub(super) fn enter_outage(&mut self, error: Error) -> LogError {
         if self.outage.is_none() {
             tracing::error!(error = %error, "saga log write failed; refusing writes until its file is open again");
+        }
+        let why = error.into_outage();
+        if self.outage.is_none() {
             let now = Instant::now();
             self.outage =
                 Some(Outage { since: now, next_try: now, backoff: FIRST_BACKOFF, held: VecDeque::new(), dropped: 0 });
         }
-        self.shared.set_outage(Some(why));
+        self.shared.set_outage(Some(why.clone()));
         self.close();
+        why
     }
 
     /// Closes the file: redb refuses every transaction after a failed write, until its handles
@@ -112,7 +117,7 @@ impl Writer {
                 outage.next_try = Instant::now() + retry_in;
                 outage.backoff = (outage.backoff * 2).min(MAX_BACKOFF);
                 tracing::warn!(error = %e, retry_in_ms = retry_in.as_millis() as u64, "saga log could not open its file again");
-                self.shared.set_outage(Some(format!("saga log cannot write: {e}")));
+                self.shared.set_outage(Some(e.into_outage()));
                 return false;
             }
         };

@@ -262,7 +262,7 @@ async fn a_checkpoint_thread_lost_mid_checkpoint_makes_the_writer_open_its_file_
     let (refused, mut refused_rx) = request(|r| Request::Begin(new_saga("c"), r));
     writer.refuse_or_hold(refused);
     match refused_rx.try_recv().unwrap() {
-        Err(LogError::Unavailable(why)) => assert!(why.contains("checkpoint"), "{why}"),
+        Err(why @ LogError::Unavailable { .. }) => assert!(why.to_string().contains("checkpoint"), "{why}"),
         other => panic!("refused begin: {other:?}"),
     }
     writer.refuse_or_hold(queued("a", SagaEvent::StepStarted { index: 0 }));
