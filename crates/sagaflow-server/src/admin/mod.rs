@@ -195,7 +195,9 @@ fn http_status(error: &Error) -> StatusCode {
         }
         Error::InvalidRequestId(_) => StatusCode::BAD_REQUEST,
         Error::Log(LogError::Corrupt { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-        Error::Log(_) | Error::Broker(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Log(_) | Error::Broker(_) | Error::ShuttingDown | Error::Overloaded { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
