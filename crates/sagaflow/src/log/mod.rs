@@ -206,13 +206,13 @@ impl Retention {
 
 impl Default for Retention {
     /// Ended sagas for 7 days (at most 100 000), then their tombstones for 7 more (at most
-    /// 1 000 000).
+    /// 200 000): 300 000 request ids remembered, 50 minutes of traffic at 100 sagas/s.
     fn default() -> Self {
         Self {
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_ended: 100_000,
             tombstone_age: Duration::from_secs(7 * 24 * 3600),
-            max_tombstones: 1_000_000,
+            max_tombstones: 200_000,
         }
     }
 }
