@@ -1,4 +1,4 @@
-//! A [`sagaflow::Broker`] over NATS JetStream, for running sagaflow's asynchronous and
+//! A [`sagaflow::broker::Broker`] over NATS JetStream, for running sagaflow's asynchronous and
 //! throttling flows on a NATS server or cluster instead of in memory.
 //!
 //! Every topic is a JetStream stream on disk, every consumer group a durable pull consumer
@@ -8,7 +8,7 @@
 //! `Nats-Msg-Id`) header. Works with nats-server 2.9 and later.
 //!
 //! ```no_run
-//! use sagaflow::Broker;
+//! use sagaflow::broker::Broker;
 //! use sagaflow::broker::{Message, SubscribeOptions};
 //! use sagaflow_nats::{NatsBroker, NatsOptions};
 //!

@@ -22,7 +22,7 @@ pub const MESSAGE_ID_HEADER: &str = "x-message-id";
 /// Marks a `Nats-Msg-Id` the driver added itself, so it is removed again on delivery.
 const DRIVER_ID_MARKER: &str = "Sagaflow-Msg-Id-Added";
 
-/// [`Broker::publish`](sagaflow::Broker::publish): refused once the broker is closed.
+/// [`Broker::publish`](sagaflow::broker::Broker::publish): refused once the broker is closed.
 pub(crate) async fn publish(shared: &Shared, message: Message) -> Result<(), BrokerError> {
     if shared.closed.is_cancelled() {
         return Err(BrokerError::Closed);

@@ -35,7 +35,7 @@ use crate::publish::{from_headers, send};
 /// How long past its expiry a pull request is given before it is taken as lost.
 const PULL_GRACE: Duration = Duration::from_secs(2);
 
-/// [`Broker::subscribe`](sagaflow::Broker::subscribe): ensures the stream and the group's
+/// [`Broker::subscribe`](sagaflow::broker::Broker::subscribe): ensures the stream and the group's
 /// durable consumer, then starts the pull loop and the progress ticker.
 pub(crate) async fn subscribe(shared: &Arc<Shared>, options: SubscribeOptions) -> Result<Subscription, BrokerError> {
     if shared.closed.is_cancelled() {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use sagaflow::Broker;
+use sagaflow::broker::Broker;
 use sagaflow::broker::{
     BrokerError, DEAD_LETTER_REASON_HEADER, Delivery, Message, REQUEST_ID_HEADER, SubscribeOptions, Subscription,
     dead_letter_topic,

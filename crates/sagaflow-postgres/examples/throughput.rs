@@ -11,7 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sagaflow::{MemorySagaLog, Mode, NewSaga, SagaEvent, SagaLog};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::{MemorySagaLog, Mode};
 use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
 use serde_json::json;
 use sqlx::AssertSqlSafe;

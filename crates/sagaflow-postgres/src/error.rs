@@ -2,7 +2,7 @@
 
 use sagaflow::log::LogError;
 
-/// A failure of the PostgreSQL saga log outside the [`SagaLog`](sagaflow::SagaLog) calls.
+/// A failure of the PostgreSQL saga log outside the [`SagaLog`](sagaflow::log::SagaLog) calls.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

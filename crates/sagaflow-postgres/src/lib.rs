@@ -1,4 +1,4 @@
-//! A [`SagaLog`](sagaflow::SagaLog) over PostgreSQL, for orchestrators running as several replicas.
+//! A [`SagaLog`](sagaflow::log::SagaLog) over PostgreSQL, for orchestrators running as several replicas.
 //!
 //! Every saga is one row of `sagaflow_sagas` holding its [`SagaRecord`](sagaflow::SagaRecord)
 //! as `jsonb`; the schema is created by embedded migrations when the log
@@ -16,7 +16,7 @@
 //!
 //! # async fn open() -> Result<(), sagaflow_postgres::Error> {
 //! let options = PostgresOptions::from_env()?.pool_size(32); // SAGAFLOW_LOG_URL, else the local default
-//! let log: Arc<dyn sagaflow::SagaLog> = Arc::new(PostgresSagaLog::connect(options).await?);
+//! let log: Arc<dyn sagaflow::log::SagaLog> = Arc::new(PostgresSagaLog::connect(options).await?);
 //! # Ok(())
 //! # }
 //! ```

@@ -5,8 +5,9 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sagaflow::SagaRecord;
 use sagaflow::log::{Begin, Lease, ListFilter, LogError, LogHealth, Retention, SagaLog};
-use sagaflow::{NewSaga, SagaEvent, SagaRecord};
+use sagaflow::log::{NewSaga, SagaEvent};
 use sqlx::postgres::{PgPool, PgPoolOptions, Postgres};
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder};
 

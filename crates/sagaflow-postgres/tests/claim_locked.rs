@@ -6,8 +6,9 @@ mod support;
 
 use std::time::Duration;
 
+use sagaflow::Mode;
 use sagaflow::log::LogError;
-use sagaflow::{Mode, NewSaga, SagaLog};
+use sagaflow::log::{NewSaga, SagaLog};
 use serde_json::json;
 use support::TestDb;
 

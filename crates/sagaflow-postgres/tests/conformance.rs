@@ -4,8 +4,8 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use sagaflow::SagaLog;
 use sagaflow::log::Retention;
+use sagaflow::log::SagaLog;
 use sagaflow::testsuite::LogHarness;
 use sagaflow_postgres::PostgresSagaLog;
 use support::TestDb;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sagaflow::log::{Begin, LogError, LogHealth};
-use sagaflow::{Failure, Mode, NewSaga, SagaEvent, SagaLog, SagaRecord, SagaStatus};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::{Failure, Mode, SagaRecord, SagaStatus};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use support::TestDb;

@@ -4,7 +4,8 @@
 mod support;
 
 use sagaflow::log::{ListCursor, ListFilter};
-use sagaflow::{Mode, NewSaga, SagaLog, SagaRecord};
+use sagaflow::log::{NewSaga, SagaLog};
+use sagaflow::{Mode, SagaRecord};
 use sagaflow_postgres::PostgresSagaLog;
 use serde_json::Value;
 use support::TestDb;

@@ -6,7 +6,8 @@ mod support;
 use std::time::Duration;
 
 use sagaflow::log::{Begin, LogError, Retention};
-use sagaflow::{Mode, NewSaga, SagaEvent, SagaLog, SagaStatus, StepStatus};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog, StepStatus};
+use sagaflow::{Mode, SagaStatus};
 use sagaflow_postgres::{Error, PostgresOptions, PostgresSagaLog};
 use serde_json::json;
 use support::TestDb;

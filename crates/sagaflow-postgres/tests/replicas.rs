@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sagaflow::{Flow, MemoryBroker, Node, NodeError, Options, Orchestrator, Outcome, SagaLog, SagaStatus, Step};
+use sagaflow::log::SagaLog;
+use sagaflow::{Flow, MemoryBroker, Node, NodeError, Options, Orchestrator, Outcome, SagaStatus, Step};
 use sagaflow_postgres::PostgresSagaLog;
 use support::TestDb;
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sagaflow::log::{Begin, Retention};
-use sagaflow::{Mode, NewSaga, SagaEvent, SagaLog, SagaStatus};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::{Mode, SagaStatus};
 use sagaflow_postgres::PostgresSagaLog;
 use serde_json::json;
 use support::TestDb;

@@ -1,4 +1,4 @@
-//! sagaflow's [`Broker`](sagaflow::Broker) over RabbitMQ, for orchestrators
+//! sagaflow's [`Broker`](sagaflow::broker::Broker) over RabbitMQ, for orchestrators
 //! whose saga hops must survive a restart of the orchestrator or of the broker.
 //!
 //! ```no_run
@@ -100,7 +100,7 @@
 //! A peer that vanishes without closing its sockets is noticed through AMQP
 //! heartbeats; set their interval in the URL (`?heartbeat=10`) to notice it sooner.
 //!
-//! [`Broker::close`](sagaflow::Broker::close) stops the consumers at once
+//! [`Broker::close`](sagaflow::broker::Broker::close) stops the consumers at once
 //! (pending `next()` calls return `None`) and closes the connection once the
 //! deliveries already handed out are settled, or after the close timeout.
 

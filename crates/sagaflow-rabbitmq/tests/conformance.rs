@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagaflow::Broker;
+use sagaflow::broker::Broker;
 use sagaflow::testsuite::{BrokerHarness, skip_or_fail};
 use sagaflow_rabbitmq::{DEFAULT_URL, RabbitMqBroker, RabbitMqOptions};
 

@@ -1,4 +1,4 @@
-//! The embedded [`SagaLog`](sagaflow::SagaLog): one redb file on local disk, durable across
+//! The embedded [`SagaLog`](sagaflow::log::SagaLog): one redb file on local disk, durable across
 //! process and machine crashes, with group-committed writes.
 //!
 //! Every `begin` and `append` is queued to one writer thread, which takes everything waiting
@@ -8,7 +8,7 @@
 //! stores are kept in memory, where lookups find them, until a checkpoint thread applies the
 //! batches of the last 100 ms to redb in one durable commit; opening the log replays the
 //! entries written since the last checkpoint (the source of `wal/mod.rs` has the details). A queued
-//! append ([`SagaLog::append_queued`](sagaflow::SagaLog::append_queued)) is not waited for: the
+//! append ([`SagaLog::append_queued`](sagaflow::log::SagaLog::append_queued)) is not waited for: the
 //! saga's record is stored with its next awaited write, or within
 //! [`RedbOptions::defer_queued`] (100 ms). Ended sagas are pruned in the background after their
 //! [`Retention`](sagaflow::log::Retention), each leaving a tombstone that refuses its request id
@@ -16,7 +16,8 @@
 //!
 //! ```
 //! use sagaflow::log::Begin;
-//! use sagaflow::{Mode, NewSaga, SagaEvent, SagaLog, SagaStatus};
+//! use sagaflow::{Mode, SagaStatus};
+//! use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
 //! use sagaflow_redb::{RedbOptions, RedbSagaLog};
 //!
 //! # #[tokio::main(flavor = "current_thread")]

@@ -66,7 +66,8 @@ pub(crate) fn from_request_id_keys(txn: &WriteTransaction, tables: &mut Tables<'
 mod tests {
     use redb::{Database, ReadableDatabase as _, ReadableTableMetadata as _};
     use sagaflow::log::{ListFilter, Retention};
-    use sagaflow::{SagaEvent, SagaLog, SagaRecord, SagaStatus};
+    use sagaflow::log::{SagaEvent, SagaLog};
+    use sagaflow::{SagaRecord, SagaStatus};
 
     use super::*;
     use crate::store::tests::new_saga;
@@ -114,7 +115,7 @@ mod tests {
         let log = RedbSagaLog::open(RedbOptions::new(dir.path()).prune_interval(std::time::Duration::MAX)).unwrap();
         // Read with the steps' status derived from their position.
         assert_eq!(log.get("done").await.unwrap(), Some(done.clone()));
-        assert_eq!(done.step_status(0), sagaflow::StepStatus::Done);
+        assert_eq!(done.step_status(0), sagaflow::log::StepStatus::Done);
         assert_eq!(log.unfinished().await.unwrap(), vec![running.clone()]);
         let listed: Vec<_> = log.list(ListFilter::default()).await.unwrap().into_iter().map(|r| r.request_id).collect();
         assert_eq!(listed, ["done", "running"], "newest first");

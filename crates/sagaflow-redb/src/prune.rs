@@ -131,7 +131,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use sagaflow::log::{Begin, ListFilter};
-    use sagaflow::{SagaEvent, SagaLog};
+    use sagaflow::log::{SagaEvent, SagaLog};
 
     use super::*;
     use crate::RedbOptions;

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use sagaflow::broker::Broker;
+use sagaflow::log::SagaLog;
 use sagaflow::log::{LogHealth, Retention};
-use sagaflow::{Broker, MemoryBroker, MemorySagaLog, SagaLog};
+use sagaflow::{MemoryBroker, MemorySagaLog};
 use sagaflow_nats::{NatsBroker, NatsOptions};
 use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
 use sagaflow_rabbitmq::{RabbitMqBroker, RabbitMqOptions};

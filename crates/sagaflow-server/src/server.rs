@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use sagaflow::{Broker, Orchestrator, OrchestratorBuilder};
+use sagaflow::broker::Broker;
+use sagaflow::{Orchestrator, OrchestratorBuilder};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

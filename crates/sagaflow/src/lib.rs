@@ -5,13 +5,16 @@
 //! at once, registered under a facade name on an [`Orchestrator`]. A
 //! flow runs in one of three [`Mode`]s: *sync* (the caller waits, nodes run
 //! in order in-process), *async* (the caller is answered at once, each hop
-//! travels over the [`Broker`], the outcome goes to a callback) and
+//! travels over the [`Broker`](broker::Broker), the outcome goes to a callback) and
 //! *throttling* (the caller waits, hops are queued on this pod's topics and
 //! consumed with bounded concurrency). When a node fails for good, the nodes
 //! that completed (or may have) are compensated in reverse dependency order,
-//! keyed by the request id. Every state change goes through the [`SagaLog`]
-//! before it is acted on, and what runs next is decided from the saga's
-//! record alone ([`SagaRecord::next`]).
+//! keyed by the request id. Every state change goes through the
+//! [`SagaLog`](log::SagaLog) before it is acted on, and what runs next is
+//! decided from the saga's record alone ([`SagaRecord::next`]).
+//!
+//! The crate root holds what a flow author uses; what a broker or saga log
+//! driver implements is in [`broker`] and [`log`].
 //!
 //! ```
 //! use std::sync::Arc;
@@ -63,18 +66,15 @@ pub mod testsuite;
 mod waiters;
 
 pub use async_trait::async_trait;
-pub use broker::{Broker, MemoryBroker};
+pub use broker::MemoryBroker;
 pub use callback::{CallbackReport, CallbackSink, CallbackStatus, SagaCallback};
 pub use error::{Error, ErrorSource, Result};
 pub use flow::{DEFAULT_DEADLINE, DEFAULT_MAX_DATA_BYTES, DEFAULT_STEP_TIMEOUT, Flow, Merge, Parallel};
-pub use log::{MemorySagaLog, SagaLog};
+pub use log::MemorySagaLog;
 pub use node::{ErrorKind, Node, NodeError, Phase, SAGA_METADATA, Step};
 pub use orchestrator::{
     FlowData, FlowInfo, MAX_REQUEST_ID_LEN, MissingVersion, Options, Orchestrator, OrchestratorBuilder,
     OrchestratorStats, RedriveFilter, VersionRole, VersionUse,
 };
 pub use policy::RetryPolicy;
-pub use saga::{
-    Failure, FlowVersion, HistoryEntry, HistoryEvent, Mode, NewSaga, Next, OnHop, Outcome, SagaEvent, SagaRecord,
-    SagaState, SagaStatus, Shape, Stage, StepState, StepStatus, TransitionError, now_ms,
-};
+pub use saga::{Failure, HistoryEntry, HistoryEvent, Mode, Outcome, SagaRecord, SagaStatus, now_ms};

@@ -5,10 +5,11 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sagaflow::broker::Broker;
 use sagaflow::broker::{Message, REQUEST_ID_HEADER, SubscribeOptions, dead_letter_topic};
 use sagaflow::{
-    Broker, CallbackReport, CallbackSink, CallbackStatus, Error, Flow, MemoryBroker, MemorySagaLog, Options,
-    Orchestrator, Outcome, RetryPolicy, SagaCallback, SagaStatus,
+    CallbackReport, CallbackSink, CallbackStatus, Error, Flow, MemoryBroker, MemorySagaLog, Options, Orchestrator,
+    Outcome, RetryPolicy, SagaCallback, SagaStatus,
 };
 use support::{Act, Scripted, calls, refused, taken};
 use tokio::sync::mpsc;

@@ -2,9 +2,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use sagaflow::broker::Broker;
 use sagaflow::log::Retention;
+use sagaflow::log::SagaLog;
 use sagaflow::testsuite::{BrokerHarness, LogHarness};
-use sagaflow::{Broker, MemoryBroker, MemorySagaLog, SagaLog};
+use sagaflow::{MemoryBroker, MemorySagaLog};
 
 /// Every connection is a handle on one in-process broker, as clients of one server are.
 struct Memory(MemoryBroker);

@@ -6,10 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sagaflow::log::{Begin, Lease, ListFilter, LogError};
-use sagaflow::{
-    Flow, MemoryBroker, MemorySagaLog, NewSaga, Node, NodeError, Options, Orchestrator, SagaEvent, SagaLog, SagaRecord,
-    Step,
-};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Node, NodeError, Options, Orchestrator, SagaRecord, Step};
 
 const RENEW: Duration = Duration::from_millis(100);
 const TTL: Duration = Duration::from_secs(1);

@@ -6,10 +6,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sagaflow::broker::Broker;
 use sagaflow::broker::{Message, REQUEST_ID_HEADER};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog, StepStatus};
 use sagaflow::{
-    Broker, Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Options, Orchestrator, Outcome, Parallel,
-    RetryPolicy, SagaEvent, SagaLog, SagaStatus, StepStatus,
+    Error, Flow, MemoryBroker, MemorySagaLog, Mode, Options, Orchestrator, Outcome, Parallel, RetryPolicy, SagaStatus,
 };
 use serde_json::json;
 use support::{Act, Scripted, calls, taken, unavailable, wait_ended};

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sagaflow::log::{Begin, ListFilter, LogError};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog, SagaState};
 use sagaflow::{
-    Error, Flow, MemoryBroker, MemorySagaLog, Mode, NewSaga, Orchestrator, Outcome, RetryPolicy, SagaEvent, SagaLog,
-    SagaRecord, SagaState, SagaStatus,
+    Error, Flow, MemoryBroker, MemorySagaLog, Mode, Orchestrator, Outcome, RetryPolicy, SagaRecord, SagaStatus,
 };
 use support::{Act, Scripted, calls, refused, taken, unavailable, wait_ended};
 use tokio::time::Instant;

@@ -7,9 +7,10 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
+use sagaflow::log::{FlowVersion, NewSaga, SagaEvent, SagaLog, SagaState};
 use sagaflow::{
-    Error, Failure, Flow, FlowVersion, MemoryBroker, MemorySagaLog, MissingVersion, Mode, NewSaga, Node, NodeError,
-    Options, Orchestrator, Outcome, SagaEvent, SagaLog, SagaRecord, SagaState, SagaStatus, Step, VersionRole, now_ms,
+    Error, Failure, Flow, MemoryBroker, MemorySagaLog, MissingVersion, Mode, Node, NodeError, Options, Orchestrator,
+    Outcome, SagaRecord, SagaStatus, Step, VersionRole, now_ms,
 };
 use serde_json::{Value, json};
 use support::{Scripted, calls, taken, wait_ended};

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagaflow::{Broker, Orchestrator};
+use sagaflow::Orchestrator;
+use sagaflow::broker::Broker;
 use sagaflow_server::server::bind;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;

@@ -11,7 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Options, Orchestrator, Outcome, Parallel, SagaLog};
+use sagaflow::log::SagaLog;
+use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Options, Orchestrator, Outcome, Parallel};
 use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
 use sagaflow_redb::{RedbOptions, RedbSagaLog};
 use trip::node::Reserve;

@@ -8,8 +8,9 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use rand::Rng;
+use sagaflow::SagaStatus;
 use sagaflow::log::ListFilter;
-use sagaflow::{SagaLog, SagaStatus};
+use sagaflow::log::SagaLog;
 use trip::Trip;
 
 const TRIPS: u64 = 2_000;

@@ -64,7 +64,8 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
-    use sagaflow::{Mode, NewSaga, SagaEvent};
+    use sagaflow::Mode;
+    use sagaflow::log::{NewSaga, SagaEvent};
     use serde_json::json;
 
     use super::*;

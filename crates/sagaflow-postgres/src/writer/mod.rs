@@ -19,8 +19,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sagaflow::SagaRecord;
+use sagaflow::log::SagaEvent;
 use sagaflow::log::{Begin, LogError, LogHealth};
-use sagaflow::{SagaEvent, SagaRecord};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};

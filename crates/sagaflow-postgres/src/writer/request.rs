@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use sagaflow::SagaRecord;
+use sagaflow::log::SagaEvent;
 use sagaflow::log::{Begin, LogError};
-use sagaflow::{SagaEvent, SagaRecord};
 use tokio::sync::oneshot;
 
 /// Where the writer sends a request's answer.

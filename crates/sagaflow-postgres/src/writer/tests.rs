@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sagaflow::log::{Begin, LogError, SagaLog};
-use sagaflow::{Mode, NewSaga, SagaEvent, SagaRecord, SagaStatus};
+use sagaflow::log::{NewSaga, SagaEvent};
+use sagaflow::{Mode, SagaRecord, SagaStatus};
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};

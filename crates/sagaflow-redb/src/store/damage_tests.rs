@@ -11,7 +11,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redb::{Database, ReadableDatabase};
-use sagaflow::{SagaEvent, SagaLog, SagaRecord};
+use sagaflow::SagaRecord;
+use sagaflow::log::{SagaEvent, SagaLog};
 use serde_json::json;
 
 use super::tables::{META, WAL_EPOCH, WAL_SALT};

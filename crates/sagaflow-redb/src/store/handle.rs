@@ -8,8 +8,9 @@ use std::thread;
 
 use async_trait::async_trait;
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
+use sagaflow::SagaRecord;
 use sagaflow::log::{Begin, ListFilter, LogError, LogHealth};
-use sagaflow::{NewSaga, SagaEvent, SagaLog, SagaRecord};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
 use tokio::sync::oneshot;
 
 use super::overlay::Overlay;

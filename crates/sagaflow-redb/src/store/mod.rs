@@ -1,4 +1,4 @@
-//! The [`SagaLog`](sagaflow::SagaLog) over redb: reads in read transactions, every write
+//! The [`SagaLog`](sagaflow::log::SagaLog) over redb: reads in read transactions, every write
 //! through one writer thread that group-commits whatever is queued.
 //!
 //! - [`handle`]: what callers hold; reads look in the [`overlay`], then the file.

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use sagaflow::SagaRecord;
 use sagaflow::log::{Begin, LogError, LogHealth};
-use sagaflow::{SagaEvent, SagaLog, SagaRecord};
+use sagaflow::log::{SagaEvent, SagaLog};
 use serde_json::json;
 
 use super::tests::{crash_image, new_saga, run_to_end};

@@ -1,7 +1,8 @@
 //! What callers send the writer thread, and how their answers get back to them.
 
+use sagaflow::SagaRecord;
 use sagaflow::log::{Begin, LogError};
-use sagaflow::{NewSaga, SagaEvent, SagaRecord};
+use sagaflow::log::{NewSaga, SagaEvent};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};

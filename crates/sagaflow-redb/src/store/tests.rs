@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 use sagaflow::log::{Begin, ListFilter, LogError, Retention};
-use sagaflow::{Failure, Mode, NewSaga, SagaEvent, SagaLog, SagaRecord, SagaStatus};
+use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::{Failure, Mode, SagaRecord, SagaStatus};
 use serde_json::json;
 use tempfile::TempDir;
 use tokio::sync::oneshot;

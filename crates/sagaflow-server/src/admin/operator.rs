@@ -266,7 +266,8 @@ async fn audit(State(state): State<AdminState>, Path(id): Path<String>) -> Respo
 
 #[cfg(test)]
 mod tests {
-    use sagaflow::{Mode, NewSaga, SagaEvent};
+    use sagaflow::Mode;
+    use sagaflow::log::{NewSaga, SagaEvent};
     use serde_json::json;
 
     use super::*;

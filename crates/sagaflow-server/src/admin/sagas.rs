@@ -10,8 +10,9 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use sagaflow::log::SagaState;
 use sagaflow::log::{ListCursor, ListFilter};
-use sagaflow::{Failure, HistoryEvent, Orchestrator, SagaRecord, SagaState, SagaStatus};
+use sagaflow::{Failure, HistoryEvent, Orchestrator, SagaRecord, SagaStatus};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminState, NEXT_CURSOR_HEADER, error, json_error};
@@ -343,7 +344,8 @@ pub(super) fn shown(mut record: SagaRecord) -> SagaRecord {
 
 #[cfg(test)]
 mod tests {
-    use sagaflow::{Mode, NewSaga, SagaEvent};
+    use sagaflow::Mode;
+    use sagaflow::log::{NewSaga, SagaEvent};
     use serde_json::{Value, json};
 
     use super::*;

@@ -12,7 +12,10 @@ pub use memory::MemorySagaLog;
 pub use replicas::{Lease, check_owner};
 
 use crate::error::{ErrorSource, WithSource};
-use crate::saga::{NewSaga, SagaEvent, SagaRecord, SagaStatus, TransitionError};
+pub use crate::saga::{
+    FlowVersion, NewSaga, Next, OnHop, SagaEvent, SagaState, Shape, Stage, StepState, StepStatus, TransitionError,
+};
+use crate::saga::{SagaRecord, SagaStatus};
 
 /// A saga log backend's failure.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -137,7 +137,7 @@ impl SagaState {
     }
 }
 
-/// One state change of a saga, as written to the [`SagaLog`](crate::SagaLog).
+/// One state change of a saga, as written to the [`SagaLog`](crate::log::SagaLog).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum SagaEvent {

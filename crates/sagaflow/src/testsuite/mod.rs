@@ -1,4 +1,4 @@
-//! The conformance suites every [`Broker`](crate::Broker) and [`SagaLog`](crate::SagaLog) backend runs.
+//! The conformance suites every [`Broker`](crate::broker::Broker) and [`SagaLog`](crate::log::SagaLog) backend runs.
 //!
 //! One suite per abstraction, written once here and run by every driver (the
 //! in-memory ones in this crate's `tests/conformance_memory.rs`). A driver
@@ -10,7 +10,8 @@
 //! ```
 //! use std::sync::Arc;
 //! use sagaflow::testsuite::{BrokerHarness, skip_or_fail};
-//! use sagaflow::{Broker, MemoryBroker};
+//! use sagaflow::MemoryBroker;
+//! use sagaflow::broker::Broker;
 //!
 //! /// Opens connections to one server; a real driver keeps its URL here.
 //! struct Harness(MemoryBroker);

@@ -1,4 +1,4 @@
-//! The parallel-stage part of the [`SagaLog`](crate::SagaLog) conformance
+//! The parallel-stage part of the [`SagaLog`](crate::log::SagaLog) conformance
 //! suite: branches of one stage recorded in any order and at once, one merge
 //! of many racing, and a failed branch turning its siblings to compensation.
 

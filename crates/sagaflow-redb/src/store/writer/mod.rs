@@ -8,8 +8,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use redb::Database;
+use sagaflow::SagaRecord;
 use sagaflow::log::{Begin, LogError, Retention};
-use sagaflow::{NewSaga, SagaEvent, SagaRecord};
+use sagaflow::log::{NewSaga, SagaEvent};
 
 use super::cache::Cache;
 use super::checkpoint::{Checkpointer, Finished, Job, commit_checkpoint, snapshot_after_checkpoint};

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
-use sagaflow::{SagaLog, SagaState, SagaStatus};
+use sagaflow::SagaStatus;
+use sagaflow::log::{SagaLog, SagaState};
 use serde_json::json;
 use tokio::sync::oneshot;
 
