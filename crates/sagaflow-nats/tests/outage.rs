@@ -8,8 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagaflow::broker::Broker;
-use sagaflow::broker::{BrokerError, Delivery, Message, REQUEST_ID_HEADER, SubscribeOptions, Subscription};
+use sagaflow::broker::{Broker, BrokerError, Delivery, Message, REQUEST_ID_HEADER, SubscribeOptions, Subscription};
 use sagaflow::testsuite::skip_or_fail;
 use sagaflow_nats::{NatsBroker, NatsOptions};
 use tokio::time::{Instant, timeout};

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sagaflow::SagaRecord;
-use sagaflow::log::{Begin, Lease, ListFilter, LogError, LogHealth, Retention, SagaLog};
-use sagaflow::log::{NewSaga, SagaEvent};
+use sagaflow::log::{Begin, Lease, ListFilter, LogError, LogHealth, NewSaga, Retention, SagaEvent, SagaLog};
 use sqlx::postgres::{PgPool, PgPoolOptions, Postgres};
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder};
 

@@ -7,8 +7,7 @@ mod support;
 use std::time::Duration;
 
 use sagaflow::Mode;
-use sagaflow::log::LogError;
-use sagaflow::log::{NewSaga, SagaLog};
+use sagaflow::log::{LogError, NewSaga, SagaLog};
 use serde_json::json;
 use support::TestDb;
 

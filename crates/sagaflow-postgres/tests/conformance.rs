@@ -4,8 +4,7 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use sagaflow::log::Retention;
-use sagaflow::log::SagaLog;
+use sagaflow::log::{Retention, SagaLog};
 use sagaflow::testsuite::LogHarness;
 use sagaflow_postgres::PostgresSagaLog;
 use support::TestDb;

@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagaflow::log::{Begin, LogError, LogHealth};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::log::{Begin, LogError, LogHealth, NewSaga, SagaEvent, SagaLog};
 use sagaflow::{Failure, Mode, SagaRecord, SagaStatus};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};

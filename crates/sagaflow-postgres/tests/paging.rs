@@ -3,8 +3,7 @@
 
 mod support;
 
-use sagaflow::log::{ListCursor, ListFilter};
-use sagaflow::log::{NewSaga, SagaLog};
+use sagaflow::log::{ListCursor, ListFilter, NewSaga, SagaLog};
 use sagaflow::{Mode, SagaRecord};
 use sagaflow_postgres::PostgresSagaLog;
 use serde_json::Value;

@@ -5,8 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use sagaflow::log::{Begin, LogError, Retention};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog, StepStatus};
+use sagaflow::log::{Begin, LogError, NewSaga, Retention, SagaEvent, SagaLog, StepStatus};
 use sagaflow::{Mode, SagaStatus};
 use sagaflow_postgres::{Error, PostgresOptions, PostgresSagaLog};
 use serde_json::json;

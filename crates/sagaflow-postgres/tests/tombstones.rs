@@ -6,8 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagaflow::log::{Begin, Retention};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::log::{Begin, NewSaga, Retention, SagaEvent, SagaLog};
 use sagaflow::{Mode, SagaStatus};
 use sagaflow_postgres::PostgresSagaLog;
 use serde_json::json;

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sagaflow::log::Retention;
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::log::{NewSaga, Retention, SagaEvent, SagaLog};
 use sagaflow::{MemorySagaLog, Mode};
 use sagaflow_redb::{RedbOptions, RedbSagaLog};
 use serde_json::json;

@@ -65,8 +65,7 @@ pub(crate) fn from_request_id_keys(txn: &WriteTransaction, tables: &mut Tables<'
 #[cfg(test)]
 mod tests {
     use redb::{Database, ReadableDatabase as _, ReadableTableMetadata as _};
-    use sagaflow::log::{ListFilter, Retention};
-    use sagaflow::log::{SagaEvent, SagaLog};
+    use sagaflow::log::{ListFilter, Retention, SagaEvent, SagaLog};
     use sagaflow::{SagaRecord, SagaStatus};
 
     use super::*;

@@ -130,8 +130,7 @@ impl Tables<'_> {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use sagaflow::log::{Begin, ListFilter};
-    use sagaflow::log::{SagaEvent, SagaLog};
+    use sagaflow::log::{Begin, ListFilter, SagaEvent, SagaLog};
 
     use super::*;
     use crate::RedbOptions;

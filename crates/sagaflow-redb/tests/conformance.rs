@@ -3,8 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow::log::Retention;
-use sagaflow::log::SagaLog;
+use sagaflow::log::{Retention, SagaLog};
 use sagaflow::testsuite::LogHarness;
 use sagaflow_redb::{RedbOptions, RedbSagaLog};
 use tempfile::TempDir;

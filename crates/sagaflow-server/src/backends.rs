@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use sagaflow::broker::Broker;
-use sagaflow::log::SagaLog;
-use sagaflow::log::{LogHealth, Retention};
+use sagaflow::log::{LogHealth, Retention, SagaLog};
 use sagaflow::{MemoryBroker, MemorySagaLog};
 use sagaflow_nats::{NatsBroker, NatsOptions};
 use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};

@@ -5,8 +5,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow::broker::Broker;
-use sagaflow::broker::{Message, REQUEST_ID_HEADER, SubscribeOptions, dead_letter_topic};
+use sagaflow::broker::{Broker, Message, REQUEST_ID_HEADER, SubscribeOptions, dead_letter_topic};
 use sagaflow::{
     CallbackReport, CallbackSink, CallbackStatus, Error, Flow, MemoryBroker, MemorySagaLog, Options, Orchestrator,
     Outcome, RetryPolicy, SagaCallback, SagaStatus,

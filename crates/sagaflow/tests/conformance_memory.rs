@@ -3,8 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use sagaflow::broker::Broker;
-use sagaflow::log::Retention;
-use sagaflow::log::SagaLog;
+use sagaflow::log::{Retention, SagaLog};
 use sagaflow::testsuite::{BrokerHarness, LogHarness};
 use sagaflow::{MemoryBroker, MemorySagaLog};
 

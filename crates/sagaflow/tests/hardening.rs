@@ -8,10 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow::broker::Broker;
-use sagaflow::broker::{MESSAGE_ID_HEADER, Message, REQUEST_ID_HEADER};
-use sagaflow::log::{Begin, ListFilter, LogError};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::broker::{Broker, MESSAGE_ID_HEADER, Message, REQUEST_ID_HEADER};
+use sagaflow::log::{Begin, ListFilter, LogError, NewSaga, SagaEvent, SagaLog};
 use sagaflow::{
     CallbackReport, CallbackSink, Error, Flow, MemoryBroker, MemorySagaLog, Mode, Node, NodeError, Options,
     Orchestrator, Outcome, RetryPolicy, SagaCallback, SagaRecord, SagaStatus, Step,

@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow::log::{Begin, Lease, ListFilter, LogError};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::log::{Begin, Lease, ListFilter, LogError, NewSaga, SagaEvent, SagaLog};
 use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Node, NodeError, Options, Orchestrator, SagaRecord, Step};
 
 const RENEW: Duration = Duration::from_millis(100);

@@ -6,8 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagaflow::broker::Broker;
-use sagaflow::broker::{Message, REQUEST_ID_HEADER};
+use sagaflow::broker::{Broker, Message, REQUEST_ID_HEADER};
 use sagaflow::log::{NewSaga, SagaEvent, SagaLog, StepStatus};
 use sagaflow::{
     Error, Flow, MemoryBroker, MemorySagaLog, Mode, Options, Orchestrator, Outcome, Parallel, RetryPolicy, SagaStatus,

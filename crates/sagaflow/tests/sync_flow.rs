@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sagaflow::log::{Begin, ListFilter, LogError};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog, SagaState};
+use sagaflow::log::{Begin, ListFilter, LogError, NewSaga, SagaEvent, SagaLog, SagaState};
 use sagaflow::{
     Error, Flow, MemoryBroker, MemorySagaLog, Mode, Orchestrator, Outcome, RetryPolicy, SagaRecord, SagaStatus,
 };

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use sagaflow::SagaStatus;
-use sagaflow::log::ListFilter;
-use sagaflow::log::SagaLog;
+use sagaflow::log::{ListFilter, SagaLog};
 use trip::Trip;
 
 const TRIPS: u64 = 2_000;

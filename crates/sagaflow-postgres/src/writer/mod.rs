@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sagaflow::SagaRecord;
-use sagaflow::log::SagaEvent;
-use sagaflow::log::{Begin, LogError, LogHealth};
+use sagaflow::log::{Begin, LogError, LogHealth, SagaEvent};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};

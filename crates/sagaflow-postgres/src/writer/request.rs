@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use sagaflow::SagaRecord;
-use sagaflow::log::SagaEvent;
-use sagaflow::log::{Begin, LogError};
+use sagaflow::log::{Begin, LogError, SagaEvent};
 use tokio::sync::oneshot;
 
 /// Where the writer sends a request's answer.

@@ -5,8 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sagaflow::log::{Begin, LogError, SagaLog};
-use sagaflow::log::{NewSaga, SagaEvent};
+use sagaflow::log::{Begin, LogError, NewSaga, SagaEvent, SagaLog};
 use sagaflow::{Mode, SagaRecord, SagaStatus};
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};

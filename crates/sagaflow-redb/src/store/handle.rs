@@ -9,8 +9,7 @@ use std::thread;
 use async_trait::async_trait;
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 use sagaflow::SagaRecord;
-use sagaflow::log::{Begin, ListFilter, LogError, LogHealth};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::log::{Begin, ListFilter, LogError, LogHealth, NewSaga, SagaEvent, SagaLog};
 use tokio::sync::oneshot;
 
 use super::overlay::Overlay;

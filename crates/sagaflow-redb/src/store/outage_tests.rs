@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sagaflow::SagaRecord;
-use sagaflow::log::{Begin, LogError, LogHealth};
-use sagaflow::log::{SagaEvent, SagaLog};
+use sagaflow::log::{Begin, LogError, LogHealth, SagaEvent, SagaLog};
 use serde_json::json;
 
 use super::tests::{crash_image, new_saga, run_to_end};

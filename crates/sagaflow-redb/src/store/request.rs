@@ -1,8 +1,7 @@
 //! What callers send the writer thread, and how their answers get back to them.
 
 use sagaflow::SagaRecord;
-use sagaflow::log::{Begin, LogError};
-use sagaflow::log::{NewSaga, SagaEvent};
+use sagaflow::log::{Begin, LogError, NewSaga, SagaEvent};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};

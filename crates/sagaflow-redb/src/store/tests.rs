@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
-use sagaflow::log::{Begin, ListFilter, LogError, Retention};
-use sagaflow::log::{NewSaga, SagaEvent, SagaLog};
+use sagaflow::log::{Begin, ListFilter, LogError, NewSaga, Retention, SagaEvent, SagaLog};
 use sagaflow::{Failure, Mode, SagaRecord, SagaStatus};
 use serde_json::json;
 use tempfile::TempDir;

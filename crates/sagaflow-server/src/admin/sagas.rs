@@ -10,8 +10,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use sagaflow::log::SagaState;
-use sagaflow::log::{ListCursor, ListFilter};
+use sagaflow::log::{ListCursor, ListFilter, SagaState};
 use sagaflow::{Failure, HistoryEvent, Orchestrator, SagaRecord, SagaStatus};
 use serde::{Deserialize, Serialize};
 

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use redb::Database;
 use sagaflow::SagaRecord;
-use sagaflow::log::{Begin, LogError, Retention};
-use sagaflow::log::{NewSaga, SagaEvent};
+use sagaflow::log::{Begin, LogError, NewSaga, Retention, SagaEvent};
 
 use super::cache::Cache;
 use super::checkpoint::{Checkpointer, Finished, Job, commit_checkpoint, snapshot_after_checkpoint};
