@@ -14,10 +14,11 @@
 
 mod hosts;
 mod operator;
+mod prometheus;
 mod sagas;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -28,7 +29,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 pub use hosts::AdminHosts;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+pub use prometheus::prometheus;
 use sagaflow::{Error, Orchestrator};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -50,24 +51,6 @@ struct AdminState {
     token: Option<String>,
     hosts: AdminHosts,
     stats: Arc<Mutex<Option<(Instant, sagas::Stats)>>>,
-}
-
-/// The process's Prometheus recorder, installed on first use (one per process).
-pub fn prometheus() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            // Explicit buckets for every histogram; they are non-empty, so this cannot fail.
-            let builder = PrometheusBuilder::new()
-                .set_buckets(&sagaflow::metrics::LATENCY_BUCKETS)
-                .unwrap_or_else(|_| PrometheusBuilder::new());
-            let recorder = builder.build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (a test harness); then ours only renders nothing new.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
 }
 
 /// Refuses a non-loopback bind without a token: the API can retry sagas.
