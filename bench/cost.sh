@@ -19,6 +19,9 @@
 #   bench/cost.sh [--log embedded] [--rate max] [--duration 10s] [--valgrind-duration 20s]
 #                 [--parts "native callgrind heap copy"]
 #
+# --log memory|embedded|postgres measures the orchestrator on that saga log; --log proxy measures
+# the do-nothing proxy (`booking proxy`) instead: the floor any orchestrator in the middle pays.
+#
 # Output in bench/out/cost-LOG.txt, with the profiles beside it: callgrind's (cost-LOG-callgrind.out,
 # and inclusive costs in cost-LOG-callgrind.txt) and the top allocation and copy sites
 # (cost-LOG-heap.txt, cost-LOG-copy.txt). BENCH_BIN_DIR=DIR skips the build (it must hold booking-system-alloc).
@@ -71,10 +74,21 @@ load() { # TARGET RATE DURATION JSON
 
 wants() { case " $parts " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
+# start_measured DIR: the process measured (the orchestrator on $log, or the proxy), its gRPC port
+# in GRPC and its pid in ORCHESTRATOR_PID.
+start_measured() {
+    if [ "$log" = proxy ]; then
+        start_proxy "$1"
+        GRPC=$PROXY ORCHESTRATOR_PID=$PROXY_PID
+    else
+        start_orchestrator "$1" memory "$log"
+    fi
+}
+
 # Native: syscalls, syncs, bytes, CPU.
 if wants native; then
 start_mocks "$work/native"
-start_orchestrator "$work/native" memory "$log"
+start_measured "$work/native"
 load "127.0.0.1:$GRPC" "$rate" 3s "$work/native/warmup.json"
 events=raw_syscalls:sys_enter,syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync,syscalls:sys_enter_pwrite64
 events=$events,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendmsg,syscalls:sys_enter_sendto
@@ -123,7 +137,7 @@ under() { # NAME TOOL-ARGS... : starts the orchestrator under valgrind in $work/
     shift
     start_mocks "$work/$name"
     ORCHESTRATOR_WRAP="valgrind $* --" BIN_ORCHESTRATOR="$BIN/booking-system-alloc" \
-        START_TIMEOUT=600 start_orchestrator "$work/$name" memory "$log"
+        PROXY_WRAP="valgrind $* --" BIN_PROXY="$BIN/booking-system-alloc" START_TIMEOUT=600 start_measured "$work/$name"
     valgrind_load "$work/$name/warmup.json" 5s
 }
 finish() { # stops the orchestrator (valgrind writes its output at exit)
@@ -157,7 +171,7 @@ dhat_total() { # NAME MODE DURATION: runs DHAT; sets TOTAL_BYTES, TOTAL_BLOCKS (
     fi
     finish
     read -r TOTAL_BYTES TOTAL_BLOCKS < <(awk '/^==[0-9]+== Total:/ { gsub(",", "", $3); gsub(",", "", $6); print $3, $6; exit }' \
-        "$work/$1/orchestrator.log")
+        "$work/$1/$([ "$log" = proxy ] && echo proxy || echo orchestrator).log")
 }
 for mode in heap copy; do
     wants "$mode" || continue

@@ -177,13 +177,15 @@ start_orchestrator() {
 }
 
 # start_proxy DIR: the do-nothing benchmark proxy (`booking proxy`) on the mocks at ORDER and
-# PAYMENT, on a free port. Sets PROXY (port) and PROXY_PID.
+# PAYMENT, on a free port. Sets PROXY (port) and PROXY_PID. PROXY_WRAP and BIN_PROXY are to the
+# proxy what ORCHESTRATOR_WRAP and BIN_ORCHESTRATOR are to the orchestrator.
 start_proxy() {
     local dir=$1
     mkdir -p "$dir"
     read -r PROXY <<<"$(free_ports 1)"
-    start "$dir/proxy.log" env RUST_LOG="${RUST_LOG:-warn}" "$BIN/booking" proxy --listen "127.0.0.1:$PROXY" \
-        --order "127.0.0.1:$ORDER" --payment "127.0.0.1:$PAYMENT"
+    # shellcheck disable=SC2086 # PROXY_WRAP is a list of words
+    start "$dir/proxy.log" env RUST_LOG="${RUST_LOG:-warn}" ${PROXY_WRAP:-} "${BIN_PROXY:-$BIN/booking}" proxy \
+        --listen "127.0.0.1:$PROXY" --order "127.0.0.1:$ORDER" --payment "127.0.0.1:$PAYMENT"
     PROXY_PID=$LAST_PID
     wait_port "$PROXY" "$PROXY_PID" "$dir/proxy.log" || return 1
 }

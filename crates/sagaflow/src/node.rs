@@ -342,7 +342,15 @@ pub const SAGA_METADATA: [&str; 6] =
 #[cfg(feature = "tonic")]
 impl Step {
     /// A gRPC request for this step's upstream call: `message` with the
-    /// [`SAGA_METADATA`] and the step's deadline as the call's timeout.
+    /// [`SAGA_METADATA`] and the step's deadline as the call's timeout (whole
+    /// milliseconds, rounded down, above a second).
+    ///
+    /// The request id and `traceparent`, new on every call, are sent as HPACK
+    /// never-indexed literals: indexed, each call's would push the connection's
+    /// header table round, evicting the values that repeat (the facade, node,
+    /// phase, content type), so every header of every call was encoded, sent and
+    /// decoded in full. The timeout is rounded for the same reason: to the
+    /// microsecond, it too was new on every call.
     pub fn grpc_request<T>(&self, message: T) -> Result<tonic::Request<T>, NodeError> {
         use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
         let [request_id, facade, node, phase, attempt, traceparent] = SAGA_METADATA;
@@ -351,7 +359,9 @@ impl Step {
                 .map_err(|_| NodeError::permanent(format!("{name} `{value}` is not valid gRPC metadata")))
         };
         let mut metadata = MetadataMap::with_capacity(SAGA_METADATA.len() + 1);
-        metadata.insert(MetadataKey::from_static(request_id), text(request_id, self.request_id())?);
+        let mut id_value = text(request_id, self.request_id())?;
+        id_value.set_sensitive(true);
+        metadata.insert(MetadataKey::from_static(request_id), id_value);
         metadata.insert(MetadataKey::from_static(facade), text(facade, self.facade())?);
         metadata.insert(MetadataKey::from_static(node), text(node, self.node())?);
         let phase_value = match self.phase {
@@ -360,13 +370,21 @@ impl Step {
         };
         metadata.insert(MetadataKey::from_static(phase), phase_value);
         metadata.insert(MetadataKey::from_static(attempt), MetadataValue::from(self.attempt));
-        let trace = MetadataValue::try_from(&self.traceparent_bytes()[..])
+        let mut trace = MetadataValue::try_from(&self.traceparent_bytes()[..])
             .map_err(|_| NodeError::permanent("traceparent is not valid gRPC metadata"))?;
+        trace.set_sensitive(true);
         metadata.insert(MetadataKey::from_static(traceparent), trace);
         let mut request = tonic::Request::from_parts(metadata, Default::default(), message);
-        request.set_timeout(self.remaining());
+        request.set_timeout(timeout_to_send(self.remaining()));
         Ok(request)
     }
+}
+
+#[cfg(feature = "tonic")]
+/// The timeout an upstream call carries: `remaining` in whole milliseconds, rounded down, when
+/// over a second (so that consecutive calls send the same `grpc-timeout`), else as it is.
+fn timeout_to_send(remaining: Duration) -> Duration {
+    if remaining > Duration::from_secs(1) { Duration::from_millis(remaining.as_millis() as u64) } else { remaining }
 }
 
 /// 64-bit FNV-1a: stable across processes and versions, unlike std's hasher.
@@ -435,7 +453,13 @@ mod tests {
         assert_eq!(get("traceparent"), step.traceparent());
         // Pinned: replicas of different versions must derive the same trace for a saga.
         assert_eq!(get("traceparent"), "00-fe71351046001ab7fddbeef2b6ce4891-a1bbd496f1331655-01");
-        assert!(!get("grpc-timeout").is_empty(), "the step's deadline is the call's timeout");
+        // Within the deadline, in whole milliseconds (1999000u: the same on consecutive calls).
+        let timeout = get("grpc-timeout");
+        assert!(timeout.ends_with("000u") && timeout.len() == 8 && timeout.as_str() <= "2000000u", "{timeout}");
+        // New on every call, so never indexed by HPACK; the rest repeat and are.
+        let sensitive = |name: &str| request.metadata().get(name).is_some_and(|v| v.is_sensitive());
+        assert!(sensitive("x-request-id") && sensitive("traceparent"));
+        assert!(!sensitive("x-saga-facade") && !sensitive("x-saga-node"));
         let bad = Step::detached("line\nbreak", "N", Duration::from_secs(1));
         assert!(bad.grpc_request(()).unwrap_err().to_string().contains("x-request-id"));
     }

@@ -1,37 +1,92 @@
 //! What follows a saga's steps outside the log: metrics, waking waiters, the callback.
 
+use std::sync::OnceLock;
+
 use super::*;
+
+/// A flow's metric handles, each taken from the recorder the first time it is used and kept: a
+/// handle records straight into its series, where the macros build the key (allocating its
+/// labels), hash it and look it up in the recorder's registry on every call — a few percent of
+/// a sync saga's instructions. A handle is taken at first use, not up front, so that a series
+/// appears when it first has something to say, as it did before. (A recorder installed after
+/// a flow's first saga is therefore not seen by it: install it at start.)
+#[derive(Default)]
+pub(crate) struct Meters {
+    started: OnceLock<metrics::Counter>,
+    in_flight: OnceLock<metrics::Gauge>,
+    /// By [`SagaStatus`]: only the ended ones are used.
+    ended: [OnceLock<metrics::Counter>; 5],
+    /// By node index, then action and compensation.
+    steps: Box<[[StepMeters; 2]]>,
+}
+
+#[derive(Default)]
+struct StepMeters {
+    seconds: OnceLock<metrics::Histogram>,
+    retries: OnceLock<metrics::Counter>,
+    /// Compensations that succeeded, and those given up (compensation phase only).
+    compensations: [OnceLock<metrics::Counter>; 2],
+}
+
+impl Meters {
+    pub(crate) fn new(nodes: usize) -> Self {
+        Self { steps: (0..nodes).map(|_| Default::default()).collect(), ..Default::default() }
+    }
+}
+
+fn phase_index(phase: &'static str) -> usize {
+    usize::from(phase != "action")
+}
 
 impl<D: FlowData> FlowRuntime<D> {
     pub(super) fn record_call(&self, index: usize, phase: &'static str, took: Duration, attempt: u32) {
-        let (facade, node) = (self.facade.to_string(), self.node_names[index].to_string());
+        let step = &self.meters.steps[index][phase_index(phase)];
+        let labels = || (self.facade.to_string(), self.node_names[index].to_string());
         if attempt > 1 {
-            metrics::counter!(m::STEP_RETRIES, "facade" => facade.clone(), "node" => node.clone(), "phase" => phase)
-                .increment(1);
+            let retries = step.retries.get_or_init(|| {
+                let (facade, node) = labels();
+                metrics::counter!(m::STEP_RETRIES, "facade" => facade, "node" => node, "phase" => phase)
+            });
+            retries.increment(1);
         }
-        metrics::histogram!(m::STEP_SECONDS, "facade" => facade, "node" => node, "phase" => phase)
-            .record(m::seconds(took));
+        let seconds = step.seconds.get_or_init(|| {
+            let (facade, node) = labels();
+            metrics::histogram!(m::STEP_SECONDS, "facade" => facade, "node" => node, "phase" => phase)
+        });
+        seconds.record(m::seconds(took));
     }
 
     pub(super) fn count_compensation(&self, index: usize, result: &'static str) {
-        let (facade, node) = (self.facade.to_string(), self.node_names[index].to_string());
-        metrics::counter!(m::COMPENSATIONS, "facade" => facade, "node" => node, "result" => result).increment(1);
+        let slot = &self.meters.steps[index][1].compensations[usize::from(result != "ok")];
+        let counter = slot.get_or_init(|| {
+            let (facade, node) = (self.facade.to_string(), self.node_names[index].to_string());
+            metrics::counter!(m::COMPENSATIONS, "facade" => facade, "node" => node, "result" => result)
+        });
+        counter.increment(1);
+    }
+
+    fn in_flight(&self) -> &metrics::Gauge {
+        self.meters.in_flight.get_or_init(|| metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => self.facade.to_string()))
     }
 
     pub(super) fn started(&self) {
-        let mode = self.mode.to_string();
-        metrics::counter!(m::SAGAS_STARTED, "facade" => self.facade.to_string(), "mode" => mode).increment(1);
-        metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => self.facade.to_string()).increment(1.0);
+        let started = self.meters.started.get_or_init(|| {
+            metrics::counter!(m::SAGAS_STARTED, "facade" => self.facade.to_string(), "mode" => self.mode.to_string())
+        });
+        started.increment(1);
+        self.in_flight().increment(1.0);
     }
 
     /// After a saga ends: count it, wake its waiters and deliver its callback.
     pub(super) async fn finish(&self, record: &SagaRecord) {
         let status = record.status();
         tracing::debug!(%status, "saga ended");
-        let (facade, mode) = (self.facade.to_string(), self.mode.to_string());
-        metrics::counter!(m::SAGAS_ENDED, "facade" => facade.clone(), "mode" => mode, "outcome" => status.to_string())
-            .increment(1);
-        metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).decrement(1.0);
+        let ended = self.meters.ended[status as usize].get_or_init(|| {
+            let (facade, mode) = (self.facade.to_string(), self.mode.to_string());
+            metrics::counter!(m::SAGAS_ENDED, "facade" => facade, "mode" => mode, "outcome" => status.to_string())
+        });
+        ended.increment(1);
+        self.in_flight().decrement(1.0);
         self.engine.completions.complete(record);
         self.engine.send_callback(record).await;
     }

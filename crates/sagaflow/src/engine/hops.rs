@@ -119,7 +119,9 @@ impl<D: FlowData> FlowRuntime<D> {
     pub(super) async fn publish(&self, message: Message) -> Result<()> {
         let started = Instant::now();
         self.engine.broker.publish(message).await?;
-        metrics::histogram!(m::PUBLISH_SECONDS, "broker" => self.engine.broker.name())
+        let histogram = &self.engine.stats.publish_seconds;
+        histogram
+            .get_or_init(|| metrics::histogram!(m::PUBLISH_SECONDS, "broker" => self.engine.broker.name()))
             .record(m::seconds(started.elapsed()));
         Ok(())
     }
@@ -154,7 +156,9 @@ impl<D: FlowData> FlowRuntime<D> {
     pub(super) async fn ack(&self, delivery: Delivery) {
         let started = Instant::now();
         let acked = delivery.ack().await;
-        metrics::histogram!(m::ACK_SECONDS, "broker" => self.engine.broker.name())
+        let histogram = &self.engine.stats.ack_seconds;
+        histogram
+            .get_or_init(|| metrics::histogram!(m::ACK_SECONDS, "broker" => self.engine.broker.name()))
             .record(m::seconds(started.elapsed()));
         if let Err(e) = acked {
             tracing::warn!(error = %e, "ack failed; the message may be redelivered (handled idempotently)");

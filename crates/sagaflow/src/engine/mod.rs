@@ -75,13 +75,16 @@ pub(crate) struct Engine {
     pub(crate) stats: Stats,
 }
 
-/// Counters the engine keeps.
+/// Counters the engine keeps, and its per-hop metric handles (taken at first use, see
+/// [`effects::Meters`]).
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) recovered: AtomicU64,
     pub(crate) resumed_stale: AtomicU64,
     pub(crate) taken_over: AtomicU64,
+    publish_seconds: std::sync::OnceLock<metrics::Histogram>,
+    ack_seconds: std::sync::OnceLock<metrics::Histogram>,
 }
 
 /// A hop of an async or throttled saga: run step `step` of flow version
@@ -206,6 +209,7 @@ pub(crate) struct FlowRuntime<D: FlowData> {
     node_names: Vec<Arc<str>>,
     version: FlowVersion,
     kept: Vec<Arc<FlowRuntime<D>>>,
+    meters: effects::Meters,
 }
 
 impl<D: FlowData> FlowRuntime<D> {
@@ -216,7 +220,8 @@ impl<D: FlowData> FlowRuntime<D> {
             .collect();
         let node_names = flow.nodes.iter().map(|n| Arc::from(n.name())).collect();
         let version = flow.version();
-        Self { facade: facade.into(), mode, flow, engine, node_names, version, kept }
+        let meters = effects::Meters::new(flow.nodes.len());
+        Self { facade: facade.into(), mode, flow, engine, node_names, version, kept, meters }
     }
 
     /// The version whose fingerprint is `fingerprint` (`None`: this, the current one).
