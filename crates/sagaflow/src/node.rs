@@ -352,8 +352,13 @@ impl Step {
     /// decoded in full. The timeout is rounded for the same reason: to the
     /// microsecond, it too was new on every call.
     pub fn grpc_request<T>(&self, message: T) -> Result<tonic::Request<T>, NodeError> {
-        use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
-        let [request_id, facade, node, phase, attempt, traceparent] = SAGA_METADATA;
+        use std::sync::LazyLock;
+
+        use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
+        // Checked once: `from_static` validates the name on every call.
+        static KEYS: LazyLock<[MetadataKey<Ascii>; 6]> = LazyLock::new(|| SAGA_METADATA.map(MetadataKey::from_static));
+        let [request_id, facade, node, ..] = SAGA_METADATA;
+        let [id_key, facade_key, node_key, phase_key, attempt_key, trace_key] = KEYS.clone();
         let text = |name: &str, value: &str| {
             MetadataValue::try_from(value)
                 .map_err(|_| NodeError::permanent(format!("{name} `{value}` is not valid gRPC metadata")))
@@ -361,19 +366,19 @@ impl Step {
         let mut metadata = MetadataMap::with_capacity(SAGA_METADATA.len() + 1);
         let mut id_value = text(request_id, self.request_id())?;
         id_value.set_sensitive(true);
-        metadata.insert(MetadataKey::from_static(request_id), id_value);
-        metadata.insert(MetadataKey::from_static(facade), text(facade, self.facade())?);
-        metadata.insert(MetadataKey::from_static(node), text(node, self.node())?);
+        metadata.insert(id_key, id_value);
+        metadata.insert(facade_key, text(facade, self.facade())?);
+        metadata.insert(node_key, text(node, self.node())?);
         let phase_value = match self.phase {
             Phase::Action => MetadataValue::from_static("forward"),
             Phase::Compensation => MetadataValue::from_static("compensation"),
         };
-        metadata.insert(MetadataKey::from_static(phase), phase_value);
-        metadata.insert(MetadataKey::from_static(attempt), MetadataValue::from(self.attempt));
+        metadata.insert(phase_key, phase_value);
+        metadata.insert(attempt_key, MetadataValue::from(self.attempt));
         let mut trace = MetadataValue::try_from(&self.traceparent_bytes()[..])
             .map_err(|_| NodeError::permanent("traceparent is not valid gRPC metadata"))?;
         trace.set_sensitive(true);
-        metadata.insert(MetadataKey::from_static(traceparent), trace);
+        metadata.insert(trace_key, trace);
         let mut request = tonic::Request::from_parts(metadata, Default::default(), message);
         request.set_timeout(timeout_to_send(self.remaining()));
         Ok(request)

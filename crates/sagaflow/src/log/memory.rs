@@ -95,13 +95,13 @@ impl MemorySagaLog {
     fn apply_event<T>(
         &self,
         request_id: &str,
-        event: &SagaEvent,
+        event: SagaEvent,
         answer: impl FnOnce(&SagaRecord) -> T,
     ) -> Result<T, LogError> {
         let mut state = self.lock();
         let record = state.sagas.get_mut(request_id).ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
         let was_ended = record.state.is_ended();
-        record.apply(event)?;
+        record.apply_owned(event)?;
         let ended = record.state.is_ended() && !was_ended;
         let answer = answer(record);
         if ended {
@@ -177,11 +177,11 @@ impl SagaLog for MemorySagaLog {
     }
 
     async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
-        self.apply_event(request_id, &event, SagaRecord::clone)
+        self.apply_event(request_id, event, SagaRecord::clone)
     }
 
     async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
-        self.apply_event(request_id, &event, |_| ())
+        self.apply_event(request_id, event, |_| ())
     }
 
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {

@@ -272,6 +272,24 @@ impl SagaRecord {
 
     /// Applies one event; the only way a record changes.
     pub fn apply(&mut self, event: &SagaEvent) -> Result<(), TransitionError> {
+        self.transition(event, None)
+    }
+
+    /// [`apply`](Self::apply) for an event the caller is done with: its flow data is moved into
+    /// the record, not copied (a log's copy of the record, say, applying the event it was sent).
+    pub fn apply_owned(&mut self, mut event: SagaEvent) -> Result<(), TransitionError> {
+        let data = match &mut event {
+            SagaEvent::StepCompleted { data, .. } | SagaEvent::BranchesJoined { data, .. } => {
+                Some(std::mem::take(data))
+            }
+            _ => None,
+        };
+        self.transition(&event, data)
+    }
+
+    /// Applies `event`, whose flow data is `taken` when it was moved out of it.
+    fn transition(&mut self, event: &SagaEvent, mut taken: Option<serde_json::Value>) -> Result<(), TransitionError> {
+        let mut data_of = |data: &serde_json::Value| taken.take().unwrap_or_else(|| data.clone());
         let refuse = |record: &Self| TransitionError {
             request_id: record.request_id.clone(),
             state: record.status(),
@@ -300,10 +318,10 @@ impl SagaRecord {
                 let step = &mut self.step_states[*index];
                 step.status = StepStatus::Done;
                 if current.is_parallel() {
-                    step.output = Some(data.clone());
+                    step.output = Some(data_of(data));
                 } else {
                     self.completed += 1;
-                    self.data = data.clone();
+                    self.data = data_of(data);
                     if self.completed == self.steps {
                         self.state = SagaState::Completed;
                     }
@@ -320,7 +338,7 @@ impl SagaRecord {
                     step.output = None;
                 }
                 self.completed += current.len;
-                self.data = data.clone();
+                self.data = data_of(data);
                 if self.completed == self.steps {
                     self.state = SagaState::Completed;
                 }

@@ -411,3 +411,29 @@ fn a_record_stored_before_steps_had_a_status_reads_with_one() {
     assert_eq!(written["step_states"], json!(["compensated", "compensated", "failed"]));
     assert_eq!(serde_json::from_value::<SagaRecord>(written).unwrap(), compensated);
 }
+
+#[test]
+fn an_owned_event_changes_the_record_as_a_borrowed_one_does() {
+    let events = |index: usize| {
+        [
+            SagaEvent::StepStarted { index },
+            SagaEvent::StepCompleted { index, attempts: 1, data: json!({ "step": index, "ids": [index, 7] }) },
+        ]
+    };
+    let (mut borrowed, mut owned) = (record(2), record(2));
+    for event in events(0).into_iter().chain(events(1)) {
+        borrowed.apply(&event).unwrap();
+        owned.apply_owned(event).unwrap();
+        assert_eq!(owned.history.last().map(|h| &h.event), borrowed.history.last().map(|h| &h.event));
+        owned.updated_ms = borrowed.updated_ms;
+        for (o, b) in owned.history.iter_mut().zip(&borrowed.history) {
+            o.at_ms = b.at_ms;
+        }
+        assert_eq!(owned, borrowed);
+    }
+    assert_eq!(owned.data, json!({ "step": 1, "ids": [1, 7] }));
+    // A refused event leaves the record as it was, owned or not.
+    let before = owned.clone();
+    assert!(owned.apply_owned(SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(0) }).is_err());
+    assert_eq!(owned, before);
+}

@@ -385,7 +385,7 @@ impl Writer {
         &mut self,
         staged: &mut Staged,
         request_id: &str,
-        event: &SagaEvent,
+        event: SagaEvent,
         answer: bool,
     ) -> Outcome<Option<SagaRecord>> {
         if !self.cache.records.contains_key(request_id) {
@@ -403,7 +403,7 @@ impl Writer {
         };
         let (record, seq) = (&mut cached.record, cached.seq);
         let was_ended = record.state.is_ended();
-        if let Err(refused) = record.apply(event) {
+        if let Err(refused) = record.apply_owned(event) {
             // An ended saga stays cached only until the flush that stores it.
             if was_ended && !cached.unstored {
                 self.cache.records.remove(request_id);
@@ -475,7 +475,7 @@ impl Writer {
                 }
                 Request::Append(id, event, reply) => {
                     writes += 1;
-                    let outcome = self.append(&mut staged, &id, &event, !reply.is_closed());
+                    let outcome = self.append(&mut staged, &id, event, !reply.is_closed());
                     settle(reply, outcome, &mut fatal, Answer::Append)
                 }
                 Request::Prune(now, reply) => {
