@@ -11,7 +11,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// How often pending histogram samples are folded into their buckets.
-pub(crate) const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The process's Prometheus recorder, installed on first use (one per process), with a thread
 /// that folds its pending histogram samples every [`UPKEEP_INTERVAL`].
@@ -35,7 +35,7 @@ pub fn prometheus() -> PrometheusHandle {
 
 /// Runs `handle`'s upkeep every `interval` on a thread of its own for the rest of the process
 /// (a thread, not a task: the recorder may be first used outside a runtime, and outlives any).
-pub(crate) fn spawn_upkeep(handle: PrometheusHandle, interval: Duration) {
+fn spawn_upkeep(handle: PrometheusHandle, interval: Duration) {
     let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
         loop {
             std::thread::sleep(interval);

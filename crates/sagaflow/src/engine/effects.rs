@@ -65,7 +65,7 @@ impl<D: FlowData> FlowRuntime<D> {
         counter.increment(1);
     }
 
-    fn in_flight(&self) -> &metrics::Gauge {
+    pub(super) fn in_flight(&self) -> &metrics::Gauge {
         self.meters.in_flight.get_or_init(|| metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => self.facade.to_string()))
     }
 

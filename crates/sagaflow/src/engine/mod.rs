@@ -659,8 +659,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
         match why {
             Resume::Restart => {
                 self.engine.stats.recovered.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::RECOVERED, "facade" => facade.clone()).increment(1);
-                metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).increment(1.0);
+                metrics::counter!(m::RECOVERED, "facade" => facade).increment(1);
+                self.in_flight().increment(1.0);
             }
             Resume::Stale => {
                 self.engine.stats.resumed_stale.fetch_add(1, Ordering::Relaxed);
@@ -668,8 +668,8 @@ impl<D: FlowData> Registered for FlowRuntime<D> {
             }
             Resume::Takeover => {
                 self.engine.stats.taken_over.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::TAKEN_OVER, "facade" => facade.clone()).increment(1);
-                metrics::gauge!(m::SAGAS_IN_FLIGHT, "facade" => facade).increment(1.0);
+                metrics::counter!(m::TAKEN_OVER, "facade" => facade).increment(1);
+                self.in_flight().increment(1.0);
             }
         }
         Ok(())
