@@ -35,7 +35,9 @@ fn load(path: &std::path::Path) {
         for seq in 0..SAGAS {
             let record = saga(seq);
             tables.ids.insert(record.request_id.as_str(), seq).unwrap();
-            tables.sagas.insert(seq, encode(&record).unwrap().as_slice()).unwrap();
+            let mut bytes = Vec::new();
+            encode(&record, &mut bytes).unwrap();
+            tables.sagas.insert(seq, bytes.as_slice()).unwrap();
             tables.unfinished.insert(seq, ()).unwrap();
             tables.by_created.insert((record.created_ms, seq), ()).unwrap();
         }

@@ -48,9 +48,11 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<SagaRecord> {
     serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
-/// A record, encoded for storing.
-pub(crate) fn encode(record: &SagaRecord) -> Result<Vec<u8>> {
-    serde_json::to_vec(record).map_err(|e| Error::Corrupt(format!("cannot encode saga `{}`: {e}", record.request_id)))
+/// A record, encoded for storing, in `out` (emptied first).
+pub(crate) fn encode(record: &SagaRecord, out: &mut Vec<u8>) -> Result<()> {
+    out.clear();
+    serde_json::to_writer(&mut *out, record)
+        .map_err(|e| Error::Corrupt(format!("cannot encode saga `{}`: {e}", record.request_id)))
 }
 
 /// Every table, open in one write transaction: a checkpoint, a replay, a prune.

@@ -74,6 +74,8 @@ pub(crate) struct Wal {
     /// Where the entries of the previous epoch end, until the first entry of this one, which
     /// records it ([`Op::Sealed`]), is written.
     seal: Option<u64>,
+    /// The entry being written, kept between appends for its room.
+    entry: Vec<u8>,
     /// Failures to inject, in tests.
     #[cfg(test)]
     pub(crate) faults: Option<std::sync::Arc<crate::faults::Faults>>,
@@ -106,6 +108,7 @@ impl Wal {
             created,
             refused: None,
             seal: None,
+            entry: Vec::new(),
             #[cfg(test)]
             faults: None,
         })
@@ -222,10 +225,21 @@ impl Wal {
     /// left of the epoch's half, and nothing was written (the caller checkpoints instead). On
     /// an error, what the append left in the file is never read as an entry by this process.
     pub(crate) fn append(&mut self, payload: &[u8]) -> Result<bool> {
-        let mut entry = Vec::with_capacity(HEADER + SEAL + payload.len());
+        let mut entry = std::mem::take(&mut self.entry);
+        entry.clear();
+        let appended = self.append_in(&mut entry, payload);
+        // Kept for the next entry, unless an unusually large one grew it.
+        entry.shrink_to(1 << 20);
+        self.entry = entry;
+        appended
+    }
+
+    /// [`append`](Self::append), building the entry in `entry` (empty).
+    fn append_in(&mut self, entry: &mut Vec<u8>, payload: &[u8]) -> Result<bool> {
+        entry.reserve(HEADER + SEAL + payload.len());
         entry.extend_from_slice(&[0; HEADER]);
         if let Some(previous_end) = self.seal {
-            Op::Sealed { previous_end }.encode(&mut entry);
+            Op::Sealed { previous_end }.encode(entry);
         }
         entry.extend_from_slice(payload);
         let Ok(len) = u32::try_from(entry.len() - HEADER) else { return Ok(false) };
@@ -240,7 +254,7 @@ impl Wal {
         let started = Instant::now();
         let written = self
             .file
-            .write_all_at(&entry, self.base(self.epoch) + self.offset)
+            .write_all_at(entry, self.base(self.epoch) + self.offset)
             .and_then(|()| self.injected_fault())
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {

@@ -28,6 +28,10 @@ mod tests;
 
 use outage::Outage;
 
+/// The most room a buffer kept between batches holds on to: one batch of unusually large
+/// records does not pin its size for the life of the process.
+pub(super) const KEPT_ROOM: usize = 1 << 20;
+
 /// One batch's changes, not yet durable: its [`Op`]s in order, their encoding (the batch's
 /// write-ahead entry), and which of them store a record, for the overlay.
 #[derive(Debug, Default)]
@@ -51,6 +55,14 @@ impl Staged {
 
     fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// Empties it for the next batch, keeping its buffers' room (up to [`KEPT_ROOM`]).
+    fn clear(&mut self) {
+        self.ops.clear();
+        self.redo.clear();
+        self.redo.shrink_to(KEPT_ROOM);
+        self.stored.clear();
     }
 }
 
@@ -114,6 +126,11 @@ pub(super) struct Writer {
     /// arrive.
     ended_held: usize,
     ended_since_prune: usize,
+    /// The buffers of the last batch, emptied, for the next one: a batch's entry grows to tens
+    /// of KiB, and grown anew each time it cost a reallocation and a copy per doubling.
+    spare: Staged,
+    /// Where records are encoded before their exact-size copy is stored.
+    encoding: Vec<u8>,
 }
 
 impl Writer {
@@ -148,6 +165,8 @@ impl Writer {
             outage: None,
             ended_held: 0,
             ended_since_prune: 0,
+            spare: Staged::default(),
+            encoding: Vec::new(),
             options,
         })
     }
@@ -163,6 +182,7 @@ impl Writer {
         let mut last_awaited = 0;
         let schedulable = Instant::now().checked_add(self.prune_interval).is_some();
         let mut next_prune = schedulable.then(Instant::now);
+        let mut batch = Vec::new();
         loop {
             if self.outage.is_some() {
                 if self.wait_out_outage() {
@@ -185,7 +205,6 @@ impl Writer {
                 },
             };
             if let Some(first) = first {
-                let mut batch = Vec::with_capacity(self.max_batch.min(64));
                 batch.push(first);
                 while batch.len() < self.max_batch {
                     match self.rx.try_recv() {
@@ -214,13 +233,13 @@ impl Writer {
                     }
                 }
                 last_awaited = awaited;
-                self.commit(batch, false);
+                self.commit(&mut batch, false);
                 if schedulable && self.over_retention_count() {
                     next_prune = Some(Instant::now());
                 }
             } else if self.cache.next_due().is_some_and(|due| Instant::now() >= due) {
                 // Idle, with records of queued appends falling due: store them alone.
-                self.commit(Vec::new(), false);
+                self.commit(&mut Vec::new(), false);
             }
             if self.outage.is_some() {
                 continue;
@@ -260,7 +279,7 @@ impl Writer {
             return;
         }
         if self.cache.next_due().is_some() || !self.pending.is_empty() || self.in_flight.is_some() {
-            self.commit(Vec::new(), true);
+            self.commit(&mut Vec::new(), true);
         }
         tracing::debug!("saga log writer stopped");
     }
@@ -447,7 +466,9 @@ impl Writer {
                 continue;
             }
             cached.unstored = false;
-            staged.store(id.clone(), cached.seq, encode(&cached.record)?);
+            encode(&cached.record, &mut self.encoding)?;
+            staged.store(id.clone(), cached.seq, self.encoding.clone());
+            self.encoding.shrink_to(KEPT_ROOM);
             stored += 1;
         }
         Ok(stored)
@@ -457,14 +478,15 @@ impl Writer {
     /// answers every request. The fsync is that of the batch's entry in the write-ahead file,
     /// or, for a batch that prunes, syncs or is `force`d (every changed record stored, deferred
     /// or not), or whose entry does not fit, that of a checkpoint that applies it too.
-    fn commit(&mut self, batch: Vec<Request>, force: bool) {
+    /// `batch` is left empty, its room kept.
+    fn commit(&mut self, batch: &mut Vec<Request>, force: bool) {
         self.cache.begin_batch();
-        let mut staged = Staged::default();
+        let mut staged = std::mem::take(&mut self.spare);
         let mut answers = Vec::with_capacity(batch.len());
         let mut prunes = Vec::new();
         let mut syncs = Vec::new();
         let mut fatal = None;
-        let mut requests = batch.into_iter();
+        let mut requests = batch.drain(..);
         let mut writes = 0u64;
         for request in requests.by_ref() {
             let answer = match request {
@@ -538,10 +560,12 @@ impl Writer {
         }
         let Some(e) = fatal else {
             if appended {
-                self.publish(staged);
+                self.publish(&mut staged);
             } else {
                 self.forget_ended(&staged);
             }
+            staged.clear();
+            self.spare = staged;
             self.cache.trim();
             let counters = &self.shared.counters;
             if writes > 0 && (appended || checkpoint) {
@@ -571,6 +595,8 @@ impl Writer {
         prunes.into_iter().for_each(|(now, reply)| Request::Prune(now, reply).fail(&why));
         syncs.into_iter().for_each(|reply| Request::Sync(reply).fail(&why));
         requests.for_each(|request| self.refuse_or_hold(request));
+        staged.clear();
+        self.spare = staged;
     }
 
     /// After a batch that stored records committed: the ended sagas' leave the cache.
@@ -584,10 +610,10 @@ impl Writer {
 
     /// After the batch's entry is durable: its ops wait for the next checkpoint, its records
     /// are found in the overlay meanwhile.
-    fn publish(&mut self, staged: Staged) {
-        self.add_to_overlay(&staged);
-        self.forget_ended(&staged);
-        self.pending.extend(staged.ops);
+    fn publish(&mut self, staged: &mut Staged) {
+        self.add_to_overlay(staged);
+        self.forget_ended(staged);
+        self.pending.append(&mut staged.ops);
     }
 
     /// Puts the records `staged` stores in the overlay, as of the current epoch.

@@ -141,8 +141,8 @@ impl Writer {
         );
         let mut held = held;
         while !held.is_empty() && self.outage.is_none() {
-            let batch: Vec<Request> = held.drain(..held.len().min(self.max_batch)).collect();
-            self.commit(batch, false);
+            let mut batch: Vec<Request> = held.drain(..held.len().min(self.max_batch)).collect();
+            self.commit(&mut batch, false);
         }
         // Failed again while taking them: hold the rest again.
         held.into_iter().for_each(|request| self.refuse_or_hold(request));

@@ -61,7 +61,7 @@ fn one_batch_answers_each_request_on_its_own_and_sees_its_own_writes() {
     let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!({ "ok": true }) };
     let (complete, mut complete_rx) = request(|r| Request::Append("a".into(), done, r));
 
-    writer.commit(vec![begin, again, start, skip, nope, complete], false);
+    writer.commit(&mut vec![begin, again, start, skip, nope, complete], false);
 
     assert!(matches!(begin_rx.try_recv().unwrap(), Ok(Begin::Started(_))));
     match again_rx.try_recv().unwrap() {
@@ -92,7 +92,7 @@ fn one_batch_answers_each_request_on_its_own_and_sees_its_own_writes() {
 
     // Loaded for an event its state refuses, an ended saga does not stay cached either.
     let (late, mut late_rx) = request(|r| Request::Append("a".into(), SagaEvent::StepStarted { index: 0 }, r));
-    writer.commit(vec![late], false);
+    writer.commit(&mut vec![late], false);
     assert!(matches!(late_rx.try_recv().unwrap(), Err(LogError::Transition(_))));
     assert!(writer.cache.records.is_empty());
 }
@@ -104,13 +104,13 @@ fn a_running_saga_is_cached_as_stored_and_queued_appends_get_no_record() {
     let mut saga = new_saga("r");
     saga.steps = 2;
     let (begin, _begin_rx) = request(|r| Request::Begin(saga, r));
-    writer.commit(vec![begin], false);
+    writer.commit(&mut vec![begin], false);
     // A queued append: its receiver is gone before the writer sees it.
     let (queued, queued_rx) = request(|r| Request::Append("r".into(), SagaEvent::StepStarted { index: 0 }, r));
     drop(queued_rx);
     let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(7) };
     let (complete, mut complete_rx) = request(|r| Request::Append("r".into(), done, r));
-    writer.commit(vec![queued, complete], false);
+    writer.commit(&mut vec![queued, complete], false);
 
     let after = complete_rx.try_recv().unwrap().unwrap();
     assert_eq!(after.completed, 1);
@@ -126,7 +126,7 @@ fn begin_two_steps(writer: &mut Writer, id: &str) {
     let mut saga = new_saga(id);
     saga.steps = 2;
     let (begin, _rx) = request(|r| Request::Begin(saga, r));
-    writer.commit(vec![begin], false);
+    writer.commit(&mut vec![begin], false);
 }
 
 fn queued(id: &str, event: SagaEvent) -> Request {
@@ -144,9 +144,9 @@ fn queued_appends_wait_for_the_sagas_next_awaited_write() {
     begin_two_steps(&mut writer, "q");
     assert_eq!(stored_history(&writer, "q"), 1);
 
-    writer.commit(vec![queued("q", SagaEvent::StepStarted { index: 0 })], false);
+    writer.commit(&mut vec![queued("q", SagaEvent::StepStarted { index: 0 })], false);
     let result = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
-    writer.commit(vec![queued("q", result)], false);
+    writer.commit(&mut vec![queued("q", result)], false);
     assert_eq!(stored_history(&writer, "q"), 1, "queued appends alone are not stored yet");
     assert_eq!(writer.shared.counters.stored.load(Ordering::Relaxed), 1);
     assert_eq!(writer.shared.counters.batches.load(Ordering::Relaxed), 1, "nor committed: no fsync for them");
@@ -155,7 +155,7 @@ fn queued_appends_wait_for_the_sagas_next_awaited_write() {
     begin_two_steps(&mut writer, "other");
     assert_eq!(stored_history(&writer, "q"), 1);
     let (start, mut start_rx) = request(|r| Request::Append("q".into(), SagaEvent::StepStarted { index: 1 }, r));
-    writer.commit(vec![start], false);
+    writer.commit(&mut vec![start], false);
     let answered = start_rx.try_recv().unwrap().unwrap();
     assert_eq!(answered.history.len(), 4);
     assert_eq!(found(&writer, "q").1, answered);
@@ -172,10 +172,10 @@ fn a_checkpoint_applies_the_batches_since_the_last_one_with_each_saga_stored_as_
     let mut answered = HashMap::new();
     let mut awaited = |writer: &mut Writer, id: &str, event: SagaEvent| {
         let (append, mut rx) = request(|r| Request::Append(id.into(), event, r));
-        writer.commit(vec![append], false);
+        writer.commit(&mut vec![append], false);
         answered.insert(id.to_owned(), rx.try_recv().unwrap().unwrap());
     };
-    writer.commit(vec![request(|r| Request::Begin(new_saga("passing"), r)).0], false);
+    writer.commit(&mut vec![request(|r| Request::Begin(new_saga("passing"), r)).0], false);
     awaited(&mut writer, "passing", SagaEvent::StepStarted { index: 0 });
     awaited(&mut writer, "passing", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) });
     for index in 0..2 {
@@ -207,7 +207,7 @@ async fn a_checkpoint_runs_beside_the_writer_and_a_crash_during_it_loses_nothing
     let dir = tempfile::tempdir().unwrap();
     let mut writer = idle_writer(dir.path());
     let begin = |id: &str| request(|r| Request::Begin(new_saga(id), r)).0;
-    writer.commit(vec![begin("a"), begin("b")], false);
+    writer.commit(&mut vec![begin("a"), begin("b")], false);
     // The file as it is before the checkpoint of epoch 0 gets in.
     let before = tempfile::tempdir().unwrap();
     std::fs::copy(dir.path().join(crate::FILE_NAME), before.path().join(crate::FILE_NAME)).unwrap();
@@ -216,7 +216,7 @@ async fn a_checkpoint_runs_beside_the_writer_and_a_crash_during_it_loses_nothing
     assert_eq!((writer.in_flight, writer.wal.epoch()), (Some(0), 1), "the writer went on in the next epoch");
     let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
     let (end_a, mut end_a_rx) = request(|r| Request::Append("a".into(), done, r));
-    writer.commit(vec![end_a, begin("c")], false);
+    writer.commit(&mut vec![end_a, begin("c")], false);
     let a = end_a_rx.try_recv().unwrap().unwrap();
     // A crash now, with the checkpoint not in the file yet: both epochs are replayed.
     let mid = crash_image(dir.path(), true);
@@ -244,7 +244,7 @@ async fn a_checkpoint_runs_beside_the_writer_and_a_crash_during_it_loses_nothing
 async fn a_checkpoint_thread_lost_mid_checkpoint_makes_the_writer_open_its_file_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut writer = idle_writer(dir.path());
-    writer.commit(vec![request(|r| Request::Begin(new_saga("a"), r)).0], false);
+    writer.commit(&mut vec![request(|r| Request::Begin(new_saga("a"), r)).0], false);
     writer.start_checkpoint().unwrap();
     // The thread is gone with the job, as far as the writer can tell.
     let (jobs, _) = mpsc::channel();
@@ -273,11 +273,11 @@ async fn a_checkpoint_thread_lost_mid_checkpoint_makes_the_writer_open_its_file_
     assert_eq!(writer.shared.counters.reopens.load(Ordering::Relaxed), 1);
     assert_eq!(stored_history(&writer, "a"), 1, "the held append is applied, and waits as a queued one does");
     let (begin, mut begin_rx) = request(|r| Request::Begin(new_saga("b"), r));
-    writer.commit(vec![begin], false);
+    writer.commit(&mut vec![begin], false);
     assert!(matches!(begin_rx.try_recv().unwrap(), Ok(Begin::Started(_))));
     let started = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
     let (end, mut end_rx) = request(|r| Request::Append("a".into(), started, r));
-    writer.commit(vec![end], false);
+    writer.commit(&mut vec![end], false);
     assert_eq!(end_rx.try_recv().unwrap().unwrap().history.len(), 3, "the held start came first");
     drop(writer);
 
@@ -296,18 +296,18 @@ fn a_deferred_record_is_stored_once_due_or_when_forced() {
     let mut writer = idle_writer(dir.path());
     writer.cache = Cache::new(Duration::from_millis(30));
     begin_two_steps(&mut writer, "d");
-    writer.commit(vec![queued("d", SagaEvent::StepStarted { index: 0 })], false);
+    writer.commit(&mut vec![queued("d", SagaEvent::StepStarted { index: 0 })], false);
     let due = writer.cache.next_due().unwrap();
-    writer.commit(Vec::new(), false);
+    writer.commit(&mut Vec::new(), false);
     assert_eq!(stored_history(&writer, "d"), 1, "not due yet");
     std::thread::sleep(due.saturating_duration_since(Instant::now()));
-    writer.commit(Vec::new(), false);
+    writer.commit(&mut Vec::new(), false);
     assert_eq!(stored_history(&writer, "d"), 2, "stored once due");
     assert!(writer.cache.next_due().is_none());
 
-    writer.commit(vec![queued("d", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
+    writer.commit(&mut vec![queued("d", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
     assert_eq!(stored_history(&writer, "d"), 2);
-    writer.commit(Vec::new(), true);
+    writer.commit(&mut Vec::new(), true);
     assert_eq!(stored_history(&writer, "d"), 3, "forced");
 }
 
@@ -315,9 +315,9 @@ fn a_deferred_record_is_stored_once_due_or_when_forced() {
 fn a_queued_append_that_ends_the_saga_is_stored_by_its_own_commit() {
     let dir = tempfile::tempdir().unwrap();
     let mut writer = idle_writer(dir.path());
-    writer.commit(vec![request(|r| Request::Begin(new_saga("e"), r)).0], false);
-    writer.commit(vec![queued("e", SagaEvent::StepStarted { index: 0 })], false);
-    writer.commit(vec![queued("e", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
+    writer.commit(&mut vec![request(|r| Request::Begin(new_saga("e"), r)).0], false);
+    writer.commit(&mut vec![queued("e", SagaEvent::StepStarted { index: 0 })], false);
+    writer.commit(&mut vec![queued("e", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) })], false);
     checkpoint(&mut writer);
     let txn = writer.store.as_ref().unwrap().db.begin_read().unwrap();
     let (seq, record) = stored(&txn, "e").unwrap();
@@ -331,11 +331,11 @@ fn a_queued_event_on_an_ended_saga_waits_and_pruning_stores_it_before_deleting_t
     let dir = tempfile::tempdir().unwrap();
     let mut writer = idle_writer(dir.path());
     writer.cache = Cache::new(Duration::from_secs(10));
-    writer.commit(vec![request(|r| Request::Begin(new_saga("p"), r)).0], false);
+    writer.commit(&mut vec![request(|r| Request::Begin(new_saga("p"), r)).0], false);
     let done = SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) };
-    writer.commit(vec![request(|r| Request::Append("p".into(), done, r)).0], false);
+    writer.commit(&mut vec![request(|r| Request::Append("p".into(), done, r)).0], false);
     let delivered = SagaEvent::CallbackDelivered { delivered: true, attempts: 1, error: None };
-    writer.commit(vec![queued("p", delivered)], false);
+    writer.commit(&mut vec![queued("p", delivered)], false);
     assert_eq!(stored_history(&writer, "p"), 2, "the delivery waits");
     assert!(writer.cache.next_due().is_some());
 
@@ -344,7 +344,7 @@ fn a_queued_event_on_an_ended_saga_waits_and_pruning_stores_it_before_deleting_t
     writer.retention = Retention { max_age: Duration::from_secs(3600), max_ended: 0, ..Retention::default() };
     assert_eq!(writer.prune_once().unwrap().removed, 1);
     assert!(writer.cache.next_due().is_none() && writer.cache.records.is_empty());
-    writer.commit(Vec::new(), true);
+    writer.commit(&mut Vec::new(), true);
     let txn = writer.store.as_ref().unwrap().db.begin_read().unwrap();
     assert_eq!(txn.open_table(SAGAS).unwrap().len().unwrap(), 0, "no record left behind");
     assert_eq!(txn.open_table(IDS).unwrap().len().unwrap(), 0);
