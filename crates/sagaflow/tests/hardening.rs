@@ -70,6 +70,55 @@ impl SagaLog for Outage {
     }
 }
 
+/// The in-memory log, refusing the first write of each step's result (as unavailable), and
+/// noting the flow data every write of a step's result carried.
+#[derive(Default)]
+struct Hiccups {
+    inner: MemorySagaLog,
+    refused: Mutex<Vec<usize>>,
+    sent: Mutex<Vec<(usize, serde_json::Value)>>,
+}
+
+impl Hiccups {
+    fn check(&self, event: &SagaEvent) -> Result<(), LogError> {
+        let SagaEvent::StepCompleted { index, data, .. } = event else { return Ok(()) };
+        self.sent.lock().unwrap().push((*index, data.clone()));
+        let mut refused = self.refused.lock().unwrap();
+        if refused.contains(index) {
+            return Ok(());
+        }
+        refused.push(*index);
+        Err(LogError::unavailable("refused once by the test", std::io::Error::other("hiccup")))
+    }
+}
+
+#[sagaflow::async_trait]
+impl SagaLog for Hiccups {
+    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
+        self.inner.begin(saga).await
+    }
+    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
+        self.check(&event)?;
+        self.inner.append(request_id, event).await
+    }
+    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
+        self.check(&event)?;
+        self.inner.append_queued(request_id, event).await
+    }
+    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
+        self.inner.get(request_id).await
+    }
+    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
+        self.inner.unfinished().await
+    }
+    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
+        self.inner.list(filter).await
+    }
+    fn name(&self) -> &'static str {
+        "hiccups"
+    }
+}
+
 /// Counts callbacks per request id.
 #[derive(Default)]
 struct Count(Mutex<Vec<String>>);
@@ -485,4 +534,30 @@ async fn a_call_beyond_the_running_and_waiting_sagas_is_refused_and_starts_nothi
     // Room again: the refused request id is taken now.
     gate.add_permits(1);
     assert!(matches!(o.run(SYNC, "one-too-many", Vec::<String>::new()).await, Ok(Outcome::Completed(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_result_written_again_after_the_log_refused_it_carries_the_same_data() {
+    let c = calls();
+    let log = Arc::new(Hiccups::default());
+    let flow = Flow::new()
+        .node(Scripted::new("a", &c))
+        .node(Scripted::new("b", &c))
+        .node(Scripted::new("c", &c))
+        .retry(policy());
+    let o = Orchestrator::builder(Arc::new(MemoryBroker::new()), log.clone()).sync(SYNC, flow).start().await.unwrap();
+    let outcome = o.run(SYNC, "r1", Vec::<String>::new()).await.unwrap();
+    let names = |n: usize| -> Vec<String> { ["a", "b", "c"][..n].iter().map(|s| s.to_string()).collect() };
+    assert_eq!(outcome, Outcome::Completed(names(3)));
+    // The intermediate results are queued writes, the last one awaited: each was refused once
+    // and written again with the data the step left.
+    let sent = log.sent.lock().unwrap().clone();
+    for index in 0..3 {
+        let writes: Vec<_> = sent.iter().filter(|(i, _)| *i == index).map(|(_, data)| data.clone()).collect();
+        let expected = serde_json::to_value(names(index + 1)).unwrap();
+        assert_eq!(writes, vec![expected.clone(), expected], "step {index}: {sent:?}");
+    }
+    let record = o.saga("r1").await.unwrap().unwrap();
+    assert_eq!(record.data, serde_json::to_value(names(3)).unwrap());
+    assert_eq!(taken(&c).len(), 3, "each step ran once: {:?}", taken(&c));
 }

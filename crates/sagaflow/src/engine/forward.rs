@@ -22,7 +22,7 @@ impl<D: FlowData> FlowRuntime<D> {
     ) -> Result<Outcome<D>> {
         let id: &Arc<str> = &record.request_id.as_str().into();
         loop {
-            let event = match record.next() {
+            let (advanced, json) = match record.next() {
                 Next::Run(Stage { first: index, len: 1 }) => {
                     match self.record_start(id, index).await {
                         Ok(()) => record.apply(&SagaEvent::StepStarted { index }).map_err(LogError::from)?,
@@ -34,7 +34,7 @@ impl<D: FlowData> FlowRuntime<D> {
                         Err(e) => return Err(e),
                     }
                     match self.run_action(id, index, &mut data, deadline, run == Run::Recovered).await {
-                        Ok(attempts) => SagaEvent::StepCompleted { index, attempts, data: self.encode(id, &data)? },
+                        Ok(attempts) => (Advanced::Step { index, attempts }, self.encode(id, &data)?),
                         Err(ActionError::Interrupted) => return Err(Error::ShuttingDown),
                         Err(ActionError::Failed { error, attempts, uncertain }) => {
                             return self.fail_forward(id, index, error, attempts, uncertain, run).await;
@@ -45,9 +45,7 @@ impl<D: FlowData> FlowRuntime<D> {
                     // Boxed: a linear saga's future stays as small as it was without stages.
                     let branches = Box::pin(self.run_branches(id, &mut record, &mut data, stage, deadline, run));
                     match branches.await? {
-                        Branches::Joined => {
-                            SagaEvent::BranchesJoined { first: stage.first, data: self.encode(id, &data)? }
-                        }
+                        Branches::Joined => (Advanced::Stage { first: stage.first }, self.encode(id, &data)?),
                         Branches::Failed { index, error, attempts, uncertain } => {
                             return self.fail_forward(id, index, error, attempts, uncertain, run).await;
                         }
@@ -63,16 +61,18 @@ impl<D: FlowData> FlowRuntime<D> {
                     return self.outcome(&self.wait_end(&mut waiter, id).await?);
                 }
             };
-            record.apply(&event).map_err(LogError::from)?;
+            // The record takes the data; each write of the event copies it from there.
+            record.apply_owned(advanced.event(json)).map_err(LogError::from)?;
+            let event = || advanced.event(record.data.clone());
             if !record.state.is_ended() {
-                match self.engine.durably(|| self.engine.log.append_queued(id, event.clone())).await {
+                match self.engine.durably(|| self.engine.log.append_queued(id, event())).await {
                     Ok(()) => {}
                     Err(Error::Log(LogError::Transition(_))) => record = self.reread(id).await?,
                     Err(e) => return Err(e),
                 }
                 continue;
             }
-            let stored = match self.engine.durably(|| self.engine.log.append(id, event.clone())).await {
+            let stored = match self.engine.durably(|| self.engine.log.append(id, event())).await {
                 Ok(stored) => stored,
                 Err(Error::Log(LogError::Transition(_))) => {
                     record = self.reread(id).await?;
@@ -228,6 +228,26 @@ impl<D: FlowData> FlowRuntime<D> {
                 _ = tokio::time::sleep(delay) => {}
             }
             attempt += 1;
+        }
+    }
+}
+
+/// What the forward part just did, whose event carries the flow data after it.
+#[derive(Clone, Copy)]
+enum Advanced {
+    /// A linear step's action succeeded.
+    Step { index: usize, attempts: u32 },
+    /// Every branch of the parallel stage starting at `first` succeeded, and their data merged.
+    Stage { first: usize },
+}
+
+impl Advanced {
+    /// The event, with the flow data as it stands after it: what a linear step's result or a
+    /// stage's merge leaves in the record's `data` once applied.
+    fn event(self, data: serde_json::Value) -> SagaEvent {
+        match self {
+            Advanced::Step { index, attempts } => SagaEvent::StepCompleted { index, attempts, data },
+            Advanced::Stage { first } => SagaEvent::BranchesJoined { first, data },
         }
     }
 }
