@@ -24,11 +24,15 @@ fn policy() -> RetryPolicy {
     RetryPolicy::default().attempts(2).backoff(Duration::from_millis(5), Duration::from_millis(10)).jitter(0.0)
 }
 
-/// The in-memory log, with a switch that makes it unavailable.
+/// The in-memory log, with a switch that makes it unavailable, and one that makes it refuse the
+/// first write of each step's result; it notes the flow data every write of a result carried.
 #[derive(Default)]
 struct Outage {
     inner: MemorySagaLog,
     down: AtomicBool,
+    refuse_each_result_once: AtomicBool,
+    refused: Mutex<Vec<usize>>,
+    sent: Mutex<Vec<(usize, serde_json::Value)>>,
 }
 
 impl Outage {
@@ -37,6 +41,18 @@ impl Outage {
             return Err(LogError::unavailable("switched off by the test", std::io::Error::other("disk unplugged")));
         }
         Ok(())
+    }
+
+    fn check_write(&self, event: &SagaEvent) -> Result<(), LogError> {
+        self.check()?;
+        let SagaEvent::StepCompleted { index, data, .. } = event else { return Ok(()) };
+        self.sent.lock().unwrap().push((*index, data.clone()));
+        let mut refused = self.refused.lock().unwrap();
+        if !self.refuse_each_result_once.load(Ordering::SeqCst) || refused.contains(index) {
+            return Ok(());
+        }
+        refused.push(*index);
+        Err(LogError::unavailable("refused once by the test", std::io::Error::other("hiccup")))
     }
 }
 
@@ -47,11 +63,11 @@ impl SagaLog for Outage {
         self.inner.begin(saga).await
     }
     async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
-        self.check()?;
+        self.check_write(&event)?;
         self.inner.append(request_id, event).await
     }
     async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
-        self.check()?;
+        self.check_write(&event)?;
         self.inner.append_queued(request_id, event).await
     }
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
@@ -67,55 +83,6 @@ impl SagaLog for Outage {
     }
     fn name(&self) -> &'static str {
         "outage"
-    }
-}
-
-/// The in-memory log, refusing the first write of each step's result (as unavailable), and
-/// noting the flow data every write of a step's result carried.
-#[derive(Default)]
-struct Hiccups {
-    inner: MemorySagaLog,
-    refused: Mutex<Vec<usize>>,
-    sent: Mutex<Vec<(usize, serde_json::Value)>>,
-}
-
-impl Hiccups {
-    fn check(&self, event: &SagaEvent) -> Result<(), LogError> {
-        let SagaEvent::StepCompleted { index, data, .. } = event else { return Ok(()) };
-        self.sent.lock().unwrap().push((*index, data.clone()));
-        let mut refused = self.refused.lock().unwrap();
-        if refused.contains(index) {
-            return Ok(());
-        }
-        refused.push(*index);
-        Err(LogError::unavailable("refused once by the test", std::io::Error::other("hiccup")))
-    }
-}
-
-#[sagaflow::async_trait]
-impl SagaLog for Hiccups {
-    async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
-        self.inner.begin(saga).await
-    }
-    async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
-        self.check(&event)?;
-        self.inner.append(request_id, event).await
-    }
-    async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
-        self.check(&event)?;
-        self.inner.append_queued(request_id, event).await
-    }
-    async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
-        self.inner.get(request_id).await
-    }
-    async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
-        self.inner.unfinished().await
-    }
-    async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
-        self.inner.list(filter).await
-    }
-    fn name(&self) -> &'static str {
-        "hiccups"
     }
 }
 
@@ -539,7 +506,8 @@ async fn a_call_beyond_the_running_and_waiting_sagas_is_refused_and_starts_nothi
 #[tokio::test(start_paused = true)]
 async fn a_step_result_written_again_after_the_log_refused_it_carries_the_same_data() {
     let c = calls();
-    let log = Arc::new(Hiccups::default());
+    let log = Arc::new(Outage::default());
+    log.refuse_each_result_once.store(true, Ordering::SeqCst);
     let flow = Flow::new()
         .node(Scripted::new("a", &c))
         .node(Scripted::new("b", &c))

@@ -51,6 +51,9 @@ pub const WAL_FILE_NAME: &str = "sagas.wal";
 pub(crate) const HEADER: usize = 16;
 /// Bytes of an [`Op::Sealed`].
 const SEAL: usize = 9;
+/// The most room a buffer kept between batches (here, an entry's; the writer's too) holds on
+/// to: one batch of unusually large records does not pin its size for the life of the process.
+pub(crate) const KEPT_ROOM: usize = 1 << 20;
 /// A write-ahead append (write and `fdatasync`) slower than this is logged.
 const SLOW_SYNC: Duration = Duration::from_millis(50);
 
@@ -229,7 +232,7 @@ impl Wal {
         entry.clear();
         let appended = self.append_in(&mut entry, payload);
         // Kept for the next entry, unless an unusually large one grew it.
-        entry.shrink_to(1 << 20);
+        entry.shrink_to(KEPT_ROOM);
         self.entry = entry;
         appended
     }

@@ -20,17 +20,13 @@ use super::tables::{Snapshot, decode, encode};
 use crate::error::{Error, Result};
 use crate::options::RedbOptions;
 use crate::prune::Pruned;
-use crate::wal::{Op, Wal};
+use crate::wal::{KEPT_ROOM, Op, Wal};
 
 mod outage;
 #[cfg(test)]
 mod tests;
 
 use outage::Outage;
-
-/// The most room a buffer kept between batches holds on to: one batch of unusually large
-/// records does not pin its size for the life of the process.
-pub(super) const KEPT_ROOM: usize = 1 << 20;
 
 /// One batch's changes, not yet durable: its [`Op`]s in order, their encoding (the batch's
 /// write-ahead entry), and which of them store a record, for the overlay.
