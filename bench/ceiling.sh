@@ -8,6 +8,10 @@
 # all on one pair of mocks, each leg seconds after the other. The order of the legs rotates from
 # round to round so none always runs first (on a warmer or colder machine); the ratios of a round
 # compare runs seconds apart, and the median over rounds is what to quote on a shared machine.
+# Each leg also gets the CPU the whole machine spent per saga (the load generator, the mocks, and
+# the proxy or orchestrator): the loop saturates both cores, so a leg's throughput is roughly the
+# machine's CPU over that sum, and the sum moves far less between runs than sagas/s does. Its
+# ratio to direct's (direct's µs per saga / the leg's) is printed beside the throughput ratios.
 #
 #   bench/ceiling.sh [--rounds 3] [--in-flight 64] [--duration 10s] [--connections 4]
 #                    [--legs "direct proxy memory embedded"]
@@ -45,7 +49,7 @@ report="$OUT/ceiling.txt"
     echo
 } | tee "$report"
 
-declare -A rate
+declare -A rate cost
 for round in $(seq "$rounds"); do
     dir="$work/r$round"
     start_mocks "$dir"
@@ -83,14 +87,27 @@ for round in $(seq "$rounds"); do
         p99=$(json_get "$dir/$leg.json" 'round(j["latencies"]["99th"] / 1e6, 2)')
         cpu=$(grep -o '^Watched.*' "$dir/$leg.txt" | sed -E 's/.*\] *([a-z]+) [0-9]+: [^(]*\(([0-9]+)% of a core\).*/\1 \2%/' | paste -sd' ')
         rate[$round,$leg]=$r
+        # Machine CPU per saga answered, in µs: the generator and every watched process.
+        read -r us parts <<<"$(python3 - "$dir/$leg.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+sagas = max(1, j["requests"] * j["success"])
+each = [(w["name"], w["cpu_seconds"]) for w in j["watched"]] + [("client", j["generator"]["cpu_seconds"])]
+total = sum(cpu for _, cpu in each)
+print(f"{1e6 * total / sagas:.1f}", " ".join(f"{name} {1e6 * cpu / sagas:.0f}" for name, cpu in each))
+PY
+)"
+        cost[$round,$leg]=$us
         printf 'round %s  %-9s %6s sagas/s  p99 %6s ms  success %s  cpu: %s  load %s\n' \
             "$round" "$leg" "$r" "$p99" "$success" "$cpu" "$(cut -d' ' -f1 /proc/loadavg)" | tee -a "$report"
+        printf '         %-9s CPU µs per saga: %s = %s\n' "$leg" "$parts" "$us" | tee -a "$report"
         [ "$success" = 1 ] || { echo "run failed: $(grep -A3 'Error Set' "$dir/$leg.txt")" >&2; exit 1; }
     done
     stop_all
 done
 
-median() { sort -n | python3 -c 'import sys; v=[float(l) for l in sys.stdin]; print(f"{v[len(v)//2]:.3f}")'; }
+# median [DECIMALS]: the median of the numbers on standard input (3 decimals unless told).
+median() { sort -n | python3 -c 'import sys; v=[float(l) for l in sys.stdin]; print(f"{v[len(v)//2]:.{int(sys.argv[1])}f}")' "${1:-3}"; }
 {
     echo
     printf '%-9s %-40s %s\n' leg "ratio to direct, per round  -> median" "ratio to proxy -> median"
@@ -108,5 +125,16 @@ median() { sort -n | python3 -c 'import sys; v=[float(l) for l in sys.stdin]; pr
         else
             printf '%-9s %s\n' "$leg" "$line"
         fi
+    done
+    echo
+    printf '%-9s %s\n' leg "machine CPU per saga, µs, per round -> median; direct's / the leg's -> median"
+    for leg in "${order[@]}"; do
+        us=() to_direct=()
+        for round in $(seq "$rounds"); do
+            us+=("${cost[$round,$leg]}")
+            to_direct+=("$(python3 -c "print(f'{${cost[$round,direct]} / ${cost[$round,$leg]}:.3f}')")")
+        done
+        printf '%-9s %s  -> %s;  %s  -> %s\n' "$leg" "${us[*]}" "$(printf '%s\n' "${us[@]}" | median 1)" \
+            "${to_direct[*]}" "$(printf '%s\n' "${to_direct[@]}" | median)"
     done
 } | tee -a "$report"

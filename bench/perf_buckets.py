@@ -2,13 +2,15 @@
 """Where a process's CPU samples go, by thread and by part of the stack.
 
     perf script -i bench/out/profile-sync-memory-embedded.perf.data > /tmp/samples.txt
-    bench/perf_buckets.py /tmp/samples.txt [--per-saga-us CPU_US]
+    bench/perf_buckets.py /tmp/samples.txt [--per-saga-us CPU_US] [--thread NAME]...
 
 Reads `perf script` output of a `perf record --call-graph dwarf` profile (as bench/profile.sh
 takes) and prints the share of samples by thread name, then, for each part below, the share of
 samples whose stack passes through it anywhere (so the parts overlap: the saga engine's share
 includes the gRPC client calls its steps make). With --per-saga-us, the process's CPU time per
-saga, each share is also given in microseconds per saga.
+saga, each share is also given in microseconds per saga. With --thread (repeatable), the parts
+are also counted over the samples of each thread whose name starts with NAME, still as shares
+of the whole process (so their microseconds add up to the thread's).
 """
 import collections
 import re
@@ -29,6 +31,8 @@ PARTS = [
     ("allocator (mimalloc)", r"^_?mi_|mi_free"),
     ("fdatasync", r"fdatasync"),
     ("futex", r"futex"),
+    ("locks waited for (contended mutexes)", r"lock_contended"),
+    ("socket sends (loopback: the receiver's TCP work too)", r"__GI___writev|__libc_sendmsg|__GI___libc_write$"),
     ("epoll_wait", r"epoll_wait"),
     ("scheduler (thread switches)", r"^__schedule$|^schedule$"),
     ("page faults", r"exc_page_fault"),
@@ -62,6 +66,11 @@ def main():
         at = args.index("--per-saga-us")
         per_saga = float(args[at + 1])
         del args[at : at + 2]
+    threads = []
+    while "--thread" in args:
+        at = args.index("--thread")
+        threads.append(args[at + 1])
+        del args[at : at + 2]
     if len(args) != 1:
         sys.exit(__doc__)
     all_samples = list(samples(args[0]))
@@ -78,10 +87,16 @@ def main():
     print("by thread:")
     for thread, count in collections.Counter(t for t, _ in all_samples).most_common(10):
         show(thread, count)
+    def parts(chosen):
+        for label, pattern in PARTS:
+            compiled = re.compile(pattern)
+            show(label, sum(1 for _, frames in chosen if any(compiled.search(f) for f in frames)))
+
     print("by part of the stack (overlapping):")
-    for label, pattern in PARTS:
-        compiled = re.compile(pattern)
-        show(label, sum(1 for _, frames in all_samples if any(compiled.search(f) for f in frames)))
+    parts(all_samples)
+    for name in threads:
+        print(f"by part of the stack, threads named {name}*:")
+        parts([(t, frames) for t, frames in all_samples if t.startswith(name)])
 
 
 if __name__ == "__main__":
