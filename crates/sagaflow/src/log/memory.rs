@@ -1,16 +1,22 @@
 //! The in-memory saga log: fast, bounded, and gone with the process.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
 use super::{Begin, ListFilter, LogError, Retention, SagaLog, Tombstone};
-use crate::saga::{NewSaga, SagaEvent, SagaRecord, now_ms};
+use crate::saga::{NewSaga, SagaEvent, SagaRecord, SagaStatus, now_ms};
 
 /// Keeps sagas in a map; ended ones, and the tombstones of those pruned, only within the
 /// [`Retention`]. Pruning runs whenever a saga ends, and on [`prune_now`](Self::prune_now).
+///
+/// A running saga is held as its record; an ended one as its record encoded (JSON, as the
+/// durable logs store it), beside what listing and pruning read of it. The retention holds
+/// ended sagas by the hundred thousand, and a record kept whole is dozens of small blocks (its
+/// strings, its history, its flow data's tree): encoded it is one block of about a third of
+/// the size, and the heap grows that much less while the retention fills.
 #[derive(Debug)]
 pub struct MemorySagaLog {
     state: Mutex<State>,
@@ -21,9 +27,9 @@ pub struct MemorySagaLog {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Boxed, and sized for the retention up front: growing a map of whole records under the
-    /// lock would stall every saga while it copies them (up to 160 ms at the default retention).
-    sagas: HashMap<String, Box<SagaRecord>>,
+    /// Sized for the retention up front: growing a map of that many entries under the lock
+    /// would stall every saga while it copies them (up to 160 ms at the default retention).
+    sagas: HashMap<String, Held>,
     /// Every saga's position in the list order (newest first, ties by request id), so that
     /// a page is read from where it starts rather than sorted out of every saga.
     by_created: BTreeSet<(Reverse<u64>, String)>,
@@ -33,6 +39,113 @@ struct State {
     tombstones: HashMap<String, Tombstone>,
     /// Tombstones by the time their record was pruned, oldest first.
     pruned: VecDeque<(u64, String)>,
+    /// The facade names of the ended sagas held, one copy each.
+    facades: HashSet<Arc<str>>,
+    /// Where an ended saga's record is encoded before its exact-size copy is held.
+    encoding: Vec<u8>,
+}
+
+/// The most room the encoding buffer keeps between records: one unusually large record does
+/// not pin its size.
+const KEPT_ROOM: usize = 64 << 10;
+
+/// One saga as the log holds it.
+#[derive(Debug)]
+enum Held {
+    /// Its record as it is: a running saga (or an ended one whose record could not be
+    /// encoded, which never happens with flow data from JSON).
+    Record(Box<SagaRecord>),
+    /// An ended saga, encoded.
+    Ended(Ended),
+}
+
+/// An ended saga's record, encoded, and what listing and pruning read of it.
+#[derive(Debug)]
+struct Ended {
+    created_ms: u64,
+    status: SagaStatus,
+    facade: Arc<str>,
+    json: Box<[u8]>,
+}
+
+impl Held {
+    fn is_ended(&self) -> bool {
+        match self {
+            Held::Record(record) => record.state.is_ended(),
+            Held::Ended(_) => true,
+        }
+    }
+
+    fn created_ms(&self) -> u64 {
+        match self {
+            Held::Record(record) => record.created_ms,
+            Held::Ended(ended) => ended.created_ms,
+        }
+    }
+
+    /// Whether `filter` takes saga `request_id`, read without decoding it.
+    fn matches(&self, request_id: &str, filter: &ListFilter) -> bool {
+        match self {
+            Held::Record(record) => filter.matches(record),
+            Held::Ended(ended) => {
+                filter.in_window(ended.created_ms, request_id)
+                    && filter.facade.as_deref().is_none_or(|f| &*ended.facade == f)
+                    && filter.status.is_none_or(|s| ended.status == s)
+            }
+        }
+    }
+
+    /// A copy of the record.
+    fn record(&self, request_id: &str) -> Result<SagaRecord, LogError> {
+        match self {
+            Held::Record(record) => Ok(SagaRecord::clone(record)),
+            Held::Ended(ended) => ended.decode(request_id),
+        }
+    }
+
+    /// The record, to change: an ended saga's is decoded and held as a record again.
+    fn thaw(&mut self, request_id: &str) -> Result<&mut SagaRecord, LogError> {
+        if let Held::Ended(ended) = self {
+            *self = Held::Record(Box::new(ended.decode(request_id)?));
+        }
+        match self {
+            Held::Record(record) => Ok(record),
+            Held::Ended(_) => Err(LogError::corrupt_msg(format!("saga `{request_id}` could not be thawed"))),
+        }
+    }
+
+    /// Holds an ended saga's record encoded (in `encoding`, then copied) from now on, and
+    /// returns the record itself; `None` if it is not an ended saga's record, or could not be
+    /// encoded (it is then kept as it is).
+    fn freeze(&mut self, facades: &mut HashSet<Arc<str>>, encoding: &mut Vec<u8>) -> Option<SagaRecord> {
+        let Held::Record(record) = self else { return None };
+        if !record.state.is_ended() {
+            return None;
+        }
+        encoding.clear();
+        serde_json::to_writer(&mut *encoding, &**record).ok()?;
+        let json = Box::from(encoding.as_slice());
+        encoding.shrink_to(KEPT_ROOM);
+        let facade = match facades.get(record.facade.as_str()) {
+            Some(facade) => facade.clone(),
+            None => {
+                let facade: Arc<str> = record.facade.as_str().into();
+                facades.insert(facade.clone());
+                facade
+            }
+        };
+        let ended = Ended { created_ms: record.created_ms, status: record.status(), facade, json };
+        match std::mem::replace(self, Held::Ended(ended)) {
+            Held::Record(record) => Some(*record),
+            Held::Ended(_) => None,
+        }
+    }
+}
+
+impl Ended {
+    fn decode(&self, request_id: &str) -> Result<SagaRecord, LogError> {
+        serde_json::from_slice(&self.json).map_err(|e| LogError::corrupt(format!("saga `{request_id}`"), e))
+    }
 }
 
 impl Default for MemorySagaLog {
@@ -90,22 +203,30 @@ impl MemorySagaLog {
 }
 
 impl MemorySagaLog {
-    /// Applies the event and returns `answer` of the record after it (a queued append needs
+    /// Applies the event and returns the record after it if `answer` (a queued append needs
     /// no copy of the record).
-    fn apply_event<T>(
-        &self,
-        request_id: &str,
-        event: SagaEvent,
-        answer: impl FnOnce(&SagaRecord) -> T,
-    ) -> Result<T, LogError> {
+    fn apply_event(&self, request_id: &str, event: SagaEvent, answer: bool) -> Result<Option<SagaRecord>, LogError> {
         let mut state = self.lock();
-        let record = state.sagas.get_mut(request_id).ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
+        let State { sagas, facades, encoding, .. } = &mut *state;
+        let held = sagas.get_mut(request_id).ok_or_else(|| LogError::NotFound(request_id.to_owned()))?;
+        let record = held.thaw(request_id)?;
         let was_ended = record.state.is_ended();
-        record.apply_owned(event)?;
-        let ended = record.state.is_ended() && !was_ended;
-        let answer = answer(record);
-        if ended {
-            let ended_ms = record.updated_ms;
+        let applied = record.apply_owned(event);
+        let (now_ended, ended_ms) = (record.state.is_ended(), record.updated_ms);
+        let copy = (answer && applied.is_ok() && !now_ended).then(|| record.clone());
+        // An ended saga goes back to being held encoded, refused event or not; its record
+        // itself is the answer.
+        let frozen = held.freeze(facades, encoding);
+        applied?;
+        let answer = match (answer, frozen) {
+            (false, _) => None,
+            (true, Some(record)) => Some(record),
+            (true, None) => match copy {
+                Some(record) => Some(record),
+                None => Some(held.record(request_id)?),
+            },
+        };
+        if now_ended && !was_ended {
             state.ended.push_back((ended_ms, request_id.to_owned()));
             state.prune(&self.retention, now_ms());
         }
@@ -127,20 +248,18 @@ impl State {
             }
             let Some((ended_ms, id)) = self.ended.pop_front() else { break };
             // Only drop it if it is still ended (a retried stuck saga may run again).
-            if !self.sagas.get(&id).is_some_and(|r| r.state.is_ended()) {
+            if !self.sagas.get(&id).is_some_and(Held::is_ended) {
                 continue;
             }
-            let Some(record) = self.sagas.remove(&id) else { continue };
-            self.by_created.remove(&(Reverse(record.created_ms), id.clone()));
+            let Some(held) = self.sagas.remove(&id) else { continue };
+            self.by_created.remove(&(Reverse(held.created_ms()), id.clone()));
             dropped += 1;
             if retention.keeps_tombstones() {
-                let tombstone = Tombstone {
-                    request_id: id.clone(),
-                    facade: record.facade,
-                    status: record.state.status(),
-                    ended_ms,
-                    pruned_ms: now,
+                let (facade, status) = match held {
+                    Held::Record(record) => (record.facade, record.state.status()),
+                    Held::Ended(ended) => (ended.facade.to_string(), ended.status),
                 };
+                let tombstone = Tombstone { request_id: id.clone(), facade, status, ended_ms, pruned_ms: now };
                 self.pruned.push_back((now, id.clone()));
                 self.tombstones.insert(id, tombstone);
             }
@@ -165,31 +284,40 @@ impl SagaLog for MemorySagaLog {
     async fn begin(&self, saga: NewSaga) -> Result<Begin, LogError> {
         let mut state = self.lock();
         if let Some(existing) = state.sagas.get(&saga.request_id) {
-            return Ok(Begin::Exists(SagaRecord::clone(existing)));
+            return Ok(Begin::Exists(existing.record(&saga.request_id)?));
         }
         if let Some(tombstone) = state.tombstones.get(&saga.request_id) {
             return Ok(Begin::Pruned(tombstone.clone()));
         }
         let record = SagaRecord::new(saga);
         state.by_created.insert((Reverse(record.created_ms), record.request_id.clone()));
-        state.sagas.insert(record.request_id.clone(), Box::new(record.clone()));
+        state.sagas.insert(record.request_id.clone(), Held::Record(Box::new(record.clone())));
         Ok(Begin::Started(record))
     }
 
     async fn append(&self, request_id: &str, event: SagaEvent) -> Result<SagaRecord, LogError> {
-        self.apply_event(request_id, event, SagaRecord::clone)
+        let record = self.apply_event(request_id, event, true)?;
+        record.ok_or_else(|| LogError::NotFound(request_id.to_owned()))
     }
 
     async fn append_queued(&self, request_id: &str, event: SagaEvent) -> Result<(), LogError> {
-        self.apply_event(request_id, event, |_| ())
+        self.apply_event(request_id, event, false).map(drop)
     }
 
     async fn get(&self, request_id: &str) -> Result<Option<SagaRecord>, LogError> {
-        Ok(self.lock().sagas.get(request_id).map(|r| SagaRecord::clone(r)))
+        self.lock().sagas.get(request_id).map(|held| held.record(request_id)).transpose()
     }
 
     async fn unfinished(&self) -> Result<Vec<SagaRecord>, LogError> {
-        Ok(self.lock().sagas.values().filter(|r| !r.state.is_ended()).map(|r| SagaRecord::clone(r)).collect())
+        let state = self.lock();
+        Ok(state
+            .sagas
+            .values()
+            .filter_map(|held| match held {
+                Held::Record(record) if !record.state.is_ended() => Some(SagaRecord::clone(record)),
+                _ => None,
+            })
+            .collect())
     }
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<SagaRecord>, LogError> {
@@ -211,10 +339,10 @@ impl SagaLog for MemorySagaLog {
             if *created_ms < oldest || out.len() >= limit {
                 break;
             }
-            if let Some(record) = state.sagas.get(id)
-                && filter.matches(record)
+            if let Some(held) = state.sagas.get(id)
+                && held.matches(id, &filter)
             {
-                out.push(SagaRecord::clone(record));
+                out.push(held.record(id)?);
             }
         }
         Ok(out)
@@ -357,6 +485,73 @@ mod tests {
             .collect();
         assert_eq!(ids.len(), 2);
         assert!(ids.iter().all(|id| id != "s0"));
+    }
+
+    /// Whether the log holds `id` encoded (as an ended saga) rather than as a record.
+    fn held_encoded(log: &MemorySagaLog, id: &str) -> bool {
+        matches!(log.lock().sagas.get(id), Some(Held::Ended(_)))
+    }
+
+    #[tokio::test]
+    async fn an_ended_saga_is_held_encoded_and_read_back_whole() {
+        let log = MemorySagaLog::new();
+        log.begin(new_saga("running")).await.unwrap();
+        log.begin(NewSaga { data: json!({"order": {"id": 7, "lines": [1, 2.5, "x"]}}), ..new_saga("done") })
+            .await
+            .unwrap();
+        log.append("done", SagaEvent::StepStarted { index: 0 }).await.unwrap();
+        let data = json!({"order": {"id": 7, "lines": [1, 2.5, "x"]}, "paid": true});
+        let ended = log.append("done", SagaEvent::StepCompleted { index: 0, attempts: 2, data }).await.unwrap();
+        assert_eq!(ended.status(), SagaStatus::Completed);
+
+        assert!(held_encoded(&log, "done"));
+        assert!(!held_encoded(&log, "running"));
+        assert_eq!(log.get("done").await.unwrap(), Some(ended.clone()));
+        assert!(matches!(log.begin(new_saga("done")).await.unwrap(), Begin::Exists(r) if r == ended));
+        let listed = log.list(ListFilter { facade: Some("F".into()), ..ListFilter::default() }).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed.iter().find(|r| r.request_id == "done"), Some(&ended));
+        let other = ListFilter { facade: Some("G".into()), ..ListFilter::default() };
+        assert!(log.list(other).await.unwrap().is_empty());
+        assert_eq!(log.unfinished().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_leaves_an_ended_saga_encoded_and_unchanged() {
+        let log = MemorySagaLog::new();
+        run_to_end(&log, "a").await;
+        let before = log.get("a").await.unwrap();
+        let refused = log.append("a", SagaEvent::StepStarted { index: 0 }).await;
+        assert!(matches!(refused, Err(LogError::Transition(_))), "{refused:?}");
+        assert!(held_encoded(&log, "a"));
+        assert_eq!(log.get("a").await.unwrap(), before);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_saga_retried_runs_from_its_record_again_and_is_listed_by_its_new_status() {
+        let log = MemorySagaLog::new();
+        log.begin(NewSaga { steps: 2, ..new_saga("s") }).await.unwrap();
+        log.append("s", SagaEvent::StepStarted { index: 0 }).await.unwrap();
+        log.append("s", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();
+        log.append("s", SagaEvent::StepStarted { index: 1 }).await.unwrap();
+        let failure = crate::saga::Failure { step: 1, node: "B".into(), error: "no".into(), code: None };
+        let failed = SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: false, later_steps_in_doubt: false };
+        log.append("s", failed).await.unwrap();
+        let gave_up = SagaEvent::CompensationGaveUp { index: 0, attempts: 3, reason: "down".into() };
+        let stuck = log.append("s", gave_up).await.unwrap();
+        assert_eq!(stuck.status(), SagaStatus::Stuck);
+        assert!(held_encoded(&log, "s"));
+        let stuck_ones = ListFilter { status: Some(SagaStatus::Stuck), ..ListFilter::default() };
+        assert_eq!(log.list(stuck_ones.clone()).await.unwrap(), [stuck]);
+
+        let retried = log.append("s", SagaEvent::RetryCompensation { by: None, reason: None }).await.unwrap();
+        assert_eq!(retried.status(), SagaStatus::Compensating);
+        assert!(!held_encoded(&log, "s"));
+        assert!(log.list(stuck_ones).await.unwrap().is_empty());
+        assert_eq!(log.unfinished().await.unwrap(), [retried]);
+        // Still held against pruning: it is not ended any more.
+        assert_eq!(log.prune_now(), 0);
+        assert!(log.get("s").await.unwrap().is_some());
     }
 
     #[tokio::test]
