@@ -535,7 +535,8 @@ mod tests {
         log.append("s", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();
         log.append("s", SagaEvent::StepStarted { index: 1 }).await.unwrap();
         let failure = crate::saga::Failure { step: 1, node: "B".into(), error: "no".into(), code: None };
-        let failed = SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: false, later_steps_in_doubt: false };
+        let failed =
+            SagaEvent::StepFailed { failure, attempts: 1, compensate_failed: false, later_steps_in_doubt: false };
         log.append("s", failed).await.unwrap();
         let gave_up = SagaEvent::CompensationGaveUp { index: 0, attempts: 3, reason: "down".into() };
         let stuck = log.append("s", gave_up).await.unwrap();
