@@ -61,10 +61,13 @@ for round in $(seq "$rounds"); do
         success=$(json_get "$dir/report.json" 'int(j["success"] == 1)')
         r=$(json_get "$dir/report.json" 'round(j["throughput"])')
         p99=$(json_get "$dir/report.json" 'round(j["latencies"]["99th"] / 1e6, 2)')
-        cpu=$(grep -o 'orchestrator [0-9]*: [^,]*' "$dir/report.txt" | sed 's/.*(\(.*\) of a core)/\1/')
+        cpu=$(grep -m1 -o 'orchestrator [0-9]*: [^,]*' "$dir/report.txt" | sed 's/.*(\(.*\) of a core)/\1/')
+        # The orchestrator's CPU per saga answered, and its peak resident memory.
+        per_saga=$(json_get "$dir/report.json" 'round(1e6 * j["watched"][0]["cpu_seconds"] / max(1, j["requests"] * j["success"]))')
+        rss=$(json_get "$dir/report.json" 'round(j["watched"][0]["peak_rss_kib"] / 1024)')
         rate[$round,$log]=$r
-        printf 'round %s  %-15s %6s sagas/s  p99 %6s ms  success %s  orchestrator CPU %s  load %s\n' \
-            "$round" "$log" "$r" "$p99" "$success" "$cpu" "$(cut -d' ' -f1 /proc/loadavg)" | tee -a "$report"
+        printf 'round %s  %-15s %6s sagas/s  p99 %6s ms  success %s  orchestrator CPU %s, %s µs/saga, peak RSS %s MiB  load %s\n' \
+            "$round" "$log" "$r" "$p99" "$success" "$cpu" "$per_saga" "$rss" "$(cut -d' ' -f1 /proc/loadavg)" | tee -a "$report"
         [ "$success" = 1 ] || { echo "run failed: $(grep -A3 'Error Set' "$dir/report.txt")" >&2; exit 1; }
     done
 done
