@@ -218,13 +218,11 @@ impl MemorySagaLog {
         // itself is the answer.
         let frozen = held.freeze(facades, encoding);
         applied?;
-        let answer = match (answer, frozen) {
+        // Only one of them is there: the copy of a record still running, or the ended one.
+        let answer = match (answer, frozen.or(copy)) {
             (false, _) => None,
             (true, Some(record)) => Some(record),
-            (true, None) => match copy {
-                Some(record) => Some(record),
-                None => Some(held.record(request_id)?),
-            },
+            (true, None) => Some(held.record(request_id)?),
         };
         if now_ended && !was_ended {
             state.ended.push_back((ended_ms, request_id.to_owned()));
