@@ -52,8 +52,9 @@ const KEPT_ROOM: usize = 64 << 10;
 /// One saga as the log holds it.
 #[derive(Debug)]
 enum Held {
-    /// Its record as it is: a running saga (or an ended one whose record could not be
-    /// encoded, which never happens with flow data from JSON).
+    /// Its record as it is: a running saga, an ended one whose callback is still to be
+    /// recorded (that write follows soon: it is encoded after it), or one whose record could
+    /// not be encoded (which never happens with flow data from JSON).
     Record(Box<SagaRecord>),
     /// An ended saga, encoded.
     Ended(Ended),
@@ -115,11 +116,11 @@ impl Held {
     }
 
     /// Holds an ended saga's record encoded (in `encoding`, then copied) from now on, and
-    /// returns the record itself; `None` if it is not an ended saga's record, or could not be
-    /// encoded (it is then kept as it is).
+    /// returns the record itself; `None` if it is not an ended saga's record, its callback is
+    /// still to be recorded, or it could not be encoded (it is then kept as it is).
     fn freeze(&mut self, facades: &mut HashSet<Arc<str>>, encoding: &mut Vec<u8>) -> Option<SagaRecord> {
         let Held::Record(record) = self else { return None };
-        if !record.state.is_ended() {
+        if !record.state.is_ended() || record.callback_pending() {
             return None;
         }
         encoding.clear();
@@ -213,13 +214,11 @@ impl MemorySagaLog {
         let was_ended = record.state.is_ended();
         let applied = record.apply_owned(event);
         let (now_ended, ended_ms) = (record.state.is_ended(), record.updated_ms);
-        let copy = (answer && applied.is_ok() && !now_ended).then(|| record.clone());
         // An ended saga goes back to being held encoded, refused event or not; its record
-        // itself is the answer.
+        // itself is the answer, else a copy of the one still held.
         let frozen = held.freeze(facades, encoding);
         applied?;
-        // Only one of them is there: the copy of a record still running, or the ended one.
-        let answer = match (answer, frozen.or(copy)) {
+        let answer = match (answer, frozen) {
             (false, _) => None,
             (true, Some(record)) => Some(record),
             (true, None) => Some(held.record(request_id)?),
@@ -512,6 +511,24 @@ mod tests {
         let other = ListFilter { facade: Some("G".into()), ..ListFilter::default() };
         assert!(log.list(other).await.unwrap().is_empty());
         assert_eq!(log.unfinished().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_ended_saga_awaiting_its_callback_is_encoded_once_the_delivery_is_recorded() {
+        let log = MemorySagaLog::new();
+        let callback_url = Some("http://127.0.0.1:9/done".to_owned());
+        log.begin(NewSaga { mode: Mode::Async, callback_url, ..new_saga("a") }).await.unwrap();
+        log.append("a", SagaEvent::StepStarted { index: 0 }).await.unwrap();
+        let ended = log.append("a", SagaEvent::StepCompleted { index: 0, attempts: 1, data: json!(1) }).await.unwrap();
+        assert_eq!(ended.status(), SagaStatus::Completed);
+        assert!(!held_encoded(&log, "a"), "the delivery's write follows: not encoded before it");
+        assert_eq!(log.get("a").await.unwrap(), Some(ended));
+
+        let delivered = SagaEvent::CallbackDelivered { delivered: true, attempts: 1, error: None };
+        let after = log.append("a", delivered).await.unwrap();
+        assert!(!after.callback_pending());
+        assert!(held_encoded(&log, "a"));
+        assert_eq!(log.get("a").await.unwrap(), Some(after));
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 use crate::engine::Resume;
 use crate::error::Result;
 use crate::log::{ListCursor, ListFilter};
-use crate::saga::{HistoryEvent, SagaRecord, SagaStatus, now_ms};
+use crate::saga::{SagaStatus, now_ms};
 
 use super::Orchestrator;
 
@@ -104,7 +104,7 @@ impl Orchestrator {
                 let page = self.engine.log.list(filter).await?;
                 for record in &page {
                     let mine = !self.engine.log.shared() || record.owner.as_deref() == Some(me);
-                    if mine && record.updated_ms <= started_ms && callback_cut_off(record) {
+                    if mine && record.updated_ms <= started_ms && record.callback_pending() {
                         tracing::info!(request_id = %record.request_id, "sending a callback a crash cut off");
                         self.engine.send_callback(record).await;
                         sent += 1;
@@ -121,13 +121,4 @@ impl Orchestrator {
         }
         Ok(())
     }
-}
-
-/// Whether an ended saga with a callback URL has no delivery recorded since it ended.
-fn callback_cut_off(record: &SagaRecord) -> bool {
-    record.callback_url.is_some()
-        && record
-            .history
-            .last()
-            .is_some_and(|entry| !matches!(entry.event, HistoryEvent::CallbackDelivered | HistoryEvent::CallbackFailed))
 }

@@ -206,6 +206,15 @@ impl SagaRecord {
         self.state.status()
     }
 
+    /// Whether it has a callback URL and its history does not end with a delivery (or a
+    /// failed one) of it: for an ended saga, a callback still to be sent or recorded.
+    pub fn callback_pending(&self) -> bool {
+        self.callback_url.is_some()
+            && self.history.last().is_some_and(|entry| {
+                !matches!(entry.event, HistoryEvent::CallbackDelivered | HistoryEvent::CallbackFailed)
+            })
+    }
+
     /// Where step `index` stands (pending past the flow's end).
     pub fn step_status(&self, index: usize) -> StepStatus {
         self.step_states.get(index).map_or(StepStatus::Pending, |s| s.status)
