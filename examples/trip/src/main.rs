@@ -8,10 +8,11 @@
 //! what a previous run left unfinished, the hotel refusing every trip whose
 //! number is a multiple of REFUSE_EVERY; the crash test kills it mid-run.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sagaflow::log::SagaLog;
+use sagaflow::log::{ListFilter, SagaLog};
 use sagaflow::{Flow, MemoryBroker, MemorySagaLog, Options, Orchestrator, Outcome, Parallel};
 use sagaflow_postgres::{PostgresOptions, PostgresSagaLog};
 use sagaflow_redb::{RedbOptions, RedbSagaLog};
@@ -105,18 +106,26 @@ async fn drive(log: &str, count: u64, refuse_every: u64) -> anyhow::Result<()> {
             .await?,
     );
     let recovered = orchestrator.stats().recovered;
-    println!("driving: {recovered} trips unfinished from a previous run");
+    // Trips a previous run began have ended or are being recovered: only the others are
+    // started, so a run drives new trips from its first moment, however many came before.
+    let trips = ListFilter { facade: Some(SYNC_TRIP.into()), ..ListFilter::default() };
+    let begun: HashSet<String> = log.list(trips).await?.into_iter().map(|r| r.request_id).collect();
+    let begun = Arc::new(begun);
+    println!("driving: {recovered} trips unfinished from a previous run, {} begun", begun.len());
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let callers: Vec<_> = (0..8)
         .map(|_| {
-            let (orchestrator, next) = (orchestrator.clone(), next.clone());
+            let (orchestrator, next, begun) = (orchestrator.clone(), next.clone(), begun.clone());
             tokio::spawn(async move {
                 loop {
                     let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if n >= count {
                         return Ok::<_, sagaflow::Error>(());
                     }
-                    orchestrator.run(SYNC_TRIP, &format!("trip-{n}"), Trip::new("Ada", 1)).await?;
+                    let id = format!("trip-{n}");
+                    if !begun.contains(&id) {
+                        orchestrator.run(SYNC_TRIP, &id, Trip::new("Ada", 1)).await?;
+                    }
                 }
             })
         })
